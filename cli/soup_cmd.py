@@ -1,0 +1,81 @@
+"""``papa-merge soup``: average checkpoints into one, streaming from disk."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.util import format_bytes, parse_floats
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("members", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(),
+              help="Output: a .safetensors file, or a folder (any other path) written as a Hugging Face model folder.")
+@click.option("--method", default="uniform", help="Merge operator (see `papa-merge soup --list-methods`).")
+@click.option("--weights", default=None, metavar="W1,W2,...",
+              help="One weight per member, normalised to sum to one (implies --method weighted).")
+@click.option("--dtype", default=None, metavar="DTYPE",
+              help="Output dtype of floating tensors: float32, bfloat16, float16, float64. [default: as input]")
+@click.option("--accumulate", default="float32", type=click.Choice(["float32", "float64"]),
+              help="Accumulator dtype.")
+@click.option("--device", default="cpu", help="Where to reduce: cpu, cuda or cuda:N (streamed chunk by chunk).")
+@click.option("--shard-size", default="5GB", help="Largest shard of a folder output.")
+@click.option("--on-mismatch", default="error", type=click.Choice(["error", "skip", "first"]),
+              help="Tensors whose name, shape or dtype differ: fail, drop them, or take member 0's.")
+@click.option("--key", default=None, help="Wrapper key of pickled training checkpoints (e.g. ema, state_dict).")
+@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan (sizes, memory) without writing.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+@click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=lambda c, p, v: _list(c, v),
+              help="List the merge operators and exit.")
+def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, dtype: str | None, accumulate: str,
+         device: str, shard_size: str, on_mismatch: str, key: str | None, force: bool, dry_run: bool,
+         progress: bool | None) -> None:
+    """Average checkpoints MEMBERS... into one, tensor by tensor, in constant memory.
+
+    MEMBERS are .safetensors files, Hugging Face model folders (sharded or not), shard indexes,
+    .bin/.pt/.pth pickles (read with weights-only loading), or hf://org/name[@revision]. A path
+    listed twice counts twice.
+
+    \b
+    Examples:
+      papa-merge soup ckpts/*.safetensors -o soup.safetensors
+      papa-merge soup a.safetensors b.safetensors --weights 0.7,0.3 --dtype bfloat16 -o soup/
+    """
+    import merge
+
+    w = parse_floats(weights, "--weights") if weights is not None else None
+    if weights is not None and method == "uniform":
+        method = "weighted"
+    if dry_run:
+        plan = merge.plan_soup(list(members), method=method, weights=w, dtype=dtype, accumulate=accumulate,
+                               device=device, on_mismatch=on_mismatch)
+        reduced = sum(t.action == "reduce" for t in plan.tensors)
+        click.echo(f"members:        {len(plan.sources)}")
+        click.echo(f"method:         {method} (coefficients {', '.join(f'{c:.4g}' for c in plan.coefficients)})")
+        click.echo(f"tensors:        {len(plan.tensors)} ({reduced} averaged, {len(plan.tensors) - reduced} copied"
+                   f" from member 0, {len(plan.skipped)} skipped)")
+        click.echo(f"reads:          {format_bytes(plan.read_bytes)}")
+        click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}")
+        click.echo(f"working memory: {format_bytes(plan.buffer_bytes)} of buffers (independent of member count)")
+        return
+    show = sys.stderr.isatty() if progress is None else progress
+    result = merge.soup(list(members), out=out, method=method, weights=w, dtype=dtype, accumulate=accumulate,
+                        device=device, shard_size=shard_size, on_mismatch=on_mismatch, key=key, force=force,
+                        progress=show)
+    skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
+    click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
+               f"from {len(members)} members in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read)")
+
+
+def _list(ctx: click.Context, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from merge.ops import OPERATORS
+
+    for name in sorted(OPERATORS):
+        op = OPERATORS[name]
+        click.echo(f"{name:12s} {op.scope:11s} {op.citation}")
+    ctx.exit(0)

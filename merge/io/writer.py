@@ -1,0 +1,248 @@
+"""Streaming, atomic safetensors output: one file, or a Hugging Face folder with shards and an index.
+
+Every output tensor's name, dtype and shape are known before the first byte is merged, so the
+header is written first and the data follows tensor by tensor, in order, straight from the merge
+loop; no output tensor is ever held whole. Everything is written under a hidden temporary name in
+the destination's folder and renamed into place only when complete, so an interrupted run leaves
+no half-written file under the final name and never touches an existing output unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge.errors import InvalidArgumentError, OutputExistsError
+from merge.io.dtypes import torch_to_st
+from merge.io.sources import TensorInfo
+
+__all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict"]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000``.
+
+    Raises:
+        InvalidArgumentError: not a positive size.
+    """
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m or m.group(2) is not None and m.group(2).lower() not in _UNITS:
+            raise InvalidArgumentError(f"cannot read size {value!r}; write it like 5GB, 500MB or 2GiB")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if n <= 0:
+        raise InvalidArgumentError(f"size must be positive, got {value!r}")
+    return n
+
+
+@dataclass
+class OutputFile:
+    """One safetensors file of the output and the tensors it holds, in write order."""
+
+    name: str
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class OutputPlan:
+    """Where every output tensor goes."""
+
+    path: Path
+    folder: bool
+    files: list[OutputFile]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return [t for f in self.files for t in f.tensors]
+
+
+def plan_output(tensors: Sequence[TensorInfo], out: str | os.PathLike, *, shard_size: int | str = "5GB") -> OutputPlan:
+    """Lay tensors out into one file (``out`` ends in ``.safetensors``) or a model folder with shards.
+
+    A folder output rolls over to a new shard when the next tensor would take the current one past
+    ``shard_size`` (a single larger tensor gets a shard of its own), as transformers does.
+    """
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        return OutputPlan(out, False, [OutputFile(out.name, list(tensors))])
+    limit = parse_size(shard_size)
+    shards: list[OutputFile] = [OutputFile("")]
+    for t in tensors:
+        cur = shards[-1]
+        if cur.tensors and cur.nbytes + t.nbytes > limit:
+            shards.append(OutputFile(""))
+        shards[-1].tensors.append(t)
+    if len(shards) == 1:
+        shards[0].name = SINGLE_FILE
+    else:
+        for i, s in enumerate(shards, 1):
+            s.name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    return OutputPlan(out, True, shards)
+
+
+def safetensors_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length plus the JSON header, padded with spaces to 8-byte alignment as safetensors does."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": torch_to_st(t.dtype), "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file sequentially: header first, then each tensor's bytes in plan order."""
+
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None):
+        self.path = path
+        self._tensors = list(tensors)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._i = 0
+        self._left = self._tensors[0].nbytes if self._tensors else 0
+        self._write(memoryview(safetensors_header(self._tensors, metadata)))
+
+    def _write(self, view: memoryview) -> None:
+        while len(view):
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def write(self, name: str, data: memoryview) -> None:
+        """Append the next ``len(data)`` bytes of tensor ``name`` (tensors must come in plan order)."""
+        while self._i < len(self._tensors) and self._left == 0 and self._tensors[self._i].name != name:
+            self._advance()
+        expected = self._tensors[self._i].name if self._i < len(self._tensors) else None
+        if name != expected or len(data) > self._left:
+            raise RuntimeError(f"writer got {len(data)} bytes of {name!r} but expected {self._left} more of {expected!r}")
+        self._write(data)
+        self._left -= len(data)
+
+    def _advance(self) -> None:
+        self._i += 1
+        self._left = self._tensors[self._i].nbytes if self._i < len(self._tensors) else 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            while self._i < len(self._tensors) and self._left == 0:
+                self._advance()
+            complete = self._i >= len(self._tensors)
+            os.close(self._fd)
+            self._fd = None
+            if not complete:
+                raise RuntimeError(f"{self.path}: closed before every tensor was written")
+
+
+class AtomicOutput:
+    """A temporary file or folder beside ``path`` that replaces it only on :meth:`commit`.
+
+    Args:
+        path: the final output path.
+        folder: whether the output is a folder.
+        force: replace an existing output (it is removed only after the new one is complete).
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is False.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, folder: bool, force: bool = False):
+        self.path = Path(path)
+        self.folder = folder
+        self.force = force
+        check_output_free(self.path, force=force)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if folder:
+            self.tmp.mkdir()
+        self._done = False
+
+    def file(self, name: str) -> Path:
+        """Where a file of the output is written while in progress."""
+        return self.tmp / name if self.folder else self.tmp
+
+    def commit(self) -> Path:
+        """Move the complete output into place (replacing an old one only if forced)."""
+        check_output_free(self.path, force=self.force)
+        old = None
+        if self.path.exists() or self.path.is_symlink():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        self._done = True
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary output."""
+        if not self._done and (self.tmp.exists() or self.tmp.is_symlink()):
+            shutil.rmtree(self.tmp, ignore_errors=True) if self.tmp.is_dir() else self.tmp.unlink()
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()
+
+
+def check_output_free(path: Path, *, force: bool) -> None:
+    if (path.exists() or path.is_symlink()) and not force:
+        raise OutputExistsError(f"{path}: already exists; choose another output or pass --force (force=True) "
+                                "to replace it")
+
+
+def write_state_dict(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, *,
+                     metadata: Mapping[str, str] | None = None, force: bool = False) -> Path:
+    """Write an in-memory state dict to one safetensors file, atomically.
+
+    Args:
+        tensors: name -> tensor (moved to CPU and made contiguous as needed).
+        out: the ``.safetensors`` path.
+        metadata: string -> string pairs stored in the header.
+        force: replace an existing file.
+
+    Returns:
+        The path written.
+    """
+    infos, blobs = [], []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        infos.append(TensorInfo(name, t.dtype, tuple(t.shape)))
+        blobs.append(t)
+    out = Path(out)
+    with AtomicOutput(out, folder=False, force=force) as atomic:
+        writer = SafetensorsWriter(atomic.file(out.name), infos, {"format": "pt", **(metadata or {})})
+        for info, t in zip(infos, blobs):
+            if t.numel():
+                writer.write(info.name, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        writer.close()
+        return atomic.commit()
