@@ -54,7 +54,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
                                device=device, on_mismatch=on_mismatch)
         reduced = sum(t.action == "reduce" for t in plan.tensors)
         click.echo(f"members:        {len(plan.sources)}")
-        click.echo(f"method:         {method} (coefficients {', '.join(f'{c:.4g}' for c in plan.coefficients)})")
+        click.echo(f"method:         {method} (sum of {', '.join(f'{c:.4g}' for c in plan.coefficients)} x member, / {plan.divisor:.4g})")
         click.echo(f"tensors:        {len(plan.tensors)} ({reduced} averaged, {len(plan.tensors) - reduced} copied"
                    f" from member 0, {len(plan.skipped)} skipped)")
         click.echo(f"reads:          {format_bytes(plan.read_bytes)}")

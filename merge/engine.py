@@ -53,6 +53,7 @@ class MergePlan:
     operator: Operator
     weights: list[float]
     coefficients: list[float]
+    divisor: float
     tensors: list[TensorPlan]
     accumulate: torch.dtype
     device: torch.device
@@ -141,7 +142,7 @@ def _describe(src: Source, name: str) -> str:
 
 
 def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequence[float],
-               coefficients: Sequence[float] | None = None, dtype: torch.dtype | None = None,
+               dtype: torch.dtype | None = None,
                accumulate: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                on_mismatch: str = "error", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergePlan:
     """Validate the members against each other and decide every output tensor.
@@ -200,8 +201,8 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
                             + "\nfix the inputs, or pass --on-mismatch skip (drop them) or first (take member 0's)")
     if not tensors:
         raise MismatchError("the members share no tensor: nothing to merge")
-    coeffs = list(coefficients) if coefficients is not None else operator.coefficients(list(weights))
-    return MergePlan(list(sources), operator, list(weights), coeffs, tensors, accumulate, device,
+    coeffs, divisor = operator.coefficients(list(weights))
+    return MergePlan(list(sources), operator, list(weights), list(coeffs), float(divisor), tensors, accumulate, device,
                      max(1, chunk_bytes // accumulate.itemsize), skipped, copied)
 
 
@@ -313,12 +314,14 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
                         tmp[:count].copy_(x)
                         x = tmp[:count]
                     if m == 0:
-                        torch.mul(x, c, out=a)
+                        a.copy_(x) if c == 1 else torch.mul(x, c, out=a)
                     else:
-                        a.add_(x, alpha=c)
+                        a.add_(x) if c == 1 else a.add_(x, alpha=c)
                     release(i)
                     if progress:
                         progress(nbytes)
+                if plan.divisor != 1:
+                    a.div_(plan.divisor)
                 res = a
                 if tp.out.dtype != plan.accumulate:
                     ob = out_bufs.get(tp.out.dtype)

@@ -56,6 +56,8 @@ class DeviceUnavailableError(MergeError, RuntimeError):
 class UnknownNameError(MergeError, ValueError):
     """A registry lookup (operator, model, dataset, ...) got a name it does not know."""
 
+    exit_code = 2
+
     def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...]):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
         super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid)}")

@@ -123,6 +123,7 @@ def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[
         "members": members,
         "weights": plan.weights,
         "coefficients": plan.coefficients,
+        "divisor": plan.divisor,
         "dtype": dtype_name(out_dtype) if out_dtype is not None else "as input",
         "accumulate": dtype_name(plan.accumulate),
         "device": plan.device.type,

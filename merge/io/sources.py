@@ -177,7 +177,7 @@ class SafetensorsSource(Source):
         try:
             self._load_header(normalise)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _load_header(self, normalise: bool) -> None:

@@ -6,10 +6,12 @@ generated from this registry. Variants are parameters, not copies.
 
 Each operator declares how the engine may stream it:
 
-- ``linear``: the result is ``sum_i c_i * x_i`` with coefficients that depend only on the weights
-  (uniform and weighted soups, PAPA's final average, the subspace midpoint, task arithmetic). The
-  engine folds members one at a time into a float32/float64 accumulator, chunk by chunk, so memory
-  does not grow with the number of members.
+- ``linear``: the result is ``(sum_i c_i * x_i) / d`` with coefficients ``c`` and divisor ``d`` that
+  depend only on the weights (uniform and weighted soups, PAPA's final average, the subspace
+  midpoint, task arithmetic). The engine folds members one at a time into a float32/float64
+  accumulator, chunk by chunk, so memory does not grow with the number of members. Dividing once
+  at the end (rather than scaling each member by 1/N) keeps integer weights exact: a soup of
+  identical bf16 members returns them bit for bit.
 - ``elementwise``: the result at each element depends only on the members' values at that element;
   the engine may cut tensors into chunks but needs every member's chunk at once.
 - ``tensor``: the operator needs whole tensors (TIES's magnitude threshold, SLERP's angle).
@@ -25,7 +27,8 @@ import torch
 
 from merge.errors import InvalidArgumentError, UnknownNameError
 
-__all__ = ["Operator", "register", "get_operator", "list_operators", "OPERATORS", "normalised_weights"]
+__all__ = ["Operator", "register", "get_operator", "list_operators", "OPERATORS", "normalised_weights",
+           "linear_combination", "check_weights"]
 
 Scope = Literal["linear", "elementwise", "tensor"]
 
@@ -39,7 +42,8 @@ class Operator:
         fn: ``fn(tensors, weights) -> tensor``, the reference definition on whole tensors; the result
             has the dtype of the inputs (callers pass float32/float64 tensors).
         scope: how the engine may stream it (see the module docstring).
-        coefficients: for linear operators, ``coefficients(weights) -> c`` with result ``sum c_i x_i``.
+        coefficients: for linear operators, ``coefficients(weights) -> (c, d)`` with result
+            ``(sum_i c_i x_i) / d``.
         citation: the paper that defines it.
         min_members: fewest members it accepts.
     """
@@ -48,7 +52,7 @@ class Operator:
     fn: Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
     scope: Scope
     citation: str
-    coefficients: Callable[[Sequence[float]], list[float]] | None = None
+    coefficients: Callable[[Sequence[float]], tuple[list[float], float]] | None = None
     min_members: int = 1
 
     def __call__(self, tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -60,7 +64,7 @@ OPERATORS: dict[str, Operator] = {}
 
 
 def register(name: str, *, scope: Scope, citation: str,
-             coefficients: Callable[[Sequence[float]], list[float]] | None = None,
+             coefficients: Callable[[Sequence[float]], tuple[list[float], float]] | None = None,
              min_members: int = 1) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as operator ``name``."""
     if scope == "linear" and coefficients is None:
@@ -104,36 +108,38 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return w
 
 
-def normalised_weights(weights: Sequence[float]) -> list[float]:
-    """Weights scaled to sum to one (they must be non-negative with a positive sum)."""
+def normalised_weights(weights: Sequence[float]) -> tuple[list[float], float]:
+    """``(weights, sum(weights))``: a weighted mean; weights must be non-negative with a positive sum."""
     if any(x < 0 for x in weights):
         raise InvalidArgumentError(f"weights of an average must be non-negative, got {list(weights)}")
     total = sum(weights)
     if total <= 0:
         raise InvalidArgumentError(f"weights must have a positive sum, got {list(weights)}")
-    return [x / total for x in weights]
+    return list(weights), total
 
 
-def _weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for c, t in zip(coefficients, tensors):
-        out.add_(t, alpha=c)
-    return out
+def linear_combination(tensors: Sequence[torch.Tensor], coefficients: tuple[Sequence[float], float]) -> torch.Tensor:
+    """``(sum_i c_i x_i) / d`` in the tensors' dtype, folded in member order exactly as the engine does."""
+    c, d = coefficients
+    out = tensors[0] * c[0] if c[0] != 1 else tensors[0].clone()
+    for ci, t in zip(c[1:], tensors[1:]):
+        out.add_(t, alpha=ci)
+    return out.div_(d) if d != 1 else out
 
 
-def _uniform_coefficients(weights: Sequence[float]) -> list[float]:
-    return [1.0 / len(weights)] * len(weights)
+def _uniform_coefficients(weights: Sequence[float]) -> tuple[list[float], float]:
+    return [1.0] * len(weights), float(len(weights))
 
 
 @register("uniform", scope="linear", coefficients=_uniform_coefficients,
           citation="Wortsman et al. 2022, Model soups (uniform soup); also PAPA's final population average")
 def uniform(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """The plain mean of the members (weights are ignored: use ``weighted`` for those)."""
-    return _weighted_sum(tensors, _uniform_coefficients(weights))
+    return linear_combination(tensors, _uniform_coefficients(weights))
 
 
 @register("weighted", scope="linear", coefficients=normalised_weights,
           citation="Wortsman et al. 2022, Model soups; Matena & Raffel 2022 (weighted parameter averaging)")
 def weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_i w_i x_i / sum_i w_i``: a weighted mean, weights normalised to sum to one."""
-    return _weighted_sum(tensors, normalised_weights(weights))
+    """``sum_i w_i x_i / sum_i w_i``: a weighted mean (weights need not sum to one)."""
+    return linear_combination(tensors, normalised_weights(weights))

@@ -1,0 +1,68 @@
+"""`papa-merge soup` and `papa-merge inspect` through click's test runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cli.main import cli
+from tests.ckpt_factory import reference, save_members
+
+
+def test_every_command_has_help() -> None:
+    runner = CliRunner()
+    top = runner.invoke(cli, ["--help"])
+    assert top.exit_code == 0
+    for name, command in cli.commands.items():
+        res = runner.invoke(cli, [name, "--help"])
+        assert res.exit_code == 0 and "Usage: " in res.output and len(command.help or "") > 20, name
+
+
+def test_soup_writes_the_weighted_average(tmp_path: Path) -> None:
+    paths, sds = save_members(tmp_path, 3)
+    out = tmp_path / "soup.safetensors"
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out), "--weights", "0.5,0.3,0.2",
+                                   "--accumulate", "float64", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"wrote {out} (9 tensors") and "from 3 members" in res.output
+    got = load_file(str(out))
+    ref = reference(sds, [0.5, 0.3, 0.2])
+    assert torch.allclose(got["classifier.weight"].double(), torch.from_numpy(ref["classifier.weight"]),
+                          rtol=2**-23, atol=0)
+
+
+def test_soup_dry_run_writes_nothing(tmp_path: Path) -> None:
+    paths, sds = save_members(tmp_path, 2)
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "x"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "tensors:        9 (7 averaged, 2 copied from member 0, 0 skipped)" in res.output
+    size = sum(v.numel() * v.element_size() for v in sds[0].values())
+    assert f"writes:         {size / 1000:.2f} kB" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_list_methods() -> None:
+    res = CliRunner().invoke(cli, ["soup", "--list-methods"])
+    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("uniform")
+
+
+def test_inspect_reports_counts_and_recipe(tmp_path: Path) -> None:
+    paths, sds = save_members(tmp_path, 2)
+    out = tmp_path / "soup.safetensors"
+    CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out)])
+    res = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["tensors"] == len(sds[0])
+    assert info["parameters"] == sum(v.numel() for v in sds[0].values())
+    assert info["dtypes"] == {"float32": sum(v.numel() for v in sds[0].values() if v.dtype == torch.float32),
+                              "int64": 1, "bool": 12}
+    assert info["metadata"]["papa_merge.recipe"]["method"] == "uniform"
+    text = CliRunner().invoke(cli, ["inspect", str(out)]).output
+    assert "tensors:    9" in text and "classifier.weight [10, 30] float32" in text
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.safetensors")])
+    assert res.exit_code == 1 and "no such file" in res.output
