@@ -31,7 +31,7 @@ __all__ = ["TensorPlan", "MergePlan", "plan_merge", "run_merge", "resolve_device
            "ON_MISMATCH"]
 
 ON_MISMATCH = ("error", "skip", "first")
-DEFAULT_CHUNK_BYTES = 8 << 20  # accumulator chunk; the sweet spot measured in benchmarks/bench_soup.py
+DEFAULT_CHUNK_BYTES = 2 << 20  # accumulator chunk: stays in cache; the sweet spot measured with bench_soup.py
 POOL_BUFFERS = 4
 
 
@@ -282,6 +282,11 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
         free.put((i, event))
 
     sink.begin([t.out for t in plan.tensors])
+    # One compute thread beside the reader thread: on small machines torch's own pool would fight the
+    # reader for cores (and its idle workers spin), which measured 1.5-2x slower on 2 cores.
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)
     reader.start()
     try:
         for tp in plan.tensors:
@@ -342,6 +347,7 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
             raise tail
         sink.finish()
     finally:
+        torch.set_num_threads(threads)
         stop.set()
         for i in range(POOL_BUFFERS):
             free.put((i, None))  # unblock the reader if it is waiting for a buffer
