@@ -318,10 +318,14 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
                         # Converting into a reused buffer first is ~3.5x faster than a mixed-dtype add_.
                         tmp[:count].copy_(x)
                         x = tmp[:count]
-                    if m == 0:
-                        a.copy_(x) if c == 1 else torch.mul(x, c, out=a)
+                    if m == 0 and c == 1:
+                        a.copy_(x)
+                    elif m == 0:
+                        torch.mul(x, c, out=a)
+                    elif c == 1:
+                        a.add_(x)
                     else:
-                        a.add_(x) if c == 1 else a.add_(x, alpha=c)
+                        a.add_(x, alpha=c)
                     release(i)
                     if progress:
                         progress(nbytes)

@@ -279,8 +279,8 @@ class StateDictSource(Source):
             t = t.contiguous()
         flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         view = out.cast("B") if out.format != "B" else out
-        src = flat[byte_offset: byte_offset + len(view)]
-        torch.frombuffer(view, dtype=torch.uint8).copy_(src) if len(view) else None
+        if len(view):
+            torch.frombuffer(view, dtype=torch.uint8).copy_(flat[byte_offset: byte_offset + len(view)])
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
