@@ -9,6 +9,7 @@ The public verbs::
     merge.open_checkpoint("model.safetensors").infos                           # lazy inspection
 """
 
+from merge import hub
 from merge.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "hub",
     "soup",
     "uniform_soup",
     "average",

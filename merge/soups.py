@@ -106,8 +106,13 @@ def _check_not_an_input(out: Path, sources: Sequence[Source]) -> None:
 def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[str, object] | None = None) -> dict:
     """The recipe recorded in the output's metadata: method, members, weights, dtypes, tool version."""
     members = []
+    from merge.hub import hub_source_of  # the Hub sits above; only its path parsing is used
+
     for src in plan.sources:
         fp = src.fingerprint()
+        source = hub_source_of(str(src.path))
+        if source:
+            fp["source"] = source
         train = src.metadata.get("papa_merge.train")
         if train:
             try:

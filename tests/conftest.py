@@ -7,3 +7,47 @@ import os
 # Tests never reach the real Hugging Face Hub or use the user's cache/token.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- Hugging Face Hub tests (issue 4: merge/hub.py, tests/hubserver.py) --------------------------------
+# Set before huggingface_hub is imported (it reads these on import): a throwaway HF_HOME so no test reads
+# the user's token or cache, no token from the environment, and an endpoint nobody listens on, so a test
+# that forgets the local server fails instead of reaching the real Hub.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+_HF_HOME = tempfile.mkdtemp(prefix="papa-merge-test-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ["HF_HOME"] = _HF_HOME
+for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+             "HF_XET_CACHE", "HF_ASSETS_CACHE", "HF_STORED_TOKENS_PATH"):
+    os.environ.pop(_var, None)
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing answers
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """A local Hub-compatible server (tests/hubserver.py) on 127.0.0.1, started once, stopped at the end."""
+    from tests.hubserver import HubServer
+
+    server = HubServer(tmp_path_factory.mktemp("hubserver")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def hub(hub_server, monkeypatch, tmp_path):
+    """The local Hub as the endpoint, online, with a fresh download cache and LFS uploads (XET off) per test."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub_server.upload_mode = "lfs"
+    yield hub_server
+    hub_server.upload_mode = "lfs"
+# --- end of Hugging Face Hub tests block ---------------------------------------------------------------

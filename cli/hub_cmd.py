@@ -1,0 +1,61 @@
+"""``papa-merge pull`` and ``papa-merge push``: checkpoints from and to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("repo")
+@click.option("--revision", default=None, help="Branch, tag, commit sha or refs/pr/N (or write REPO@revision).")
+@click.option("--include", "include", multiple=True, metavar="GLOB",
+              help="Fetch only files matching GLOB (repeat or comma-separate). [default: the weights the "
+                   "checkpoint needs, its config/tokenizer files and README.md]")
+@click.option("-o", "--out", default=None, type=click.Path(),
+              help="Copy the files into this new folder. [default: leave them in huggingface_hub's cache and "
+                   "print the folder]")
+@click.option("--force", is_flag=True, help="Replace an existing, non-empty --out (only once the copy is complete).")
+def pull(repo: str, revision: str | None, include: tuple[str, ...], out: str | None, force: bool) -> None:
+    """Download the checkpoint REPO (org/name[@revision]) from the Hub.
+
+    Downloads go through huggingface_hub's cache (HF_HOME); HF_ENDPOINT and HF_TOKEN are honoured.
+    Any command that takes a checkpoint also takes hf://org/name[@revision] directly.
+
+    \b
+    Examples:
+      papa-merge pull org/member-a
+      papa-merge pull org/member-a@v2 --include '*.safetensors' -o members/a
+      papa-merge soup hf://org/member-a hf://org/member-b@v2 -o soup/
+    """
+    import merge.hub
+
+    folder = merge.hub.pull(repo, revision=revision, include=list(include) or None, out=out, force=force)
+    ref, rev = merge.hub.parse_reference(repo)
+    click.echo(f"pulled {ref}@{revision or rev or 'main'} to {folder}")
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@click.option("--revision", default=None, help="Branch to commit to (created from main if missing). [default: main]")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("-m", "--message", "message", default=None, help="Commit message.")
+def push(path: str, repo: str, private: bool, revision: str | None, create_pr: bool, message: str | None) -> None:
+    """Upload the checkpoint PATH (a .safetensors file or a model folder) to the Hub repo REPO (org/name).
+
+    Creates the repo if needed and commits the files with a model card (README.md) that records the
+    recipe from the checkpoint's metadata: method, members and their sources, weights, metrics. A
+    folder's own README.md is uploaded as is instead. Pushing a folder replaces the repo's weight files;
+    local files are never changed. HF_ENDPOINT and HF_TOKEN are honoured.
+
+    \b
+    Examples:
+      papa-merge push soup.safetensors org/my-soup --private
+      papa-merge push soup/ org/my-soup --create-pr
+      papa-merge push soup/ org/my-soup --revision experiments -m "greedy soup of 8 seeds"
+    """
+    import merge.hub
+
+    url = merge.hub.push(path, repo, private=private, revision=revision, create_pr=create_pr, commit_message=message)
+    click.echo(f"pushed {path} to {merge.hub.parse_reference(repo)[0]}: {url}")

@@ -1,0 +1,795 @@
+"""The Hugging Face Hub at the edge: pull checkpoints, push soups with a model card that records the recipe.
+
+Three verbs and one helper::
+
+    merge.hub.pull("org/name@v2")                         # -> the local folder (in huggingface_hub's cache)
+    merge.hub.push("soup/", "org/my-soup")                # -> the commit (or pull request) URL
+    merge.hub.model_card("soup/", repo_id="org/my-soup")  # -> README.md text
+    merge.hub.resolve_reference("hf://org/name@v2")       # what ``open_checkpoint("hf://...")`` calls
+
+Downloads go through huggingface_hub's cache and fetch only what a checkpoint needs: the shard index
+and the shards it lists (or ``model.safetensors``, or the legacy ``pytorch_model.bin``), plus the
+config and tokenizer files that make a merged folder load with ``from_pretrained``. The endpoint and
+token come from ``HF_ENDPOINT`` and ``HF_TOKEN`` (or the saved login) unless given. Every failure of
+the Hub is re-raised as one of papa-merge's errors with a one-line message naming the repo, revision
+or file and the fix: :class:`~merge.errors.CheckpointNotFoundError` (also a ``FileNotFoundError``) for
+a missing repo, revision or file, :class:`~merge.errors.HubError` for everything else.
+
+Local files are never modified: a generated model card travels in the commit, not in the user's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import glob
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
+
+from merge.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    HubError,
+    InvalidArgumentError,
+    MergeError,
+)
+
+__all__ = ["HubReference", "parse_reference", "resolve_reference", "pull", "push", "model_card",
+           "hub_source_of", "HF_PREFIX"]
+
+HF_PREFIX = "hf://"
+# The files a Hugging Face model folder may keep its weights in, in order of preference (as open_checkpoint).
+WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors",
+                     "pytorch_model.bin.index.json", "pytorch_model.bin")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# Small files beside the weights that from_pretrained needs (configs, tokenizers, chat templates).
+_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+_CACHE_RE = re.compile(r"(?:^|/)(models|datasets)--([^/]+)/snapshots/([0-9a-f]{40})(?:/(.*))?$")
+_SOUP_METHODS = {"uniform", "weighted", "greedy", "papa", "average"}
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """A parsed ``hf://org/name[@revision][/path]``."""
+
+    repo_id: str
+    revision: str | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        text = HF_PREFIX + self.repo_id
+        if self.revision:
+            text += "@" + self.revision
+        if self.path:
+            text += "/" + self.path
+        return text
+
+
+def _parse(text: str, *, allow_path: bool = True) -> HubReference:
+    """Split ``[hf://]org/name[@revision][/path]`` (revisions ``refs/pr/N`` and ``%2F``-quoted ones allowed)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgumentError(f"not a Hub reference: {text!r}; write org/name[@revision] or "
+                                   "hf://org/name[@revision]")
+    body = text.strip()
+    if body.startswith(HF_PREFIX):
+        body = body[len(HF_PREFIX):]
+    body = body.strip("/")
+    revision: str | None = None
+    path: str | None = None
+    if "@" in body:
+        repo_id, _, after = body.partition("@")
+        parts = after.split("/")
+        n = 3 if after.startswith(("refs/pr/", "refs/convert/")) else 1
+        revision, path = unquote("/".join(parts[:n])), "/".join(parts[n:]) or None
+        if not revision:
+            raise InvalidArgumentError(f"{text!r}: empty revision after '@'; write org/name@branch, tag or commit")
+    else:
+        parts = body.split("/")
+        repo_id, path = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    if not _REPO_RE.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise InvalidArgumentError(f"not a Hub reference: {text!r}; write org/name[@revision] or "
+                                   "hf://org/name[@revision] (letters, digits, '-', '_', '.')")
+    if path is not None and not allow_path:
+        raise InvalidArgumentError(f"{text!r}: expected a repo (org/name[@revision]), not a file inside one")
+    return HubReference(repo_id, revision, path)
+
+
+def parse_reference(ref: str) -> tuple[str, str | None]:
+    """Split a Hub reference into its repo id and revision.
+
+    Args:
+        ref: ``hf://org/name[@revision]`` or ``org/name[@revision]``; the revision is a branch, tag,
+            commit sha or ``refs/pr/N``.
+
+    Returns:
+        ``(repo_id, revision)``; the revision is None when not given (the default branch).
+
+    Raises:
+        InvalidArgumentError: not a repo id, or it names a file inside the repo.
+
+    Example:
+        >>> parse_reference("hf://org/name@v2")
+        ('org/name', 'v2')
+        >>> parse_reference("org/name")
+        ('org/name', None)
+    """
+    r = _parse(ref, allow_path=False)
+    return r.repo_id, r.revision
+
+
+# --- errors ------------------------------------------------------------------------------------------
+def _endpoint(endpoint: str | None) -> str | None:
+    """The endpoint to use: the argument, else ``HF_ENDPOINT`` as set now (huggingface_hub reads it only on import)."""
+    value = endpoint or os.environ.get("HF_ENDPOINT") or None
+    return value.rstrip("/") if value else None
+
+
+def _shown_endpoint(endpoint: str | None) -> str:
+    if endpoint:
+        return endpoint
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ConnectionError",
+                         "ReadTimeout", "RemoteProtocolError", "OfflineModeIsEnabled"})
+
+
+@contextlib.contextmanager
+def _hub_errors(ref: HubReference, *, endpoint: str | None, action: str = "download",
+                filename: str | None = None) -> Iterator[None]:
+    """Re-raise huggingface_hub's errors as papa-merge's, with a one-line message and the fix."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = _shown_endpoint(endpoint)
+    repo = f"{HF_PREFIX}{ref.repo_id}"
+    rev = ref.revision or "main"
+    try:
+        yield
+    except MergeError:
+        raise
+    except RevisionNotFoundError:
+        raise CheckpointNotFoundError(f"{repo}: revision {rev!r} not found on {where}; check the branch, tag or "
+                                      f"commit name (or drop @{rev} to use main)") from None
+    except GatedRepoError:
+        raise HubError(f"{repo}: is gated on {where}; accept its conditions on the repo page, then log in "
+                       "(hf auth login) or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        if action == "push":
+            raise HubError(f"{repo}: cannot write to this repo on {where}; check the name and that your token "
+                           "(HF_TOKEN or hf auth login) has write access to it") from None
+        raise CheckpointNotFoundError(f"{repo}: repository not found on {where}; check the name, or log in "
+                                      "(hf auth login, or HF_TOKEN) if it is private") from None
+    except OfflineModeIsEnabled:
+        raise HubError(f"{repo}: HF_HUB_OFFLINE is set and the files are not in the local cache; unset "
+                       "HF_HUB_OFFLINE (or set it to 0) to download them") from None
+    except LocalEntryNotFoundError as e:
+        raise HubError(f"{repo}@{rev}: cannot reach {where} and the files are not in the local cache "
+                       f"({_first_line(e)}); check the connection and HF_ENDPOINT") from None
+    except EntryNotFoundError:
+        name = filename or ref.path or "a file"
+        raise CheckpointNotFoundError(f"{repo}@{rev}: file {name!r} not found; list the repo's files on its page "
+                                      f"or with `papa-merge pull {ref.repo_id} --include '*'`") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if getattr(e, "response", None) is not None else None
+        if status in (401, 403):
+            raise HubError(f"{repo}: {where} refused the {action} ({status}): log in (hf auth login) or set "
+                           "HF_TOKEN to a token with " + ("write" if action == "push" else "read") +
+                           " access") from None
+        message = getattr(e, "server_message", None) or _first_line(e)
+        raise HubError(f"{repo}: {action} failed, {where} answered {status}: {message}; retry, or set "
+                       "PAPA_MERGE_DEBUG=1 for details") from None
+    except ValueError as e:
+        if type(e).__name__ == "HFValidationError":
+            raise InvalidArgumentError(f"{repo}: {_first_line(e)}") from None
+        raise
+    except Exception as e:
+        if _is_connection_error(e):
+            raise HubError(f"{repo}: cannot reach {where} ({type(e).__name__}: {_first_line(e)}); check the "
+                           "connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+# --- downloads -----------------------------------------------------------------------------------------
+def _api(endpoint: str | None, token: str | bool | None):  # noqa: ANN202 - HfApi, imported lazily
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token, library_name="papa-merge", library_version=_version())
+
+
+def _version() -> str:
+    from merge import __version__
+
+    return __version__
+
+
+def _config_files(files: Sequence[str], folder: str = "") -> list[str]:
+    """Config and tokenizer files directly in ``folder`` (not weights, not shard indexes)."""
+    prefix = folder + "/" if folder else ""
+    out = []
+    for f in files:
+        rest = f[len(prefix):] if f.startswith(prefix) else None
+        if rest is None or "/" in rest or rest.startswith("."):
+            continue
+        if rest.endswith(_CONFIG_SUFFIXES) and not rest.endswith(".index.json"):
+            out.append(f)
+    return out
+
+
+def _weight_files(files: Sequence[str], folder: str = "") -> list[str]:
+    prefix = folder + "/" if folder else ""
+    return sorted(f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]
+                  and f.endswith(_WEIGHT_SUFFIXES))
+
+
+def _read_index(api, ref: HubReference, sha: str, index: str, endpoint: str | None) -> list[str]:  # noqa: ANN001
+    """The shard files a ``*.index.json`` lists (downloaded into the cache first)."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(ref, endpoint=endpoint, filename=index):
+        local = hf_hub_download(ref.repo_id, index, revision=sha, endpoint=endpoint, token=api.token,
+                                library_name="papa-merge", library_version=_version())
+    try:
+        weight_map = json.loads(Path(local).read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointFormatError(f"{ref}: {index} is not a valid shard index (needs a 'weight_map' object)") from None
+    folder = str(PurePosixPath(index).parent)
+    return [s if folder == "." else f"{folder}/{s}" for s in shards]
+
+
+def _check_shards(ref: HubReference, index: str, shards: Sequence[str], files: Sequence[str]) -> None:
+    missing = [s for s in shards if s not in files]
+    if missing:
+        raise CheckpointNotFoundError(f"{ref}: {index} lists {len(missing)} shard(s) missing from "
+                                      f"{ref.repo_id}@{ref.revision or 'main'}: {_listing(missing, 3)}; "
+                                      "the upload is incomplete, push the missing shards")
+
+
+def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str],  # noqa: ANN001
+                           endpoint: str | None) -> tuple[list[str], str | None]:
+    """Which files a checkpoint needs, and the path inside the snapshot to open (None: the folder itself)."""
+    path = (ref.path or "").strip("/")
+    if path and path in files:  # one file: itself, or an index and its shards
+        if path.endswith(".index.json"):
+            shards = _read_index(api, ref, sha, path, endpoint)
+            _check_shards(ref, path, shards, files)
+            return [path, *shards], path
+        return [path], path
+    if path and not any(f.startswith(path + "/") for f in files):
+        raise CheckpointNotFoundError(f"{ref}: no file or folder {path!r} in {ref.repo_id}@{ref.revision or 'main'}; "
+                                      f"files: {_listing(files)}")
+    prefix = path + "/" if path else ""
+    configs = _config_files(files, path)
+    for candidate in WEIGHT_CANDIDATES:
+        name = prefix + candidate
+        if name in files:
+            weights = [name]
+            if name.endswith(".index.json"):
+                shards = _read_index(api, ref, sha, name, endpoint)
+                _check_shards(ref, name, shards, files)
+                weights += shards
+            return weights + configs, path or None
+    weights = _weight_files(files, path)
+    if len(weights) == 1:
+        return [weights[0]] + configs, weights[0]
+    if not weights:
+        raise CheckpointNotFoundError(f"{ref}: no weight files ({', '.join(WEIGHT_CANDIDATES[:2])}, *.safetensors, "
+                                      f"*.bin) in {ref.repo_id}@{ref.revision or 'main'}; files: {_listing(files)}")
+    raise CheckpointFormatError(f"{ref}: holds {len(weights)} weight files ({_listing(weights)}); name one, "
+                                f"e.g. {HF_PREFIX}{ref.repo_id}{'@' + ref.revision if ref.revision else ''}/{weights[0]}")
+
+
+def _listing(files: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(list(files)[:n])
+    return shown + (f", ... ({len(files)} in all)" if len(files) > n else "") if files else "none"
+
+
+def _download(api, ref: HubReference, sha: str, names: Sequence[str], endpoint: str | None) -> Path:  # noqa: ANN001
+    from huggingface_hub import snapshot_download
+
+    patterns = [glob.escape(n) for n in names]
+    with _hub_errors(ref, endpoint=endpoint):
+        folder = snapshot_download(ref.repo_id, revision=sha, allow_patterns=patterns, endpoint=endpoint,
+                                   token=api.token, library_name="papa-merge", library_version=_version())
+    _remember_revision(ref, sha)
+    return Path(folder)
+
+
+def _repo_files(api, ref: HubReference, endpoint: str | None) -> tuple[str, list[str]]:  # noqa: ANN001
+    """The commit sha the reference points at, and the files there."""
+    with _hub_errors(ref, endpoint=endpoint):
+        info = api.model_info(ref.repo_id, revision=ref.revision)
+    return str(info.sha), [s.rfilename for s in (info.siblings or [])]
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cache_storage(repo_id: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def _remember_revision(ref: HubReference, sha: str) -> None:
+    """Record branch/tag -> commit in the cache's refs/, as huggingface_hub does, so HF_HUB_OFFLINE=1 finds it."""
+    rev = ref.revision or "main"
+    if rev == sha:
+        return
+    target = _cache_storage(ref.repo_id) / "refs" / rev
+    try:
+        if target.is_file() and target.read_text() == sha:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(sha)
+        os.replace(tmp, target)
+    except OSError:
+        pass  # only a convenience for offline use later
+
+
+def _cached_snapshot(ref: HubReference) -> Path | None:
+    """The cached snapshot folder for a reference, without asking the Hub (for HF_HUB_OFFLINE=1)."""
+    storage = _cache_storage(ref.repo_id)
+    rev = ref.revision or "main"
+    sha = rev if re.fullmatch(r"[0-9a-f]{40}", rev) else None
+    if sha is None and (storage / "refs" / rev).is_file():
+        sha = (storage / "refs" / rev).read_text().strip()
+    folder = storage / "snapshots" / sha if sha else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def resolve_reference(ref: str, *, endpoint: str | None = None, token: str | bool | None = None) -> Path:
+    """Download what a Hub checkpoint needs into huggingface_hub's cache and return its local path.
+
+    ``open_checkpoint("hf://...")`` (hence ``merge.soup`` and ``papa-merge soup``) calls this.
+    For a model repo this fetches the shard index and the shards it lists, or ``model.safetensors``,
+    or ``pytorch_model.bin[.index.json]`` (first found, in that order; other formats are left on the
+    Hub), plus the config and tokenizer files; a repo holding a single other weight file gets that
+    file. ``hf://org/name/sub/file.safetensors`` names one file (or a sub-folder). With
+    ``HF_HUB_OFFLINE=1`` the cached snapshot is used without asking the Hub.
+
+    Args:
+        ref: ``hf://org/name[@revision][/path]``.
+        endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
+        token: a token, or False for none (default: ``HF_TOKEN`` or the saved login).
+
+    Returns:
+        The local snapshot folder (a model folder), or the weight file inside it.
+
+    Raises:
+        CheckpointNotFoundError: the repo, revision or file does not exist (or has no weights).
+        CheckpointFormatError: the repo holds several weight files and none is named.
+        HubError: the Hub cannot be reached or refused the request.
+        InvalidArgumentError: ``ref`` is not a Hub reference.
+
+    Example:
+        >>> folder = resolve_reference("hf://org/member-a@v2")  # doctest: +SKIP
+        >>> merge.open_checkpoint(folder).names[:3]              # doctest: +SKIP
+    """
+    r = _parse(ref)
+    endpoint = _endpoint(endpoint)
+    if _offline():
+        folder = _cached_snapshot(r)
+        if folder is None:
+            raise HubError(f"{r}: HF_HUB_OFFLINE is set and this revision is not in the local cache; unset "
+                           "HF_HUB_OFFLINE (or set it to 0) to download it")
+        return folder / r.path if r.path else folder
+    api = _api(endpoint, token)
+    sha, files = _repo_files(api, r, endpoint)
+    names, target = _plan_checkpoint_files(api, r, sha, files, endpoint)
+    folder = _download(api, r, sha, names, endpoint)
+    return folder / target if target else folder
+
+
+def _patterns(include: str | Sequence[str] | None) -> list[str] | None:
+    if include is None:
+        return None
+    items = [include] if isinstance(include, str) else list(include)
+    out = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    if not out:
+        raise InvalidArgumentError("include patterns are empty; pass e.g. '*.safetensors' or '*'")
+    return out
+
+
+def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str] | None = None,
+         out: str | os.PathLike | None = None, endpoint: str | None = None, token: str | bool | None = None,
+         force: bool = False) -> Path:
+    """Download a checkpoint (or chosen files) from the Hub, through huggingface_hub's cache.
+
+    Without ``include``, only what the checkpoint needs is fetched (as :func:`resolve_reference`),
+    plus the model card README.md; a repo holding several checkpoint files side by side (and no
+    ``model.safetensors``) gets all of its top-level weight files.
+
+    Args:
+        repo: ``org/name[@revision]`` or ``hf://org/name[@revision]``.
+        revision: branch, tag, commit sha or ``refs/pr/N`` (default: the reference's, else main).
+        include: glob patterns (``"*.safetensors"``, a list, or comma-separated) of files to fetch.
+        out: copy the files into this new folder (default: return the cache's snapshot folder).
+            The copy is written under a temporary name and renamed when complete.
+        endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
+        token: a token, or False for none (default: ``HF_TOKEN`` or the saved login).
+        force: replace an existing, non-empty ``out`` (only once the new copy is complete).
+
+    Returns:
+        The local folder holding the files.
+
+    Raises:
+        CheckpointNotFoundError: the repo, revision or file does not exist, or no file matches ``include``.
+        OutputExistsError: ``out`` exists and is not empty, and ``force`` is False.
+        HubError: the Hub cannot be reached or refused the request.
+        InvalidArgumentError: ``repo`` is not a repo id, or two different revisions were given.
+
+    Example:
+        >>> merge.hub.pull("org/member-a@v2", include="*.safetensors", out="members/a")  # doctest: +SKIP
+        PosixPath('members/a')
+    """
+    r = _parse(repo, allow_path=False)
+    if revision is not None and r.revision is not None and revision != r.revision:
+        raise InvalidArgumentError(f"{repo!r} names revision {r.revision!r} but revision={revision!r} was also "
+                                   "given; pass one")
+    r = HubReference(r.repo_id, revision or r.revision)
+    endpoint = _endpoint(endpoint)
+    patterns = _patterns(include)
+    if out is not None:
+        from merge.io.writer import check_output_free
+
+        out = Path(out)
+        empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+        check_output_free(out, force=force or empty_dir)
+    api = _api(endpoint, token)
+    sha, files = _repo_files(api, r, endpoint)
+    if patterns is None:
+        try:
+            names, _ = _plan_checkpoint_files(api, r, sha, files, endpoint)
+        except CheckpointFormatError:  # several checkpoints side by side (members of a soup): take them all
+            names = _weight_files(files) + _config_files(files)
+        names += [f for f in ("README.md",) if f in files]
+    else:
+        names = [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns) and f != ".gitattributes"]
+        if not names:
+            raise CheckpointNotFoundError(f"{r}: no file matches {', '.join(map(repr, patterns))} in "
+                                          f"{r.repo_id}@{r.revision or 'main'}; files: {_listing(files)}")
+    folder = _download(api, r, sha, names, endpoint)
+    if out is None:
+        return folder
+    return _copy_out(folder, names, out, force=force or empty_dir)
+
+
+def _copy_out(folder: Path, names: Sequence[str], out: Path, *, force: bool) -> Path:
+    from merge.io.writer import AtomicOutput
+
+    with AtomicOutput(out, folder=True, force=force) as atomic:
+        for name in names:
+            dst = atomic.file(name)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, dst)  # follows the cache's symlink to the blob
+        return atomic.commit()
+
+
+# --- model card ----------------------------------------------------------------------------------------
+def hub_source_of(path: str) -> str | None:
+    """The ``hf://org/name@sha[/file]`` a path inside huggingface_hub's cache was downloaded from, else None.
+
+    Example:
+        >>> hub_source_of("/home/u/.cache/huggingface/hub/models--org--a/snapshots/" + "0" * 40)
+        'hf://org/a@0000000000000000000000000000000000000000'
+    """
+    m = _CACHE_RE.search(str(path).replace(os.sep, "/"))
+    if m is None or m.group(1) != "models":
+        return None
+    repo_id = "/".join(m.group(2).split("--"))
+    return f"{HF_PREFIX}{repo_id}@{m.group(3)}" + (f"/{m.group(4)}" if m.group(4) else "")
+
+
+def _json_meta(meta: dict[str, str], key: str) -> object:
+    raw = meta.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _looks_like_repo(name: object) -> bool:
+    return (isinstance(name, str) and bool(_REPO_RE.match(name)) and "/" in name and "--" not in name
+            and not name.startswith((".", "/", "~")))
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid YAML scalar, quoted and escaped
+
+
+def model_card(path: str | os.PathLike, *, repo_id: str | None = None) -> str:
+    """The README.md (model card) for a checkpoint, built from its ``papa_merge.*`` metadata.
+
+    The YAML front matter holds ``base_model`` (the members that came from the Hub, or the config's
+    ``_name_or_path``), ``tags`` (``merge``, ``papa-merge``, ...) and ``library_name`` (``transformers``
+    or ``timm`` when a config says so). The body records the recipe: method, each member with its
+    source and weight, dtypes, and the metrics from ``papa_merge.metrics`` when present, then how to
+    load the result and the full recipe as JSON.
+
+    Args:
+        path: the checkpoint: a ``.safetensors`` file or a model folder.
+        repo_id: the repo it will live in (used in the title and the loading snippet).
+
+    Returns:
+        The README.md text.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointFormatError: ``path`` is not a readable checkpoint.
+
+    Example:
+        >>> print(model_card("soup.safetensors", repo_id="org/my-soup")[:3])  # doctest: +SKIP
+        ---
+    """
+    from merge.io.sources import open_checkpoint
+    from merge.soups import RECIPE_KEY
+
+    path = Path(path)
+    with open_checkpoint(path) as src:
+        meta = dict(src.metadata)
+        n_tensors, n_bytes = len(src.infos), src.nbytes
+    folder = path if path.is_dir() else None
+    config: dict = {}
+    if folder is not None and (folder / "config.json").is_file():
+        try:
+            loaded = json.loads((folder / "config.json").read_text())
+            config = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            config = {}
+    recipe = _json_meta(meta, RECIPE_KEY)
+    recipe = recipe if isinstance(recipe, dict) else {}
+    metrics = _json_meta(meta, "papa_merge.metrics")
+    model_info = _json_meta(meta, "papa_merge.model")
+
+    # Members and where they came from.
+    members = recipe.get("members") or []
+    weights = recipe.get("weights") or [1.0] * len(members)
+    total = sum(float(w) for w in weights) or 1.0
+    sources = []
+    for m in members:
+        p = str(m.get("source") or m.get("path", "?")) if isinstance(m, dict) else str(m)
+        sources.append(p if p.startswith(HF_PREFIX) else (hub_source_of(p) or p))
+    base_models: list[str] = []
+    for s in sources:
+        if s.startswith(HF_PREFIX):
+            base_models.append(_parse(s).repo_id)
+    name_or_path = config.get("_name_or_path")
+    if not base_models and _looks_like_repo(name_or_path):
+        base_models.append(name_or_path)
+    base_models = [b for b in dict.fromkeys(base_models) if b != repo_id]
+
+    library = None
+    model_lib = model_info.get("library") if isinstance(model_info, dict) else None
+    if "model_type" in config or "architectures" in config:
+        library = "transformers"
+    elif "architecture" in config or model_lib == "timm":
+        library = "timm"
+    elif model_lib in ("transformers",):
+        library = model_lib
+    method = str(recipe.get("method", "")) or None
+    tags = ["merge", "papa-merge"]
+    if method in _SOUP_METHODS:
+        tags.append("model-soup")
+    tags.append("safetensors")
+
+    # 1. Front matter.
+    lines = ["---"]
+    if base_models:
+        lines.append("base_model:")
+        lines += [f"- {_yaml_str(b)}" for b in base_models]
+        if len(base_models) > 1:
+            lines.append("base_model_relation: merge")
+    if library:
+        lines.append(f"library_name: {library}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in tags]
+    lines.append("---")
+    title = repo_id or (path.stem if folder is None else path.name)
+    lines += ["", f"# {title}", ""]
+
+    # 2. What it is.
+    if recipe:
+        lines.append(f"This checkpoint is a **{method}** merge of {len(members)} checkpoint"
+                     f"{'s' if len(members) != 1 else ''}, made with papa-merge {recipe.get('version', '')}."
+                     .replace("  ", " "))
+        if recipe.get("citation"):
+            lines += ["", f"Method: {recipe['citation']}"]
+    else:
+        lines.append("This checkpoint was pushed with papa-merge; its metadata holds no merge recipe.")
+    lines += ["", f"{n_tensors} tensor{'s' if n_tensors != 1 else ''}, {n_bytes / 1e6:.2f} MB of weights."]
+    if model_info is not None:
+        lines += ["", f"Model: `{json.dumps(model_info, sort_keys=True) if not isinstance(model_info, str) else model_info}`"]
+
+    # 3. The recipe.
+    if recipe:
+        lines += ["", "## Recipe", "", "| # | member | source | weight |", "|---|---|---|---|"]
+        for i, (m, s) in enumerate(zip(members, sources)):
+            w = float(weights[i]) if i < len(weights) else 1.0
+            # A file's content hash where the recipe has one (pickles); a safetensors header hash is not one.
+            digest = str(m.get("sha256") or "")[:12] if isinstance(m, dict) else ""
+            label = s if s.startswith(HF_PREFIX) else PurePosixPath(s.replace(os.sep, "/")).name
+            lines.append(f"| {i} | `{label}` | {'Hub' if s.startswith(HF_PREFIX) else 'local file'}"
+                         f"{f' (sha256 {digest}...)' if digest else ''} | {w / total:.4g} |")
+        lines += ["", f"- method: `{method}`",
+                  f"- output dtype: `{recipe.get('dtype', 'as input')}`, accumulated in "
+                  f"`{recipe.get('accumulate', 'float32')}`"]
+        if recipe.get("skipped"):
+            lines.append(f"- skipped tensors: {', '.join(f'`{s}`' for s in recipe['skipped'][:20])}")
+        if recipe.get("copied_from_first"):
+            lines.append(f"- copied from member 0: {', '.join(f'`{s}`' for s in recipe['copied_from_first'][:20])}")
+        extra = {k: v for k, v in recipe.items() if k in ("selection", "order", "val_metric", "metric")}
+        for k, v in extra.items():
+            lines.append(f"- {k}: `{json.dumps(v)}`")
+
+    # 4. Metrics.
+    if isinstance(metrics, dict) and metrics:
+        splits = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+        if splits:
+            keys: list[str] = []
+            for v in splits.values():
+                keys += [k for k in v if k not in keys]
+            order = [k for k in ("acc", "nll", "ece") if k in keys] + [k for k in keys if k not in ("acc", "nll", "ece")]
+            lines += ["", "## Metrics", "", "| split | " + " | ".join(order) + " |",
+                      "|---|" + "---|" * len(order)]
+            for split, v in splits.items():
+                lines.append(f"| {split} | " + " | ".join(_fmt(v.get(k, "")) for k in order) + " |")
+
+    # 5. How to load it.
+    rid = repo_id or "org/name"
+    lines += ["", "## Usage", ""]
+    if library == "transformers":
+        lines += ["```python", "from transformers import AutoModel", "",
+                  f"model = AutoModel.from_pretrained({rid!r})", "```"]
+    elif library == "timm":
+        lines += ["```python", "import timm", "", f"model = timm.create_model('hf-hub:{rid}', pretrained=True)", "```"]
+    else:
+        fname = "model.safetensors" if folder is not None else path.name
+        lines += ["```python", "from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file",
+                  "", f"state_dict = load_file(hf_hub_download({rid!r}, {fname!r}))",
+                  "model.load_state_dict(state_dict)  # your model's architecture", "```"]
+    lines += ["", f"Or merge it further: `papa-merge soup hf://{rid} ... -o soup.safetensors`."]
+
+    # 6. The full recipe, as recorded in the metadata.
+    if recipe:
+        lines += ["", "<details><summary>Full recipe (<code>papa_merge.recipe</code> metadata)</summary>", "",
+                  "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+# --- uploads -------------------------------------------------------------------------------------------
+def _local_files(path: Path) -> list[tuple[str, Path]]:
+    """(path in repo, local path) for a file or every non-hidden file under a folder."""
+    if path.is_file():
+        return [(path.name, path)]
+    out = []
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue  # .git, .cache/huggingface, a soup's in-progress .tmp output
+        out.append((rel.as_posix(), p))
+    return out
+
+
+def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, endpoint: str | None = None, token: str | bool | None = None,
+         commit_message: str | None = None) -> str:
+    """Upload a checkpoint (file or model folder) to the Hub with a model card that records its recipe.
+
+    Creates the repo if needed (``private`` applies only then) and the branch ``revision`` if it does
+    not exist, and makes one commit with the files and README.md generated by :func:`model_card`
+    (a README.md in the folder is uploaded instead, as is). Pushing a folder replaces the model:
+    weight files and shard indexes at the top of the repo that the folder no longer has are deleted
+    in the same commit, so a stale shard index cannot shadow the new weights. Pushing a single file
+    adds it (and the card) beside what the repo holds.
+
+    Args:
+        path: a ``.safetensors`` (or other checkpoint) file, or a model folder.
+        repo_id: ``org/name`` (or ``hf://org/name``).
+        private: create the repo private.
+        revision: the branch to commit to (created from main if missing; default main).
+        create_pr: open a pull request against main instead of committing to it.
+        endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
+        token: a token with write access (default: ``HF_TOKEN`` or the saved login).
+        commit_message: the commit title (default: says what was pushed).
+
+    Returns:
+        The commit URL, or the pull request URL with ``create_pr``.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
+        CheckpointFormatError: ``path`` is not a readable checkpoint.
+        InvalidArgumentError: bad repo id, or ``create_pr`` with a ``revision`` other than main.
+        HubError: the Hub cannot be reached or refused the upload.
+
+    Example:
+        >>> merge.hub.push("soup/", "org/my-soup", private=True)  # doctest: +SKIP
+        'https://huggingface.co/org/my-soup/commit/...'
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    path = Path(path)
+    ref = _parse(repo_id, allow_path=False)
+    if revision is not None and ref.revision is not None and revision != ref.revision:
+        raise InvalidArgumentError(f"{repo_id!r} names revision {ref.revision!r} but revision={revision!r} was "
+                                   "also given; pass one")
+    revision = revision or ref.revision
+    if create_pr and revision not in (None, "main"):
+        raise InvalidArgumentError(f"--create-pr opens a pull request against main; drop --revision {revision}")
+    ref = HubReference(ref.repo_id, revision)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or folder; pass the checkpoint (a .safetensors file "
+                                      "or a model folder) to push")
+    files = _local_files(path)
+    if not files:
+        raise CheckpointNotFoundError(f"{path}: the folder is empty; nothing to push")
+    has_card = path.is_dir() and (path / "README.md").is_file()
+    card = None if has_card else model_card(path, repo_id=ref.repo_id)
+    endpoint = _endpoint(endpoint)
+    api = _api(endpoint, token)
+    with _hub_errors(ref, endpoint=endpoint, action="push"):
+        api.create_repo(ref.repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main") and not revision.startswith("refs/"):
+            api.create_branch(ref.repo_id, branch=revision, exist_ok=True)
+        ops: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in files]
+        if card is not None:
+            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+        if path.is_dir():
+            remote = api.list_repo_files(ref.repo_id, revision=None if create_pr else revision)
+            ours = {name for name, _ in files}
+            stale = [f for f in remote if "/" not in f and f not in ours
+                     and (f.endswith(_WEIGHT_SUFFIXES) or f.endswith(".index.json"))]
+            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        recipe = _recipe_summary(path)
+        message = commit_message or f"Upload {recipe or path.name} with papa-merge"
+        info = api.create_commit(ref.repo_id, operations=ops, commit_message=message, revision=revision,
+                                 create_pr=create_pr)
+    return str(info.pr_url) if create_pr and info.pr_url else str(info.commit_url)
+
+
+def _recipe_summary(path: Path) -> str | None:
+    from merge.io.sources import read_safetensors_metadata
+    from merge.soups import RECIPE_KEY
+
+    try:
+        recipe = json.loads(read_safetensors_metadata(path).get(RECIPE_KEY, "null"))
+    except (MergeError, ValueError):
+        return None
+    if not isinstance(recipe, dict):
+        return None
+    return f"{recipe.get('method', 'merged')} merge of {len(recipe.get('members') or [])} checkpoints"
