@@ -117,11 +117,15 @@ def child_floor(inputs: list[str], out: str, out_bytes: int) -> float:
     return time.perf_counter() - t0
 
 
-def child_papa(inputs: list[str], out: str) -> float:
+def child_papa(inputs: list[str], out: str, device: str) -> float:
     import merge
 
+    if device != "cpu":  # start CUDA before the clock, as a long-lived process would have
+        import torch
+
+        torch.zeros(1, device=device)
     t0 = time.perf_counter()
-    merge.soup(inputs, out=out, force=True)
+    merge.soup(inputs, out=out, force=True, device=device)
     return time.perf_counter() - t0
 
 
@@ -141,7 +145,7 @@ def child_naive(inputs: list[str], out: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_child(kind: str, inputs: list[Path], out: Path, out_bytes: int) -> dict:
+def run_child(kind: str, inputs: list[Path], out: Path, out_bytes: int, device: str = "cpu") -> dict:
     if out.exists():
         out.unlink()
     if kind == "mergekit":
@@ -152,7 +156,7 @@ def run_child(kind: str, inputs: list[Path], out: Path, out_bytes: int) -> dict:
         cmd = [shutil.which("mergekit-yaml"), str(cfg), str(out.with_suffix("")), "--lazy-unpickle"]
     else:
         cmd = [sys.executable, __file__, "--child", kind, "--out-bytes", str(out_bytes), "--child-out", str(out),
-               *map(str, inputs)]
+               "--device", device, *map(str, inputs)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -172,6 +176,7 @@ def main() -> None:
     ap.add_argument("--dir", default="benchmarks/out/members", help="where the synthetic members live")
     ap.add_argument("--out-dir", default="/dev/shm" if Path("/dev/shm").is_dir() else "benchmarks/out")
     ap.add_argument("--methods", default="floor,papa,naive,mergekit")
+    ap.add_argument("--device", default="cpu", help="papa-merge's --device (cuda:0 to stream to a GPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--out-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -183,7 +188,7 @@ def main() -> None:
         return
     if args.child:
         fn = {"floor": lambda: child_floor(args.inputs, args.child_out, args.out_bytes),
-              "papa": lambda: child_papa(args.inputs, args.child_out),
+              "papa": lambda: child_papa(args.inputs, args.child_out, args.device),
               "naive": lambda: child_naive(args.inputs, args.child_out)}[args.child]
         print(json.dumps({"work": fn()}))
         return
@@ -195,7 +200,7 @@ def main() -> None:
     print(f"# command: {' '.join(sys.argv)}")
     if "mergekit" in args.methods and "mergekit" not in methods:
         print("# mergekit: not installed (mergekit-yaml not on PATH), skipped")
-    print("# inputs warm in page cache before every run; output to " + args.out_dir)
+    print(f"# inputs warm in page cache before every run; output to {args.out_dir}; papa on {args.device}")
     header = (f"{'dtype':5} {'N':>2} {'method':8} {'wall s':>7} {'work s':>7} {'peak RSS GB':>11} {'in GB/s':>8} "
               f"{'work/floor':>10} {'wall/naive':>10}")
     print(header)
@@ -209,7 +214,7 @@ def main() -> None:
             rows = {}
             for m in methods:
                 warm(inputs)
-                rows[m] = run_child(m, inputs, out_dir / f"bench-soup-{m}.safetensors", member_bytes)
+                rows[m] = run_child(m, inputs, out_dir / f"bench-soup-{m}.safetensors", member_bytes, args.device)
             for m in methods:
                 r = rows[m]
                 gbs = n * member_bytes / 1e9 / r["work"]
