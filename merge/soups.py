@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merge.engine import DEFAULT_CHUNK_BYTES, MemorySink, MergePlan, Sink, plan_merge, resolve_device, run_merge
+from merge.engine import MemorySink, MergePlan, Sink, plan_merge, resolve_device, run_merge
 from merge.errors import InvalidArgumentError, SameInputOutputError
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.io.sources import WEIGHT_SUFFIXES, Source, StateDictSource, open_checkpoint
@@ -176,7 +176,7 @@ def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.
 def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "uniform",
               weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None,
               accumulate: str | torch.dtype = "float32", device: str | torch.device | None = "cpu",
-              on_mismatch: str = "error", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+              on_mismatch: str = "error", chunk_bytes: int | None = None,
               sources: list[Source] | None = None) -> MergePlan:
     """Validate a soup without writing anything (``papa-merge soup --dry-run``).
 
@@ -203,7 +203,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
          shard_size: int | str = "5GB", on_mismatch: str = "error", force: bool = False,
          key: str | None = None, metadata: Mapping[str, str] | None = None,
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
-         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergeResult:
+         chunk_bytes: int | None = None) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
