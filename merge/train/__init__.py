@@ -1,0 +1,58 @@
+"""Training the diverse members that merge well: recipes, the lockstep loop, callbacks, PAPA.
+
+Example:
+    >>> from merge.train import train_members
+    >>> paths = train_members(3, model="small_cnn", data="digits", out_dir="ckpts/")  # doctest: +SKIP
+"""
+
+from merge.train.late_phase import LatePhaseWeights, late_phase_parameters
+from merge.train.loop import Callback, TrainState, fit, make_optimizer, make_scheduler, mix_batch, soft_cross_entropy
+from merge.train.members import (
+    METHODS,
+    evaluate_model,
+    member_path,
+    train_member,
+    train_members,
+    train_population,
+)
+from merge.train.papa import PAPA, pull_to_average
+from merge.train.subspace import SubspaceLine, SubspacePenalty, train_subspace
+from merge.train.recipe import (
+    DIVERSITY,
+    PAPA_CHOICES,
+    Recipe,
+    default_recipe,
+    default_search_space,
+    diverse_recipes,
+    sample_recipes,
+)
+
+__all__ = [
+    "Recipe",
+    "sample_recipes",
+    "diverse_recipes",
+    "default_recipe",
+    "default_search_space",
+    "train_member",
+    "train_members",
+    "train_population",
+    "evaluate_model",
+    "member_path",
+    "fit",
+    "TrainState",
+    "Callback",
+    "PAPA",
+    "LatePhaseWeights",
+    "SubspaceLine",
+    "SubspacePenalty",
+    "train_subspace",
+    "late_phase_parameters",
+    "pull_to_average",
+    "make_optimizer",
+    "make_scheduler",
+    "mix_batch",
+    "soft_cross_entropy",
+    "DIVERSITY",
+    "PAPA_CHOICES",
+    "METHODS",
+]

@@ -1,0 +1,339 @@
+"""Train members and write each as one safetensors file that records how to rebuild and evaluate it.
+
+Each member's ``__metadata__`` holds four JSON entries (``json.dumps(..., sort_keys=True)``):
+
+- ``papa_merge.model``: the model spec (:func:`merge.models.model_spec`);
+- ``papa_merge.data``: the data spec (:attr:`merge.data.Splits.spec`), which reloads the same splits;
+- ``papa_merge.train``: the recipe, plus the method, steps, epochs, pretrained weights and time;
+- ``papa_merge.metrics``: ``{"val": {"acc", "nll", "ece"}, "test": {...}}``.
+
+Soups keep the first two (a soup is rebuilt and evaluated like a member) and drop the last two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from merge.data import Splits, check_labels, load_dataset
+from merge.engine import resolve_device
+from merge.errors import InvalidArgumentError, MismatchError, OutputExistsError
+from merge.io.sources import open_checkpoint, read_safetensors_metadata
+from merge.io.writer import write_state_dict
+from merge.models import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY, build_model, make_loader, model_spec
+from merge.train.loop import Callback, TrainState, fit
+from merge.train.papa import PAPA
+from merge.train.recipe import Recipe, default_recipe, diverse_recipes
+
+__all__ = ["train_member", "train_members", "train_population", "evaluate_model", "member_path", "METHODS"]
+
+METHODS = ("independent", "papa")
+
+
+def member_path(out_dir: str | os.PathLike, index: int) -> Path:
+    """Where member ``index`` of a run in ``out_dir`` is written."""
+    return Path(out_dir) / f"member-{index:02d}.safetensors"
+
+
+def _resolve_splits(data: str | Splits, *, limit: int | None, split_seed: int, val_fraction: float) -> Splits:
+    if isinstance(data, Splits):
+        return data
+    return load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit)
+
+
+def _resolve_spec(model: str | Mapping[str, Any], splits: Splits) -> dict:
+    """The model spec for ``splits``; a given spec is checked against the data's labels and kind."""
+    if isinstance(model, str):
+        if splits.kind == "image" and not model.startswith("hf:"):
+            return model_spec(model, splits.num_classes, in_chans=splits.in_chans, image_size=splits.image_size)
+        return model_spec(model, splits.num_classes)
+    spec = dict(model)
+    if "arch" not in spec or "num_classes" not in spec:
+        raise InvalidArgumentError(f"a model spec needs 'arch' and 'num_classes'; got keys {sorted(spec)}")
+    kwargs = dict(spec.get("kwargs") or {})
+    extra = {k: spec[k] for k in ("in_chans", "image_size") if k in spec}
+    spec = model_spec(spec["arch"], int(spec["num_classes"]), **extra, **kwargs)
+    for name in ("train", "val", "test"):
+        check_labels(getattr(splits, name).labels, spec["num_classes"],
+                     where=f"{splits.spec.get('dataset')} {name} split vs model {spec['arch']} "
+                           f"with num_classes={spec['num_classes']}")
+    return spec
+
+
+def _check_recipe_fits(recipe: Recipe, splits: Splits) -> None:
+    if splits.kind == "text":
+        image_only = {k: getattr(recipe, k) for k in ("mixup", "cutmix", "random_erasing", "crop", "flip")
+                      if getattr(recipe, k)}
+        if image_only:
+            raise InvalidArgumentError(f"{image_only} are image augmentations but {splits.spec.get('dataset')} is "
+                                       "text; use label_smoothing, weight_decay or lr for diversity on text")
+
+
+def _build(spec: dict, recipe: Recipe, pretrained: str | None, device: torch.device) -> nn.Module:
+    # The seed fixes the initialisation (and a pretrained model's new head), so members are reproducible.
+    torch.manual_seed(recipe.seed)
+    kwargs = dict(spec.get("kwargs") or {})
+    kwargs.pop("max_length", None)
+    opts = {} if spec["arch"].startswith("hf:") else {"in_chans": spec["in_chans"], "image_size": spec["image_size"]}
+    net = build_model(spec["arch"], num_classes=spec["num_classes"], pretrained=pretrained, **opts, **kwargs)
+    return net.to(device)
+
+
+def _load_init(net: nn.Module, init: str | os.PathLike) -> None:
+    """Start from a checkpoint's weights (StarSSE branches start from one fine-tuned model)."""
+    with open_checkpoint(init) as src:
+        tensors = src.state_dict()
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or wrong:
+        raise MismatchError(f"{init}: cannot start from it: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+                            f"{len(wrong)} of another shape (e.g. {wrong[:3]}); it is not this architecture")
+    net.load_state_dict({k: tensors[k] for k in expected})
+
+
+def evaluate_model(model: nn.Module, splits: Splits, spec: Mapping[str, Any], *, device: torch.device | str = "cpu",
+                   batch_size: int = 256, which: Sequence[str] = ("val", "test")) -> dict[str, dict[str, float]]:
+    """Accuracy, NLL and ECE (:func:`merge.evaluate.metrics`) of ``model`` on splits of ``splits``."""
+    from merge.evaluate import metrics, predict
+
+    out = {}
+    for name in which:
+        split = getattr(splits, name)
+        if len(split) == 0:
+            continue  # val_fraction=0: nothing held out
+        logits, labels = predict(model, make_loader(split, spec, batch_size=batch_size), device=device)
+        out[name] = metrics(logits, labels)
+    return out
+
+
+def _metadata(spec: dict, splits: Splits, train: dict, scores: dict) -> dict[str, str]:
+    return {MODEL_KEY: json.dumps(spec, sort_keys=True), DATA_KEY: json.dumps(splits.spec, sort_keys=True),
+            TRAIN_KEY: json.dumps(train, sort_keys=True), METRICS_KEY: json.dumps(scores, sort_keys=True)}
+
+
+def _train_record(recipe: Recipe, state: TrainState, *, method: str, pretrained: str | None, device: torch.device,
+                  extra: Mapping[str, Any] | None = None) -> dict:
+    record = {**recipe.to_dict(), "method": method, "steps": state.step, "steps_per_epoch": state.steps_per_epoch,
+              "pretrained": pretrained, "device": device.type, "seconds": round(state.log.get("seconds", 0.0), 3)}
+    for k, v in state.log.items():
+        if k != "seconds":
+            record[k] = v
+    record.update(extra or {})
+    return record
+
+
+def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | Splits, out: str | os.PathLike,
+                 pretrained: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                 callbacks: Sequence[Callback] = (), limit: int | None = None, split_seed: int = 0,
+                 val_fraction: float = 0.1, eval_batch_size: int = 256, force: bool = False,
+                 init: str | os.PathLike | None = None, desc: str | None = None) -> Path:
+    """Train one member and write it, with its metadata, to ``out`` (atomically).
+
+    Args:
+        recipe: the member's hyperparameters and seeds.
+        model: an architecture name (sized to the data) or a model spec dict.
+        data: a dataset name (:func:`merge.data.load_dataset`) or loaded :class:`~merge.data.Splits`.
+        out: the ``.safetensors`` path.
+        pretrained: weights to start from (timm models; see :func:`merge.models.build_model`).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show a progress bar over steps.
+        callbacks: hooks around the step.
+        limit, split_seed, val_fraction: how a dataset name is loaded (ignored for a ``Splits``).
+        eval_batch_size: batch size of the val/test evaluation.
+        force: replace an existing ``out``.
+        init: a checkpoint of the same architecture to start from instead of the fresh (or pretrained)
+            weights: StarSSE trains K branches from one fine-tuned member, each with a fresh optimizer and
+            a high warmup-then-cosine schedule (``Recipe(lr=..., warmup_epochs=...)``).
+        desc: the progress bar's label.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputExistsError: ``out`` exists (checked before training) and ``force`` is False.
+        UnknownNameError: unknown model or dataset name.
+        InvalidArgumentError: a label outside the model's class range, or augmentations that do not fit
+            the data.
+        DeviceUnavailableError: ``device`` is not on this machine.
+
+    Example:
+        >>> train_member(Recipe(seed=0), model="small_cnn", data="digits", out="m0.safetensors")  # doctest: +SKIP
+    """
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InvalidArgumentError(f"{out}: a member is one .safetensors file; end the path in .safetensors")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; choose another output or pass force=True to replace it")
+    dev = resolve_device(device)
+    splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
+    spec = _resolve_spec(model, splits)
+    _check_recipe_fits(recipe, splits)
+    net = _build(spec, recipe, pretrained, dev)
+    if init is not None:
+        _load_init(net, init)
+    loader = make_loader(splits.train, spec, batch_size=recipe.batch_size, shuffle=True, seed=recipe.data_seed,
+                         augment=recipe.augment if splits.kind == "image" else None, drop_last=True)
+    state = fit([net], [loader], [recipe], num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
+                progress=progress, desc=desc or out.stem)
+    scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
+    record = _train_record(recipe, state, method="independent", pretrained=pretrained, device=dev,
+                           extra={"init": None if init is None else str(init)})
+    return write_state_dict(net.state_dict(), out, metadata=_metadata(spec, splits, record, scores), force=force)
+
+
+def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any], data: str | Splits,
+                     out_dir: str | os.PathLike, callbacks: Sequence[Callback] = (), method: str = "population",
+                     pretrained: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                     limit: int | None = None, split_seed: int = 0, val_fraction: float = 0.1,
+                     eval_batch_size: int = 256, force: bool = False) -> list[Path]:
+    """Train ``len(recipes)`` members together, in lockstep, and write each (PAPA trains this way).
+
+    Args:
+        recipes: one per member.
+        callbacks: the population hooks, e.g. ``[PAPA(every=10, alpha=0.99)]``.
+        method: the name recorded in each member's ``papa_merge.train``.
+        Others as in :func:`train_member`.
+
+    Returns:
+        The members' paths, ``member-00.safetensors`` ... in ``out_dir``. A population is trained as a
+        whole: when every member is on disk with the same recipes it is not retrained.
+
+    Raises:
+        OutputExistsError: some members exist but not all (a partial population cannot be resumed).
+        As :func:`train_member` otherwise.
+    """
+    if not recipes:
+        raise InvalidArgumentError("a population needs at least one recipe")
+    out_dir = Path(out_dir)
+    paths = [member_path(out_dir, i) for i in range(len(recipes))]
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        if len(existing) == len(paths):
+            for p, r in zip(paths, recipes):
+                _check_resumable(p, r, method)
+            return paths
+        raise OutputExistsError(f"{out_dir}: holds {len(existing)} of the population's {len(paths)} members; a "
+                                "population trains as a whole, so remove them or pass force=True")
+    dev = resolve_device(device)
+    splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
+    spec = _resolve_spec(model, splits)
+    epochs = {r.epochs for r in recipes}
+    batch = {r.batch_size for r in recipes}
+    if len(epochs) > 1 or len(batch) > 1:
+        raise InvalidArgumentError(f"members of a population step in lockstep and need one epochs and batch_size; "
+                                   f"got epochs {sorted(epochs)}, batch_size {sorted(batch)}")
+    nets, loaders = [], []
+    for r in recipes:
+        _check_recipe_fits(r, splits)
+        nets.append(_build(spec, r, pretrained, dev))
+        loaders.append(make_loader(splits.train, spec, batch_size=r.batch_size, shuffle=True, seed=r.data_seed,
+                                   augment=r.augment if splits.kind == "image" else None, drop_last=True))
+    state = fit(nets, loaders, list(recipes), num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
+                progress=progress, desc=f"{method} x{len(recipes)}")
+    written = []
+    for i, (net, r, p) in enumerate(zip(nets, recipes, paths)):
+        scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
+        record = _train_record(r, state, method=method, pretrained=pretrained, device=dev,
+                               extra={"member": i, "population": len(recipes)})
+        written.append(write_state_dict(net.state_dict(), p, metadata=_metadata(spec, splits, record, scores),
+                                        force=force))
+    return written
+
+
+def _check_resumable(path: Path, recipe: Recipe, method: str, *, spec: dict | None = None,
+                     data_spec: dict | None = None) -> None:
+    """An existing member may stand in for a planned one only if it was trained the same way on the same data."""
+    meta = read_safetensors_metadata(path)
+    for key, want, what in ((MODEL_KEY, spec, "model"), (DATA_KEY, data_spec, "data")):
+        if want is not None and key in meta and json.loads(meta[key]) != json.loads(json.dumps(want)):
+            raise MismatchError(f"{path}: exists but was trained with another {what} ({meta[key]} vs "
+                                f"{json.dumps(want, sort_keys=True)}); choose another --out or delete the file")
+    try:
+        stored = json.loads(meta[TRAIN_KEY])
+        old = Recipe.from_dict(stored)
+    except (KeyError, ValueError, TypeError):
+        raise MismatchError(f"{path}: exists but was not written by papa-merge train (no {TRAIN_KEY} metadata); "
+                            "move it out of the output folder or choose another --out") from None
+    diff = {k: (v, getattr(recipe, k)) for k, v in old.to_dict().items() if getattr(recipe, k) != v}
+    if stored.get("method", "independent") != method:
+        diff["method"] = (stored.get("method"), method)
+    if diff:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise MismatchError(f"{path}: exists but was trained with another recipe ({shown}); resuming would mix "
+                            "runs, so choose another --out or delete the file")
+
+
+def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits, out_dir: str | os.PathLike,
+                  diversity: str = "seed", recipes: Sequence[Recipe] | None = None, base: Recipe | None = None,
+                  seed: int = 0, method: str = "independent", papa_every: int = 10, papa_alpha: float | None = None,
+                  pretrained: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                  limit: int | None = None, split_seed: int = 0, val_fraction: float = 0.1,
+                  eval_batch_size: int = 256, callbacks: Sequence[Callback] = (),
+                  init: str | os.PathLike | None = None) -> list[Path]:
+    """Train ``k`` diverse members into ``out_dir``, skipping those already there (resume).
+
+    Args:
+        k: number of members.
+        model: architecture name or model spec.
+        data: dataset name or :class:`~merge.data.Splits`.
+        out_dir: the folder of ``member-00.safetensors``, ``member-01.safetensors``, ...
+        diversity: how members differ (:func:`merge.train.diverse_recipes`: ``seed``, ``order``,
+            ``augment``, ``hparams``); ignored when ``recipes`` is given.
+        recipes: explicit recipes, one per member.
+        base: the recipe members start from (default :func:`merge.train.default_recipe` for the model).
+        seed: member i's training seed is ``seed + i``.
+        method: ``independent`` (each member alone; resumable per member) or ``papa`` (a population
+            pulled toward its average every ``papa_every`` steps with ``papa_alpha``, default 0.99 from
+            scratch, 0.9995 from pretrained weights).
+        init: every member starts from this checkpoint (StarSSE branches; see :func:`train_member`).
+        Others as in :func:`train_member`.
+
+    Returns:
+        The ``k`` member paths, in order.
+
+    Raises:
+        MismatchError: a member on disk was trained with another recipe (resume would mix runs).
+        UnknownNameError: unknown diversity, method, model or dataset.
+        As :func:`train_member` otherwise.
+
+    Example:
+        >>> train_members(3, model="small_cnn", data="digits", out_dir="ckpts/")  # doctest: +SKIP
+    """
+    if method not in METHODS:
+        from merge.errors import UnknownNameError
+
+        raise UnknownNameError("training method", method, METHODS)
+    arch = model if isinstance(model, str) else str(model.get("arch", ""))
+    if recipes is None:
+        base = base or default_recipe(arch, pretrained=pretrained is not None or arch.startswith("hf:"))
+        recipes = diverse_recipes(k, diversity=diversity, base=base, seed=seed)
+    elif len(recipes) != k:
+        raise InvalidArgumentError(f"got {len(recipes)} recipes for {k} members")
+    resolve_device(device)
+    splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
+    if method == "papa":
+        if init is not None:
+            raise InvalidArgumentError("init is for independent members (StarSSE); a PAPA population starts from "
+                                       "its members' own initialisations")
+        alpha = papa_alpha if papa_alpha is not None else (0.9995 if pretrained or arch.startswith("hf:") else 0.99)
+        return train_population(recipes, model=model, data=splits, out_dir=out_dir, method="papa",
+                                callbacks=[PAPA(every=papa_every, alpha=alpha), *callbacks], pretrained=pretrained,
+                                device=device, progress=progress, eval_batch_size=eval_batch_size)
+    spec = _resolve_spec(model, splits)
+    paths = []
+    for i, r in enumerate(recipes):
+        p = member_path(out_dir, i)
+        if p.exists():
+            _check_resumable(p, r, "independent", spec=spec, data_spec=splits.spec)
+        else:
+            train_member(r, model=spec, data=splits, out=p, pretrained=pretrained, device=device, progress=progress,
+                         callbacks=callbacks, eval_batch_size=eval_batch_size, init=init, desc=f"member {i + 1}/{k}")
+        paths.append(p)
+    return paths
