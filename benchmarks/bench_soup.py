@@ -11,6 +11,8 @@ number ``/usr/bin/time -v`` prints: touched pages of memory-mapped files count),
 
 - floor:  read every input once into a reused buffer + write one output of the soup's size
           (the least any merge can do);
+Each figure is the median of ``--repeat`` interleaved runs: this machine's page cache and cores are
+shared, and single runs vary by up to 2x.
 - papa:   ``merge.soup`` (this project), writing a .safetensors;
 - naive:  load every checkpoint fully (``safetensors.torch.load_file``), average in fp32, ``save_file``;
 - mergekit's linear merge, when ``mergekit-yaml`` is on PATH.
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -102,7 +105,7 @@ def warm(paths: list[Path]) -> None:
 
 def child_floor(inputs: list[str], out: str, out_bytes: int) -> float:
     t0 = time.perf_counter()
-    buf = bytearray(16 << 20)
+    buf = bytearray(2 << 20)  # cache-sized: larger buffers copy out of the page cache more slowly here
     view = memoryview(buf)
     for p in inputs:
         fd = os.open(p, os.O_RDONLY)
@@ -176,6 +179,8 @@ def main() -> None:
     ap.add_argument("--dir", default="benchmarks/out/members", help="where the synthetic members live")
     ap.add_argument("--out-dir", default="/dev/shm" if Path("/dev/shm").is_dir() else "benchmarks/out")
     ap.add_argument("--methods", default="floor,papa,naive,mergekit")
+    ap.add_argument("--verbose", action="store_true", help="print every run, not only the medians")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each method; the table shows medians")
     ap.add_argument("--device", default="cpu", help="papa-merge's --device (cuda:0 to stream to a GPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -200,7 +205,8 @@ def main() -> None:
     print(f"# command: {' '.join(sys.argv)}")
     if "mergekit" in args.methods and "mergekit" not in methods:
         print("# mergekit: not installed (mergekit-yaml not on PATH), skipped")
-    print(f"# inputs warm in page cache before every run; output to {args.out_dir}; papa on {args.device}")
+    print(f"# inputs warm in page cache before every run; output to {args.out_dir}; papa on {args.device}; "
+          f"medians of {args.repeat} interleaved runs")
     header = (f"{'dtype':5} {'N':>2} {'method':8} {'wall s':>7} {'work s':>7} {'peak RSS GB':>11} {'in GB/s':>8} "
               f"{'work/floor':>10} {'wall/naive':>10}")
     print(header)
@@ -211,10 +217,16 @@ def main() -> None:
         member_bytes = members[0].stat().st_size
         for n in sizes:
             inputs = members[:n]
-            rows = {}
-            for m in methods:
-                warm(inputs)
-                rows[m] = run_child(m, inputs, out_dir / f"bench-soup-{m}.safetensors", member_bytes, args.device)
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every method
+                for m in methods:
+                    warm(inputs)
+                    runs[m].append(run_child(m, inputs, out_dir / f"bench-soup-{m}.safetensors", member_bytes,
+                                             args.device))
+            rows = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+            if args.verbose:
+                for m, rs in runs.items():
+                    print(f"#   {dtype} N={n} {m}: work " + ", ".join(f"{r['work']:.2f}" for r in rs), flush=True)
             for m in methods:
                 r = rows[m]
                 gbs = n * member_bytes / 1e9 / r["work"]
