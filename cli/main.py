@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from cli import hub_cmd, inspect_cmd, soup_cmd, train_cmd
+from cli import eval_cmd, hub_cmd, inspect_cmd, quickstart_cmd, soup_cmd, train_cmd
 
 
 class _Group(click.Group):
@@ -53,6 +53,8 @@ def cli() -> None:
 # Command modules register themselves here, one line each.
 cli.add_command(soup_cmd.soup)
 cli.add_command(inspect_cmd.inspect)
+cli.add_command(eval_cmd.eval_)
+cli.add_command(quickstart_cmd.quickstart)
 cli.add_command(train_cmd.train)
 cli.add_command(hub_cmd.pull)
 cli.add_command(hub_cmd.push)

@@ -28,11 +28,21 @@ from cli.util import format_bytes, parse_floats
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan (sizes, memory) without writing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+@click.option("--greedy", is_flag=True,
+              help="Greedy soup (model soups): sort members by val accuracy, start from the best, keep each other "
+                   "member only if the average with it scores strictly better on val. Needs papa_merge metadata.")
+@click.option("--data", default=None, metavar="NAME",
+              help="Dataset for --greedy/--recompute-bn (mnist, digits, ...). [default: from the members' metadata]")
+@click.option("--recompute-bn", default=0, type=click.IntRange(min=0), metavar="N",
+              help="Recompute BatchNorm statistics of the soup on N training batches (and of every candidate "
+                   "with --greedy). 0: off.")
+@click.option("--batch-size", default=256, type=click.IntRange(min=1),
+              help="Batch size of --greedy evaluation and --recompute-bn.")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=lambda c, p, v: _list(c, v),
               help="List the merge operators and exit.")
 def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, dtype: str | None, accumulate: str,
          device: str, shard_size: str, on_mismatch: str, key: str | None, force: bool, dry_run: bool,
-         progress: bool | None) -> None:
+         progress: bool | None, greedy: bool, data: str | None, recompute_bn: int, batch_size: int) -> None:
     """Average checkpoints MEMBERS... into one, tensor by tensor, in constant memory.
 
     MEMBERS are .safetensors files, Hugging Face model folders (sharded or not), shard indexes,
@@ -43,8 +53,14 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     Examples:
       papa-merge soup ckpts/*.safetensors -o soup.safetensors
       papa-merge soup a.safetensors b.safetensors --weights 0.7,0.3 --dtype bfloat16 -o soup/
+      papa-merge soup --greedy ckpts/*.safetensors --recompute-bn 20 -o greedy.safetensors
     """
     import merge
+
+    if greedy:
+        _greedy(members, out=out, method=method, weights=weights, dry_run=dry_run, data=data,
+                recompute_bn=recompute_bn, batch_size=batch_size, device=device, force=force)
+        return
 
     w = parse_floats(weights, "--weights") if weights is not None else None
     if weights is not None and method == "uniform":
@@ -65,9 +81,38 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     result = merge.soup(list(members), out=out, method=method, weights=w, dtype=dtype, accumulate=accumulate,
                         device=device, shard_size=shard_size, on_mismatch=on_mismatch, key=key, force=force,
                         progress=show)
+    if recompute_bn:
+        from merge.evaluate import recompute_bn_checkpoint
+
+        recompute_bn_checkpoint(result.path, num_batches=recompute_bn, data=data, batch_size=batch_size, device=device)
+        click.echo(f"recomputed BatchNorm statistics on {recompute_bn} training batches of {batch_size}")
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
                f"from {len(members)} members in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read)")
+
+
+def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | None, dry_run: bool,
+            data: str | None, recompute_bn: int, batch_size: int, device: str, force: bool) -> None:
+    """``soup --greedy``: merge.greedy.greedy_soup_checkpoints, one line per visited member."""
+    if weights is not None or method != "uniform":
+        raise click.UsageError("--greedy chooses its own members and averages them uniformly; "
+                               "drop --weights/--method")
+    if dry_run:
+        raise click.UsageError("--greedy evaluates candidate soups, so it has no --dry-run")
+    from merge.greedy import greedy_soup_checkpoints
+
+    names = list(members)
+
+    def report(i: int, score: float, kept: bool) -> None:
+        click.echo(f"  try {names[i]}: val {100 * score:.2f}% -> {'kept' if kept else 'rejected'}")
+
+    result, path = greedy_soup_checkpoints(names, out=out, data=data, recompute_bn=recompute_bn,
+                                           batch_size=batch_size, device=device, force=force, on_score=report)
+    best = result.order[0]
+    click.echo(f"greedy soup: kept {len(result.selected)} of {len(members)} members "
+               f"({', '.join(names[i] for i in result.selected)}); val acc {100 * result.score:.2f}% "
+               f"(best member {100 * result.member_scores[best]:.2f}%)")
+    click.echo(f"wrote {path}")
 
 
 def _list(ctx: click.Context, value: bool) -> None:

@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 __all__ = ["metrics", "metrics_from_probs", "ensemble_probs", "predict", "model_evaluator", "state_dict_scorer",
            "load_into", "checkpoint_metadata", "CheckpointEvaluator", "EvalRow", "evaluate_checkpoints",
-           "summarize_members", "format_table", "Evaluate", "StateDictScore"]
+           "summarize_members", "format_table", "recompute_bn_checkpoint", "Evaluate", "StateDictScore"]
 
 
 def _check_labels(n: int, labels: Tensor, what: str) -> Tensor:
@@ -579,3 +580,60 @@ def format_table(rows: Sequence[EvalRow], *, splits: Sequence[str] | None = None
             cells += (f"{100 * m['acc']:8.2f}%{m['nll']:9.4f}{m['ece']:9.4f}" if m else f"{'-':>9s}" * 3)
         lines.append(r.name.ljust(width) + cells)
     return "\n".join(lines)
+
+
+def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: Any = None, batch_size: int = 256,
+                            device: str | torch.device = "cpu", state_dict: Mapping[str, Tensor] | None = None,
+                            evaluator: CheckpointEvaluator | None = None) -> Path:
+    """Rewrite a soup checkpoint in place with BatchNorm statistics recomputed on training batches.
+
+    The model and the data are rebuilt from the checkpoint's metadata (``data`` overrides the data);
+    the statistics come from :meth:`CheckpointEvaluator.bn_loader` (``num_batches`` fixed, seeded,
+    unaugmented training batches). The weights are unchanged, the file is replaced atomically, and the
+    recorded recipe gains ``bn_recomputed: {"batches", "batch_size", "split"}``.
+
+    Args:
+        path: a ``.safetensors`` checkpoint with ``papa_merge.model`` (and ``papa_merge.data``) metadata.
+        num_batches: training batches to recompute the statistics on.
+        data, batch_size, device: as in :func:`evaluate_checkpoints`.
+        state_dict: the tensors to recalibrate, if already in memory (default: read from ``path``).
+        evaluator: reuse this evaluator (its data, batch size and recalibration subset).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        MissingMetadataError: the checkpoint lacks the model (or data) metadata.
+        InvalidArgumentError: ``path`` is not a single ``.safetensors`` file, or ``num_batches`` < 1.
+
+    Example:
+        >>> merge.soup(paths, out="soup.safetensors")  # doctest: +SKIP
+        >>> recompute_bn_checkpoint("soup.safetensors", num_batches=20)  # doctest: +SKIP
+    """
+    from merge.errors import InvalidArgumentError
+    from merge.io.sources import open_checkpoint
+    from merge.io.writer import write_state_dict
+    from merge.soups import RECIPE_KEY
+
+    path = Path(path)
+    if num_batches < 1:
+        raise InvalidArgumentError(f"recompute_bn needs a positive number of batches, got {num_batches}")
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise InvalidArgumentError(f"{path}: BatchNorm recalibration rewrites a single .safetensors file; "
+                                   "write the soup with -o NAME.safetensors")
+    ev = evaluator or CheckpointEvaluator.from_checkpoints([path], data=data, batch_size=batch_size, device=device)
+    with open_checkpoint(path) as src:
+        meta = dict(src.metadata)
+        if state_dict is None:
+            state_dict = src.state_dict()
+    model = ev.model_with(state_dict, recompute_bn=num_batches)
+    new = model.state_dict()
+    if RECIPE_KEY in meta:
+        recipe = json.loads(meta[RECIPE_KEY])
+        recipe["bn_recomputed"] = {"batches": num_batches, "batch_size": ev.batch_size, "split": "train",
+                                   "seed": ev.bn_seed}
+        meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
+    meta.pop("format", None)
+    # Same tensor names and order as the file; only BatchNorm buffers differ from what was there.
+    write_state_dict({k: new[k] if k in new else state_dict[k] for k in state_dict}, path, metadata=meta, force=True)
+    return path

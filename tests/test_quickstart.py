@@ -1,0 +1,81 @@
+"""`papa-merge quickstart`, `examples/quickstart.py` and the eval command end to end, on real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import merge
+from cli.main import cli
+from merge.evaluate import evaluate_checkpoints
+from tests.eval_fixtures import one_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(output: str, name: str) -> list[str]:
+    """The six metric cells of the table row whose label starts with ``name``."""
+    line = next(ln for ln in output.splitlines() if ln.startswith(name))
+    return line[len(name):].split()[-6:]
+
+
+def test_quickstart_command_on_digits(tmp_path: Path) -> None:
+    out = tmp_path / "qs"
+    args = ["quickstart", "--data", "digits", "--members", "3", "--limit", "600", "--epochs", "2",
+            "--recompute-bn", "4", "--out", str(out), "--members-table"]
+    with one_thread():
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        for name in ("members mean (3)", "members min (3)", "members max (3)", "ensemble of 3 members",
+                     "uniform soup", "greedy soup", "member 0"):
+            assert len(_row(res.output, name)) == 6, name  # acc nll ece on val and test
+        # The printed numbers are real: evaluating the written files again gives them.
+        members = sorted((out / "members").glob("member-*.safetensors"))
+        assert len(members) == 3
+        rows = evaluate_checkpoints([*members, out / "uniform.safetensors", out / "greedy.safetensors"])
+        for row, name in zip(rows, ["member 0", "member 1", "member 2", "uniform soup", "greedy soup"]):
+            cells = _row(res.output, name)
+            assert cells[0] == f"{100 * row.metrics['val']['acc']:.2f}%" and cells[4] == f"{row.metrics['test']['nll']:.4f}"
+        recipe = json.loads(merge.read_safetensors_metadata(out / "greedy.safetensors")["papa_merge.recipe"])
+        assert recipe["bn_recomputed"]["batches"] == 4 and recipe["greedy"]["ingredients"]
+        # Members trained from the shared start, which is recorded.
+        train = json.loads(merge.read_safetensors_metadata(members[0])["papa_merge.train"])
+        assert train["init"] == str(out / "start" / "member-00.safetensors")
+        # Resume: a second run reuses the members instead of retraining them.
+        stamps = [p.stat().st_mtime_ns for p in members]
+        again = CliRunner().invoke(cli, args)
+        assert again.exit_code == 0, again.output
+        assert [p.stat().st_mtime_ns for p in members] == stamps
+
+
+def test_quickstart_rejects_one_member(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["quickstart", "--members", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "1 is not in the range x>=2" in res.output
+
+
+def test_example_script_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--data", "digits",
+                           "--members", "3", "--limit", "400", "--out", str(tmp_path / "ex")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "greedy soup kept members [" in proc.stdout
+    assert "ensemble of 3 members" in proc.stdout and "uniform.safetensors" in proc.stdout
+    assert (tmp_path / "ex" / "greedy.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_on_mnist_defaults(tmp_path: Path) -> None:
+    """The README's command at its default size on MNIST: real members, real soups."""
+    res = CliRunner().invoke(cli, ["quickstart", "--out", str(tmp_path / "qs")])
+    assert res.exit_code == 0, res.output
+    members_min = float(_row(res.output, "members min (4)")[0].rstrip("%"))
+    greedy = float(_row(res.output, "greedy soup (")[0].rstrip("%"))
+    assert members_min > 90.0  # MNIST members that learned something
+    assert greedy >= members_min
