@@ -62,6 +62,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
                 recompute_bn=recompute_bn, batch_size=batch_size, device=device, force=force)
         return
 
+    if recompute_bn and not out.endswith(".safetensors"):
+        raise click.UsageError("--recompute-bn rewrites a single file: write the soup with -o NAME.safetensors")
     w = parse_floats(weights, "--weights") if weights is not None else None
     if weights is not None and method == "uniform":
         method = "weighted"

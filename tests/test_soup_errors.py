@@ -158,6 +158,8 @@ def test_bad_arguments_exit_2(tmp_path: Path, members: list[Path]) -> None:
     assert code == 2 and "unknown dtype 'int8'" in text
     code, text = run(["soup", *map(str, members), "-o", str(tmp_path / "dir"), "--shard-size", "lots"])
     assert code == 2 and "cannot read size 'lots'" in text
+    code, text = run(["soup", *map(str, members), "-o", str(tmp_path / "dir"), "--recompute-bn", "5"])
+    assert code == 2 and "-o NAME.safetensors" in text and not (tmp_path / "dir").exists()
     code, text = run(["soup", *map(str, members), "-o", out, "--device", "tpu"])
     assert code == 2 and "use cpu, cuda or cuda:N" in text
     _no_output(tmp_path, "o.safetensors")
