@@ -11,8 +11,9 @@ number ``/usr/bin/time -v`` prints: touched pages of memory-mapped files count),
 
 - floor:  read every input once into a reused buffer + write one output of the soup's size
           (the least any merge can do);
-Each figure is the median of ``--repeat`` interleaved runs: this machine's page cache and cores are
-shared, and single runs vary by up to 2x.
+Each method runs ``--repeat`` times, interleaved with the others; the table shows the best and the
+median work time (this machine's page cache and cores are shared, and single runs vary by up to 2x),
+the median wall time, and the largest peak RSS.
 - papa:   ``merge.soup`` (this project), writing a .safetensors;
 - naive:  load every checkpoint fully (``safetensors.torch.load_file``), average in fp32, ``save_file``;
 - mergekit's linear merge, when ``mergekit-yaml`` is on PATH.
@@ -180,7 +181,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default="/dev/shm" if Path("/dev/shm").is_dir() else "benchmarks/out")
     ap.add_argument("--methods", default="floor,papa,naive,mergekit")
     ap.add_argument("--verbose", action="store_true", help="print every run, not only the medians")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each method; the table shows medians")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each method (best and median are shown)")
     ap.add_argument("--device", default="cpu", help="papa-merge's --device (cuda:0 to stream to a GPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -206,9 +207,9 @@ def main() -> None:
     if "mergekit" in args.methods and "mergekit" not in methods:
         print("# mergekit: not installed (mergekit-yaml not on PATH), skipped")
     print(f"# inputs warm in page cache before every run; output to {args.out_dir}; papa on {args.device}; "
-          f"medians of {args.repeat} interleaved runs")
-    header = (f"{'dtype':5} {'N':>2} {'method':8} {'wall s':>7} {'work s':>7} {'peak RSS GB':>11} {'in GB/s':>8} "
-              f"{'work/floor':>10} {'wall/naive':>10}")
+          f"{args.repeat} interleaved runs each")
+    header = (f"{'dtype':5} {'N':>2} {'method':8} {'wall s':>7} {'work best':>9} {'work med':>8} {'peak RSS GB':>11} "
+              f"{'in GB/s':>7} {'x floor best':>12} {'x floor med':>11} {'wall/naive':>10}")
     print(header)
     print("-" * len(header))
     out_dir = Path(args.out_dir)
@@ -223,17 +224,19 @@ def main() -> None:
                     warm(inputs)
                     runs[m].append(run_child(m, inputs, out_dir / f"bench-soup-{m}.safetensors", member_bytes,
                                              args.device))
-            rows = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+            med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+            best = {m: min(r["work"] for r in rs) for m, rs in runs.items()}
             if args.verbose:
                 for m, rs in runs.items():
                     print(f"#   {dtype} N={n} {m}: work " + ", ".join(f"{r['work']:.2f}" for r in rs), flush=True)
             for m in methods:
-                r = rows[m]
-                gbs = n * member_bytes / 1e9 / r["work"]
-                vs_floor = r["work"] / rows["floor"]["work"] if "floor" in rows else float("nan")
-                vs_naive = r["wall"] / rows["naive"]["wall"] if "naive" in rows else float("nan")
-                print(f"{dtype:5} {n:>2} {m:8} {r['wall']:7.2f} {r['work']:7.2f} {r['rss_gb']:11.2f} {gbs:8.2f} "
-                      f"{vs_floor:10.2f} {vs_naive:10.2f}", flush=True)
+                gbs = n * member_bytes / 1e9 / best[m]
+                floor_best = best[m] / best["floor"] if "floor" in best else float("nan")
+                floor_med = med[m]["work"] / med["floor"]["work"] if "floor" in med else float("nan")
+                vs_naive = med[m]["wall"] / med["naive"]["wall"] if "naive" in med else float("nan")
+                print(f"{dtype:5} {n:>2} {m:8} {med[m]['wall']:7.2f} {best[m]:9.2f} {med[m]['work']:8.2f} "
+                      f"{max(r['rss_gb'] for r in runs[m]):11.2f} {gbs:7.2f} {floor_best:12.2f} {floor_med:11.2f} "
+                      f"{vs_naive:10.2f}", flush=True)
             for m in methods:
                 p = out_dir / f"bench-soup-{m}.safetensors"
                 if p.exists():
