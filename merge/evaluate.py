@@ -286,28 +286,9 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     Raises:
         MismatchError: missing or unexpected keys, or shapes that differ.
     """
-    from merge.errors import MismatchError
+    from merge.models import load_weights
 
-    own = model.state_dict()
-    # A weight tied to another (stored once, e.g. HF decoders) may be absent from the file.
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied = {k for k in own if k in params and sum(p is params[k] for p in params.values()) > 1}
-    missing = sorted(set(own) - set(state_dict) - tied)
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:5])})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
-        raise MismatchError(f"the state dict does not fit the {type(model).__name__} model: {', '.join(parts)}; "
-                            "is it a checkpoint of the same architecture?")
-    model.load_state_dict(state_dict, strict=not (tied - set(state_dict)))
-    return model
+    return load_weights(model, state_dict, what="the state dict's tensors")
 
 
 def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True) -> tuple[dict, dict | None, dict]:

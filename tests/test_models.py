@@ -86,7 +86,7 @@ def test_missing_or_wrong_metadata(tmp_path):
     spec = model_spec("small_cnn", 10, in_chans=1)
     bad = merge.write_state_dict({"features.0.weight": torch.zeros(3, 3)}, tmp_path / "bad.safetensors",
                                  metadata=_meta(spec))
-    with pytest.raises(MismatchError, match="do not fit the recorded architecture.*missing"):
+    with pytest.raises(MismatchError, match="weights do not fit the SmallCNN model: missing"):
         load_member(bad)
 
 

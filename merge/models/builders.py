@@ -392,31 +392,38 @@ def load_member(path: str | os.PathLike) -> tuple[nn.Module, dict[str, str]]:
         metadata = dict(src.metadata)
         model = rebuild_model(metadata)
         tensors = src.state_dict()
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    # Tied weights (e.g. HF decoders) may be stored once; anything else missing is an error.
-    tied = {k for k in missing if _is_tied(model, k)}
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in wrong[:3]))
-        raise MismatchError(f"{path}: weights do not fit the recorded architecture: {'; '.join(parts)}")
-    model.load_state_dict({k: v for k, v in tensors.items()}, strict=not tied)
+    load_weights(model, tensors, what=f"{path}: the weights")
     model.eval()
     return model, metadata
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                 what: str = "the state dict") -> nn.Module:
+    """``model.load_state_dict(state_dict)``, strict, with one error that names every mismatched tensor.
+
+    A weight tied to another (stored once, e.g. HF decoders' output embedding) may be absent.
+
+    Raises:
+        MismatchError: missing or unexpected tensors, or shapes that differ from the model's.
+    """
+    own = model.state_dict()
     params = dict(model.named_parameters(remove_duplicate=False))
-    if name not in params:
-        return False
-    return sum(p is params[name] for p in params.values()) > 1
+    tied = {k for k in own if k in params and sum(p is params[k] for p in params.values()) > 1}
+    missing = sorted(set(own) - set(state_dict) - tied)
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:5])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+        raise MismatchError(f"{what} do not fit the {type(model).__name__} model: {', '.join(parts)}; "
+                            "is it a checkpoint of the same architecture?")
+    model.load_state_dict(dict(state_dict), strict=not (tied - set(state_dict)))
+    return model
+
 
