@@ -37,7 +37,7 @@ from merge.evaluate import EvalRow, evaluate_checkpoints, format_table, summariz
 from merge.greedy import greedy_soup_checkpoints  # noqa: E402
 from merge.models import model_spec  # noqa: E402
 from merge.quickstart import run_quickstart  # noqa: E402
-from merge.train import Recipe, default_recipe, train_members  # noqa: E402
+from merge.train import default_recipe, train_members  # noqa: E402
 
 
 def machine() -> str:

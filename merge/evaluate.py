@@ -15,7 +15,6 @@ prediction); it costs one forward pass per member, which is what a soup avoids.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass

@@ -25,7 +25,7 @@ from merge.data import Splits, check_labels, load_dataset
 from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError, MismatchError, OutputExistsError
 from merge.io.sources import open_checkpoint, read_safetensors_metadata
-from merge.io.writer import write_state_dict
+from merge.io.writer import check_output_free, write_state_dict
 from merge.models import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY, build_model, make_loader, model_spec
 from merge.train.loop import Callback, TrainState, fit
 from merge.train.papa import PAPA
@@ -64,6 +64,12 @@ def _resolve_spec(model: str | Mapping[str, Any], splits: Splits) -> dict:
                      where=f"{splits.spec.get('dataset')} {name} split vs model {spec['arch']} "
                            f"with num_classes={spec['num_classes']}")
     return spec
+
+
+def train_loader(splits: Splits, spec: Mapping[str, Any], recipe: Recipe):  # noqa: ANN201 - a DataLoader
+    """The shuffled training loader of one member: its batch size, data order and (images) augmentations."""
+    return make_loader(splits.train, spec, batch_size=recipe.batch_size, shuffle=True, seed=recipe.data_seed,
+                       augment=recipe.augment if splits.kind == "image" else None, drop_last=True)
 
 
 def _check_recipe_fits(recipe: Recipe, splits: Splits) -> None:
@@ -169,8 +175,7 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InvalidArgumentError(f"{out}: a member is one .safetensors file; end the path in .safetensors")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists; choose another output or pass force=True to replace it")
+    check_output_free(out, force=force)
     dev = resolve_device(device)
     splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
     spec = _resolve_spec(model, splits)
@@ -178,8 +183,7 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
     net = _build(spec, recipe, pretrained, dev)
     if init is not None:
         _load_init(net, init)
-    loader = make_loader(splits.train, spec, batch_size=recipe.batch_size, shuffle=True, seed=recipe.data_seed,
-                         augment=recipe.augment if splits.kind == "image" else None, drop_last=True)
+    loader = train_loader(splits, spec, recipe)
     state = fit([net], [loader], [recipe], num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
                 progress=progress, desc=desc or out.stem)
     scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
@@ -233,8 +237,7 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
     for r in recipes:
         _check_recipe_fits(r, splits)
         nets.append(_build(spec, r, pretrained, dev))
-        loaders.append(make_loader(splits.train, spec, batch_size=r.batch_size, shuffle=True, seed=r.data_seed,
-                                   augment=r.augment if splits.kind == "image" else None, drop_last=True))
+        loaders.append(train_loader(splits, spec, r))
     state = fit(nets, loaders, list(recipes), num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
                 progress=progress, desc=f"{method} x{len(recipes)}")
     written = []

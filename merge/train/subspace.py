@@ -24,9 +24,8 @@ from torch.func import functional_call
 
 from merge.data import Splits
 from merge.engine import resolve_device
-from merge.errors import InvalidArgumentError, OutputExistsError
-from merge.io.writer import write_state_dict
-from merge.models import make_loader
+from merge.errors import InvalidArgumentError
+from merge.io.writer import check_output_free, write_state_dict
 from merge.train.loop import Callback, TrainState, fit
 from merge.train.members import (
     _build,
@@ -37,6 +36,7 @@ from merge.train.members import (
     _train_record,
     evaluate_model,
     member_path,
+    train_loader,
 )
 from merge.train.recipe import Recipe
 
@@ -142,8 +142,7 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
     out_dir = Path(out_dir)
     paths = [member_path(out_dir, 0), member_path(out_dir, 1)]
     for p in paths:
-        if p.exists() and not force:
-            raise OutputExistsError(f"{p}: already exists; choose another output or pass force=True to replace it")
+        check_output_free(p, force=force)
     dev = resolve_device(device)
     splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
     spec = _resolve_spec(model, splits)
@@ -152,8 +151,7 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
     start = _build(spec, recipe, None, dev)
     end = _build(spec, dataclasses.replace(recipe, seed=recipe.seed + END_SEED_OFFSET), None, dev)
     line = SubspaceLine(start, end, seed=recipe.seed).to(dev)
-    loader = make_loader(splits.train, spec, batch_size=recipe.batch_size, shuffle=True, seed=recipe.data_seed,
-                         augment=recipe.augment if splits.kind == "image" else None, drop_last=True)
+    loader = train_loader(splits, spec, recipe)
     state = fit([line], [loader], [recipe], num_classes=spec["num_classes"], device=dev,
                 callbacks=[SubspacePenalty(beta=beta), *callbacks], progress=progress, desc="subspace line")
     written = []
