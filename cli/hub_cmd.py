@@ -55,6 +55,8 @@ def push(path: str, repo: str, private: bool, revision: str | None, create_pr: b
       papa-merge push soup/ org/my-soup --create-pr
       papa-merge push soup/ org/my-soup --revision experiments -m "greedy soup of 8 seeds"
     """
+    if create_pr and revision not in (None, "main"):
+        raise click.UsageError(f"--create-pr opens a pull request against main; drop --revision {revision}")
     import merge.hub
 
     url = merge.hub.push(path, repo, private=private, revision=revision, create_pr=create_pr, commit_message=message)

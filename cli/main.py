@@ -14,6 +14,65 @@ import click
 from cli import eval_cmd, hub_cmd, inspect_cmd, quickstart_cmd, soup_cmd, train_cmd
 
 
+# Library errors name keyword arguments; on the command line each is a flag. One table for all commands.
+OPTION_FLAGS = {
+    "on_mismatch": "--on-mismatch",
+    "force": "--force",
+    "device": "--device",
+    "key": "--key",
+    "data": "--data",
+    "out": "-o/--out",
+    "weights": "--weights",
+    "dtype": "--dtype",
+    "accumulate": "--accumulate",
+    "strict": "--strict",
+    "base": "--base",
+}
+
+
+def cli_fix(option: str, choices: tuple) -> str:
+    """``pass --on-mismatch skip|first``: the fix a library error names, spelled as a flag."""
+    flag = OPTION_FLAGS.get(option, "--" + option.replace("_", "-"))
+    values = [str(c) for c in choices if c is not None and c is not True]
+    return f"pass {flag} {'|'.join(values)}" if values else f"pass {flag}"
+
+
+def _merge_error(e: BaseException) -> tuple[str, int]:
+    return e.format(cli_fix), e.exit_code  # type: ignore[attr-defined]
+
+
+def _memory_error(e: BaseException) -> tuple[str, int]:
+    return ("out of memory; merges stream in constant memory, so this came from loading a model or data: "
+            "use a smaller --batch-size or fewer members at once"), 1
+
+
+def _os_error(e: BaseException) -> tuple[str, int]:
+    import errno
+
+    err = e if isinstance(e, OSError) else OSError(str(e))
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; free space or write the output elsewhere", 1
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; check the file's permissions or choose another path", 1
+    return f"{err.strerror or err}{where}; set PAPA_MERGE_DEBUG=1 for details", 1
+
+
+def _error_table() -> list[tuple[type, object]]:
+    """Each error type the CLI knows, with how it is told; the first matching row wins."""
+    from merge.errors import MergeError
+
+    return [(MergeError, _merge_error), (MemoryError, _memory_error), (OSError, _os_error)]
+
+
+def format_error(e: BaseException) -> tuple[str, int] | None:
+    """``(one-line message, exit status)`` for a known error, or None for a bug."""
+    for kind, tell in _error_table():
+        if isinstance(e, kind):
+            return tell(e)  # type: ignore[operator]
+    return None
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
         try:
@@ -23,17 +82,11 @@ class _Group(click.Group):
                                                                      click.exceptions.Exit,
                                                                      click.exceptions.Abort)):
                 raise
-            from merge.errors import MergeError
-
-            if isinstance(e, MergeError):
-                click.echo(f"error: {e}", err=True)
-                ctx.exit(e.exit_code)
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            if isinstance(e, OSError):
-                click.echo(f"error: {e.strerror or e} ({e.filename or ''}); set PAPA_MERGE_DEBUG=1 for details",
-                           err=True)
-                ctx.exit(1)
+            told = format_error(e)
+            if told is not None:
+                message, status = told
+                click.echo(f"error: {message}", err=True)
+                ctx.exit(status)
             click.echo(f"error: unexpected {type(e).__name__}: {e}\n"
                        "this is a bug in papa-merge; rerun with PAPA_MERGE_DEBUG=1 and report the traceback",
                        err=True)

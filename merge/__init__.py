@@ -31,12 +31,13 @@ from merge.bn import recompute_bn
 from merge.evaluate import evaluate_checkpoints, metrics
 from merge.greedy import greedy_ensemble_selection, greedy_soup, greedy_soup_checkpoints
 from merge.inspect import inspect_checkpoint
+from merge.keys import version
 from merge.io.sources import open_checkpoint, read_safetensors_metadata
 from merge.io.writer import write_state_dict
 from merge.ops import get_operator, list_operators
 from merge.soups import MergeResult, average, plan_soup, soup, uniform_soup
 
-__version__ = "0.1.0"
+__version__ = version()
 
 __all__ = [
     "__version__",

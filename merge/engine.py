@@ -130,7 +130,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device {device!r} asked for, but CUDA is not available on this machine (torch {torch.__version__}, "
-            f"built for CUDA {torch.version.cuda or 'none'}); run with --device cpu")
+            f"built for CUDA {torch.version.cuda or 'none'}); reduce on the CPU", option="device", choices=("cpu",))
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         raise DeviceUnavailableError(f"device {device!r} asked for, but this machine has "
@@ -201,7 +201,8 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
         more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
         raise MismatchError(f"members disagree on {len(bad)} tensor(s) (name: [member] shape dtype):\n"
                             + "\n".join(lines) + more
-                            + "\nfix the inputs, or pass --on-mismatch skip (drop them) or first (take member 0's)")
+                            + "\nfix the inputs, or drop those tensors (skip) or take member 0's (first)",
+                            tensor=bad[0], option="on_mismatch", choices=("skip", "first"))
     if not tensors:
         raise MismatchError("the members share no tensor: nothing to merge")
     coeffs, divisor = operator.coefficients(list(weights))

@@ -8,8 +8,12 @@ problem and the fix; the CLI prints them without a traceback (set ``PAPA_MERGE_D
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = [
     "MergeError",
+    "PapaMergeError",
+    "python_fix",
     "CheckpointNotFoundError",
     "CheckpointFormatError",
     "MismatchError",
@@ -23,10 +27,49 @@ __all__ = [
 ]
 
 
+def python_fix(option: str, choices: tuple) -> str:
+    """``pass on_mismatch='skip' or 'first'``: the fix spelled as Python keyword arguments."""
+    if not choices:
+        return f"pass {option}=..."
+    return "pass " + " or ".join(f"{option}={c!r}" if i == 0 else repr(c) for i, c in enumerate(choices))
+
+
 class MergeError(Exception):
-    """Base class of every error papa-merge raises on bad input or environment."""
+    """Base class of every error papa-merge raises on bad input or environment.
+
+    Besides the message, an error carries what it is about, so callers (and the CLI) need not parse text:
+
+    Attributes:
+        message: what went wrong and the fix, in words that name no command-line flag.
+        path: the file or folder concerned, if any.
+        tensor: the tensor name concerned, if any.
+        member: the index of the member concerned, if any.
+        option: the keyword argument that resolves it (``on_mismatch``, ``force``, ``device``, ...),
+            spelled as a Python argument in ``str(error)`` and as a flag by the CLI.
+        choices: values of ``option`` to suggest (empty: the option alone, e.g. a boolean flag).
+    """
 
     exit_code: int = 1
+
+    def __init__(self, message: str = "", *, path: object = None, tensor: str | None = None,
+                 member: int | None = None, option: str | None = None, choices: tuple | list = ()):
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.tensor, self.member = tensor, member
+        self.option, self.choices = option, tuple(choices)
+
+    def format(self, spell: Callable[[str, tuple], str] = python_fix) -> str:
+        """The message, then the option that fixes it as ``spell(option, choices)`` spells it."""
+        if not self.option:
+            return self.message
+        return f"{self.message} ({spell(self.option, self.choices)})"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+PapaMergeError = MergeError  # the name users of other tools look for
 
 
 class CheckpointNotFoundError(MergeError, FileNotFoundError):
@@ -58,9 +101,9 @@ class UnknownNameError(MergeError, ValueError):
 
     exit_code = 2
 
-    def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...]):
+    def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...], **fields: object):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
-        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid)}")
+        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid)}", **fields)
 
 
 class InvalidArgumentError(MergeError, ValueError):
@@ -71,9 +114,7 @@ class InvalidArgumentError(MergeError, ValueError):
 
 class MissingMetadataError(MergeError, KeyError):
     """A checkpoint lacks the metadata an operation needs (e.g. greedy soup needs the architecture)."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0]) if self.args else ""
+    # MergeError.__str__ comes first in the MRO, so the message is not quoted as KeyError's would be.
 
 
 class HubError(MergeError, OSError):

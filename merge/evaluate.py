@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from merge.keys import DATA_KEY, MODEL_KEY, RECIPE_KEY
+
 __all__ = ["metrics", "metrics_from_probs", "ensemble_probs", "predict", "model_evaluator", "state_dict_scorer",
            "load_into", "checkpoint_metadata", "CheckpointEvaluator", "EvalRow", "evaluate_checkpoints",
            "summarize_members", "format_table", "recompute_bn_checkpoint", "Evaluate", "StateDictScore"]
@@ -152,8 +154,6 @@ StateDictScore = Callable[[Mapping[str, Tensor]], float]
 """``score(state_dict) -> float``: what :func:`merge.greedy.greedy_soup` calls on each candidate soup."""
 
 SPLITS = ("val", "test")
-MODEL_KEY = "papa_merge.model"
-DATA_KEY = "papa_merge.data"
 
 
 def _forward_default(model: nn.Module, inputs: Any) -> Tensor:
@@ -307,11 +307,12 @@ def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True) -> t
         text = meta.get(key)
         if text is None:
             if needed:
-                hint = ("pass --data NAME (Python: data=...) to name the dataset" if key == DATA_KEY else
+                hint = ("name the dataset" if key == DATA_KEY else
                         "write members with papa-merge train / merge.train (which record it), or call "
                         "merge.greedy_soup(paths, score=...) from Python with your own evaluate callback")
                 raise MissingMetadataError(f"{path}: has no {key!r} metadata ({what}), which greedy soup and "
-                                           f"evaluation need; {hint}")
+                                           f"evaluation need; {hint}", path=path,
+                                           option="data" if key == DATA_KEY else None)
             specs.append(None)
             continue
         try:
@@ -444,7 +445,6 @@ class CheckpointEvaluator:
 
 
 def _is_soup(meta: Mapping[str, str]) -> bool:
-    from merge.soups import RECIPE_KEY
 
     return RECIPE_KEY in meta
 
@@ -593,7 +593,6 @@ def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: 
     from merge.errors import InvalidArgumentError
     from merge.io.sources import open_checkpoint
     from merge.io.writer import write_state_dict
-    from merge.soups import RECIPE_KEY
 
     path = Path(path)
     if num_batches < 1:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
+from merge.io.schemes import register_scheme
 from merge.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -221,9 +222,9 @@ def _api(endpoint: str | None, token: str | bool | None):  # noqa: ANN202 - HfAp
 
 
 def _version() -> str:
-    from merge import __version__
+    from merge.keys import version
 
-    return __version__
+    return version()
 
 
 def _config_files(files: Sequence[str], folder: str = "") -> list[str]:
@@ -558,7 +559,7 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None) -> str:
         ---
     """
     from merge.io.sources import open_checkpoint
-    from merge.soups import RECIPE_KEY
+    from merge.keys import METRICS_KEY, MODEL_KEY, RECIPE_KEY
 
     path = Path(path)
     with open_checkpoint(path) as src:
@@ -574,8 +575,8 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None) -> str:
             config = {}
     recipe = _json_meta(meta, RECIPE_KEY)
     recipe = recipe if isinstance(recipe, dict) else {}
-    metrics = _json_meta(meta, "papa_merge.metrics")
-    model_info = _json_meta(meta, "papa_merge.model")
+    metrics = _json_meta(meta, METRICS_KEY)
+    model_info = _json_meta(meta, MODEL_KEY)
 
     # Members and where they came from.
     members = recipe.get("members") or []
@@ -750,7 +751,8 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
                                    "also given; pass one")
     revision = revision or ref.revision
     if create_pr and revision not in (None, "main"):
-        raise InvalidArgumentError(f"--create-pr opens a pull request against main; drop --revision {revision}")
+        raise InvalidArgumentError(f"a pull request (create_pr) is opened against main; push it without the "
+                                   f"revision {revision!r}")
     ref = HubReference(ref.repo_id, revision)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder; pass the checkpoint (a .safetensors file "
@@ -784,7 +786,7 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
 
 def _recipe_summary(path: Path) -> str | None:
     from merge.io.sources import read_safetensors_metadata
-    from merge.soups import RECIPE_KEY
+    from merge.keys import RECIPE_KEY
 
     try:
         recipe = json.loads(read_safetensors_metadata(path).get(RECIPE_KEY, "null"))
@@ -793,3 +795,7 @@ def _recipe_summary(path: Path) -> str | None:
     if not isinstance(recipe, dict):
         return None
     return f"{recipe.get('method', 'merged')} merge of {len(recipe.get('members') or [])} checkpoints"
+
+
+# Make ``open_checkpoint("hf://...")`` work wherever merge.hub is imported (``import merge`` does).
+register_scheme("hf", resolve_reference, describe=hub_source_of)

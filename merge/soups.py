@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from merge.engine import MemorySink, MergePlan, Sink, plan_merge, resolve_device, run_merge
 from merge.errors import InvalidArgumentError, SameInputOutputError
+from merge.keys import MEMBER_ONLY_KEYS, RECIPE_KEY, TRAIN_KEY, version
+from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.io.sources import WEIGHT_SUFFIXES, Source, StateDictSource, open_checkpoint
 from merge.io.writer import INDEX_FILE, AtomicOutput, OutputPlan, SafetensorsWriter, parse_size, plan_output
@@ -26,16 +28,8 @@ from merge.ops import check_weights, get_operator
 
 __all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of"]
 
-RECIPE_KEY = "papa_merge.recipe"
-# Member metadata that describes that member alone and is not carried into a merge of it.
-MEMBER_ONLY_KEYS = frozenset({"format", RECIPE_KEY, "papa_merge.train", "papa_merge.metrics"})
 # Files of a model folder that are weights (not carried over) or are regenerated.
 _NOT_CARRIED = {"README.md", ".gitattributes", INDEX_FILE, "pytorch_model.bin.index.json"}
-
-
-def _version() -> str:
-    from merge import __version__
-    return __version__
 
 
 @dataclass
@@ -106,14 +100,12 @@ def _check_not_an_input(out: Path, sources: Sequence[Source]) -> None:
 def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[str, object] | None = None) -> dict:
     """The recipe recorded in the output's metadata: method, members, weights, dtypes, tool version."""
     members = []
-    from merge.hub import hub_source_of  # the Hub sits above; only its path parsing is used
-
     for src in plan.sources:
         fp = src.fingerprint()
-        source = hub_source_of(str(src.path))
+        source = schemes.describe(src.path)
         if source:
             fp["source"] = source
-        train = src.metadata.get("papa_merge.train")
+        train = src.metadata.get(TRAIN_KEY)
         if train:
             try:
                 fp["train"] = json.loads(train)
@@ -122,7 +114,7 @@ def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[
         members.append(fp)
     recipe = {
         "tool": "papa-merge",
-        "version": _version(),
+        "version": version(),
         "method": plan.operator.name,
         "citation": plan.operator.citation,
         "members": members,

@@ -232,8 +232,11 @@ def test_checkpoint_without_metadata_is_a_clear_error(members: list[Path], tmp_p
     meta = {"papa_merge.model": merge.read_safetensors_metadata(members[0])["papa_merge.model"]}
     nodata = write_state_dict(merge.open_checkpoint(members[0]).state_dict(), tmp_path / "nodata.safetensors",
                               metadata=meta)
-    with pytest.raises(MissingMetadataError, match="pass --data NAME"):
+    with pytest.raises(MissingMetadataError, match=r"name the dataset \(pass data=\.\.\.\)") as info:
         evaluate_checkpoints([nodata])
+    assert info.value.option == "data" and info.value.path == str(nodata) and "--" not in str(info.value)
+    res = CliRunner().invoke(cli, ["eval", str(nodata)])
+    assert res.exit_code == 1 and "name the dataset (pass --data)" in res.output
     rows = evaluate_checkpoints([nodata], data="digits", split="val")
     assert rows[0].metrics["val"]["acc"] > 0.5
     res = CliRunner().invoke(cli, ["eval", str(bare)])

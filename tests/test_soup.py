@@ -241,7 +241,7 @@ def test_force_replaces_only_when_complete(tmp_path: Path) -> None:
     paths, sds = save_members(tmp_path, 2)
     out = tmp_path / "s.safetensors"
     out.write_bytes(b"old")
-    with pytest.raises(merge.OutputExistsError, match="--force"):
+    with pytest.raises(merge.OutputExistsError, match=r"pass force=True"):
         merge.soup(paths, out=out)
     assert out.read_bytes() == b"old"
     merge.soup(paths, out=out, force=True)

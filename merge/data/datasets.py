@@ -492,7 +492,7 @@ def load_dataset_from_spec(spec: dict) -> Splits:
     """
     if not isinstance(spec, dict) or "dataset" not in spec:
         raise MissingMetadataError("the data spec has no 'dataset' entry; it should be the papa_merge.data "
-                                   "metadata written by papa-merge train (pass --data to name the dataset)")
+                                   "metadata written by papa-merge train; name the dataset", option="data")
     pre = spec.get("preprocessing") or {}
     name = spec["dataset"]
     image_size = pre.get("image_size") if name.startswith("imagefolder:") else None

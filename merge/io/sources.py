@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError
+from merge.io import schemes
 from merge.io.dtypes import st_to_torch
 
 __all__ = [
@@ -313,8 +314,8 @@ def _unwrap(obj: object, path: Path, key: str | None) -> Mapping[str, torch.Tens
         if isinstance(obj.get(k), Mapping) and any(isinstance(v, torch.Tensor) for v in obj[k].values()):
             return obj[k]
     keys = ", ".join(repr(k) for k in list(obj)[:10])
-    raise CheckpointFormatError(f"{path}: no tensors found (top-level keys: {keys}); "
-                                "pass key=... (--key) to name the wrapper that holds the state dict")
+    raise CheckpointFormatError(f"{path}: no tensors found (top-level keys: {keys}); name the wrapper that "
+                                "holds the state dict", path=path, option="key")
 
 
 def _load_pickle(path: Path, *, key: str | None, normalise: bool) -> StateDictSource:
@@ -463,11 +464,7 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
         >>> with open_checkpoint("member0.safetensors") as src:   # doctest: +SKIP
         ...     print(src.names[:3], src.infos[src.names[0]].shape)
     """
-    text = os.fspath(path)
-    if isinstance(text, str) and text.startswith("hf://"):
-        from merge.hub import resolve_reference  # the Hub sits at the edge; imported only when used
-        path = resolve_reference(text)
-    p = Path(path)
+    p = schemes.resolve(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if p.is_dir():

@@ -216,8 +216,8 @@ class AtomicOutput:
 
 def check_output_free(path: Path, *, force: bool) -> None:
     if (path.exists() or path.is_symlink()) and not force:
-        raise OutputExistsError(f"{path}: already exists; choose another output or pass --force (force=True) "
-                                "to replace it")
+        raise OutputExistsError(f"{path}: already exists; choose another output, or replace it", path=path,
+                                option="force", choices=(True,))
 
 
 def write_state_dict(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, *,

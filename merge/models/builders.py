@@ -34,6 +34,7 @@ from merge.errors import (
     UnknownNameError,
 )
 from merge.io.sources import open_checkpoint
+from merge.keys import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY
 
 __all__ = [
     "SmallCNN",
@@ -52,10 +53,6 @@ __all__ = [
     "HF_FOLDERS",
 ]
 
-MODEL_KEY = "papa_merge.model"
-DATA_KEY = "papa_merge.data"
-TRAIN_KEY = "papa_merge.train"
-METRICS_KEY = "papa_merge.metrics"
 
 # Options of an hf: model that belong to its tokeniser, not to from_pretrained.
 _HF_LOADER_KWARGS = ("max_length",)

@@ -257,20 +257,20 @@ def _check_resumable(path: Path, recipe: Recipe, method: str, *, spec: dict | No
     for key, want, what in ((MODEL_KEY, spec, "model"), (DATA_KEY, data_spec, "data")):
         if want is not None and key in meta and json.loads(meta[key]) != json.loads(json.dumps(want)):
             raise MismatchError(f"{path}: exists but was trained with another {what} ({meta[key]} vs "
-                                f"{json.dumps(want, sort_keys=True)}); choose another --out or delete the file")
+                                f"{json.dumps(want, sort_keys=True)}); choose another output folder or delete the file", path=path)
     try:
         stored = json.loads(meta[TRAIN_KEY])
         old = Recipe.from_dict(stored)
     except (KeyError, ValueError, TypeError):
         raise MismatchError(f"{path}: exists but was not written by papa-merge train (no {TRAIN_KEY} metadata); "
-                            "move it out of the output folder or choose another --out") from None
+                            "move it out of the output folder or choose another one", path=path) from None
     diff = {k: (v, getattr(recipe, k)) for k, v in old.to_dict().items() if getattr(recipe, k) != v}
     if stored.get("method", "independent") != method:
         diff["method"] = (stored.get("method"), method)
     if diff:
         shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
         raise MismatchError(f"{path}: exists but was trained with another recipe ({shown}); resuming would mix "
-                            "runs, so choose another --out or delete the file")
+                            "runs, so choose another output folder or delete the file", path=path)
 
 
 def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits, out_dir: str | os.PathLike,
