@@ -27,6 +27,8 @@ OPTION_FLAGS = {
     "accumulate": "--accumulate",
     "strict": "--strict",
     "base": "--base",
+    "members": "--members",
+    "method": "--method",
 }
 
 

@@ -14,6 +14,14 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
     def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         if not value or ctx.resilient_parsing:
             return
+        if kind == "methods":
+            from merge.train import get_method, list_methods
+
+            for name in list_methods():
+                m = get_method(name)
+                opts = f" (options: {', '.join(m.options)})" if m.options else ""
+                click.echo(f"{name:14s} {m.summary}{opts}; {m.citation}")
+            ctx.exit(0)
         if kind == "models":
             from merge.models import list_models
 
@@ -41,9 +49,9 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
               help="How members differ: seed (init + data order), order (data order only), augment (PAPA's "
                    "mixup/CutMix/label smoothing/random erasing draws), hparams (random search stratified "
                    "across seeds).")
-@click.option("--method", default="independent", type=click.Choice(["independent", "papa", "subspace"]),
-              help="Train members one by one, as a PAPA population pulled toward its average, or as a line of "
-                   "networks in one run (subspace: writes its 2 endpoints; their soup is the midpoint).")
+@click.option("--method", default="independent", metavar="METHOD",
+              help="Training method (see --list-methods): independent (one by one), papa (a population pulled "
+                   "toward its average), subspace (a line of networks; writes its 2 endpoints), ...")
 @click.option("--late-phase", type=click.IntRange(min=2), default=None, metavar="K",
               help="Late-phase weights: K copies of the BatchNorm and head weights over the second half of "
                    "training, one per minibatch, averaged at the end.")
@@ -66,11 +74,13 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 @click.option("--val-fraction", type=float, default=0.1, help="Share of each class held out for selection.")
 @click.option("--split-seed", type=int, default=0, help="Seed of the train/val/test split (keep it across runs).")
 @click.option("--seed", type=int, default=0, help="Member i trains with seed SEED+i.")
-@click.option("--papa-every", type=click.IntRange(min=1), default=10, help="PAPA: steps between pulls.")
+@click.option("--papa-every", type=click.IntRange(min=1), default=None, help="PAPA: steps between pulls. [default: 10]")
 @click.option("--papa-alpha", type=float, default=None,
               help="PAPA: share of each member kept at a pull. [default: 0.99, 0.9995 from pretrained]")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+@click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=_list("methods"),
+              help="List the training methods and exit.")
 @click.option("--list-models", is_flag=True, is_eager=True, expose_value=False, callback=_list("models"),
               help="List the model architectures and exit.")
 @click.option("--list-datasets", is_flag=True, is_eager=True, expose_value=False, callback=_list("datasets"),
@@ -80,7 +90,7 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
           label_smoothing: float | None, pretrained: str | None, init: str | None, warmup_epochs: float | None,
           late_phase: int | None,
           image_size: int | None, limit: int | None,
-          val_fraction: float, split_seed: int, seed: int, papa_every: int, papa_alpha: float | None, device: str,
+          val_fraction: float, split_seed: int, seed: int, papa_every: int | None, papa_alpha: float | None, device: str,
           progress: bool | None) -> None:
     """Train K diverse members of one model on one dataset, each written to OUT/member-NN.safetensors.
 
@@ -101,9 +111,9 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     from merge.engine import resolve_device
     from merge.models import METRICS_KEY, TRAIN_KEY, model_spec
     from merge.io.sources import read_safetensors_metadata
-    from merge.errors import InvalidArgumentError
-    from merge.train import LatePhaseWeights, default_recipe, member_path, train_members, train_subspace
+    from merge.train import LatePhaseWeights, TrainJob, default_recipe, get_method, member_path, run_method
 
+    get_method(method)  # an unknown method fails before any data is loaded
     resolve_device(device)  # before loading data: a missing GPU costs nothing
     splits = load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit)
     if splits.kind == "image" and not arch.startswith("hf:"):
@@ -124,18 +134,11 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
                f"{len(splits.test)} test, {splits.num_classes} classes), diversity={diversity}, method={method}",
                err=True)
     callbacks = [LatePhaseWeights(k=late_phase, start_epoch=base.epochs / 2)] if late_phase else []
-    if method == "subspace":
-        if members != 2 or pretrained or init:
-            raise InvalidArgumentError("--method subspace trains one line from scratch and writes its 2 endpoints; "
-                                       "pass --members 2 and no --pretrained/--init")
-        import dataclasses
-
-        paths = train_subspace(dataclasses.replace(base, seed=seed, data_seed=seed), model=spec, data=splits,
-                               out_dir=out, device=device, progress=show, callbacks=callbacks)
-    else:
-        paths = train_members(members, model=spec, data=splits, out_dir=out, diversity=diversity, base=base,
-                              seed=seed, method=method, papa_every=papa_every, papa_alpha=papa_alpha,
-                              pretrained=pretrained, device=device, progress=show, init=init, callbacks=callbacks)
+    job = TrainJob(model=spec, data=splits, out_dir=out, members=members, diversity=diversity, base=base, seed=seed,
+                   pretrained=pretrained, init=init, device=device, progress=show, callbacks=tuple(callbacks))
+    # Each method's own options, by the name its registry entry declares; unset ones take the method's default.
+    options = {"every": papa_every, "alpha": papa_alpha}
+    paths = run_method(method, job, **options).paths
     for i, p in enumerate(paths):
         meta = read_safetensors_metadata(p)
         scores = json.loads(meta.get(METRICS_KEY, "{}"))

@@ -409,3 +409,19 @@ def test_minilm_member_on_bbc_round_trips(tmp_path):
     assert spec == {"arch": "hf:all-minilm-l6-v2-pypi", "num_classes": 5, "kwargs": {"max_length": 64}}
     logits, labels = predict(model, make_loader(bbc.val, spec, batch_size=64))
     assert metrics(logits, labels)["acc"] == pytest.approx(json.loads(meta[METRICS_KEY])["val"]["acc"])
+
+
+def test_training_methods_are_one_registry_dispatched_in_one_place(tmp_path):
+    from merge.errors import InvalidArgumentError, UnknownNameError
+    from merge.train import TrainJob, get_method, list_methods, run_method
+
+    assert {"independent", "papa", "subspace"} <= set(list_methods())
+    assert get_method("papa").options == ("every", "alpha")
+    job = TrainJob(model="small_cnn", data="digits", out_dir=tmp_path, members=2)
+    with pytest.raises(UnknownNameError, match="valid training methods: .*independent.*papa"):
+        run_method("papa-3", job)
+    with pytest.raises(InvalidArgumentError, match=r"'independent' does not take every; its options: none"):
+        run_method("independent", job, every=5)
+    assert not list(tmp_path.iterdir())  # refused before any work
+    res = CliRunner().invoke(cli, ["train", "--list-methods"])
+    assert res.exit_code == 0 and all(name in res.output for name in ("independent", "papa", "subspace"))

@@ -7,8 +7,17 @@ Example:
 
 from merge.train.late_phase import LatePhaseWeights, late_phase_parameters
 from merge.train.loop import Callback, TrainState, fit, make_optimizer, make_scheduler, mix_batch, soft_cross_entropy
+from merge.train.methods import (
+    TRAINING_METHODS,
+    TrainingMethod,
+    TrainJob,
+    TrainResult,
+    get_method,
+    list_methods,
+    register_method,
+    run_method,
+)
 from merge.train.members import (
-    METHODS,
     evaluate_model,
     member_path,
     train_member,
@@ -54,5 +63,12 @@ __all__ = [
     "soft_cross_entropy",
     "DIVERSITY",
     "PAPA_CHOICES",
-    "METHODS",
+    "TrainJob",
+    "TrainResult",
+    "TrainingMethod",
+    "TRAINING_METHODS",
+    "register_method",
+    "get_method",
+    "list_methods",
+    "run_method",
 ]

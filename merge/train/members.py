@@ -28,12 +28,12 @@ from merge.io.sources import open_checkpoint, read_safetensors_metadata
 from merge.io.writer import check_output_free, write_state_dict
 from merge.models import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY, build_model, make_loader, model_spec
 from merge.train.loop import Callback, TrainState, fit
+from merge.train.methods import TrainJob, TrainResult, register_method, run_method
 from merge.train.papa import PAPA
 from merge.train.recipe import Recipe, default_recipe, diverse_recipes
 
-__all__ = ["train_member", "train_members", "train_population", "evaluate_model", "member_path", "METHODS"]
-
-METHODS = ("independent", "papa")
+__all__ = ["train_member", "train_members", "train_population", "train_independent", "train_papa", "evaluate_model",
+           "member_path"]
 
 
 def member_path(out_dir: str | os.PathLike, index: int) -> Path:
@@ -273,14 +273,73 @@ def _check_resumable(path: Path, recipe: Recipe, method: str, *, spec: dict | No
                             "runs, so choose another output folder or delete the file", path=path)
 
 
+def _job_recipes(job: TrainJob) -> list[Recipe]:
+    """The members' recipes: the job's own, or ``members`` diverse ones around the model's default."""
+    if job.recipes is not None:
+        if len(job.recipes) != job.members:
+            raise InvalidArgumentError(f"got {len(job.recipes)} recipes for {job.members} members")
+        return list(job.recipes)
+    base = job.base or default_recipe(job.arch, pretrained=job.pretrained is not None or job.arch.startswith("hf:"))
+    return diverse_recipes(job.members, diversity=job.diversity, base=base, seed=job.seed)
+
+
+def _job_splits(job: TrainJob) -> Splits:
+    return _resolve_splits(job.data, limit=job.limit, split_seed=job.split_seed, val_fraction=job.val_fraction)
+
+
+@register_method("independent", citation="Lakshminarayanan et al. 2017 (deep ensembles); Wortsman et al. 2022 "
+                 "(model soups: fine-tunes of one pretrained model)",
+                 summary="each member alone, from its own recipe; resumable member by member")
+def train_independent(job: TrainJob) -> TrainResult:
+    """Members trained one after another, each alone; members already on disk (same recipe) are kept."""
+    recipes = _job_recipes(job)
+    resolve_device(job.device)
+    splits = _job_splits(job)
+    spec = _resolve_spec(job.model, splits)
+    paths = []
+    for i, r in enumerate(recipes):
+        p = member_path(job.out_dir, i)
+        if p.exists() and not job.force:
+            _check_resumable(p, r, "independent", spec=spec, data_spec=splits.spec)
+        else:
+            train_member(r, model=spec, data=splits, out=p, pretrained=job.pretrained, device=job.device,
+                         progress=job.progress, callbacks=job.callbacks, eval_batch_size=job.eval_batch_size,
+                         init=job.init, desc=f"member {i + 1}/{len(recipes)}", force=job.force)
+        paths.append(p)
+    return TrainResult(paths)
+
+
+@register_method("papa", citation="Jolicoeur-Martineau et al. 2023, PopulAtion Parameter Averaging (PAPA); "
+                 "code SamsungSAILMontreal/PAPA", summary="a population pulled toward its average every k steps",
+                 options=("every", "alpha"))
+def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None) -> TrainResult:
+    """A PAPA population: members trained together and pulled toward their average every ``every`` steps.
+
+    ``alpha`` defaults to 0.99 from scratch and 0.9995 from pretrained weights (the paper's values).
+    """
+    if job.init is not None:
+        raise InvalidArgumentError("a PAPA population starts from its members' own initialisations; drop init")
+    recipes = _job_recipes(job)
+    resolve_device(job.device)
+    if alpha is None:
+        alpha = 0.9995 if job.pretrained or job.arch.startswith("hf:") else 0.99
+    paths = train_population(recipes, model=job.model, data=_job_splits(job), out_dir=job.out_dir, method="papa",
+                             callbacks=[PAPA(every=every, alpha=alpha), *job.callbacks], pretrained=job.pretrained,
+                             device=job.device, progress=job.progress, eval_batch_size=job.eval_batch_size,
+                             force=job.force)
+    return TrainResult(paths)
+
+
 def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits, out_dir: str | os.PathLike,
                   diversity: str = "seed", recipes: Sequence[Recipe] | None = None, base: Recipe | None = None,
-                  seed: int = 0, method: str = "independent", papa_every: int = 10, papa_alpha: float | None = None,
-                  pretrained: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
-                  limit: int | None = None, split_seed: int = 0, val_fraction: float = 0.1,
-                  eval_batch_size: int = 256, callbacks: Sequence[Callback] = (),
-                  init: str | os.PathLike | None = None) -> list[Path]:
-    """Train ``k`` diverse members into ``out_dir``, skipping those already there (resume).
+                  seed: int = 0, method: str = "independent", pretrained: str | None = None,
+                  device: str | torch.device = "cpu", progress: bool = True, limit: int | None = None,
+                  split_seed: int = 0, val_fraction: float = 0.1, eval_batch_size: int = 256,
+                  callbacks: Sequence[Callback] = (), init: str | os.PathLike | None = None, force: bool = False,
+                  **options: Any) -> list[Path]:
+    """Train ``k`` diverse members into ``out_dir`` with a registered training method.
+
+    A shortcut for :func:`merge.train.run_method` that returns the members' paths.
 
     Args:
         k: number of members.
@@ -292,10 +351,10 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
         recipes: explicit recipes, one per member.
         base: the recipe members start from (default :func:`merge.train.default_recipe` for the model).
         seed: member i's training seed is ``seed + i``.
-        method: ``independent`` (each member alone; resumable per member) or ``papa`` (a population
-            pulled toward its average every ``papa_every`` steps with ``papa_alpha``, default 0.99 from
-            scratch, 0.9995 from pretrained weights).
-        init: every member starts from this checkpoint (StarSSE branches; see :func:`train_member`).
+        method: a training method (:func:`merge.train.list_methods`): ``independent`` (each member alone;
+            resumable per member), ``papa`` (a population pulled toward its average), ...
+        init: every member starts from this checkpoint.
+        options: the method's own options (``every=10, alpha=0.99`` for ``papa``, ...).
         Others as in :func:`train_member`.
 
     Returns:
@@ -304,39 +363,14 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
     Raises:
         MismatchError: a member on disk was trained with another recipe (resume would mix runs).
         UnknownNameError: unknown diversity, method, model or dataset.
+        InvalidArgumentError: an option the method does not take.
         As :func:`train_member` otherwise.
 
     Example:
         >>> train_members(3, model="small_cnn", data="digits", out_dir="ckpts/")  # doctest: +SKIP
     """
-    if method not in METHODS:
-        from merge.errors import UnknownNameError
-
-        raise UnknownNameError("training method", method, METHODS)
-    arch = model if isinstance(model, str) else str(model.get("arch", ""))
-    if recipes is None:
-        base = base or default_recipe(arch, pretrained=pretrained is not None or arch.startswith("hf:"))
-        recipes = diverse_recipes(k, diversity=diversity, base=base, seed=seed)
-    elif len(recipes) != k:
-        raise InvalidArgumentError(f"got {len(recipes)} recipes for {k} members")
-    resolve_device(device)
-    splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
-    if method == "papa":
-        if init is not None:
-            raise InvalidArgumentError("init is for independent members (StarSSE); a PAPA population starts from "
-                                       "its members' own initialisations")
-        alpha = papa_alpha if papa_alpha is not None else (0.9995 if pretrained or arch.startswith("hf:") else 0.99)
-        return train_population(recipes, model=model, data=splits, out_dir=out_dir, method="papa",
-                                callbacks=[PAPA(every=papa_every, alpha=alpha), *callbacks], pretrained=pretrained,
-                                device=device, progress=progress, eval_batch_size=eval_batch_size)
-    spec = _resolve_spec(model, splits)
-    paths = []
-    for i, r in enumerate(recipes):
-        p = member_path(out_dir, i)
-        if p.exists():
-            _check_resumable(p, r, "independent", spec=spec, data_spec=splits.spec)
-        else:
-            train_member(r, model=spec, data=splits, out=p, pretrained=pretrained, device=device, progress=progress,
-                         callbacks=callbacks, eval_batch_size=eval_batch_size, init=init, desc=f"member {i + 1}/{k}")
-        paths.append(p)
-    return paths
+    job = TrainJob(model=model, data=data, out_dir=out_dir, members=k, diversity=diversity, base=base,
+                   recipes=recipes, seed=seed, pretrained=pretrained, init=init, device=device, progress=progress,
+                   limit=limit, split_seed=split_seed, val_fraction=val_fraction, eval_batch_size=eval_batch_size,
+                   callbacks=tuple(callbacks), force=force)
+    return run_method(method, job, **options).paths

@@ -38,7 +38,8 @@ from merge.train.members import (
     member_path,
     train_loader,
 )
-from merge.train.recipe import Recipe
+from merge.train.methods import TrainJob, TrainResult, register_method
+from merge.train.recipe import Recipe, default_recipe
 
 __all__ = ["SubspaceLine", "SubspacePenalty", "train_subspace", "END_SEED_OFFSET"]
 
@@ -165,3 +166,19 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
         written.append(write_state_dict(net.state_dict(), p, metadata=_metadata(spec, splits, record, scores),
                                         force=force))
     return written
+
+
+@register_method("subspace", citation="Wortsman et al. 2021, Learning Neural Network Subspaces; code "
+                 "apple/learning-subspaces", summary="a line of networks in one run; writes its 2 endpoints",
+                 options=("beta",))
+def train_subspace_method(job: TrainJob, *, beta: float = 1.0) -> TrainResult:
+    """The registry's entry: one line from scratch, its endpoints written as members 0 and 1."""
+    if job.members != 2 or job.pretrained or job.init:
+        raise InvalidArgumentError("a subspace line is trained from scratch and writes its 2 endpoints; "
+                                   "ask for 2 members and no pretrained weights or init", option="members", choices=(2,))
+    recipe = job.recipes[0] if job.recipes else dataclasses.replace(
+        job.base or default_recipe(job.arch), seed=job.seed, data_seed=job.seed)
+    paths = train_subspace(recipe, model=job.model, data=job.data, out_dir=job.out_dir, beta=beta, device=job.device,
+                           progress=job.progress, callbacks=job.callbacks, limit=job.limit, split_seed=job.split_seed,
+                           val_fraction=job.val_fraction, eval_batch_size=job.eval_batch_size, force=job.force)
+    return TrainResult(paths)
