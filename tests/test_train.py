@@ -423,5 +423,7 @@ def test_training_methods_are_one_registry_dispatched_in_one_place(tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"'independent' does not take every; its options: none"):
         run_method("independent", job, every=5)
     assert not list(tmp_path.iterdir())  # refused before any work
+    from cli.main import cli
+
     res = CliRunner().invoke(cli, ["train", "--list-methods"])
     assert res.exit_code == 0 and all(name in res.output for name in ("independent", "papa", "subspace"))
