@@ -25,6 +25,7 @@ import torch
 from merge.errors import DeviceUnavailableError, InvalidArgumentError, MismatchError
 from merge.io.dtypes import dtype_name, is_float
 from merge.io.sources import Source, TensorInfo
+from merge.io.writer import Sink
 from merge.ops import Operator
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "run_merge", "resolve_device", "Sink", "MemorySink",
@@ -84,19 +85,6 @@ class MergePlan:
         max_out = max((t.out.dtype.itemsize for t in self.tensors), default=1)
         elems = min(self.chunk_elems, max((t.out.numel for t in self.tensors), default=0))
         return elems * (POOL_BUFFERS * max_in + 2 * self.accumulate.itemsize + max_out)
-
-
-class Sink:
-    """Where merged tensors go, in plan order, as bytes."""
-
-    def begin(self, tensors: Sequence[TensorInfo]) -> None:
-        raise NotImplementedError
-
-    def write(self, name: str, data: memoryview) -> None:
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        pass
 
 
 class MemorySink(Sink):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -17,19 +16,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merge.engine import MemorySink, MergePlan, Sink, plan_merge, resolve_device, run_merge
+from merge.engine import MemorySink, MergePlan, plan_merge, resolve_device, run_merge
 from merge.errors import InvalidArgumentError, SameInputOutputError
 from merge.keys import MEMBER_ONLY_KEYS, RECIPE_KEY, TRAIN_KEY, version
 from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
-from merge.io.sources import WEIGHT_SUFFIXES, Source, StateDictSource, open_checkpoint
-from merge.io.writer import INDEX_FILE, AtomicOutput, OutputPlan, SafetensorsWriter, parse_size, plan_output
+from merge.io.sources import Source, StateDictSource, open_checkpoint
+from merge.io.folder import carry_folder_files
+from merge.io.writer import INDEX_FILE, AtomicOutput, FileSink, parse_size, plan_output
 from merge.ops import check_weights, get_operator
 
 __all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of"]
 
-# Files of a model folder that are weights (not carried over) or are regenerated.
-_NOT_CARRIED = {"README.md", ".gitattributes", INDEX_FILE, "pytorch_model.bin.index.json"}
 
 
 @dataclass
@@ -49,41 +47,6 @@ class MergeResult:
     @property
     def gb_per_s(self) -> float:
         return self.read_bytes / self.seconds / 1e9 if self.seconds else float("inf")
-
-
-class _FileSink(Sink):
-    """Writes the plan's tensors into the output's files in order, rolling over shards."""
-
-    def __init__(self, out: OutputPlan, atomic: AtomicOutput, metadata: Mapping[str, str]):
-        self.out, self.atomic, self.metadata = out, atomic, metadata
-        self._files = iter(out.files)
-        self._writer: SafetensorsWriter | None = None
-        self._owner = {t.name: f.name for f in out.files for t in f.tensors}
-        self._current: str | None = None
-
-    def begin(self, tensors: Sequence) -> None:
-        pass
-
-    def _open_next(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        f = next(self._files)
-        self._current = f.name
-        self._writer = SafetensorsWriter(self.atomic.file(f.name), f.tensors, self.metadata)
-
-    def write(self, name: str, data: memoryview) -> None:
-        while self._current != self._owner[name]:
-            self._open_next()
-        self._writer.write(name, data)
-
-    def finish(self) -> None:
-        # Shards whose tensors are all empty receive no write; open them so every file exists.
-        for _ in self._files:
-            self._open_next()
-        if self._current is None:
-            self._open_next()
-        if self._writer is not None:
-            self._writer.close()
 
 
 def _check_not_an_input(out: Path, sources: Sequence[Source]) -> None:
@@ -133,21 +96,6 @@ def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[
 
 def _carried_metadata(first: Source) -> dict[str, str]:
     return {k: v for k, v in first.metadata.items() if k not in MEMBER_ONLY_KEYS}
-
-
-def _carry_folder_files(first: Source, atomic: AtomicOutput) -> list[Path]:
-    """Copy a model folder's config and tokenizer files so the soup loads with from_pretrained."""
-    folder = first.path
-    if not folder.is_dir():
-        return []
-    copied = []
-    for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.name in _NOT_CARRIED or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
-            continue
-        dst = atomic.file(f.name)
-        shutil.copyfile(f, dst)
-        copied.append(dst)
-    return copied
 
 
 def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.Tensor]], stack: ExitStack,
@@ -245,14 +193,14 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         meta = {"format": "pt", **_carried_metadata(sources[0]), **(metadata or {}),
                 RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
         with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
-            sink = _FileSink(out_plan, atomic, meta)
+            sink = FileSink(out_plan, atomic, meta)
             bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                                            desc=f"{method} soup of {len(sources)}", disable=not progress,
                                            dynamic_ncols=True))
             stats = run_merge(plan, sink, progress=bar.update if progress else None)
             extra_files = []
             if out_plan.folder:
-                extra_files = _carry_folder_files(sources[0], atomic)
+                extra_files = carry_folder_files(sources[0].path, atomic)
                 if len(out_plan.files) > 1:
                     index = {"metadata": {"total_size": out_plan.nbytes},
                              "weight_map": {t.name: f.name for f in out_plan.files for t in f.tensors}}

@@ -24,7 +24,8 @@ from merge.errors import InvalidArgumentError, OutputExistsError
 from merge.io.dtypes import torch_to_st
 from merge.io.sources import TensorInfo
 
-__all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict"]
+__all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict",
+           "Sink", "FileSink"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -212,6 +213,54 @@ class AtomicOutput:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None or not self._done:
             self.abort()
+
+
+class Sink:
+    """Where merged tensors go, in plan order, as bytes."""
+
+    def begin(self, tensors: Sequence[TensorInfo]) -> None:
+        raise NotImplementedError
+
+    def write(self, name: str, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+
+class FileSink(Sink):
+    """Writes the plan's tensors into the output's files in order, rolling over shards."""
+
+    def __init__(self, out: OutputPlan, atomic: AtomicOutput, metadata: Mapping[str, str]):
+        self.out, self.atomic, self.metadata = out, atomic, metadata
+        self._files = iter(out.files)
+        self._writer: SafetensorsWriter | None = None
+        self._owner = {t.name: f.name for f in out.files for t in f.tensors}
+        self._current: str | None = None
+
+    def begin(self, tensors: Sequence) -> None:
+        pass
+
+    def _open_next(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        f = next(self._files)
+        self._current = f.name
+        self._writer = SafetensorsWriter(self.atomic.file(f.name), f.tensors, self.metadata)
+
+    def write(self, name: str, data: memoryview) -> None:
+        while self._current != self._owner[name]:
+            self._open_next()
+        self._writer.write(name, data)
+
+    def finish(self) -> None:
+        # Shards whose tensors are all empty receive no write; open them so every file exists.
+        for _ in self._files:
+            self._open_next()
+        if self._current is None:
+            self._open_next()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def check_output_free(path: Path, *, force: bool) -> None:
