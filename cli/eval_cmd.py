@@ -1,14 +1,49 @@
-"""``papa-merge eval``: accuracy, NLL and ECE of members, their prediction ensemble, and soups."""
+"""``papa-merge eval``: accuracy, NLL and ECE of members, their prediction ensemble, selections and soups."""
 
 from __future__ import annotations
 
+import sys
+
 import click
+
+MODEL_HELP = ("Architecture of checkpoints that record none (e.g. a timm state dict saved with torch.save): "
+              "small_cnn, timm:<name> or hf:<folder>. [default: from the checkpoints' metadata]")
+
+
+def model_options(f):  # noqa: ANN001, ANN201 - a click decorator
+    """``--model``, ``--num-classes``, ``--in-chans``, ``--image-size``: what a checkpoint trained elsewhere is."""
+    for opt in reversed([
+        click.option("--model", "model", default=None, metavar="ARCH", help=MODEL_HELP),
+        click.option("--num-classes", type=click.IntRange(min=2), default=None,
+                     help="Classes of --model's head. [default: the dataset's]"),
+        click.option("--in-chans", type=click.IntRange(min=1), default=None,
+                     help="Input channels of --model. [default: the dataset's]"),
+        click.option("--image-size", type=click.IntRange(min=4), default=None,
+                     help="Input size of --model (images are resized to it). [default: the dataset's]"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def echo_line(text: str) -> None:
+    """Print a result line now, above any progress bar (bars live on stderr, results on stdout)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Bars on a terminal unless told otherwise."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 @click.command("eval", context_settings={"show_default": True})
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--data", default=None, metavar="NAME",
-              help="Dataset (mnist, digits, tweets, bbc, imagefolder:PATH, csv:PATH). [default: from the checkpoints' metadata]")
+              help="Dataset of checkpoints that record none (mnist, digits, tweets, bbc, imagefolder:PATH, "
+                   "csv:PATH). Checkpoints that record their data are always evaluated on their own split. "
+                   "[default: from the checkpoints' metadata]")
+@model_options
 @click.option("--split", default="both", type=click.Choice(["val", "test", "both"]), help="Splits to evaluate.")
 @click.option("--ensemble/--no-ensemble", default=True,
               help="Add the prediction ensemble (mean of softmax probabilities) of the members.")
@@ -16,24 +51,54 @@ import click
               help="Recompute BatchNorm statistics of each checkpoint on N training batches before evaluating.")
 @click.option("--batch-size", default=256, type=click.IntRange(min=1), help="Evaluation batch size.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-def eval_(checkpoints: tuple[str, ...], data: str | None, split: str, ensemble: bool, recompute_bn: int,
-          batch_size: int, device: str) -> None:
-    """Evaluate CHECKPOINTS... (members and soups) on held-out data and print a table.
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr. [default: on a terminal]")
+def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num_classes: int | None,
+          in_chans: int | None, image_size: int | None, split: str, ensemble: bool, recompute_bn: int,
+          batch_size: int, device: str, progress: bool | None) -> None:
+    """Evaluate CHECKPOINTS (members, soups, selection manifests) on held-out data.
 
-    The model is rebuilt from each checkpoint's papa_merge.model metadata and the data from its
-    papa_merge.data (the same split seed as training, so val and test are never training rows).
-    Checkpoints with a recorded recipe are soups; the others are members, whose prediction
-    ensemble gets its own row.
+    The model is rebuilt from each checkpoint's papa_merge.model metadata (or --model) and the
+    data from its papa_merge.data: the same split as training, so val and test are never training
+    rows. Checkpoints with a recorded recipe are soups; the others are members, whose prediction
+    ensemble gets its own row. A manifest written by `papa-merge select` adds its members and its
+    ensemble weighted by the pick counts. Each row prints as soon as it is computed.
 
     \b
     Examples:
       papa-merge eval runs/quickstart/members/*.safetensors runs/quickstart/greedy.safetensors
-      papa-merge eval soup.safetensors --data mnist --split test
+      papa-merge eval selection.json --split test
+      papa-merge eval resnet-a.pth resnet-b.pth --model timm:resnet18 --data imagefolder:photos/
     """
-    from merge.evaluate import evaluate_checkpoints, format_table, summarize_members
+    import warnings
 
-    rows = evaluate_checkpoints(list(checkpoints), data=data, split=split, ensemble=ensemble,
-                                batch_size=batch_size, device=device, recompute_bn=recompute_bn)
-    members = [r for r in rows if r.kind == "member"]
-    summary = summarize_members(rows) if len(members) >= 2 else []
-    click.echo(format_table([*summary, *rows]))
+    from merge.evaluate import TableFormatter, evaluate_checkpoints, scoring_label, summarize_members
+
+    splits = ["val", "test"] if split == "both" else [split]
+    fmt = TableFormatter.for_names([*checkpoints, "members mean (00)", "ensemble of 00 members"], splits)
+    pending: list[str] = []
+
+    def flush_warnings(caught: list) -> None:
+        for w in caught[len(pending):]:
+            pending.append(str(w.message))
+            click.echo(f"warning: {w.message}", err=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = []
+
+        def on_row(row) -> None:  # noqa: ANN001 - an EvalRow
+            flush_warnings(caught)
+            if not started:
+                echo_line(f"metrics {scoring_label(recompute_bn, batch_size)}:")
+                echo_line(fmt.header())
+                started.append(True)
+            echo_line(fmt.row(row))
+
+        rows = evaluate_checkpoints(list(checkpoints), data=data, model=model, num_classes=num_classes,
+                                    in_chans=in_chans, image_size=image_size, split=split, ensemble=ensemble,
+                                    batch_size=batch_size, device=device, recompute_bn=recompute_bn,
+                                    progress=show_progress(progress), on_row=on_row)
+        flush_warnings(caught)
+    if sum(r.kind == "member" for r in rows) >= 2:
+        for row in summarize_members(rows):
+            echo_line(fmt.row(row))

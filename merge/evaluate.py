@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from merge.keys import DATA_KEY, MODEL_KEY, RECIPE_KEY
 
 __all__ = ["metrics", "metrics_from_probs", "ensemble_probs", "predict", "model_evaluator", "state_dict_scorer",
            "load_into", "checkpoint_metadata", "CheckpointEvaluator", "EvalRow", "evaluate_checkpoints",
-           "summarize_members", "format_table", "recompute_bn_checkpoint", "Evaluate", "StateDictScore"]
+           "summarize_members", "format_table", "TableFormatter", "recompute_bn_checkpoint", "resolve_eval_data",
+           "eval_model_spec", "scoring_label", "Evaluate", "StateDictScore"]
 
 
 def _check_labels(n: int, labels: Tensor, what: str) -> Tensor:
@@ -115,17 +117,18 @@ def _acc_ece(p: Tensor, labels: Tensor, nll: Tensor, n_bins: int) -> dict[str, f
     return {"acc": float(correct.mean()), "nll": float(nll.mean()), "ece": float(ece)}
 
 
-def ensemble_probs(logits: Sequence[Tensor]) -> Tensor:
-    """The prediction ensemble: the mean of the members' softmax probabilities.
+def ensemble_probs(logits: Sequence[Tensor], *, weights: Sequence[float] | None = None) -> Tensor:
+    """The prediction ensemble: the (weighted) mean of the members' softmax probabilities.
 
     Args:
         logits: one ``(N, C)`` logits tensor per member, same examples in the same order.
+        weights: one non-negative weight per member (e.g. greedy selection's pick counts); None: equal.
 
     Returns:
         ``(N, C)`` float64 probabilities.
 
     Raises:
-        InvalidArgumentError: no members, or members with different shapes.
+        InvalidArgumentError: no members, members with different shapes, or bad weights.
 
     Example:
         >>> ensemble_probs([torch.zeros(1, 2), torch.tensor([[0.0, math.log(3)]])])
@@ -135,14 +138,20 @@ def ensemble_probs(logits: Sequence[Tensor]) -> Tensor:
 
     if not logits:
         raise InvalidArgumentError("ensemble_probs: no members given")
+    if weights is None:
+        weights = [1.0] * len(logits)
+    w = [float(x) for x in weights]
+    if len(w) != len(logits) or any(not x >= 0 or x == float("inf") for x in w) or sum(w) <= 0:
+        raise InvalidArgumentError(f"ensemble_probs: need one finite weight >= 0 per member ({len(logits)}), "
+                                   f"not all zero; got {list(weights)}")
     shape = tuple(logits[0].shape)
     acc = torch.zeros(shape, dtype=torch.float64, device=logits[0].device)
-    for i, lg in enumerate(logits):
+    for i, (lg, wi) in enumerate(zip(logits, w)):
         if tuple(lg.shape) != shape:
             raise InvalidArgumentError(f"ensemble_probs: member {i} has logits of shape {tuple(lg.shape)}, "
                                        f"member 0 has {shape}; members must be evaluated on the same examples")
-        acc += torch.softmax(lg.detach().double(), dim=1)
-    return acc / len(logits)
+        acc += wi * torch.softmax(lg.detach().double(), dim=1)
+    return acc / sum(w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,29 +299,35 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     return load_weights(model, state_dict, what="the state dict's tensors")
 
 
-def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True) -> tuple[dict, dict | None, dict]:
+def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True,
+                        need_model: bool = True) -> tuple[dict | None, dict | None, dict]:
     """The ``papa_merge.model`` and ``papa_merge.data`` specs of a checkpoint, and its raw metadata.
 
+    Checkpoints papa-merge did not write (a ``.pth`` state dict, a plain safetensors file) have no
+    metadata: their specs are None when not needed.
+
     Raises:
-        MissingMetadataError: the checkpoint has no ``papa_merge.model`` (or no ``papa_merge.data``
-            when ``need_data``), or the entry is not valid JSON; the message says how to fix it.
+        MissingMetadataError: the checkpoint has no ``papa_merge.model`` (when ``need_model``) or no
+            ``papa_merge.data`` (when ``need_data``), or the entry is not valid JSON; the message says
+            how to fix it.
     """
     from merge.errors import MissingMetadataError
     from merge.io.sources import read_safetensors_metadata
 
     meta = read_safetensors_metadata(path)
     specs = []
-    for key, needed, what in ((MODEL_KEY, True, "the architecture to rebuild the model"),
+    for key, needed, what in ((MODEL_KEY, need_model, "the architecture to rebuild the model"),
                               (DATA_KEY, need_data, "the dataset and split seed to rebuild the data")):
         text = meta.get(key)
         if text is None:
             if needed:
                 hint = ("name the dataset" if key == DATA_KEY else
-                        "write members with papa-merge train / merge.train (which record it), or call "
-                        "merge.greedy_soup(paths, score=...) from Python with your own evaluate callback")
+                        "name the architecture (small_cnn, timm:<name>, hf:<folder>), write members with "
+                        "papa-merge train / merge.train (which record it), or call merge.greedy_soup(paths, "
+                        "score=...) from Python with your own evaluate callback")
                 raise MissingMetadataError(f"{path}: has no {key!r} metadata ({what}), which greedy soup and "
                                            f"evaluation need; {hint}", path=path,
-                                           option="data" if key == DATA_KEY else None)
+                                           option="data" if key == DATA_KEY else "model")
             specs.append(None)
             continue
         try:
@@ -323,18 +338,108 @@ def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True) -> t
     return specs[0], specs[1], meta
 
 
-def _resolve_data(data: Any, spec: dict | None) -> Any:
-    """A ``Splits`` from ``data`` (a Splits, a dataset name, or None) and a checkpoint's data spec."""
-    from merge.data import load_dataset, load_dataset_from_spec
+def _split_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    # Fields left unset (None) mean the same as absent ones: specs written by older versions lack them.
+    return {k: v for k, v in spec.items() if v is not None}
 
+
+def resolve_eval_data(data: Any, specs: Sequence[tuple[str, dict | None]]) -> Any:
+    """The splits to evaluate checkpoints on: always the members' own split when they record one.
+
+    The split (seed, val fraction, limit, preprocessing) comes from the checkpoints' ``papa_merge.data``
+    metadata, so val and test are never rows the members trained on, however ``data`` is spelled
+    (``csv:d.csv`` and ``csv:/abs/d.csv`` are one dataset). ``data`` only names the dataset: for
+    checkpoints that record none (trained elsewhere), it is loaded with the default split.
+
+    Args:
+        data: None, a dataset name, or a ``Splits`` object (used as given).
+        specs: ``(path, data spec or None)`` of each checkpoint.
+
+    Returns:
+        A ``Splits``.
+
+    Raises:
+        MismatchError: the checkpoints record different splits.
+        InvalidArgumentError: ``data`` names another dataset than the one the checkpoints record.
+        MissingMetadataError: no checkpoint records its data and ``data`` is None.
+    """
+    from merge.data import load_dataset, load_dataset_from_spec
+    from merge.data.datasets import canonical_dataset_name
+    from merge.errors import InvalidArgumentError, MismatchError, MissingMetadataError
+
+    known = [(p, s) for p, s in specs if s is not None]
+    if known:
+        p0, s0 = known[0]
+        for p, s in known[1:]:
+            a, b = _split_fields(s0), _split_fields(s)
+            if a != b:
+                diff = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                                 if a.get(k) != b.get(k))
+                raise MismatchError(f"{p} and {p0} were trained on different data splits ({diff}); their val and "
+                                    "test rows differ, so evaluate the checkpoints of one split at a time",
+                                    path=p)
+    if data is not None and not isinstance(data, str):
+        return data  # the caller's own Splits, as given
+    if known:
+        p0, s0 = known[0]
+        if data is not None and canonical_dataset_name(data) != s0.get("dataset"):
+            raise InvalidArgumentError(
+                f"data {data!r} is not the dataset {p0} was trained on ({s0.get('dataset')!r}); val and test "
+                "come from the members' own split, which exists only for their dataset",
+                path=p0, option="data", choices=(s0.get("dataset"),))
+        return load_dataset_from_spec(s0)
     if data is None:
-        return load_dataset_from_spec(spec)
-    if isinstance(data, str):
-        if spec and spec.get("dataset") == data:
-            # Same dataset: reuse the members' split seed, so val and test never overlap their training rows.
-            return load_dataset_from_spec(spec)
-        return load_dataset(data)
-    return data
+        p0 = specs[0][0] if specs else "the checkpoints"
+        raise MissingMetadataError(f"{p0}: has no {DATA_KEY!r} metadata (the dataset and split seed to rebuild "
+                                   "the data), which greedy soup and evaluation need; name the dataset",
+                                   path=p0, option="data")
+    import warnings
+
+    splits = load_dataset(data)
+    warnings.warn(f"the checkpoints record no data split, so val and test are papa-merge's default split of {data!r} "
+                  f"(seed {splits.spec.get('seed')}, val fraction {splits.spec.get('val_fraction')}); if they were "
+                  "trained on this dataset elsewhere, these rows may include their training rows", stacklevel=2)
+    return splits
+
+
+def eval_model_spec(model: str | Mapping[str, Any], splits: Any, *, num_classes: int | None = None,
+                    in_chans: int | None = None, image_size: int | None = None) -> dict:
+    """The model spec to evaluate checkpoints trained elsewhere: an architecture sized to the data.
+
+    Args:
+        model: ``small_cnn``, ``timm:<name>``, ``hf:<folder>``, or a full model spec dict.
+        splits: the data (its class count, channels and image size are the defaults).
+        num_classes, in_chans, image_size: override what the data implies.
+
+    Raises:
+        UnknownNameError: an unknown architecture.
+    """
+    from merge.models import model_spec
+
+    if not isinstance(model, str):
+        return dict(model)
+    classes = int(num_classes if num_classes is not None else splits.num_classes)
+    if model.startswith("hf:"):
+        return model_spec(model, classes)
+    chans = in_chans if in_chans is not None else (splits.in_chans if splits.kind == "image" else None)
+    size = image_size if image_size is not None else (splits.image_size if splits.kind == "image" else None)
+    return model_spec(model, classes, in_chans=chans, image_size=size)
+
+
+def scoring_label(recompute_bn: int, batch_size: int) -> str:
+    """How a score was obtained, for every printed or recorded score (``as stored`` or after recalibration)."""
+    if not recompute_bn:
+        return "as stored"
+    return f"after BatchNorm recomputation on {recompute_bn} training batches of {batch_size}"
+
+
+def _bar(iterable: Iterable[Any], *, enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
+    """``iterable`` behind a transient progress bar on stderr when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 @dataclass
@@ -342,7 +447,7 @@ class EvalRow:
     """One line of an evaluation table: a member, a soup, or an ensemble, with metrics per split."""
 
     name: str
-    kind: str  # "member" | "soup" | "ensemble" | a summary such as "members mean"
+    kind: str  # "member" | "soup" | "ensemble" | "selection" | a summary such as "members mean"
     metrics: dict[str, dict[str, float]]  # split -> {"acc", "nll", "ece"}
 
 
@@ -350,40 +455,57 @@ class CheckpointEvaluator:
     """Scores checkpoints on the splits their metadata names, with one rebuilt model per architecture.
 
     Built by :meth:`from_checkpoints`; it caches the loaders, so scoring many candidate soups (greedy
-    soup) rebuilds nothing.
+    soup) rebuilds nothing. With ``progress``, every pass over data (evaluation, BatchNorm
+    recalibration) shows a transient bar on stderr.
     """
 
     def __init__(self, model_meta: dict, splits: Any, *, batch_size: int = 256, device: str | torch.device = "cpu",
-                 n_bins: int = 15, bn_seed: int = 0):
+                 n_bins: int = 15, bn_seed: int = 0, progress: bool = False):
         from merge.engine import resolve_device
         from merge.models import rebuild_model
 
         self.model_meta, self.splits = model_meta, splits
         self.batch_size, self.n_bins, self.bn_seed = batch_size, n_bins, bn_seed
+        self.progress = progress
         self.device = resolve_device(device)
         self.model = rebuild_model({MODEL_KEY: json.dumps(model_meta)}).to(self.device)
         self._loaders: dict[str, Any] = {}
 
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | os.PathLike], *, data: Any = None, batch_size: int = 256,
-                         device: str | torch.device = "cpu", n_bins: int = 15) -> CheckpointEvaluator:
-        """Rebuild the model and the data from the first checkpoint's metadata (``data`` overrides the data).
+    def from_checkpoints(cls, paths: Sequence[str | os.PathLike], *, data: Any = None,
+                         model: str | Mapping[str, Any] | None = None, num_classes: int | None = None,
+                         in_chans: int | None = None, image_size: int | None = None, batch_size: int = 256,
+                         device: str | torch.device = "cpu", n_bins: int = 15,
+                         progress: bool = False) -> CheckpointEvaluator:
+        """The model and the data of ``paths``: from their metadata, or from ``model`` and ``data``.
+
+        The split always comes from the checkpoints' ``papa_merge.data`` when they record it
+        (:func:`resolve_eval_data`); ``model`` names the architecture of checkpoints that record none
+        (:func:`eval_model_spec`), e.g. a timm state dict saved with ``torch.save``.
 
         Raises:
-            MissingMetadataError: a checkpoint lacks the metadata (checked for every path up front).
-            MismatchError: the checkpoints describe different architectures.
+            MissingMetadataError: a checkpoint lacks the architecture (without ``model``), or no
+                checkpoint records its data (without ``data``); checked for every path up front.
+            MismatchError: the checkpoints describe different architectures or splits.
+            InvalidArgumentError: ``data`` names another dataset than the checkpoints' own.
         """
         from merge.errors import InvalidArgumentError, MismatchError
 
         if not paths:
             raise InvalidArgumentError("no checkpoints given")
-        metas = [checkpoint_metadata(p, need_data=data is None) for p in paths]
-        model_meta, data_spec, _ = metas[0]
-        for p, (m, _d, _r) in zip(paths[1:], metas[1:]):
-            if m != model_meta:
-                raise MismatchError(f"{p} is a {m.get('arch')!r} model {m}, but {paths[0]} is "
-                                    f"{model_meta.get('arch')!r} {model_meta}; evaluate one architecture at a time")
-        return cls(model_meta, _resolve_data(data, data_spec), batch_size=batch_size, device=device, n_bins=n_bins)
+        metas = [checkpoint_metadata(p, need_data=False, need_model=model is None) for p in paths]
+        model_meta = metas[0][0]
+        if model is None:
+            for p, (m, _d, _r) in zip(paths[1:], metas[1:]):
+                if m != model_meta:
+                    raise MismatchError(f"{p} is a {m.get('arch')!r} model {m}, but {paths[0]} is "
+                                        f"{model_meta.get('arch')!r} {model_meta}; evaluate one architecture "
+                                        "at a time")
+        splits = resolve_eval_data(data, [(str(p), d) for p, (_m, d, _r) in zip(paths, metas)])
+        if model is not None:
+            model_meta = eval_model_spec(model, splits, num_classes=num_classes, in_chans=in_chans,
+                                         image_size=image_size)
+        return cls(model_meta, splits, batch_size=batch_size, device=device, n_bins=n_bins, progress=progress)
 
     def loader(self, split: str) -> Any:
         """The (cached) loader of ``split`` (``val`` or ``test``), in dataset order."""
@@ -420,14 +542,22 @@ class CheckpointEvaluator:
         if recompute_bn:
             from merge.bn import recompute_bn as _recompute
 
-            _recompute(self.model, self.bn_loader(recompute_bn), num_batches=recompute_bn, device=self.device,
-                       forward=_forward_default)
+            loader = self.bn_loader(recompute_bn)
+            batches = _bar(loader, enabled=self.progress, desc="BatchNorm statistics",
+                           total=min(recompute_bn, len(loader)))
+            _recompute(self.model, batches, num_batches=recompute_bn, device=self.device, forward=_forward_default)
         return self.model
+
+    def predict_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """``(logits, labels)`` of the evaluator's model as it now is, on ``split``."""
+        loader = self.loader(split)
+        return predict(self.model, _bar(loader, enabled=self.progress, desc=f"evaluate on {split}",
+                                        total=len(loader)), device=self.device)
 
     def logits(self, state_dict: Mapping[str, Tensor], split: str, *, recompute_bn: int = 0) -> tuple[Tensor, Tensor]:
         """``(logits, labels)`` of a state dict on ``split``."""
-        model = self.model_with(state_dict, recompute_bn=recompute_bn)
-        return predict(model, self.loader(split), device=self.device)
+        self.model_with(state_dict, recompute_bn=recompute_bn)
+        return self.predict_split(split)
 
     def scorer(self, *, split: str = "val", metric: str = "acc", recompute_bn: int = 0) -> StateDictScore:
         """``score(state_dict)`` on ``split``: ``acc``, or ``-nll`` for ``nll`` (higher is better)."""
@@ -445,36 +575,52 @@ class CheckpointEvaluator:
 
 
 def _is_soup(meta: Mapping[str, str]) -> bool:
-
     return RECIPE_KEY in meta
 
 
-def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None, split: str = "both",
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None,
+                         model: str | Mapping[str, Any] | None = None, num_classes: int | None = None,
+                         in_chans: int | None = None, image_size: int | None = None, split: str = "both",
                          ensemble: bool = True, batch_size: int = 256, device: str | torch.device = "cpu",
-                         recompute_bn: int = 0, n_bins: int = 15,
-                         names: Sequence[str] | None = None) -> list[EvalRow]:
+                         recompute_bn: int = 0, n_bins: int = 15, names: Sequence[str] | None = None,
+                         progress: bool = False,
+                         on_row: Callable[[EvalRow], None] | None = None) -> list[EvalRow]:
     """Accuracy, NLL and ECE of each checkpoint, and of the prediction ensemble of the members.
 
     Checkpoints without a ``papa_merge.recipe`` are members; those with one are soups. The model is
-    rebuilt from ``papa_merge.model`` and the data from ``papa_merge.data`` (or ``data``).
+    rebuilt from ``papa_merge.model`` (or ``model``) and the data split from ``papa_merge.data``
+    (``data`` names the dataset of checkpoints that record none). A selection manifest
+    (:mod:`merge.manifest`, written by ``papa-merge select``) among ``paths`` adds its members (each
+    evaluated once) and a row for its ensemble, weighted by the pick counts.
 
     Args:
-        paths: safetensors checkpoints written by papa-merge (members or soups), one architecture.
-        data: a dataset name or ``Splits`` (None: from the first checkpoint's metadata).
+        paths: checkpoints (members or soups, one architecture) and selection manifests.
+        data: a dataset name or ``Splits``; None: from the checkpoints' metadata.
+        model, num_classes, in_chans, image_size: the architecture of checkpoints trained elsewhere
+            (:func:`eval_model_spec`); None: from their metadata.
         split: ``val``, ``test`` or ``both``.
         ensemble: add a row for the prediction ensemble (mean of softmax probabilities) of the members
             (when there are at least two).
         batch_size, device: evaluation batch size and device.
         recompute_bn: recalibrate each checkpoint's BatchNorm statistics on this many training batches
             before evaluating it (0: evaluate as stored).
-        names: display names (default: the paths).
+        names: display names of ``paths`` (default: the paths).
+        progress: transient progress bars on stderr (evaluation, recalibration).
+        on_row: called with each row as soon as it is computed (print results as they come).
 
     Returns:
-        :class:`EvalRow` s: the checkpoints in the order given, then ``ensemble``.
+        :class:`EvalRow` s: the checkpoints in the order given (a manifest's members where it stands),
+        then the ``ensemble`` row, then one ``selection`` row per manifest.
 
     Raises:
-        MissingMetadataError: a checkpoint lacks ``papa_merge.model`` (or ``papa_merge.data`` without ``data``).
-        InvalidArgumentError: an unknown split.
+        MissingMetadataError: a checkpoint lacks ``papa_merge.model`` (without ``model``), or the data
+            is unknown (no ``papa_merge.data`` and no ``data``).
+        InvalidArgumentError: an unknown split, or ``data`` naming another dataset than the members'.
+        MismatchError: checkpoints of different architectures or splits.
 
     Example:
         >>> rows = evaluate_checkpoints(["m0.safetensors", "m1.safetensors"], split="test")  # doctest: +SKIP
@@ -482,32 +628,65 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None
     """
     from merge.errors import InvalidArgumentError
     from merge.io.sources import open_checkpoint
+    from merge.manifest import is_manifest, read_manifest
 
     splits = _splits(split)
     if names is not None and len(names) != len(paths):
         raise InvalidArgumentError(f"{len(names)} names for {len(paths)} checkpoints")
-    ev = CheckpointEvaluator.from_checkpoints(paths, data=data, batch_size=batch_size, device=device, n_bins=n_bins)
-    rows: list[EvalRow] = []
-    member_logits: dict[str, list[Tensor]] = {s: [] for s in splits}
-    labels: dict[str, Tensor] = {}
+    entries: list[tuple[str, str | os.PathLike]] = []  # (display name, checkpoint)
+    selections: list[tuple[str, Any, list[int]]] = []  # (display name, Selection, entry indices)
     for i, p in enumerate(paths):
+        label = str(names[i]) if names is not None else str(p)
+        if is_manifest(p):
+            sel = read_manifest(p)
+            idx = []
+            for m in sel.paths:
+                found = next((j for j, (_n, q) in enumerate(entries) if _same_file(q, m)), None)
+                if found is None:
+                    entries.append((str(m), m))
+                    found = len(entries) - 1
+                idx.append(found)
+            selections.append((label, sel, idx))
+        else:
+            entries.append((label, p))
+    ev = CheckpointEvaluator.from_checkpoints([q for _n, q in entries], data=data, model=model,
+                                              num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                                              batch_size=batch_size, device=device, n_bins=n_bins, progress=progress)
+    rows: list[EvalRow] = []
+    logits_of: list[dict[str, Tensor]] = []
+    member_idx: list[int] = []
+    labels: dict[str, Tensor] = {}
+    for i, (label, p) in enumerate(entries):
         with open_checkpoint(p) as src:
             sd, meta = src.state_dict(), dict(src.metadata)
         kind = "soup" if _is_soup(meta) else "member"
-        row = EvalRow(str(names[i]) if names is not None else str(p), kind, {})
+        row = EvalRow(label, kind, {})
         # Recalibrate once per checkpoint, then evaluate every split with the same statistics.
         ev.model_with(sd, recompute_bn=recompute_bn)
+        logits_of.append({})
         for s in splits:
-            logits, labels[s] = predict(ev.model, ev.loader(s), device=ev.device)
-            row.metrics[s] = metrics(logits, labels[s], n_bins=n_bins)
-            if kind == "member":
-                member_logits[s].append(logits)
+            logits_of[i][s], labels[s] = ev.predict_split(s)
+            row.metrics[s] = metrics(logits_of[i][s], labels[s], n_bins=n_bins)
+        if kind == "member":
+            member_idx.append(i)
         rows.append(row)
-    n_members = len(member_logits[splits[0]])
-    if ensemble and n_members >= 2:
-        rows.append(EvalRow(f"ensemble of {n_members} members", "ensemble",
-                            {s: metrics_from_probs(ensemble_probs(member_logits[s]), labels[s], n_bins=n_bins)
-                             for s in splits}))
+        if on_row is not None:
+            on_row(row)
+    extra: list[EvalRow] = []
+    if ensemble and len(member_idx) >= 2:
+        extra.append(EvalRow(f"ensemble of {len(member_idx)} members", "ensemble",
+                             {s: metrics_from_probs(ensemble_probs([logits_of[i][s] for i in member_idx]),
+                                                    labels[s], n_bins=n_bins) for s in splits}))
+    for label, sel, idx in selections:
+        name = f"{Path(label).name}: {len(idx)} members, weights {'+'.join(str(w) for w in sel.weights)}"
+        extra.append(EvalRow(name, "selection",
+                             {s: metrics_from_probs(ensemble_probs([logits_of[i][s] for i in idx],
+                                                                   weights=sel.weights), labels[s], n_bins=n_bins)
+                              for s in splits}))
+    for row in extra:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -538,6 +717,34 @@ def summarize_members(rows: Sequence[EvalRow]) -> list[EvalRow]:
     return out
 
 
+class TableFormatter:
+    """The evaluation table, one line at a time: a header, then each row as soon as it is known.
+
+    Args:
+        splits: the splits shown, in order.
+        width: the width of the name column (names longer than it still print in full).
+    """
+
+    def __init__(self, splits: Sequence[str], *, width: int = 22):
+        self.splits, self.width = list(splits), max(20, width) + 2
+
+    @classmethod
+    def for_names(cls, names: Iterable[str], splits: Sequence[str]) -> TableFormatter:
+        return cls(splits, width=max([0, *(len(n) for n in names)]))
+
+    def header(self) -> str:
+        return "model".ljust(self.width) + "".join(f"{s + ' acc':>9s}{s + ' nll':>9s}{s + ' ece':>9s}"
+                                                   for s in self.splits)
+
+    def row(self, r: EvalRow) -> str:
+        cells = ""
+        for s in self.splits:
+            m = r.metrics.get(s)
+            cells += (f"{100 * m['acc']:8.2f}%{m['nll']:9.4f}{m['ece']:9.4f}" if m else f"{'-':>9s}" * 3)
+        name = r.name.ljust(self.width) if len(r.name) < self.width else r.name + " "
+        return name + cells
+
+
 def format_table(rows: Sequence[EvalRow], *, splits: Sequence[str] | None = None) -> str:
     """A plain-text table: one row per model, ``acc nll ece`` per split (accuracy in percent).
 
@@ -549,22 +756,13 @@ def format_table(rows: Sequence[EvalRow], *, splits: Sequence[str] | None = None
     """
     if not rows:
         return ""
-    splits = list(splits or rows[0].metrics)
-    width = max(20, *(len(r.name) for r in rows)) + 2
-    head = "model".ljust(width) + "".join(f"{s + ' acc':>9s}{s + ' nll':>9s}{s + ' ece':>9s}" for s in splits)
-    lines = [head]
-    for r in rows:
-        cells = ""
-        for s in splits:
-            m = r.metrics.get(s)
-            cells += (f"{100 * m['acc']:8.2f}%{m['nll']:9.4f}{m['ece']:9.4f}" if m else f"{'-':>9s}" * 3)
-        lines.append(r.name.ljust(width) + cells)
-    return "\n".join(lines)
+    fmt = TableFormatter.for_names([r.name for r in rows], list(splits or rows[0].metrics))
+    return "\n".join([fmt.header(), *(fmt.row(r) for r in rows)])
 
 
 def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: Any = None, batch_size: int = 256,
                             device: str | torch.device = "cpu", state_dict: Mapping[str, Tensor] | None = None,
-                            evaluator: CheckpointEvaluator | None = None) -> Path:
+                            evaluator: CheckpointEvaluator | None = None, progress: bool = False) -> Path:
     """Rewrite a soup checkpoint in place with BatchNorm statistics recomputed on training batches.
 
     The model and the data are rebuilt from the checkpoint's metadata (``data`` overrides the data);
@@ -578,6 +776,7 @@ def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: 
         data, batch_size, device: as in :func:`evaluate_checkpoints`.
         state_dict: the tensors to recalibrate, if already in memory (default: read from ``path``).
         evaluator: reuse this evaluator (its data, batch size and recalibration subset).
+        progress: a transient progress bar on stderr over the batches.
 
     Returns:
         ``path``.
@@ -600,7 +799,8 @@ def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: 
     if path.suffix != ".safetensors" or not path.is_file():
         raise InvalidArgumentError(f"{path}: BatchNorm recalibration rewrites a single .safetensors file; "
                                    "write the soup with -o NAME.safetensors")
-    ev = evaluator or CheckpointEvaluator.from_checkpoints([path], data=data, batch_size=batch_size, device=device)
+    ev = evaluator or CheckpointEvaluator.from_checkpoints([path], data=data, batch_size=batch_size, device=device,
+                                                           progress=progress)
     with open_checkpoint(path) as src:
         meta = dict(src.metadata)
         if state_dict is None:

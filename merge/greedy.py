@@ -9,10 +9,16 @@ Recipe 1 and the public ``greedy_soup`` code):
 3. visit every other member once, in that order; add it to the soup only if the equal-weight
    average of the soup's members plus it scores *strictly* better on the held-out set than the soup.
 
-Greedy ensemble selection (Caruana et al., 2004, "Ensemble selection from libraries of models"),
-as hyperparameter ensembles use it (Wenzel et al., 2020): starting from the empty ensemble, repeatedly
-add (with replacement) the member whose addition gives the lowest validation NLL of the averaged
-predicted probabilities, and stop when no addition improves it or the ensemble is full.
+Each score is that of the model the soup would be: a kept set of one member *is* that member (scored
+as stored, exactly as ``papa-merge eval`` scores it); an average of two or more is scored after its
+BatchNorm statistics are recomputed when recalibration is asked for, as it will be written.
+
+Greedy ensemble selection (Caruana et al., 2004, "Ensemble selection from libraries of models"), as
+hyperparameter ensembles use it (Wenzel et al., 2020; ``greedy_selection`` in google/uncertainty-baselines,
+``baselines/cifar/hyperdeepensemble.py``): starting from the empty ensemble, repeatedly add (with
+replacement) the member whose addition gives the lowest validation NLL of the averaged predicted
+probabilities; stop when the ensemble holds ``size`` *distinct* members, or when no addition improves
+the NLL of the ensemble so far.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from merge.errors import InvalidArgumentError
 from merge.soups import average
 
 __all__ = ["GreedyResult", "greedy_soup", "greedy_soup_checkpoints", "greedy_ensemble_selection",
-           "GREEDY_CITATION", "ENSEMBLE_SELECTION_CITATION"]
+           "ensemble_selection", "EnsembleSelection", "select_checkpoints", "GREEDY_CITATION",
+           "ENSEMBLE_SELECTION_CITATION"]
 
 GREEDY_CITATION = ("Wortsman et al., 2022. Model soups: averaging weights of multiple fine-tuned models "
                    "improves accuracy without increasing inference time. ICML.")
@@ -52,10 +59,13 @@ class GreedyResult:
         order: every member index, best validation score first (the visiting order).
         member_scores: each member's score, indexed like ``members``.
         score: the held-out score of the final soup (equals ``member_scores[selected[0]]`` when
-            nothing else was kept).
+            nothing else was kept: a soup of one member is that member).
         steps: one entry per visited member after the first: ``{"member", "score", "kept"}``, where
             ``score`` is that of the candidate soup with the member added.
         state_dict: the soup's tensors (the uniform average of the selected members).
+        member_label: how each member's score was obtained (``"val acc, as stored"``).
+        soup_label: how each candidate soup's score was obtained (``"val acc, after BatchNorm
+            recomputation on 20 training batches of 256"``).
     """
 
     selected: list[int]
@@ -64,25 +74,35 @@ class GreedyResult:
     score: float
     steps: list[dict[str, Any]] = field(default_factory=list)
     state_dict: dict[str, Tensor] | None = field(default=None, repr=False)
+    member_label: str = "score"
+    soup_label: str = "score"
 
-    def record(self, names: Sequence[str] | None = None, *, metric: str = "score") -> dict[str, Any]:
+    @property
+    def score_label(self) -> str:
+        """How :attr:`score` was obtained: a member's way for a soup of one, a soup's way otherwise."""
+        return self.member_label if len(self.selected) == 1 else self.soup_label
+
+    def record(self, names: Sequence[str] | None = None, *, metric: str | None = None) -> dict[str, Any]:
         """A JSON-serialisable summary for a soup's recorded recipe.
 
         Args:
             names: a display name per member (paths); default the indices.
-            metric: what the score is (e.g. ``"val acc"``).
+            metric: what the score is (e.g. ``"val acc"``); default the result's own labels.
         """
         name = (lambda i: str(names[i])) if names is not None else (lambda i: i)
         return {
             "rule": "greedy soup: sort by held-out score, start from the best, keep a member only if the "
                     "uniform average with it scores strictly better",
             "citation": GREEDY_CITATION,
-            "metric": metric,
+            "metric": metric or self.soup_label,
+            "member_scores_are": self.member_label,
+            "candidate_scores_are": self.soup_label,
             "ingredients": [name(i) for i in self.selected],
             "order": [name(i) for i in self.order],
             "member_scores": {str(name(i)): self.member_scores[i] for i in range(len(self.member_scores))},
             "steps": [{"member": name(s["member"]), "score": s["score"], "kept": s["kept"]} for s in self.steps],
             "soup_score": self.score,
+            "soup_score_is": self.score_label,
         }
 
 
@@ -97,7 +117,9 @@ def _load(member: Member) -> dict[str, Tensor]:
 
 def greedy_soup(members: Sequence[Member], *, score: StateDictScore,
                 member_scores: Sequence[float] | None = None, accumulate: str | torch.dtype = "float32",
-                on_score: Callable[[int, float, bool], None] | None = None) -> GreedyResult:
+                on_score: Callable[[int, float, bool], None] | None = None,
+                on_member: Callable[[int, float], None] | None = None,
+                member_label: str = "score", soup_label: str = "score") -> GreedyResult:
     """Greedy soup of ``members``, exactly by the model-soups rule.
 
     Candidate soups are computed with :func:`merge.average` over the kept members plus the candidate
@@ -106,13 +128,16 @@ def greedy_soup(members: Sequence[Member], *, score: StateDictScore,
 
     Args:
         members: checkpoint paths or in-memory state dicts; an entry listed twice is two members.
-        score: ``score(state_dict) -> float``, higher is better (validation accuracy in the paper). It
-            must not modify the state dict. :func:`merge.evaluate.state_dict_scorer` turns a model and
-            an ``evaluate(model)`` callback into one.
-        member_scores: each member's score if already known (e.g. recorded at training time with the
-            same ``score``); None scores every member with ``score``.
+        score: ``score(state_dict) -> float`` of a candidate soup (two or more members), higher is
+            better (validation accuracy in the paper). It must not modify the state dict.
+            :func:`merge.evaluate.state_dict_scorer` turns a model and an ``evaluate(model)`` callback
+            into one.
+        member_scores: each member's score if already known (e.g. recorded at training time); None
+            scores every member with ``score``.
         accumulate: accumulator dtype of the averages (``float32`` or ``float64``).
         on_score: called as ``on_score(member_index, candidate_score, kept)`` after each visit (progress).
+        on_member: called as ``on_member(member_index, score)`` as each member is scored.
+        member_label, soup_label: how member scores and candidate scores are obtained (recorded in the result).
 
     Returns:
         A :class:`GreedyResult` with the selection, the per-step scores and the soup's state dict.
@@ -130,7 +155,12 @@ def greedy_soup(members: Sequence[Member], *, score: StateDictScore,
     if not members:
         raise InvalidArgumentError("greedy_soup: no members given; pass at least one checkpoint or state dict")
     if member_scores is None:
-        member_scores = [float(score(_load(m))) for m in members]
+        scores = []
+        for i, m in enumerate(members):
+            scores.append(float(score(_load(m))))
+            if on_member is not None:
+                on_member(i, scores[-1])
+        member_scores = scores
     else:
         member_scores = [float(s) for s in member_scores]
         if len(member_scores) != len(members):
@@ -160,22 +190,149 @@ def greedy_soup(members: Sequence[Member], *, score: StateDictScore,
         if on_score is not None:
             on_score(i, s, kept)
     return GreedyResult(selected=selected, order=order, member_scores=member_scores, score=best, steps=steps,
-                        state_dict=soup_sd)
+                        state_dict=soup_sd, member_label=member_label, soup_label=soup_label)
 
 
-def greedy_ensemble_selection(member_probs: Sequence[Tensor], labels: Tensor, *, size: int,
-                              replacement: bool = True) -> list[int]:
-    """Caruana-style greedy ensemble selection by validation NLL, as in hyperparameter ensembles.
+# --------------------------------------------------------------------------------------------------
+# Greedy ensemble selection (prediction space)
 
-    Starting from the empty ensemble, each step adds the member that gives the lowest NLL of the
-    averaged probabilities of the ensemble with it (ties: the lowest index). Selection stops when the
-    ensemble holds ``size`` entries or when no member lowers the NLL strictly. With replacement a
-    member may be picked again, which raises its weight in the average.
+SELECTION_OBJECTIVES = ("nll", "acc")
+
+
+@dataclass
+class EnsembleSelection:
+    """What greedy ensemble selection picked.
+
+    Attributes:
+        picks: member indices in the order picked; a member picked twice counts twice in the average.
+        members: the distinct members, in the order first picked.
+        counts: each distinct member's pick count (its weight), aligned with ``members``.
+        by: the objective (``nll``, or ``acc`` maximised).
+        acc, nll: the final ensemble's accuracy and NLL on the selection data.
+        steps: per pick, ``{"member", "acc", "nll"}`` of the ensemble after it.
+        stopped: ``size`` (``size`` distinct members reached), ``no improvement`` or ``max picks``.
+    """
+
+    picks: list[int]
+    members: list[int]
+    counts: list[int]
+    by: str
+    acc: float
+    nll: float
+    steps: list[dict[str, Any]]
+    stopped: str
+
+
+def _check_probs(member_probs: Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+    if not member_probs:
+        raise InvalidArgumentError("greedy_ensemble_selection: no members given")
+    shape = tuple(member_probs[0].shape)
+    for i, p in enumerate(member_probs):
+        if tuple(p.shape) != shape or p.ndim != 2:
+            raise InvalidArgumentError(f"greedy_ensemble_selection: member {i} has probabilities of shape "
+                                       f"{tuple(p.shape)}, expected {shape} (N examples x C classes) like member 0")
+    labels = labels.long().to(member_probs[0].device)
+    if labels.shape != (shape[0],):
+        raise InvalidArgumentError(f"greedy_ensemble_selection: expected {shape[0]} labels, got shape "
+                                   f"{tuple(labels.shape)}")
+    return torch.stack([p.detach().double() for p in member_probs]), labels  # (M, N, C)
+
+
+def ensemble_selection(member_probs: Sequence[Tensor], labels: Tensor, *, size: int, by: str = "nll",
+                       replacement: bool = True, max_picks: int = 1000) -> EnsembleSelection:
+    """Caruana-style greedy ensemble selection, as the hyperparameter-ensembles reference code does it.
+
+    A port of ``greedy_selection`` in google/uncertainty-baselines (``baselines/cifar/hyperdeepensemble.py``):
+    while the ensemble holds fewer than ``size`` distinct members, try adding each member (with
+    replacement: one already in counts again, raising its weight); keep the candidate with the best
+    objective of the averaged probabilities if it beats the best objective so far, strictly (ties: the
+    lowest index); otherwise stop.
+
+    Deliberate differences from the reference: ``by="acc"`` *maximises* accuracy (the reference
+    minimises its ``acc`` objective, which picks the worst members); probabilities are averaged in
+    float64; and ``max_picks`` bounds the number of picks (the reference has no bound; with one
+    that large it is never reached in practice).
 
     Args:
         member_probs: one ``(N, C)`` probability tensor per member, on the validation set.
         labels: ``(N,)`` validation labels.
-        size: the largest number of entries (picks) in the ensemble.
+        size: the number of distinct members to reach (the ensemble size the paper compares at).
+        by: ``nll`` (the paper's objective) or ``acc``.
+        replacement: allow a member to be picked more than once (the paper's choice).
+        max_picks: stop after this many picks.
+
+    Returns:
+        An :class:`EnsembleSelection`.
+
+    Raises:
+        InvalidArgumentError: no members, ``size`` < 1, an unknown ``by``, or shapes that disagree.
+
+    Example:
+        >>> y = torch.tensor([0, 1])
+        >>> p = [torch.tensor([[0.95, 0.05], [0.7, 0.3]]), torch.tensor([[0.3, 0.7], [0.1, 0.9]])]
+        >>> ensemble_selection(p, y, size=2).counts
+        [1, 1]
+    """
+    if size < 1:
+        raise InvalidArgumentError(f"greedy_ensemble_selection: size must be at least 1, got {size}")
+    if by not in SELECTION_OBJECTIVES:
+        raise InvalidArgumentError(f"greedy_ensemble_selection: by must be one of {', '.join(SELECTION_OBJECTIVES)}; "
+                                   f"got {by!r}", option="by", choices=SELECTION_OBJECTIVES)
+    if max_picks < 1:
+        raise InvalidArgumentError(f"greedy_ensemble_selection: max_picks must be at least 1, got {max_picks}")
+    probs, labels = _check_probs(member_probs, labels)
+    m, n, _c = probs.shape
+    true_p = probs.gather(2, labels[None, :, None].expand(m, n, 1)).squeeze(2)  # (M, N)
+    tiny = torch.finfo(torch.float64).tiny
+    total = torch.zeros_like(probs[0])  # sum of the picked members' probabilities, (N, C)
+    total_true = torch.zeros(n, dtype=torch.float64, device=probs.device)
+    picks: list[int] = []
+    steps: list[dict[str, Any]] = []
+    best = float("inf")
+    stopped = "size"
+    while len(set(picks)) < size:
+        if len(picks) >= max_picks:
+            stopped = "max picks"
+            break
+        allowed = [i for i in range(m) if replacement or i not in picks]
+        if not allowed:
+            stopped = "no improvement"
+            break
+        k = len(picks) + 1
+        nll = -torch.log(((total_true[None, :] + true_p[allowed]) / k).clamp_min(tiny)).mean(dim=1)
+        # The ensemble's prediction is the argmax of its averaged probabilities (the first class on ties).
+        acc = (((total[None] + probs[allowed]) / k).argmax(dim=2) == labels[None, :]).double().mean(dim=1)
+        objective = nll if by == "nll" else -acc
+        j = int(torch.argmin(objective))  # the first minimum: ties go to the lowest index, as the reference
+        if not float(objective[j]) < best:
+            stopped = "no improvement"
+            break
+        best = float(objective[j])
+        picks.append(allowed[j])
+        total += probs[allowed[j]]
+        total_true += true_p[allowed[j]]
+        steps.append({"member": allowed[j], "acc": float(acc[j]), "nll": float(nll[j])})
+    members: list[int] = []
+    for i in picks:
+        if i not in members:
+            members.append(i)
+    last = steps[-1] if steps else {"acc": float("nan"), "nll": float("nan")}
+    return EnsembleSelection(picks=picks, members=members, counts=[picks.count(i) for i in members], by=by,
+                             acc=last["acc"], nll=last["nll"], steps=steps, stopped=stopped)
+
+
+def greedy_ensemble_selection(member_probs: Sequence[Tensor], labels: Tensor, *, size: int, by: str = "nll",
+                              replacement: bool = True) -> list[int]:
+    """Greedy ensemble selection by validation NLL; the picks of :func:`ensemble_selection`.
+
+    Selection stops when the ensemble holds ``size`` distinct members or when no pick improves it;
+    with replacement a member may be picked again, which raises its weight in the average.
+
+    Args:
+        member_probs: one ``(N, C)`` probability tensor per member, on the validation set.
+        labels: ``(N,)`` validation labels.
+        size: the number of distinct members to reach.
+        by: ``nll`` (the paper's objective) or ``acc``.
         replacement: allow a member to be picked more than once.
 
     Returns:
@@ -191,79 +348,68 @@ def greedy_ensemble_selection(member_probs: Sequence[Tensor], labels: Tensor, *,
         >>> greedy_ensemble_selection(p, y, size=4)
         [0, 1]
     """
-    if not member_probs:
-        raise InvalidArgumentError("greedy_ensemble_selection: no members given")
-    if size < 1:
-        raise InvalidArgumentError(f"greedy_ensemble_selection: size must be at least 1, got {size}")
-    shape = tuple(member_probs[0].shape)
-    for i, p in enumerate(member_probs):
-        if tuple(p.shape) != shape or p.ndim != 2:
-            raise InvalidArgumentError(f"greedy_ensemble_selection: member {i} has probabilities of shape "
-                                       f"{tuple(p.shape)}, expected {shape} (N examples x C classes) like member 0")
-    labels = labels.long().to(member_probs[0].device)
-    if labels.shape != (shape[0],):
-        raise InvalidArgumentError(f"greedy_ensemble_selection: expected {shape[0]} labels, got shape "
-                                   f"{tuple(labels.shape)}")
-    # Only the probability of the true class enters the NLL, so select on those columns alone.
-    true_p = torch.stack([p.double().gather(1, labels[:, None]).squeeze(1) for p in member_probs])  # (M, N)
-    tiny = torch.finfo(torch.float64).tiny
-    total = torch.zeros(shape[0], dtype=torch.float64, device=true_p.device)
-    picks: list[int] = []
-    best = float("inf")
-    while len(picks) < size:
-        allowed = [i for i in range(len(member_probs)) if replacement or i not in picks]
-        if not allowed:
-            break
-        cand = (total[None, :] + true_p[allowed]) / (len(picks) + 1)
-        nll = -torch.log(cand.clamp_min(tiny)).mean(dim=1)
-        k = int(torch.argmin(nll))  # argmin returns the first minimum: ties go to the lowest index
-        if float(nll[k]) >= best:
-            break
-        best = float(nll[k])
-        picks.append(allowed[k])
-        total += true_p[allowed[k]]
-    return picks
+    return ensemble_selection(member_probs, labels, size=size, by=by, replacement=replacement).picks
 
+
+# --------------------------------------------------------------------------------------------------
+# On checkpoints: the model and data rebuilt from metadata (or named), scores labelled
 
 def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, data: Any = None,
+                            model: str | Mapping[str, Any] | None = None, num_classes: int | None = None,
+                            in_chans: int | None = None, image_size: int | None = None,
                             recompute_bn: int = 0, batch_size: int = 256, device: str = "cpu",
-                            metric: str = "acc", force: bool = False,
-                            on_score: Callable[[int, float, bool], None] | None = None) -> tuple[GreedyResult, Path]:
+                            metric: str = "acc", force: bool = False, progress: bool = False,
+                            on_score: Callable[[int, float, bool], None] | None = None,
+                            on_member: Callable[[int, float], None] | None = None) -> tuple[GreedyResult, Path]:
     """Greedy soup of member checkpoints, rebuilding the model and the data from their metadata.
 
-    Every member and every candidate soup is scored the same way: load the state dict into the
-    model rebuilt from ``papa_merge.model``, recompute BatchNorm statistics on ``recompute_bn``
-    training batches if asked, and measure ``metric`` on the validation split. The soup is written
-    with :func:`merge.soup` over the selected paths, so its recorded recipe lists exactly the kept
-    members, plus a ``greedy`` entry with the visiting order and every score; with ``recompute_bn``
-    the written soup carries the recalibrated statistics it was scored with.
+    Each candidate is scored as the model it would be written as. A member alone is scored as stored
+    (its own BatchNorm statistics, as ``papa-merge eval`` scores it), so a soup that keeps one member
+    *is* that member, written unchanged with that member's metrics. An average of two or more members
+    is scored after recomputing its BatchNorm statistics on ``recompute_bn`` training batches (when
+    asked), and written with those statistics. The labels of both ways are in the result and the
+    written recipe. The soup is written with :func:`merge.soup` over the selected paths, so its
+    recorded recipe lists exactly the kept members, plus a ``greedy`` entry with the visiting order
+    and every score.
 
     Args:
-        paths: member checkpoints written by :mod:`merge.train` (or any safetensors file carrying
-            ``papa_merge.model`` and, without ``data``, ``papa_merge.data`` metadata).
+        paths: member checkpoints written by :mod:`merge.train`, or any checkpoints (``.pth`` state
+            dicts, safetensors) when ``model`` and ``data`` name what they are.
         out: the soup's ``.safetensors`` path.
-        data: a dataset name (``"mnist"``), a ``Splits`` object, or None to rebuild the data from
-            the first member's ``papa_merge.data``.
-        recompute_bn: number of training batches for BatchNorm recalibration (0: none).
+        data: a dataset name or a ``Splits`` object; None: from the members' ``papa_merge.data``. The
+            split is always the members' own when they record one.
+        model, num_classes, in_chans, image_size: the architecture of checkpoints that record none
+            (:func:`merge.evaluate.eval_model_spec`); recorded in the soup so it evaluates like a member.
+        recompute_bn: number of training batches for BatchNorm recalibration of soups of two or more (0: none).
         batch_size: evaluation (and recalibration) batch size.
         device: where models run (``cpu``, ``cuda[:N]``).
         metric: ``acc`` (the paper's choice) or ``nll`` (scored as -NLL so higher is better).
         force: replace an existing ``out``.
-        on_score: progress callback, as in :func:`greedy_soup`.
+        progress: progress bars on stderr (members, candidates, and each pass over data).
+        on_score: called as each candidate is scored, as in :func:`greedy_soup`.
+        on_member: called as ``on_member(index, score)`` as each member is scored.
 
     Returns:
         ``(result, written_path)``.
 
     Raises:
-        MissingMetadataError: a member lacks ``papa_merge.model`` (or ``papa_merge.data`` without ``data``).
+        MissingMetadataError: a member lacks ``papa_merge.model`` (without ``model``) or no member
+            records its data (without ``data``).
+        InvalidArgumentError: ``data`` names another dataset than the members', a bad metric or output.
         OutputExistsError: ``out`` exists and ``force`` is False.
 
     Example:
         >>> result, path = greedy_soup_checkpoints(sorted(Path("ckpts").glob("*.safetensors")),
         ...                                        out="greedy.safetensors", recompute_bn=20)  # doctest: +SKIP
+        >>> result.score, result.score_label  # doctest: +SKIP
+        (0.981, 'val acc, after BatchNorm recomputation on 20 training batches of 256')
     """
-    from merge.evaluate import CheckpointEvaluator, recompute_bn_checkpoint
+    import json
+
+    from merge.evaluate import CheckpointEvaluator, recompute_bn_checkpoint, scoring_label
+    from merge.io.sources import open_checkpoint
     from merge.io.writer import check_output_free
+    from merge.keys import DATA_KEY, MODEL_KEY
     from merge.soups import soup
 
     if not paths:
@@ -274,14 +420,137 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
     if out.suffix != ".safetensors":
         raise InvalidArgumentError(f"greedy soup: the output must be a .safetensors file, got {out}")
     check_output_free(out, force=force)  # before the (long) scoring, not after it
-    ev = CheckpointEvaluator.from_checkpoints(paths, data=data, batch_size=batch_size, device=device)
-    score = ev.scorer(split="val", metric=metric, recompute_bn=recompute_bn)
-    result = greedy_soup(list(paths), score=score, on_score=on_score)
-    record = result.record([str(p) for p in paths], metric="val acc" if metric == "acc" else "val -nll")
-    record["recompute_bn_batches"] = recompute_bn
+    ev = CheckpointEvaluator.from_checkpoints(paths, data=data, model=model, num_classes=num_classes,
+                                              in_chans=in_chans, image_size=image_size, batch_size=batch_size,
+                                              device=device, progress=progress)
+    what = "val acc" if metric == "acc" else "val -nll"
+    member_label = f"{what}, {scoring_label(0, batch_size)}"
+    soup_label = f"{what}, {scoring_label(recompute_bn, batch_size)}"
+    score_member = ev.scorer(split="val", metric=metric, recompute_bn=0)
+    score_soup = ev.scorer(split="val", metric=metric, recompute_bn=recompute_bn)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * len(paths) - 1, desc="greedy soup", unit="model", dynamic_ncols=True)
+
+    def member_done(i: int, s: float) -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_member is not None:
+            on_member(i, s)
+
+    def candidate_done(i: int, s: float, kept: bool) -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_score is not None:
+            on_score(i, s, kept)
+
+    member_scores = []
+    try:
+        for i, p in enumerate(paths):
+            with open_checkpoint(p) as src:
+                member_scores.append(float(score_member(src.state_dict())))
+            member_done(i, member_scores[-1])
+        result = greedy_soup(list(paths), score=score_soup, member_scores=member_scores, on_score=candidate_done,
+                             member_label=member_label, soup_label=soup_label)
+    finally:
+        if bar is not None:
+            bar.close()
+    record = result.record([str(p) for p in paths])
+    record["recompute_bn_batches"] = recompute_bn if len(result.selected) > 1 else 0
+    # The soup evaluates like its members: it records the architecture and split it was scored with.
+    meta = {MODEL_KEY: json.dumps(ev.model_meta, sort_keys=True)}
+    if getattr(ev.splits, "spec", None):
+        meta[DATA_KEY] = json.dumps(ev.splits.spec, sort_keys=True)
     # The recorded recipe's members are exactly the kept ones: merge.soup over the selected paths.
-    written = soup([paths[i] for i in result.selected], out=out, force=force, recipe_extra={"greedy": record}).path
-    if recompute_bn:
+    written = soup([paths[i] for i in result.selected], out=out, force=force, metadata=meta,
+                   recipe_extra={"greedy": record}).path
+    if recompute_bn and len(result.selected) > 1:
         # The soup on disk must be the model that was scored: same weights, same recalibrated statistics.
         recompute_bn_checkpoint(written, num_batches=recompute_bn, state_dict=result.state_dict, evaluator=ev)
     return result, Path(written)
+
+
+def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str = "nll", data: Any = None,
+                       model: str | Mapping[str, Any] | None = None, num_classes: int | None = None,
+                       in_chans: int | None = None, image_size: int | None = None, batch_size: int = 256,
+                       device: str = "cpu", out: str | os.PathLike | None = None, force: bool = False,
+                       progress: bool = False, on_member: Callable[[int, dict[str, float]], None] | None = None,
+                       logits: Sequence[Tensor] | None = None) -> Any:
+    """Greedy ensemble selection of checkpoints on their validation split, written as a manifest.
+
+    Every checkpoint is evaluated once on the members' own val split; :func:`ensemble_selection`
+    then picks, with replacement, until the ensemble holds ``size`` distinct members (or no pick
+    improves it). The :class:`merge.manifest.Selection` lists the members with their pick counts as
+    weights, the ensemble's val metrics and each member's.
+
+    Args:
+        paths: the pool (checkpoints; one architecture and split).
+        size: distinct members to select (the ensemble size k).
+        by: ``nll`` (hyperparameter ensembles' objective) or ``acc``.
+        data, model, num_classes, in_chans, image_size: as in :func:`greedy_soup_checkpoints`.
+        batch_size, device: evaluation batch size and device.
+        out: write the manifest here (a ``.json`` path); None: do not write.
+        force: replace an existing ``out``.
+        progress: progress bars on stderr.
+        on_member: called as ``on_member(index, val_metrics)`` as each checkpoint is evaluated.
+        logits: the pool's val logits if already computed (one ``(N, C)`` tensor per path, in the
+            order of the val split); skips the evaluation.
+
+    Returns:
+        The :class:`merge.manifest.Selection` (``.paths``, ``.weights``, ``.scores``).
+
+    Raises:
+        MissingMetadataError, MismatchError, InvalidArgumentError: as in :func:`greedy_soup_checkpoints`.
+        OutputExistsError: ``out`` exists and ``force`` is False (checked before any evaluation).
+
+    Example:
+        >>> sel = select_checkpoints(sorted(Path("pool").glob("*.safetensors")), size=3,
+        ...                          out="selection.json")  # doctest: +SKIP
+        >>> sel.paths, sel.weights  # doctest: +SKIP
+    """
+    from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs
+    from merge.io.sources import open_checkpoint
+    from merge.io.writer import check_output_free
+    from merge.manifest import selection_from_picks, write_manifest
+
+    if not paths:
+        raise InvalidArgumentError("select: no checkpoints given; pass the pool to select from")
+    if size < 1:
+        raise InvalidArgumentError(f"select: size must be at least 1, got {size}", option="size")
+    if by not in SELECTION_OBJECTIVES:
+        raise InvalidArgumentError(f"select: by must be one of {', '.join(SELECTION_OBJECTIVES)}; got {by!r}",
+                                   option="by", choices=SELECTION_OBJECTIVES)
+    if out is not None:
+        if Path(out).suffix != ".json":
+            raise InvalidArgumentError(f"{out}: a selection manifest is a .json file; end the path in .json")
+        check_output_free(Path(out), force=force)
+    ev = CheckpointEvaluator.from_checkpoints(paths, data=data, model=model, num_classes=num_classes,
+                                              in_chans=in_chans, image_size=image_size, batch_size=batch_size,
+                                              device=device, progress=progress)
+    labels = torch.as_tensor(ev.splits.val.labels).long()
+    if logits is None:
+        logits = []
+        for i, p in enumerate(paths):
+            with open_checkpoint(p) as src:
+                lg, labels = ev.logits(src.state_dict(), "val")
+            logits.append(lg)
+            if on_member is not None:
+                on_member(i, metrics(lg, labels, n_bins=ev.n_bins))
+    elif len(logits) != len(paths):
+        raise InvalidArgumentError(f"select: {len(logits)} logits for {len(paths)} checkpoints")
+    pool_scores = [{"val": metrics(lg, labels, n_bins=ev.n_bins)} for lg in logits]
+    probs = [torch.softmax(lg.double(), dim=1) for lg in logits]
+    chosen = ensemble_selection(probs, labels, size=size, by=by)
+    weights = [chosen.counts[chosen.members.index(i)] for i in chosen.members]
+    ens = metrics_from_probs(ensemble_probs([logits[i] for i in chosen.members], weights=weights), labels,
+                             n_bins=ev.n_bins)
+    sel = selection_from_picks([str(p) for p in paths], chosen.picks, by=by, size=size, split="val",
+                               scores={"val": ens}, member_scores=[pool_scores[i] for i in chosen.members],
+                               pool_scores=pool_scores,
+                               steps=[{**s, "member": str(paths[s["member"]])} for s in chosen.steps],
+                               stopped=chosen.stopped, data=getattr(ev.splits, "spec", None) or None)
+    if out is not None:
+        write_manifest(sel, out, force=force)
+    return sel

@@ -176,10 +176,13 @@ def test_greedy_soup_checkpoints_writes_the_scored_soup(members: list[Path], tmp
     out = tmp_path / "greedy.safetensors"
     r, path = greedy_soup_checkpoints(members, out=out, recompute_bn=recompute, batch_size=64)
     assert path == out
-    # Independently: each member's val accuracy as stored, then the rule replayed on those numbers.
+    # Independently: each member's val accuracy as stored (as eval scores it), then the rule replayed with
+    # candidate soups of two or more scored after recalibration (the model that would be written).
     ev = CheckpointEvaluator.from_checkpoints(members, batch_size=64)
-    alone = [ev.scorer(recompute_bn=recompute)(merge.open_checkpoint(p).state_dict()) for p in members]
+    alone = [ev.scorer(recompute_bn=0)(merge.open_checkpoint(p).state_dict()) for p in members]
     assert r.member_scores == alone
+    assert alone == [row.metrics["val"]["acc"] for row in evaluate_checkpoints(members, split="val", batch_size=64,
+                                                                               ensemble=False)]
     assert r.order == sorted(range(len(members)), key=lambda i: -alone[i])
     kept, best = [r.order[0]], alone[r.order[0]]
     for i in r.order[1:]:
@@ -188,14 +191,37 @@ def test_greedy_soup_checkpoints_writes_the_scored_soup(members: list[Path], tmp
             kept, best = kept + [i], s
     assert r.selected == kept and r.score == best
     assert r.score >= max(alone)  # never worse than the best member on val, by construction
+    # Every score says how it was obtained.
+    assert r.member_label == "val acc, as stored"
+    want = "as stored" if not recompute else f"after BatchNorm recomputation on {recompute} training batches of 64"
+    assert r.soup_label == f"val acc, {want}"
     # The file on disk, evaluated as stored (no recalibration here), scores what greedy soup reported.
     row = evaluate_checkpoints([path], split="val", batch_size=64)[0]
     assert row.kind == "soup" and row.metrics["val"]["acc"] == r.score
     recipe = json.loads(merge.read_safetensors_metadata(path)["papa_merge.recipe"])
     assert [m["path"] for m in recipe["members"]] == [str(members[i]) for i in r.selected]
     assert recipe["greedy"]["ingredients"] == [str(members[i]) for i in r.selected]
-    assert recipe["greedy"]["recompute_bn_batches"] == recompute
-    assert ("bn_recomputed" in recipe) == bool(recompute)
+    assert recipe["greedy"]["member_scores_are"] == r.member_label
+    assert recipe["greedy"]["candidate_scores_are"] == r.soup_label
+    assert recipe["greedy"]["soup_score_is"] == r.score_label
+    many = len(r.selected) > 1
+    assert recipe["greedy"]["recompute_bn_batches"] == (recompute if many else 0)
+    assert ("bn_recomputed" in recipe) == bool(recompute and many)
+
+
+def test_greedy_of_one_member_is_that_member(members: list[Path], tmp_path: Path) -> None:
+    # A kept set of one is the member itself: same tensors (its own BatchNorm statistics, even when soups
+    # of two or more are recalibrated), and the same metrics eval reports for the member.
+    r, path = greedy_soup_checkpoints(members[:1], out=tmp_path / "one.safetensors", recompute_bn=5, batch_size=64)
+    assert r.selected == [0] and r.steps == [] and r.score_label == "val acc, as stored"
+    got = merge.open_checkpoint(path).state_dict()
+    want = merge.open_checkpoint(members[0]).state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    soup_row, member_row = evaluate_checkpoints([path, members[0]], batch_size=64, ensemble=False)
+    assert soup_row.metrics == member_row.metrics
+    assert r.score == member_row.metrics["val"]["acc"]
+    recipe = json.loads(merge.read_safetensors_metadata(path)["papa_merge.recipe"])
+    assert "bn_recomputed" not in recipe and recipe["greedy"]["recompute_bn_batches"] == 0
 
 
 def test_greedy_needs_the_architecture_metadata(members: list[Path], tmp_path: Path) -> None:

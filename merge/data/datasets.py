@@ -50,6 +50,7 @@ __all__ = [
     "list_datasets",
     "check_labels",
     "TEST_FRACTION",
+    "canonical_dataset_name",
 ]
 
 # Datasets without an official test split give this share of each class to test.
@@ -441,6 +442,23 @@ _USER_PREFIXES: dict[str, Callable[..., Splits]] = {"imagefolder": _load_imagefo
 def list_datasets() -> list[str]:
     """Names :func:`load_dataset` accepts: the built-in datasets, then the user-data forms."""
     return sorted(DATASETS) + [f"{p}:<path>" for p in _USER_PREFIXES]
+
+
+def canonical_dataset_name(name: str) -> str:
+    """The name a dataset is recorded under in ``papa_merge.data``: user paths resolved as the loaders do.
+
+    ``csv:d.csv`` and ``csv:./data/../d.csv`` are both ``csv:/abs/d.csv``; built-in names are unchanged.
+    Evaluation compares this with the members' recorded name, so a path spelled differently is still
+    the same dataset (and gets the members' own split).
+
+    Example:
+        >>> canonical_dataset_name("mnist")
+        'mnist'
+    """
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _USER_PREFIXES and rest:
+        return f"{prefix}:{Path(rest).expanduser().resolve()}"
+    return name
 
 
 def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.1, limit: int | None = None,
