@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -40,24 +42,41 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], out: str | N
 @click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
 @click.option("--revision", default=None, help="Branch to commit to (created from main if missing). [default: main]")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--path-in-repo", default=None, metavar="NAME",
+              help="Where the checkpoint goes in the repo. [default: model.safetensors for a file, the top of the "
+                   "repo for a folder]")
+@click.option("--keep-existing", is_flag=True,
+              help="Keep the revision's other checkpoints beside this one (a file keeps its own name; the model "
+                   "card lists them all). [default: delete them, so the revision holds exactly this checkpoint]")
 @click.option("-m", "--message", "message", default=None, help="Commit message.")
-def push(path: str, repo: str, private: bool, revision: str | None, create_pr: bool, message: str | None) -> None:
-    """Upload the checkpoint PATH (a .safetensors file or a model folder) to the Hub repo REPO (org/name).
+def push(path: str, repo: str, private: bool, revision: str | None, create_pr: bool, path_in_repo: str | None,
+         keep_existing: bool, message: str | None) -> None:
+    """Upload the checkpoint PATH (a file or a model folder) so the Hub repo REPO holds exactly it.
 
-    Creates the repo if needed and commits the files with a model card (README.md) that records the
-    recipe from the checkpoint's metadata: method, members and their sources, weights, metrics. A
-    folder's own README.md is uploaded as is instead. Pushing a folder replaces the repo's weight files;
-    local files are never changed. HF_ENDPOINT and HF_TOKEN are honoured.
+    Creates the repo if needed and makes one commit with the checkpoint and a model card (README.md)
+    recording its recipe (method, members, weights, metrics) and how to load it. A single file is
+    stored as model.safetensors, the name transformers and timm load; other weight files and shard
+    indexes of the revision are deleted in the same commit, and listed. A folder's own README.md is
+    uploaded as is (the card `soup` wrote is regenerated for the repo). Local files are never changed.
+    HF_ENDPOINT and HF_TOKEN are honoured.
 
     \b
     Examples:
       papa-merge push soup.safetensors org/my-soup --private
       papa-merge push soup/ org/my-soup --create-pr
       papa-merge push soup/ org/my-soup --revision experiments -m "greedy soup of 8 seeds"
+      papa-merge push greedy.safetensors org/soups --keep-existing
     """
     if create_pr and revision not in (None, "main"):
         raise click.UsageError(f"--create-pr opens a pull request against main; drop --revision {revision}")
     import merge.hub
 
-    url = merge.hub.push(path, repo, private=private, revision=revision, create_pr=create_pr, commit_message=message)
-    click.echo(f"pushed {path} to {merge.hub.parse_reference(repo)[0]}: {url}")
+    result = merge.hub.push(path, repo, private=private, revision=revision, create_pr=create_pr,
+                            commit_message=message, path_in_repo=path_in_repo, keep_existing=keep_existing)
+    repo_id, rev = merge.hub.parse_reference(repo)
+    where = f"{repo_id}@{'refs/pr' if create_pr else (revision or rev or 'main')}"
+    if result.deleted:
+        click.echo(f"deleted from {where}: {', '.join(result.deleted)} (not part of the pushed checkpoint; "
+                   "--keep-existing keeps them)")
+    stored = f" as {result.checkpoint}" if Path(path).is_file() else ""
+    click.echo(f"pushed {path}{stored} to {repo_id}: {result.url}")

@@ -3,7 +3,7 @@
 Three verbs and one helper::
 
     merge.hub.pull("org/name@v2")                         # -> the local folder (in huggingface_hub's cache)
-    merge.hub.push("soup/", "org/my-soup")                # -> the commit (or pull request) URL
+    merge.hub.push("soup/", "org/my-soup")                # -> PushResult: the URL, what it uploaded and deleted
     merge.hub.model_card("soup/", repo_id="org/my-soup")  # -> README.md text
     merge.hub.resolve_reference("hf://org/name@v2")       # what ``open_checkpoint("hf://...")`` calls
 
@@ -15,7 +15,9 @@ the Hub is re-raised as one of papa-merge's errors with a one-line message namin
 or file and the fix: :class:`~merge.errors.CheckpointNotFoundError` (also a ``FileNotFoundError``) for
 a missing repo, revision or file, :class:`~merge.errors.HubError` for everything else.
 
-Local files are never modified: a generated model card travels in the commit, not in the user's folder.
+A push leaves the revision holding exactly the pushed checkpoint (stale weight files and shard indexes
+are deleted in the same commit) unless ``keep_existing`` asks for several side by side. Local files are
+never modified: a generated model card travels in the commit, not in the user's folder.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from merge.errors import (
     MergeError,
 )
 
-__all__ = ["HubReference", "parse_reference", "resolve_reference", "pull", "push", "model_card",
+__all__ = ["HubReference", "PushResult", "parse_reference", "resolve_reference", "pull", "push", "model_card",
            "hub_source_of", "HF_PREFIX"]
 
 HF_PREFIX = "hf://"
@@ -53,7 +55,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 _CACHE_RE = re.compile(r"(?:^|/)(models|datasets)--([^/]+)/snapshots/([0-9a-f]{40})(?:/(.*))?$")
-_SOUP_METHODS = {"uniform", "weighted", "greedy", "papa", "average"}
 
 
 @dataclass(frozen=True)
@@ -433,6 +434,8 @@ def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str]
         repo: ``org/name[@revision]`` or ``hf://org/name[@revision]``.
         revision: branch, tag, commit sha or ``refs/pr/N`` (default: the reference's, else main).
         include: glob patterns (``"*.safetensors"``, a list, or comma-separated) of files to fetch.
+            Weight shards always bring the shard index that lists them (a sharded checkpoint does
+            not open without it).
         out: copy the files into this new folder (default: return the cache's snapshot folder).
             The copy is written under a temporary name and renamed when complete.
         endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
@@ -478,10 +481,27 @@ def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str]
         if not names:
             raise CheckpointNotFoundError(f"{r}: no file matches {', '.join(map(repr, patterns))} in "
                                           f"{r.repo_id}@{r.revision or 'main'}; files: {_listing(files)}")
+        names += _indexes_of(api, r, sha, names, files, endpoint)
     folder = _download(api, r, sha, names, endpoint)
     if out is None:
         return folder
     return _copy_out(folder, names, out, force=force or empty_dir)
+
+
+def _indexes_of(api, ref: HubReference, sha: str, names: Sequence[str], files: Sequence[str],  # noqa: ANN001
+                endpoint: str | None) -> list[str]:
+    """The shard indexes that list any of ``names``: shards without their index do not open as a checkpoint."""
+    chosen = set(names)
+    found = []
+    for index in files:
+        if not index.endswith(".index.json") or index in chosen:
+            continue
+        folder = str(PurePosixPath(index).parent)
+        if not any(str(PurePosixPath(n).parent) == folder and n.endswith(_WEIGHT_SUFFIXES) for n in chosen):
+            continue  # no weight file of its folder was chosen: no need to read it
+        if chosen & set(_read_index(api, ref, sha, index, endpoint)):
+            found.append(index)
+    return found
 
 
 def _copy_out(folder: Path, names: Sequence[str], out: Path, *, force: bool) -> Path:
@@ -510,214 +530,113 @@ def hub_source_of(path: str) -> str | None:
     return f"{HF_PREFIX}{repo_id}@{m.group(3)}" + (f"/{m.group(4)}" if m.group(4) else "")
 
 
-def _json_meta(meta: dict[str, str], key: str) -> object:
-    raw = meta.get(key)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def _looks_like_repo(name: object) -> bool:
-    return (isinstance(name, str) and bool(_REPO_RE.match(name)) and "/" in name and "--" not in name
-            and not name.startswith((".", "/", "~")))
-
-
-def _fmt(x: object) -> str:
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
-
-
-def _yaml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid YAML scalar, quoted and escaped
-
-
-def model_card(path: str | os.PathLike, *, repo_id: str | None = None) -> str:
-    """The README.md (model card) for a checkpoint, built from its ``papa_merge.*`` metadata.
-
-    The YAML front matter holds ``base_model`` (the members that came from the Hub, or the config's
-    ``_name_or_path``), ``tags`` (``merge``, ``papa-merge``, ...) and ``library_name`` (``transformers``
-    or ``timm`` when a config says so). The body records the recipe: method, each member with its
-    source and weight, dtypes, and the metrics from ``papa_merge.metrics`` when present, then how to
-    load the result and the full recipe as JSON.
-
-    Args:
-        path: the checkpoint: a ``.safetensors`` file or a model folder.
-        repo_id: the repo it will live in (used in the title and the loading snippet).
-
-    Returns:
-        The README.md text.
-
-    Raises:
-        CheckpointNotFoundError, CheckpointFormatError: ``path`` is not a readable checkpoint.
+def model_card(path: str | os.PathLike, *, repo_id: str | None = None, weights_name: str | None = None,
+               checkpoints: Sequence[str] | None = None) -> str:
+    """The README.md (model card) :func:`push` writes for a checkpoint; see :func:`merge.card.model_card`.
 
     Example:
-        >>> print(model_card("soup.safetensors", repo_id="org/my-soup")[:3])  # doctest: +SKIP
+        >>> print(merge.hub.model_card("soup/", repo_id="org/my-soup")[:3])  # doctest: +SKIP
         ---
     """
-    from merge.io.sources import open_checkpoint
-    from merge.keys import METRICS_KEY, MODEL_KEY, RECIPE_KEY
+    from merge.card import model_card as _card
 
-    path = Path(path)
-    with open_checkpoint(path) as src:
-        meta = dict(src.metadata)
-        n_tensors, n_bytes = len(src.infos), src.nbytes
-    folder = path if path.is_dir() else None
-    config: dict = {}
-    if folder is not None and (folder / "config.json").is_file():
-        try:
-            loaded = json.loads((folder / "config.json").read_text())
-            config = loaded if isinstance(loaded, dict) else {}
-        except ValueError:
-            config = {}
-    recipe = _json_meta(meta, RECIPE_KEY)
-    recipe = recipe if isinstance(recipe, dict) else {}
-    metrics = _json_meta(meta, METRICS_KEY)
-    model_info = _json_meta(meta, MODEL_KEY)
-
-    # Members and where they came from.
-    members = recipe.get("members") or []
-    weights = recipe.get("weights") or [1.0] * len(members)
-    total = sum(float(w) for w in weights) or 1.0
-    sources = []
-    for m in members:
-        p = str(m.get("source") or m.get("path", "?")) if isinstance(m, dict) else str(m)
-        sources.append(p if p.startswith(HF_PREFIX) else (hub_source_of(p) or p))
-    base_models: list[str] = []
-    for s in sources:
-        if s.startswith(HF_PREFIX):
-            base_models.append(_parse(s).repo_id)
-    name_or_path = config.get("_name_or_path")
-    if not base_models and _looks_like_repo(name_or_path):
-        base_models.append(name_or_path)
-    base_models = [b for b in dict.fromkeys(base_models) if b != repo_id]
-
-    library = None
-    model_lib = model_info.get("library") if isinstance(model_info, dict) else None
-    if "model_type" in config or "architectures" in config:
-        library = "transformers"
-    elif "architecture" in config or model_lib == "timm":
-        library = "timm"
-    elif model_lib in ("transformers",):
-        library = model_lib
-    method = str(recipe.get("method", "")) or None
-    tags = ["merge", "papa-merge"]
-    if method in _SOUP_METHODS:
-        tags.append("model-soup")
-    tags.append("safetensors")
-
-    # 1. Front matter.
-    lines = ["---"]
-    if base_models:
-        lines.append("base_model:")
-        lines += [f"- {_yaml_str(b)}" for b in base_models]
-        if len(base_models) > 1:
-            lines.append("base_model_relation: merge")
-    if library:
-        lines.append(f"library_name: {library}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in tags]
-    lines.append("---")
-    title = repo_id or (path.stem if folder is None else path.name)
-    lines += ["", f"# {title}", ""]
-
-    # 2. What it is.
-    if recipe:
-        lines.append(f"This checkpoint is a **{method}** merge of {len(members)} checkpoint"
-                     f"{'s' if len(members) != 1 else ''}, made with papa-merge {recipe.get('version', '')}."
-                     .replace("  ", " "))
-        if recipe.get("citation"):
-            lines += ["", f"Method: {recipe['citation']}"]
-    else:
-        lines.append("This checkpoint was pushed with papa-merge; its metadata holds no merge recipe.")
-    lines += ["", f"{n_tensors} tensor{'s' if n_tensors != 1 else ''}, {n_bytes / 1e6:.2f} MB of weights."]
-    if model_info is not None:
-        lines += ["", f"Model: `{json.dumps(model_info, sort_keys=True) if not isinstance(model_info, str) else model_info}`"]
-
-    # 3. The recipe.
-    if recipe:
-        lines += ["", "## Recipe", "", "| # | member | source | weight |", "|---|---|---|---|"]
-        for i, (m, s) in enumerate(zip(members, sources)):
-            w = float(weights[i]) if i < len(weights) else 1.0
-            # A file's content hash where the recipe has one (pickles); a safetensors header hash is not one.
-            digest = str(m.get("sha256") or "")[:12] if isinstance(m, dict) else ""
-            label = s if s.startswith(HF_PREFIX) else PurePosixPath(s.replace(os.sep, "/")).name
-            lines.append(f"| {i} | `{label}` | {'Hub' if s.startswith(HF_PREFIX) else 'local file'}"
-                         f"{f' (sha256 {digest}...)' if digest else ''} | {w / total:.4g} |")
-        lines += ["", f"- method: `{method}`",
-                  f"- output dtype: `{recipe.get('dtype', 'as input')}`, accumulated in "
-                  f"`{recipe.get('accumulate', 'float32')}`"]
-        if recipe.get("skipped"):
-            lines.append(f"- skipped tensors: {', '.join(f'`{s}`' for s in recipe['skipped'][:20])}")
-        if recipe.get("copied_from_first"):
-            lines.append(f"- copied from member 0: {', '.join(f'`{s}`' for s in recipe['copied_from_first'][:20])}")
-        extra = {k: v for k, v in recipe.items() if k in ("selection", "order", "val_metric", "metric")}
-        for k, v in extra.items():
-            lines.append(f"- {k}: `{json.dumps(v)}`")
-
-    # 4. Metrics.
-    if isinstance(metrics, dict) and metrics:
-        splits = {k: v for k, v in metrics.items() if isinstance(v, dict)}
-        if splits:
-            keys: list[str] = []
-            for v in splits.values():
-                keys += [k for k in v if k not in keys]
-            order = [k for k in ("acc", "nll", "ece") if k in keys] + [k for k in keys if k not in ("acc", "nll", "ece")]
-            lines += ["", "## Metrics", "", "| split | " + " | ".join(order) + " |",
-                      "|---|" + "---|" * len(order)]
-            for split, v in splits.items():
-                lines.append(f"| {split} | " + " | ".join(_fmt(v.get(k, "")) for k in order) + " |")
-
-    # 5. How to load it.
-    rid = repo_id or "org/name"
-    lines += ["", "## Usage", ""]
-    if library == "transformers":
-        lines += ["```python", "from transformers import AutoModel", "",
-                  f"model = AutoModel.from_pretrained({rid!r})", "```"]
-    elif library == "timm":
-        lines += ["```python", "import timm", "", f"model = timm.create_model('hf-hub:{rid}', pretrained=True)", "```"]
-    else:
-        fname = "model.safetensors" if folder is not None else path.name
-        lines += ["```python", "from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file",
-                  "", f"state_dict = load_file(hf_hub_download({rid!r}, {fname!r}))",
-                  "model.load_state_dict(state_dict)  # your model's architecture", "```"]
-    lines += ["", f"Or merge it further: `papa-merge soup hf://{rid} ... -o soup.safetensors`."]
-
-    # 6. The full recipe, as recorded in the metadata.
-    if recipe:
-        lines += ["", "<details><summary>Full recipe (<code>papa_merge.recipe</code> metadata)</summary>", "",
-                  "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", "", "</details>"]
-    return "\n".join(lines) + "\n"
+    return _card(path, repo_id=repo_id, weights_name=weights_name, checkpoints=checkpoints)
 
 
 # --- uploads -------------------------------------------------------------------------------------------
-def _local_files(path: Path) -> list[tuple[str, Path]]:
-    """(path in repo, local path) for a file or every non-hidden file under a folder."""
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push` did.
+
+    Attributes:
+        url: the commit URL, or the pull request URL with ``create_pr`` (also ``str(result)``).
+        commit_url: the commit's URL.
+        pr_url: the pull request's URL, or None.
+        uploaded: the paths in the repo written by the commit (README.md included).
+        deleted: the stale weight files and shard indexes the commit deleted.
+        checkpoint: the path in the repo that opens as the pushed checkpoint ("" for the repo itself).
+    """
+
+    url: str
+    commit_url: str
+    pr_url: str | None
+    uploaded: list[str]
+    deleted: list[str]
+    checkpoint: str
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def _local_files(path: Path, name_in_repo: str) -> list[tuple[str, Path]]:
+    """(path in repo, local path) for a file or every non-hidden file under a folder (placed under ``name_in_repo``)."""
     if path.is_file():
-        return [(path.name, path)]
+        return [(name_in_repo, path)]
+    prefix = name_in_repo + "/" if name_in_repo else ""
     out = []
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
             continue  # .git, .cache/huggingface, a soup's in-progress .tmp output
-        out.append((rel.as_posix(), p))
+        out.append((prefix + rel.as_posix(), p))
     return out
+
+
+def _in_repo_name(path: Path, path_in_repo: str | None, keep_existing: bool) -> str:
+    """Where the checkpoint goes in the repo: a file as ``model.safetensors`` (its own name beside others)."""
+    from merge.card import weight_file_name
+
+    if path_in_repo is None:
+        if path.is_dir():
+            return ""
+        return path.name if keep_existing else weight_file_name(path)
+    name = path_in_repo.replace("\\", "/").strip("/")
+    parts = name.split("/") if name else []
+    if any(part in ("", ".", "..") or part.startswith(".") for part in parts) or path_in_repo.startswith("/"):
+        raise InvalidArgumentError(f"path_in_repo {path_in_repo!r} is not a relative path inside the repo; write "
+                                   "e.g. 'soups/greedy.safetensors'")
+    if path.is_file() and not name.endswith(_WEIGHT_SUFFIXES):
+        raise InvalidArgumentError(f"path_in_repo {path_in_repo!r} names where the file goes; end it in a weight "
+                                   f"suffix ({', '.join(_WEIGHT_SUFFIXES)}), e.g. '{name or 'model'}{path.suffix}'")
+    return name
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def _folder_of(name: str) -> str:
+    parent = str(PurePosixPath(name).parent)
+    return "" if parent == "." else parent
+
+
+_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.[a-z]+$")
+
+
+def _checkpoint_listing(names: Sequence[str], folder: str) -> list[str]:
+    """The checkpoints in one folder of a repo: weight files and indexes (shards are named by their index)."""
+    inside = [n for n in names if _folder_of(n) == folder and _is_weights(n)]
+    indexed = any(n.endswith(".index.json") for n in inside)
+    return sorted(n for n in inside if not (indexed and _SHARD_RE.search(n)))
 
 
 def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, endpoint: str | None = None, token: str | bool | None = None,
-         commit_message: str | None = None) -> str:
-    """Upload a checkpoint (file or model folder) to the Hub with a model card that records its recipe.
+         commit_message: str | None = None, path_in_repo: str | None = None,
+         keep_existing: bool = False) -> PushResult:
+    """Upload a checkpoint (file or model folder) so the repo revision holds exactly it, with a model card.
 
-    Creates the repo if needed (``private`` applies only then) and the branch ``revision`` if it does
-    not exist, and makes one commit with the files and README.md generated by :func:`model_card`
-    (a README.md in the folder is uploaded instead, as is). Pushing a folder replaces the model:
-    weight files and shard indexes at the top of the repo that the folder no longer has are deleted
-    in the same commit, so a stale shard index cannot shadow the new weights. Pushing a single file
-    adds it (and the card) beside what the repo holds.
+    Creates the repo if needed (``private`` applies only then) and the branch ``revision`` (from main)
+    if it does not exist, and makes one commit that uploads the checkpoint and its README.md and
+    deletes every other weight file and shard index in the folder it lands in, so the revision opens
+    as this one checkpoint (``hf://org/name@rev``) and no stale shard index can shadow it. A single
+    file is stored as ``model.safetensors`` (``pytorch_model.bin`` for a pickle), the name transformers,
+    timm and huggingface_hub load, unless ``path_in_repo`` names another. Config, tokenizer and other
+    files of the repo are left alone unless the pushed folder replaces them.
+
+    The README.md is the card :func:`merge.card.model_card` writes; a folder's own README.md is
+    uploaded as is, unless it is a card papa-merge wrote and nobody edited (``soup -o folder/``
+    writes one), which is regenerated for the repo.
 
     Args:
         path: a ``.safetensors`` (or other checkpoint) file, or a model folder.
@@ -728,21 +647,30 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
         endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
         token: a token with write access (default: ``HF_TOKEN`` or the saved login).
         commit_message: the commit title (default: says what was pushed).
+        path_in_repo: where the checkpoint goes in the repo: a file's name (``soups/greedy.safetensors``)
+            or a folder's folder (default: ``model.safetensors``, or the top of the repo for a folder).
+        keep_existing: keep the other checkpoints of the revision beside this one (nothing is
+            deleted; a file keeps its own name); the card lists every checkpoint the revision holds.
 
     Returns:
-        The commit URL, or the pull request URL with ``create_pr``.
+        A :class:`PushResult` (``str(result)`` is the commit or pull request URL; ``deleted`` lists the
+        stale weight files removed).
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
         CheckpointFormatError: ``path`` is not a readable checkpoint.
-        InvalidArgumentError: bad repo id, or ``create_pr`` with a ``revision`` other than main.
+        InvalidArgumentError: bad repo id or ``path_in_repo``, or ``create_pr`` with a ``revision`` other
+            than main.
         HubError: the Hub cannot be reached or refused the upload.
 
     Example:
-        >>> merge.hub.push("soup/", "org/my-soup", private=True)  # doctest: +SKIP
-        'https://huggingface.co/org/my-soup/commit/...'
+        >>> result = merge.hub.push("soup.safetensors", "org/my-soup", private=True)  # doctest: +SKIP
+        >>> result.url, result.deleted  # doctest: +SKIP
+        ('https://huggingface.co/org/my-soup/commit/...', ['old.safetensors'])
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    from merge.card import is_generated_card
 
     path = Path(path)
     ref = _parse(repo_id, allow_path=False)
@@ -756,32 +684,45 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
     ref = HubReference(ref.repo_id, revision)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder; pass the checkpoint (a .safetensors file "
-                                      "or a model folder) to push")
-    files = _local_files(path)
+                                      "or a model folder) to push", path=path)
+    name = _in_repo_name(path, path_in_repo, keep_existing)
+    files = _local_files(path, name)
     if not files:
-        raise CheckpointNotFoundError(f"{path}: the folder is empty; nothing to push")
-    has_card = path.is_dir() and (path / "README.md").is_file()
-    card = None if has_card else model_card(path, repo_id=ref.repo_id)
+        raise CheckpointNotFoundError(f"{path}: the folder is empty; nothing to push", path=path)
+    folder = _folder_of(name) if path.is_file() else name
+    card_name = "README.md"  # one card per repo, at its top, whatever folder the checkpoint lands in
+    own_card = path / "README.md" if path.is_dir() else None
+    keep_card = own_card is not None and own_card.is_file() and not is_generated_card(own_card.read_text(errors="replace"))
+    weights_name = name if path.is_file() else None
+    # Read the checkpoint (and build its card) before any request: a bad file costs nothing remote.
+    card = None if keep_card else model_card(path, repo_id=ref.repo_id, weights_name=weights_name)
     endpoint = _endpoint(endpoint)
     api = _api(endpoint, token)
     with _hub_errors(ref, endpoint=endpoint, action="push"):
         api.create_repo(ref.repo_id, private=private, exist_ok=True)
         if revision not in (None, "main") and not revision.startswith("refs/"):
             api.create_branch(ref.repo_id, branch=revision, exist_ok=True)
-        ops: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in files]
+        remote = api.list_repo_files(ref.repo_id, revision=None if create_pr else revision)
+        ours = {n for n, _ in files}
+        deleted = [] if keep_existing else [f for f in remote if _folder_of(f) == folder and f not in ours
+                                             and _is_weights(f)]
+        if card is not None and keep_existing:
+            listing = _checkpoint_listing([*(f for f in remote if f not in deleted), *ours], folder)
+            card = model_card(path, repo_id=ref.repo_id, weights_name=weights_name, checkpoints=listing)
+        ops: list = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(p)) for n, p in files
+                     if not (card is not None and n == f"{name}/README.md".lstrip("/"))]
         if card is not None:
-            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-        if path.is_dir():
-            remote = api.list_repo_files(ref.repo_id, revision=None if create_pr else revision)
-            ours = {name for name, _ in files}
-            stale = [f for f in remote if "/" not in f and f not in ours
-                     and (f.endswith(_WEIGHT_SUFFIXES) or f.endswith(".index.json"))]
-            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        recipe = _recipe_summary(path)
-        message = commit_message or f"Upload {recipe or path.name} with papa-merge"
+            ops.append(CommitOperationAdd(path_in_repo=card_name, path_or_fileobj=card.encode()))
+        ops += [CommitOperationDelete(path_in_repo=f) for f in deleted]
+        summary = _recipe_summary(path)
+        message = commit_message or f"Upload {summary or path.name} with papa-merge"
+        description = ("Deleted stale weight files: " + ", ".join(deleted)) if deleted else None
         info = api.create_commit(ref.repo_id, operations=ops, commit_message=message, revision=revision,
-                                 create_pr=create_pr)
-    return str(info.pr_url) if create_pr and info.pr_url else str(info.commit_url)
+                                 create_pr=create_pr, commit_description=description)
+    uploaded = sorted({op.path_in_repo for op in ops if isinstance(op, CommitOperationAdd)})
+    pr_url = str(info.pr_url) if create_pr and info.pr_url else None
+    return PushResult(url=pr_url or str(info.commit_url), commit_url=str(info.commit_url), pr_url=pr_url,
+                      uploaded=uploaded, deleted=sorted(deleted), checkpoint=name)
 
 
 def _recipe_summary(path: Path) -> str | None:

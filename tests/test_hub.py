@@ -160,13 +160,15 @@ def test_pull_include_and_out_copies_files(hub, tmp_path):
     got = pull(f"hf://{repo}", include="*.safetensors", out=out)
 
     assert got == out
-    assert _files_under(out) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    # Shards bring the index that lists them (the README's `pull --include '*.safetensors'` then soups).
+    pulled = {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"}
+    assert _files_under(out) == pulled
     assert not any(p.is_symlink() for p in out.iterdir())  # real copies, not links into the cache
-    assert (out / "model-00001-of-00002.safetensors").read_bytes() == \
-        (src / "model-00001-of-00002.safetensors").read_bytes()
+    for name in pulled:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
     with pytest.raises(OutputExistsError, match="already exists"):
         pull(repo, include="*.json", out=out)
-    assert _files_under(out) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert _files_under(out) == pulled
     pull(repo, include=["*.json"], out=out, force=True)
     assert _files_under(out) == {"model.safetensors.index.json", "config.json", "tokenizer.json", "notes/run.json"}
     empty = tmp_path / "empty"
@@ -379,18 +381,20 @@ def test_push_new_repo_both_upload_paths(hub, tmp_path, monkeypatch, xet_disable
     repo = _name("push")
     n = len(hub.requests)
 
-    url = push(soup, repo, private=True, commit_message="my soup")
+    result = push(soup, repo, private=True, commit_message="my soup")
 
     api = HfApi(endpoint=hub.url, token=False)
     head = api.model_info(repo).sha
-    assert url == f"{hub.url}/{repo}/commit/{head}"
-    assert hub.list_files(repo) == [".gitattributes", "README.md", "soup.safetensors"]
-    assert hub.read_file(repo, "soup.safetensors") == soup.read_bytes()
+    assert result.url == str(result) == result.commit_url == f"{hub.url}/{repo}/commit/{head}"
+    assert result.pr_url is None and result.deleted == [] and result.checkpoint == "model.safetensors"
+    assert result.uploaded == ["README.md", "model.safetensors"]
+    assert hub.list_files(repo) == [".gitattributes", "README.md", "model.safetensors"]  # the name loaders look for
+    assert hub.read_file(repo, "model.safetensors") == soup.read_bytes()
     assert hub.repos[("model", repo)].private is True
     assert api.list_repo_commits(repo)[0].title == "my soup"
     batch = [p for m, p in hub.requests[n:] if p.endswith("/info/lfs/objects/batch")]
     puts = [p for m, p in hub.requests[n:] if m == "PUT"]
-    stored = hub.repos[("model", repo)].commits[head].files["soup.safetensors"]
+    stored = hub.repos[("model", repo)].commits[head].files["model.safetensors"]
     if mode == "lfs":
         assert len(batch) == 1 and len(puts) == 1 and stored.lfs
     else:
@@ -402,16 +406,18 @@ def test_push_new_repo_both_upload_paths(hub, tmp_path, monkeypatch, xet_disable
 def test_push_update_replaces_stale_weights(hub, tmp_path):
     repo = _name("update")
     sharded = _sharded_folder(tmp_path / "v1", _state(0))
-    url1 = push(sharded, repo)
+    url1 = push(sharded, repo).url
     assert "pytorch_model.bin" in hub.list_files(repo) and "model.safetensors.index.json" in hub.list_files(repo)
     v2 = tmp_path / "v2"
     v2.mkdir()
     save_file(_state(9), str(v2 / "model.safetensors"), metadata={"format": "pt"})
     (v2 / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 16}))
 
-    url2 = push(v2, repo)
+    result = push(v2, repo)
 
-    assert url1 != url2
+    assert url1 != result.url
+    assert result.deleted == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                              "model.safetensors.index.json", "optimizer.pt", "pytorch_model.bin"]
     assert hub.list_files(repo) == [".gitattributes", "README.md", "config.json", "model.safetensors",
                                     "notes/run.json", "tokenizer.json"]
     assert json.loads(hub.read_file(repo, "config.json"))["hidden_size"] == 16
@@ -419,6 +425,13 @@ def test_push_update_replaces_stale_weights(hub, tmp_path):
     assert all(torch.equal(got[k], v) for k, v in _state(9).items())
     commits = HfApi(endpoint=hub.url, token=False).list_repo_commits(repo)
     assert len(commits) == 3  # the Hub's initial commit, v1, v2
+
+
+def _inspect_revision(repo: str, rev: str) -> dict:
+    """``papa-merge inspect hf://repo@rev --json``: the revision must open as one checkpoint."""
+    r = CliRunner().invoke(cli, ["inspect", f"hf://{repo}@{rev}", "--json"])
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
 
 
 def test_push_to_branch_and_pull_request(hub, tmp_path):
@@ -429,15 +442,100 @@ def test_push_to_branch_and_pull_request(hub, tmp_path):
     other = tmp_path / "other.safetensors"
     save_file(_state(7), str(other))
 
-    push(other, repo, revision="dev")
-    assert "other.safetensors" in hub.list_files(repo, revision="dev")
-    assert "other.safetensors" not in hub.list_files(repo)
+    push(other, repo, revision="dev")  # a new branch from main, which holds soup's model.safetensors
+    assert hub.list_files(repo, revision="dev") == [".gitattributes", "README.md", "model.safetensors"]
+    assert hub.read_file(repo, "model.safetensors", revision="dev") == other.read_bytes()
+    assert hub.read_file(repo, "model.safetensors") == soup.read_bytes()
 
     pr = push(other, repo, create_pr=True)
-    assert pr == f"{hub.url}/{repo}/discussions/1"
-    assert hub.read_file(repo, "other.safetensors", revision="refs/pr/1") == other.read_bytes()
+    assert pr.url == pr.pr_url == f"{hub.url}/{repo}/discussions/1"
+    assert hub.read_file(repo, "model.safetensors", revision="refs/pr/1") == other.read_bytes()
     assert HfApi(endpoint=hub.url, token=False).model_info(repo).sha == main_head  # main untouched
-    assert resolve_reference(f"hf://{repo}@refs/pr/1/other.safetensors").read_bytes() == other.read_bytes()
+    assert (resolve_reference(f"hf://{repo}@refs/pr/1") / "model.safetensors").read_bytes() == other.read_bytes()
+
+
+@pytest.mark.parametrize("branch", [None, "v2"], ids=["main", "new-branch"])
+def test_push_leaves_each_revision_holding_exactly_one_checkpoint(hub, tmp_path, branch):
+    """Issue 13: pushing a second file with another name replaces the first; each revision opens as one checkpoint."""
+    repo = _name("exact")
+    soup, _ = _soup_file(tmp_path)
+    first = push(soup, repo)
+    first_head = HfApi(endpoint=hub.url, token=False).model_info(repo).sha
+    w = tmp_path / "w.safetensors"
+    save_file(_state(7), str(w), metadata={"format": "pt"})
+    # A stale file under another name on the target (left by an older tool), and a config that must stay.
+    api = HfApi(endpoint=hub.url, token=False)
+    api.upload_file(path_or_fileobj=str(soup), path_in_repo="soup.safetensors", repo_id=repo)
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=repo)
+    before_main = hub.list_files(repo)
+
+    result = push(w, repo, revision=branch)
+
+    rev = branch or "main"
+    assert result.deleted == ["soup.safetensors"]
+    assert hub.list_files(repo, revision=rev) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    assert hub.read_file(repo, "model.safetensors", revision=rev) == w.read_bytes()
+    summary = _inspect_revision(repo, rev)
+    assert summary["tensors"] == 4 and summary["format"] == "safetensors"
+    with open_checkpoint(f"hf://{repo}@{rev}") as ck:
+        assert all(torch.equal(ck.read(k), v) for k, v in _state(7).items())
+    card = hub.read_file(repo, "README.md", revision=rev).decode()
+    assert "The model is `model.safetensors`" in card
+    if branch:  # the other revision is unchanged
+        assert hub.list_files(repo) == before_main
+        assert hub.read_file(repo, "model.safetensors") == soup.read_bytes()
+        assert _inspect_revision(repo, first_head)["tensors"] == 4
+    assert first.deleted == []
+
+
+def test_push_keep_existing_and_path_in_repo(hub, tmp_path):
+    repo = _name("side")
+    soup, _ = _soup_file(tmp_path)
+    push(soup, repo)
+    w = tmp_path / "w.safetensors"
+    save_file(_state(7), str(w))
+
+    result = push(w, repo, keep_existing=True)
+
+    assert result.deleted == [] and result.checkpoint == "w.safetensors"
+    assert hub.list_files(repo) == [".gitattributes", "README.md", "model.safetensors", "w.safetensors"]
+    card = hub.read_file(repo, "README.md").decode()
+    assert "## Checkpoints in this repo" in card
+    assert "- `model.safetensors`\n- `w.safetensors`" in card
+    assert "The model is `w.safetensors`" in card
+    # The repo itself still opens as model.safetensors (what loaders look for); the other is named.
+    assert (resolve_reference(f"hf://{repo}") / "model.safetensors").read_bytes() == soup.read_bytes()
+    assert resolve_reference(f"hf://{repo}/w.safetensors").read_bytes() == w.read_bytes()
+
+    # path_in_repo names the file; without keep_existing the other weights of that folder go.
+    named = push(w, repo, path_in_repo="soups/greedy.safetensors")
+    assert named.checkpoint == "soups/greedy.safetensors" and named.deleted == []  # top-level files are elsewhere
+    assert hub.read_file(repo, "soups/greedy.safetensors") == w.read_bytes()
+    assert push(soup, repo, path_in_repo="soups/uniform.safetensors").deleted == ["soups/greedy.safetensors"]
+    for bad, msg in (("../x.safetensors", "not a relative path inside the repo"),
+                     ("soup", "end it in a weight suffix")):
+        with pytest.raises(InvalidArgumentError, match=msg):
+            push(w, repo, path_in_repo=bad)
+
+
+def test_cli_push_prints_what_it_deleted(hub, tmp_path):
+    repo = _name("cli-del")
+    soup, _ = _soup_file(tmp_path)
+    api = HfApi(endpoint=hub.url, token=False)
+    api.create_repo(repo)
+    api.upload_file(path_or_fileobj=str(soup), path_in_repo="old.safetensors", repo_id=repo)
+    r = CliRunner().invoke(cli, ["push", str(soup), repo])
+    assert r.exit_code == 0, r.output
+    head = api.model_info(repo).sha
+    assert r.stdout.splitlines() == [
+        f"deleted from {repo}@main: old.safetensors (not part of the pushed checkpoint; --keep-existing keeps them)",
+        f"pushed {soup} as model.safetensors to {repo}: {hub.url}/{repo}/commit/{head}"]
+    assert hub.repos[("model", repo)].commits[head].message == "Deleted stale weight files: old.safetensors"
+    assert hub.list_files(repo) == [".gitattributes", "README.md", "model.safetensors"]
+    r = CliRunner().invoke(cli, ["push", str(tmp_path / "member0.safetensors"), repo, "--keep-existing"])
+    assert r.exit_code == 0 and r.stdout.strip().startswith(f"pushed {tmp_path / 'member0.safetensors'} as "
+                                                              "member0.safetensors to")
+    assert hub.list_files(repo) == [".gitattributes", "README.md", "member0.safetensors", "model.safetensors"]
 
 
 def test_push_keeps_the_users_readme(hub, tmp_path):
@@ -473,7 +571,8 @@ def test_model_card_of_a_local_soup(tmp_path):
     assert "- output dtype: `as input`, accumulated in `float32`" in text
     assert "| split | acc | nll | ece |" in text
     assert "| val | 0.9125 | 0.31 | 0.021 |" in text and "| test | 0.9 | 0.35 | 0.03 |" in text
-    assert "hf_hub_download('org/my-soup', 'soup.safetensors')" in text
+    assert "The model is `model.safetensors`: 4 tensors" in text  # the name push stores it under
+    assert "hf_hub_download('org/my-soup', 'model.safetensors')" in text
     block = text.split("```json\n", 1)[1].split("\n```", 1)[0]
     assert json.loads(block) == recipe
 
@@ -532,10 +631,10 @@ def test_round_trip_pull_soup_push_pull(hub, tmp_path):
     push(local, soup_repo)
     back = pull(soup_repo, out=tmp_path / "back")
 
-    assert (back / "soup.safetensors").read_bytes() == local.read_bytes()
-    assert hashlib.sha256((back / "soup.safetensors").read_bytes()).hexdigest() == \
+    assert (back / "model.safetensors").read_bytes() == local.read_bytes()
+    assert hashlib.sha256((back / "model.safetensors").read_bytes()).hexdigest() == \
         hashlib.sha256(local.read_bytes()).hexdigest()
-    got, ref = load_file(str(back / "soup.safetensors")), _f64_mean(sds)
+    got, ref = load_file(str(back / "model.safetensors")), _f64_mean(sds)
     for k, v in ref.items():
         assert torch.allclose(got[k].double(), v.double(), rtol=0, atol=1e-6) if v.is_floating_point() \
             else torch.equal(got[k], v), k
@@ -555,22 +654,24 @@ def test_cli_pull_and_push(hub, tmp_path):
     r = runner.invoke(cli, ["push", str(soup), repo, "--private", "--message", "from the cli"])
     assert r.exit_code == 0, r.output
     head = HfApi(endpoint=hub.url, token=False).model_info(repo).sha
-    assert r.stdout.strip() == f"pushed {soup} to {repo}: {hub.url}/{repo}/commit/{head}"
+    assert r.stdout.strip() == f"pushed {soup} as model.safetensors to {repo}: {hub.url}/{repo}/commit/{head}"
     assert hub.repos[("model", repo)].private
 
     out = tmp_path / "pulled"
     r = runner.invoke(cli, ["pull", f"{repo}@main", "--include", "*.safetensors", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == f"pulled {repo}@main to {out}"
-    assert (out / "soup.safetensors").read_bytes() == soup.read_bytes()
+    assert (out / "model.safetensors").read_bytes() == soup.read_bytes()
 
     r = runner.invoke(cli, ["pull", repo])
     assert r.exit_code == 0 and f"models--{repo.replace('/', '--')}" in r.stdout
 
     other = tmp_path / "member1.safetensors"
     r = runner.invoke(cli, ["push", str(other), repo, "--create-pr"])
-    assert r.exit_code == 0 and r.stdout.strip() == f"pushed {other} to {repo}: {hub.url}/{repo}/discussions/1"
-    assert hub.read_file(repo, "member1.safetensors", revision="refs/pr/1") == other.read_bytes()
+    assert r.exit_code == 0
+    assert r.stdout.strip() == f"pushed {other} as model.safetensors to {repo}: {hub.url}/{repo}/discussions/1"
+    assert hub.read_file(repo, "model.safetensors", revision="refs/pr/1") == other.read_bytes()
+    assert hub.read_file(repo, "model.safetensors") == soup.read_bytes()  # main untouched
 
 
 def test_cli_help_has_examples():
