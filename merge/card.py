@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from merge.io import schemes
 from merge.keys import DATA_KEY, METRICS_KEY, MODEL_KEY, RECIPE_KEY
 
-__all__ = ["model_card", "is_generated_card", "SINGLE_FILE_NAME", "weight_file_name"]
+__all__ = ["model_card", "write_card", "is_generated_card", "SINGLE_FILE_NAME", "weight_file_name"]
 
 HF_PREFIX = "hf://"
 # The name the ecosystem loads a single weight file by (transformers, timm, huggingface_hub).
@@ -96,7 +96,7 @@ def _looks_like_repo(name: object) -> bool:
     return isinstance(name, str) and bool(_REPO_RE.match(name)) and "--" not in name
 
 
-def _facts(path: Path, weights_name: str | None) -> _Facts:
+def _facts(path: Path, weights_name: str | None, name: str | None = None) -> _Facts:
     from merge.io.sources import open_checkpoint
 
     with open_checkpoint(path) as src:
@@ -119,7 +119,7 @@ def _facts(path: Path, weights_name: str | None) -> _Facts:
     recipe = _json_meta(meta, RECIPE_KEY)
     spec = _json_meta(meta, MODEL_KEY)
     data = _json_meta(meta, DATA_KEY)
-    f = _Facts(name=path.name if folder else path.stem, folder=folder, n_tensors=n_tensors, n_bytes=n_bytes,
+    f = _Facts(name=name or (path.name if folder else path.stem), folder=folder, n_tensors=n_tensors, n_bytes=n_bytes,
                config=config, recipe=recipe if isinstance(recipe, dict) else {},
                metrics=_json_meta(meta, METRICS_KEY), model_spec=spec if isinstance(spec, dict) else None,
                data_spec=data if isinstance(data, dict) else None, weight_files=weight_files)
@@ -332,8 +332,8 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, weights_n
         ---
     """
     path = Path(path)
-    f = _facts(path, weights_name)
     shown = shown_as or str(path)
+    f = _facts(path, weights_name, name=Path(shown_as).name if shown_as else None)
     sections = [[f"# {repo_id or f.name}", "", *_what_it_is(f)], _recipe_section(f), _metrics_section(f)]
     if checkpoints and len(checkpoints) > 1:
         sections.append(_checkpoints_section(checkpoints, repo_id))
@@ -343,3 +343,23 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, weights_n
                          "```json", json.dumps(f.recipe, indent=2, sort_keys=True), "```", "", "</details>"])
     body = "\n\n".join("\n".join(s) for s in sections if s)
     return _sign(_front_matter(f, repo_id) + "\n" + body + "\n")
+
+
+def write_card(folder: str | os.PathLike, *, shown_as: str | None = None) -> Path | None:
+    """Write ``folder/README.md`` (the card :func:`model_card` builds) unless the folder already has one.
+
+    ``papa-merge soup -o folder/`` calls this on its complete output, so a merged folder carries the
+    same card ``push`` would upload (``push`` regenerates it with the repo's name).
+
+    Args:
+        folder: a complete model folder.
+        shown_as: the folder's path as the user named it (title and loading snippets).
+
+    Returns:
+        The README.md written, or None when one was there.
+    """
+    readme = Path(folder) / "README.md"
+    if readme.exists():
+        return None
+    readme.write_text(model_card(folder, shown_as=shown_as))
+    return readme
