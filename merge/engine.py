@@ -1,52 +1,82 @@
 """The streaming merge loop: sources x operator -> sink, one tensor (and one chunk) at a time.
 
-For every tensor name, in storage order: read a chunk of it from each member into a small pool of
-reused byte buffers (on a reader thread, which prefetches the next chunks while the current one is
-reduced), fold each into a float32 (or float64) accumulator, cast the result to the output dtype once,
-and hand it to the sink, which writes it. Peak memory is the buffer pool plus three chunk-sized
-tensors: it does not depend on the number of members or on the size of the model. Inputs are read
-with ``pread`` into those buffers, so no file pages are mapped into the process.
+For every tensor name, in storage order, a kernel reduces the members' chunks (read ahead by
+:class:`merge.reader.ChunkReader`) and hands the result to the sink, chunk by chunk:
 
-With ``device="cuda[:N]"`` the pool is pinned host memory, each chunk is copied to the GPU
-asynchronously, the reduction runs there, and the reader reuses a pinned buffer only after the copy
-out of it has finished.
+- ``linear`` operators (uniform, weighted): one pass; each member's chunk is converted to the
+  accumulator dtype (float32, or float64 on request or for float64 members) and folded into the
+  accumulator with its coefficient (the weights normalised in float64 first), then cast once;
+- ``gram`` operators (SLERP, multi-SLERP, Karcher, model stock): a first pass computes the float64
+  Gram matrix of the members, unit by unit, holding at most :data:`GRAM_TILE` members' chunks at
+  once; the operator turns it into coefficients; a second pass is a linear combination;
+- ``task`` operators (task arithmetic, TIES, DARE, breadcrumbs, DELLA): passes over each member,
+  one at a time, find its magnitude thresholds (exact radix selection) or rescale factor; then one
+  pass folds every member's sparsified task vector into a fixed set of running sums.
+
+Peak memory is the reader's pool plus a fixed number of chunks (stated per operator by
+:attr:`MergePlan.buffer_bytes` before anything is read): it does not depend on the number of
+members or on the size of the model.
+
+NaN and infinity: a chunk whose sum is not finite makes the engine look, once the tensor is done,
+for the member that holds a NaN or an infinity; it is reported as a :class:`NonFiniteWarning`
+naming the member and the tensor (``strict=True``: a :class:`NonFiniteError`). A non-finite result
+from finite members (an overflow) is always an error.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import math
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from merge.errors import DeviceUnavailableError, InvalidArgumentError, MismatchError
+from merge.errors import DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError
 from merge.io.dtypes import dtype_name, is_float
 from merge.io.sources import Source, TensorInfo
 from merge.io.writer import Sink
-from merge.ops import Operator
+from merge.ops import Combination, Operator, Resolved, resolve_params
+from merge.ops.apply import UNIT, compute_dtype, fold_combination, gram_update, gram_vectors
+from merge.ops.task import TaskTensor
+from merge.reader import POOL_BUFFERS, ChunkReader, Read
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "run_merge", "resolve_device", "Sink", "MemorySink",
-           "ON_MISMATCH"]
+           "ON_MISMATCH", "NonFiniteWarning", "NonFiniteError", "MergeStats"]
 
 ON_MISMATCH = ("error", "skip", "first")
 # Accumulator chunk. On the CPU, 2 MiB stays in cache (the sweet spot measured with bench_soup.py);
 # on a GPU, larger chunks amortise the per-chunk launch and host synchronisation.
 DEFAULT_CHUNK_BYTES = 2 << 20
 GPU_CHUNK_BYTES = 64 << 20
-POOL_BUFFERS = 4
+# Members whose chunks the Gram pass holds at once; more members are taken in tiles (re-reading).
+GRAM_TILE = 8
+
+
+class NonFiniteWarning(UserWarning):
+    """A member holds NaN or infinite values in a tensor that was merged."""
+
+
+class NonFiniteError(MergeError, ValueError):
+    """A member holds NaN or infinite values (with ``strict``), or the merge overflowed."""
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """What happens to one output tensor: ``reduce`` over the members, or ``copy`` from the first."""
+    """What happens to one output tensor: ``reduce`` over the members, or ``copy`` from one source.
+
+    ``in_dtypes`` lists the members' dtypes (then the base's, when the operator uses a base);
+    ``resolved`` holds the operator's parameters for this tensor; ``copy_from`` is the source a copy
+    comes from (0: member 0; ``len(members)``: the base).
+    """
 
     name: str
     action: str  # "reduce" | "copy"
     in_dtypes: tuple[torch.dtype, ...]
     out: TensorInfo
+    resolved: Resolved | None = None
+    copy_from: int = 0
 
 
 @dataclass
@@ -56,35 +86,49 @@ class MergePlan:
     sources: list[Source]
     operator: Operator
     weights: list[float]
-    coefficients: list[float]
-    divisor: float
     tensors: list[TensorPlan]
     accumulate: torch.dtype
     device: torch.device
     chunk_elems: int
+    base: Source | None = None
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    strict: bool = False
     skipped: list[str] = field(default_factory=list)
     copied_mismatched: list[str] = field(default_factory=list)
+    combination: Combination | None = None
+
+    @property
+    def all_sources(self) -> list[Source]:
+        """Members, then the base (when there is one): the reader's source indices."""
+        return self.sources + ([self.base] if self.base is not None else [])
+
+    @property
+    def coefficients(self) -> list[float]:
+        return list(self.combination.coefficients) if self.combination is not None else []
+
+    def kernels(self) -> list[_Kernel]:
+        return [_make_kernel(self, t) for t in self.tensors]
 
     @property
     def read_bytes(self) -> int:
-        """Bytes the merge reads from the members."""
-        n = 0
-        for t in self.tensors:
-            members = len(self.sources) if t.action == "reduce" else 1
-            n += members * t.out.numel * max(d.itemsize for d in t.in_dtypes[:members])
-        return n
+        """Bytes the merge reads (every pass of every operator counted)."""
+        return sum(r.nbytes for k in self.kernels() for r in k.reads())
 
     @property
     def out_bytes(self) -> int:
         return sum(t.out.nbytes for t in self.tensors)
 
     @property
+    def pool_bytes(self) -> int:
+        return max((k.max_read_bytes() for k in self.kernels()), default=1)
+
+    @property
     def buffer_bytes(self) -> int:
-        """Working memory the loop allocates (pool, accumulator, converted chunk, output chunk)."""
-        max_in = max((d.itemsize for t in self.tensors for d in t.in_dtypes), default=1)
-        max_out = max((t.out.dtype.itemsize for t in self.tensors), default=1)
-        elems = min(self.chunk_elems, max((t.out.numel for t in self.tensors), default=0))
-        return elems * (POOL_BUFFERS * max_in + 2 * self.accumulate.itemsize + max_out)
+        """Peak working memory the loop allocates: the reader's pool and the largest kernel's buffers."""
+        ks = self.kernels()
+        pool = POOL_BUFFERS * max((k.max_read_bytes() for k in ks), default=1)
+        return pool + max((k.work_bytes() for k in ks), default=0)
 
 
 class MemorySink(Sink):
@@ -110,11 +154,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device if device is not None else "cpu")
     except (RuntimeError, TypeError):
-        raise InvalidArgumentError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise InvalidArgumentError(f"unknown device {device!r}; use cpu, cuda or cuda:N", option="device") from None
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise InvalidArgumentError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+        raise InvalidArgumentError(f"device {device!r} is not supported; use cpu, cuda or cuda:N", option="device")
     if not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device {device!r} asked for, but CUDA is not available on this machine (torch {torch.__version__}, "
@@ -123,7 +167,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if index >= torch.cuda.device_count():
         raise DeviceUnavailableError(f"device {device!r} asked for, but this machine has "
                                      f"{torch.cuda.device_count()} CUDA device(s): use cuda:0 .. "
-                                     f"cuda:{torch.cuda.device_count() - 1}")
+                                     f"cuda:{torch.cuda.device_count() - 1}", option="device")
     return torch.device("cuda", index)
 
 
@@ -132,28 +176,63 @@ def _describe(src: Source, name: str) -> str:
     return "missing" if info is None else f"{list(info.shape)} {dtype_name(info.dtype)}"
 
 
-def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequence[float],
-               dtype: torch.dtype | None = None,
+def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequence[float] | None = None,
+               params: Mapping[str, object] | None = None,
+               member_params: Sequence[Mapping[str, object] | None] | None = None,
+               base: Source | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                accumulate: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-               on_mismatch: str = "error", chunk_bytes: int | None = None) -> MergePlan:
-    """Validate the members against each other and decide every output tensor.
+               on_mismatch: str = "error", chunk_bytes: int | None = None, strict: bool = False,
+               resolve: Callable[[str], tuple[Mapping[str, object], Sequence[Mapping[str, object]] | None]] | None = None,
+               ) -> MergePlan:
+    """Validate the members (and base) against each other and decide every output tensor.
+
+    Args:
+        sources: the members.
+        operator: from :func:`merge.ops.get_operator`.
+        weights: one per member (the operator's ``weight`` parameter).
+        params: the operator's parameters (a scalar, or one value per member for per-member ones).
+        member_params: per-member overrides.
+        base: the base model, for operators that take one.
+        seed: seed of random operators.
+        resolve: for recipes whose parameters depend on the tensor name: ``resolve(name) -> (params,
+            member_params)``.
 
     Raises:
         MismatchError: (with ``on_mismatch="error"``) members differ in names, shapes or dtypes; the
             message lists each offending tensor with every member's shape and dtype.
+        InvalidArgumentError: a bad parameter, a missing base, or a member count the operator refuses.
     """
     if on_mismatch not in ON_MISMATCH:
-        raise InvalidArgumentError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
-    if len(sources) < operator.min_members:
-        raise InvalidArgumentError(f"method {operator.name!r} needs at least {operator.min_members} members, "
-                                   f"got {len(sources)}")
-    if operator.scope != "linear":
-        raise InvalidArgumentError(f"method {operator.name!r} is not linear; the streaming engine merges linear "
-                                   "operators only")
-    first = sources[0]
+        raise InvalidArgumentError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}",
+                                   option="on_mismatch", choices=ON_MISMATCH)
+    n = len(sources)
+    op = operator
+    if n < op.min_members:
+        raise InvalidArgumentError(f"method {op.name!r} needs at least {op.min_members} member(s) besides the base, "
+                                   f"got {n}", option="members")
+    if op.max_members is not None and n > op.max_members:
+        raise InvalidArgumentError(f"method {op.name!r} takes at most {op.max_members} member(s) besides the base, "
+                                   f"got {n}", option="members")
+    if op.base == "required" and base is None:
+        raise InvalidArgumentError(f"method {op.name!r} needs a base model (the checkpoint the members were "
+                                   "fine-tuned from)", option="base")
+    if op.base == "none" and base is not None:
+        raise InvalidArgumentError(f"method {op.name!r} takes no base model; list it as a member instead",
+                                   option="base")
+    given = dict(params or {})
+    if weights is not None:
+        given["weight"] = list(weights)
+    if "weight" in given and not any(p.name == "weight" for p in op.params):
+        if op.name == "uniform":
+            given.pop("weight")
+        else:
+            raise InvalidArgumentError(f"method {op.name!r} takes no weights", option="weights")
+    default_resolved = resolve_params(op, n, given, member_params)
+    everyone = list(sources) + ([base] if base is not None else [])
+    first = everyone[-1] if base is not None else sources[0]
     names = list(first.infos)
     seen = set(names)
-    for src in sources[1:]:
+    for src in everyone:
         for name in src.infos:
             if name not in seen:
                 seen.add(name)
@@ -162,29 +241,35 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
     bad: list[str] = []
     skipped: list[str] = []
     copied: list[str] = []
+    copy_from = n if base is not None else 0
     for name in names:
-        infos = [src.infos.get(name) for src in sources]
+        infos = [src.infos.get(name) for src in everyone]
         ok = all(i is not None for i in infos) and len({(i.shape, i.dtype) for i in infos}) == 1
         if ok:
-            info = infos[0]
+            info = infos[copy_from]
             if is_float(info.dtype):
+                resolved = default_resolved
+                if resolve is not None:
+                    p, mp = resolve(name)
+                    resolved = resolve_params(op, n, {**p, **({"weight": list(weights)} if weights else {})}, mp)
                 out = TensorInfo(name, dtype or info.dtype, info.shape)
-                tensors.append(TensorPlan(name, "reduce", tuple(i.dtype for i in infos), out))
+                tensors.append(TensorPlan(name, "reduce", tuple(i.dtype for i in infos), out, resolved))
             else:  # integer buffers (num_batches_tracked), bools: copied, never averaged
-                tensors.append(TensorPlan(name, "copy", (info.dtype,), info))
+                tensors.append(TensorPlan(name, "copy", (info.dtype,), info, None, copy_from))
             continue
         if on_mismatch == "error":
             bad.append(name)
-        elif on_mismatch == "first" and infos[0] is not None:
-            info = infos[0]
+        elif on_mismatch == "first" and infos[copy_from] is not None:
+            info = infos[copy_from]
             copied.append(name)
             out = TensorInfo(name, dtype or info.dtype, info.shape) if is_float(info.dtype) else info
-            tensors.append(TensorPlan(name, "copy", (info.dtype,), out))
+            tensors.append(TensorPlan(name, "copy", (info.dtype,), out, None, copy_from))
         else:
             skipped.append(name)
     if bad:
         shown = bad[:20]
-        lines = [f"  {name}: " + "; ".join(f"[{i}] {_describe(s, name)}" for i, s in enumerate(sources))
+        labels = [f"[{i}]" for i in range(n)] + (["[base]"] if base is not None else [])
+        lines = [f"  {name}: " + "; ".join(f"{lab} {_describe(s, name)}" for lab, s in zip(labels, everyone))
                  for name in shown]
         more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
         raise MismatchError(f"members disagree on {len(bad)} tensor(s) (name: [member] shape dtype):\n"
@@ -193,11 +278,342 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
                             tensor=bad[0], option="on_mismatch", choices=("skip", "first"))
     if not tensors:
         raise MismatchError("the members share no tensor: nothing to merge")
-    coeffs, divisor = operator.coefficients(list(weights))
     if chunk_bytes is None:
         chunk_bytes = GPU_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
-    return MergePlan(list(sources), operator, list(weights), list(coeffs), float(divisor), tensors, accumulate, device,
-                     max(1, chunk_bytes // accumulate.itemsize), skipped, copied)
+    combination = op.combine(default_resolved) if op.path == "linear" else None
+    plan = MergePlan(list(sources), op, list(default_resolved.member("weight")) if any(
+        p.name == "weight" for p in op.params) else [1.0] * n, tensors, accumulate, device,
+        max(1, chunk_bytes // accumulate.itemsize), base, given, int(seed), bool(strict), skipped, copied, combination)
+    plan.kernels()  # every per-tensor check (e.g. DELLA's epsilon against each density) before any output
+    return plan
+
+
+# ---- kernels: one per output tensor; reads() is the fixed schedule, run() consumes it ----------------------
+
+class _IO:
+    """What a kernel sees of the loop: the reader, the sink, and conversion buffers."""
+
+    def __init__(self, plan: MergePlan, reader: ChunkReader, sink: Sink):
+        self.plan, self.reader, self.sink = plan, reader, sink
+        self.device = plan.device
+        self.cuda = self.device.type == "cuda"
+        self._host: dict[torch.dtype, torch.Tensor] = {}
+        self.written = 0
+
+    def take(self, source: int, name: str, start: int, count: int):
+        return self.reader.take(source, name, start, count)
+
+    def take_as(self, out: torch.Tensor, source: int, name: str, start: int, count: int) -> torch.Tensor:
+        """Read a chunk and convert it into ``out[:count]`` (the compute dtype)."""
+        c = self.reader.take(source, name, start, count)
+        dst = out[:count]
+        dst.copy_(c.tensor)  # converting into a reused buffer is ~3.5x faster than a mixed-dtype add_
+        c.release()
+        return dst
+
+    def emit(self, name: str, res: torch.Tensor) -> None:
+        """Write one chunk of output (already in the output dtype) to the sink."""
+        if self.cuda:
+            hb = self._host.get(res.dtype)
+            if hb is None or hb.numel() < res.numel():
+                hb = self._host[res.dtype] = torch.empty(res.numel(), dtype=res.dtype, pin_memory=True)
+            hb[: res.numel()].copy_(res)  # synchronous: the bytes are on the host when this returns
+            res = hb[: res.numel()]
+        if res.numel():
+            self.sink.write(name, memoryview(res.contiguous().view(torch.uint8).numpy()))
+        self.written += res.numel() * res.dtype.itemsize
+
+
+def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, chunk):
+        yield start, min(chunk, numel - start)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite (a sum first: the exact check only when it is not)."""
+    if not t.numel():
+        return True
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+class _Kernel:
+    def __init__(self, plan: MergePlan, tp: TensorPlan):
+        self.plan, self.tp = plan, tp
+        self.name = tp.name
+        self.numel = tp.out.numel
+        self.n = len(plan.sources)
+        self.base_index = self.n if plan.base is not None else None
+        self.dtype = compute_dtype(*tp.in_dtypes, accumulate=plan.accumulate)
+        self.chunk = min(max(1, plan.chunk_elems), max(1, self.numel))
+        self.suspect = False     # a statistic or an output chunk was not finite: look for the member
+        self.overflow = False    # the output itself was not finite
+
+    def dt(self, source: int) -> torch.dtype:
+        return self.tp.in_dtypes[source] if source < len(self.tp.in_dtypes) else self.tp.in_dtypes[0]
+
+    def read(self, source: int, start: int, count: int) -> Read:
+        return Read(source, self.name, start, count, self.dt(source))
+
+    def max_read_bytes(self) -> int:
+        return max(self.chunk * max(d.itemsize for d in self.tp.in_dtypes), 1)
+
+    def work_bytes(self) -> int:
+        return 0
+
+    def reads(self) -> Iterator[Read]:
+        raise NotImplementedError
+
+    def run(self, io: _IO) -> None:
+        raise NotImplementedError
+
+    def _emit(self, io: _IO, acc: torch.Tensor, out_buf: dict) -> None:
+        if not _finite(acc):
+            self.suspect = self.overflow = True
+        res = acc
+        if self.tp.out.dtype != acc.dtype:
+            ob = out_buf.get("out")
+            if ob is None:
+                ob = out_buf["out"] = torch.empty(self.chunk, dtype=self.tp.out.dtype, device=acc.device)
+            res = ob[: acc.numel()]
+            res.copy_(acc)
+        io.emit(self.name, res)
+
+
+class _CopyKernel(_Kernel):
+    def __init__(self, plan: MergePlan, tp: TensorPlan):
+        super().__init__(plan, tp)
+        self.chunk = min(max(1, plan.chunk_elems), max(1, self.numel))
+
+    def reads(self) -> Iterator[Read]:
+        for start, count in _chunks(self.numel, self.chunk):
+            yield Read(self.tp.copy_from, self.name, start, count, self.tp.in_dtypes[0])
+
+    def run(self, io: _IO) -> None:
+        for start, count in _chunks(self.numel, self.chunk):
+            c = io.take(self.tp.copy_from, self.name, start, count)
+            x = c.tensor
+            if self.tp.out.dtype != x.dtype:  # a mismatched float tensor taken from one source and cast to dtype
+                x = x.to(self.tp.out.dtype)
+            io.emit(self.name, x)
+            c.release()
+
+
+class _LinearKernel(_Kernel):
+    """Output pass of ``linear`` and ``gram`` operators: a fixed combination folded member by member."""
+
+    def __init__(self, plan: MergePlan, tp: TensorPlan, comb: Combination | None = None):
+        super().__init__(plan, tp)
+        self.comb = comb
+
+    def work_bytes(self) -> int:
+        return self.chunk * (3 * self.dtype.itemsize + self.tp.out.dtype.itemsize)
+
+    def _needs_base(self) -> bool:
+        return self.base_index is not None and (self.comb is None or self.comb.delta or self.comb.base_coefficient != 0)
+
+    def _members(self) -> list[int]:
+        if self.comb is None:  # decided after a first pass: read every member
+            return list(range(self.n))
+        return [i for i, c in enumerate(self.comb.coefficients) if c != 0]
+
+    def reads(self) -> Iterator[Read]:
+        members = self._members()
+        for start, count in _chunks(self.numel, self.chunk):
+            if self._needs_base():
+                yield self.read(self.base_index, start, count)
+            for i in members:
+                yield self.read(i, start, count)
+
+    def run(self, io: _IO, comb: Combination | None = None) -> None:
+        comb = comb or self.comb
+        members = self._members()
+        needs_base = self._needs_base()
+        dev = io.device
+        acc = torch.empty(self.chunk, dtype=self.dtype, device=dev)
+        tmp = torch.empty(self.chunk, dtype=self.dtype, device=dev)
+        xbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
+        bbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev) if needs_base else None
+        out_buf: dict = {}
+        held: list = []  # the chunk whose pool buffer the fold is reading (CPU: used in place)
+
+        def member(i: int, start: int, count: int, pending: Iterator[int]) -> torch.Tensor:
+            # members come in schedule order; scheduled ones with coefficient 0 are read and skipped
+            for c in held:
+                c.release()
+            held.clear()
+            for j in pending:
+                c = io.take(j, self.name, start, count)
+                if j != i:
+                    c.release()
+                    continue
+                x = c.tensor
+                if x.dtype != self.dtype:
+                    # converting into a reused buffer is ~3.5x faster than a mixed-dtype add_
+                    dst = xbuf[:count]
+                    dst.copy_(x)
+                    c.release()
+                    return dst
+                held.append(c)
+                return x
+            raise RuntimeError(f"member {i} is not scheduled")
+
+        for start, count in _chunks(self.numel, self.chunk):
+            b = io.take_as(bbuf, self.base_index, self.name, start, count) if needs_base else None
+            pending = iter(members)
+            fold_combination(comb, lambda i, s=start, c=count, p=pending: member(i, s, c, p), b, acc[:count],
+                             tmp[:count])
+            for c in held:
+                c.release()
+            held.clear()
+            for j in pending:  # scheduled members after the last non-zero coefficient
+                io.take(j, self.name, start, count).release()
+            self._emit(io, acc[:count], out_buf)
+
+
+class _GramKernel(_LinearKernel):
+    """A first pass for the Gram matrix, then the linear output pass."""
+
+    def __init__(self, plan: MergePlan, tp: TensorPlan):
+        super().__init__(plan, tp, None)
+        op = plan.operator
+        self.mode = gram_vectors(op, plan.base is not None)
+        if self.mode == "delta":
+            self.vectors = list(range(self.n))
+        else:
+            self.vectors = ([self.base_index] if self.base_index is not None and op.base == "required" else []) \
+                + list(range(self.n))
+        self.gchunk = min(UNIT, max(1, self.numel))
+
+    def max_read_bytes(self) -> int:
+        return max(super().max_read_bytes(), self.gchunk * max(d.itemsize for d in self.tp.in_dtypes))
+
+    def work_bytes(self) -> int:
+        return max(super().work_bytes(), (GRAM_TILE + 2) * self.gchunk * 8)
+
+    def _tiles(self) -> list[list[int]]:
+        m = len(self.vectors)
+        return [list(range(k, min(k + GRAM_TILE, m))) for k in range(0, m, GRAM_TILE)]
+
+    def reads(self) -> Iterator[Read]:
+        tiles = self._tiles()
+        m = len(self.vectors)
+        for start, count in _chunks(self.numel, self.gchunk):
+            for t in tiles:
+                if self.mode == "delta":
+                    yield self.read(self.base_index, start, count)
+                for a in t:
+                    yield self.read(self.vectors[a], start, count)
+                for j in range(t[-1] + 1, m):
+                    yield self.read(self.vectors[j], start, count)
+        yield from super().reads()
+
+    def run(self, io: _IO) -> None:
+        m = len(self.vectors)
+        gram = torch.zeros(m, m, dtype=torch.float64)
+        dev = io.device
+        tile_buf = torch.empty(GRAM_TILE + 1, self.gchunk, dtype=torch.float64, device=dev)
+        base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
+        for start, count in _chunks(self.numel, self.gchunk):
+            for t in self._tiles():
+                b = io.take_as(base_buf, self.base_index, self.name, start, count) if self.mode == "delta" else None
+                held = []
+                for slot, a in enumerate(t):
+                    v = io.take_as(tile_buf[slot], self.vectors[a], self.name, start, count)
+                    if b is not None:
+                        v.sub_(b)
+                    held.append(v)
+                gram_update(gram, held, t)
+                for j in range(t[-1] + 1, m):
+                    v = io.take_as(tile_buf[GRAM_TILE], self.vectors[j], self.name, start, count)
+                    if b is not None:
+                        v.sub_(b)
+                    gram_update(gram, held + [v], t, [j])
+        if not bool(torch.isfinite(gram).all()):
+            self.suspect = True
+            gram = torch.nan_to_num(gram)
+        try:
+            comb = self.plan.operator.from_gram(gram, self.tp.resolved, self.plan.base is not None)
+        except MergeError as e:
+            e.tensor = e.tensor or self.name
+            e.message = f"tensor {self.name!r}: {e.message}"
+            raise
+        self.combination = comb
+        super().run(io, comb)
+
+
+class _TaskKernel(_Kernel):
+    """Statistics passes over each member, then one pass folding every member's task vector."""
+
+    def __init__(self, plan: MergePlan, tp: TensorPlan):
+        super().__init__(plan, tp)
+        try:
+            self.task = TaskTensor(plan.operator.task, tp.resolved, tp.out.shape, self.dtype, seed=plan.seed,
+                                   name=self.name, method=plan.operator.name)
+        except MergeError as e:
+            e.tensor = e.tensor or self.name
+            raise
+        unit = self.task.unit
+        self.chunk = max(unit, (max(1, plan.chunk_elems) // unit) * unit)
+        self.chunk = min(self.chunk, max(1, self.numel))
+        self.passes = self.task.stat_passes()
+
+    def work_bytes(self) -> int:
+        per = 12 * self.dtype.itemsize + 4  # base, delta, |delta|, five sums, temporaries, mask
+        if self.task.spec.sparsify == "della_magprune":
+            per += 3 * 8 + 2 * 4  # argsort order and ranks (int64), uniforms, probabilities
+        elif self.task.spec.sparsify == "random":
+            per += 4
+        hist = (1 << 20) * 8 if self.dtype == torch.float64 else (1 << 16) * 8
+        return self.chunk * per + hist
+
+    def reads(self) -> Iterator[Read]:
+        for _, members in self.passes:
+            for i in members:
+                for start, count in _chunks(self.numel, self.chunk):
+                    yield self.read(self.base_index, start, count)
+                    yield self.read(i, start, count)
+        for start, count in _chunks(self.numel, self.chunk):
+            yield self.read(self.base_index, start, count)
+            for i in range(self.n):
+                yield self.read(i, start, count)
+
+    def run(self, io: _IO) -> None:
+        dev = io.device
+        bbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
+        xbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
+        task = self.task
+        for kind, members in self.passes:
+            for i in members:
+                task.stat_begin(kind, i)
+                for start, count in _chunks(self.numel, self.chunk):
+                    b = io.take_as(bbuf, self.base_index, self.name, start, count)
+                    x = io.take_as(xbuf, i, self.name, start, count)
+                    if not task.stat_chunk(kind, i, x.sub_(b), start):
+                        self.suspect = True
+                task.stat_end(kind, i)
+        out_buf: dict = {}
+        for start, count in _chunks(self.numel, self.chunk):
+            b = io.take_as(bbuf, self.base_index, self.name, start, count)
+            state = task.begin_chunk(count, dev)
+            for i in range(self.n):
+                x = io.take_as(xbuf, i, self.name, start, count)
+                task.add_member(state, i, x.sub_(b), start)
+            self._emit(io, task.finish_chunk(state, b), out_buf)
+
+
+def _make_kernel(plan: MergePlan, tp: TensorPlan) -> _Kernel:
+    if tp.action == "copy":
+        return _CopyKernel(plan, tp)
+    path = plan.operator.path
+    if path == "linear":
+        comb = plan.combination if plan.combination is not None and tp.resolved is None else \
+            plan.operator.combine(tp.resolved)
+        return _LinearKernel(plan, tp, comb)
+    if path == "gram":
+        return _GramKernel(plan, tp)
+    return _TaskKernel(plan, tp)
 
 
 @dataclass
@@ -206,9 +622,45 @@ class MergeStats:
     read_bytes: int
     written_bytes: int
     tensors: int
+    nonfinite: list[tuple[int | str, str]] = field(default_factory=list)
 
 
-_DONE = object()
+def _scan_nonfinite(plan: MergePlan, name: str) -> list[int]:
+    """Indices of the sources (members, then the base) whose tensor ``name`` holds NaN or infinity."""
+    bad = []
+    for i, src in enumerate(plan.all_sources):
+        info = src.infos.get(name)
+        if info is None or not is_float(info.dtype):
+            continue
+        step = max(1, (4 << 20) // info.dtype.itemsize)
+        buf = torch.empty(min(step, max(1, info.numel)) * info.dtype.itemsize, dtype=torch.uint8)
+        for start in range(0, info.numel, step):
+            count = min(step, info.numel - start)
+            view = buf[: count * info.dtype.itemsize]
+            src.read_into(name, start * info.dtype.itemsize, memoryview(view.numpy()))
+            if not bool(torch.isfinite(view.view(info.dtype)).all()):
+                bad.append(i)
+                break
+    return bad
+
+
+def _check_nonfinite(plan: MergePlan, kernel: _Kernel, found: list) -> None:
+    bad = _scan_nonfinite(plan, kernel.name)
+    n = len(plan.sources)
+    for i in bad:
+        who = "the base" if i == n else f"member {i}"
+        src = plan.all_sources[i]
+        msg = (f"{who} ({src.path}) holds NaN or infinite values in tensor {kernel.name!r}; the merge carries "
+               "them into the result")
+        if plan.strict:
+            raise NonFiniteError(msg.replace("; the merge carries them into the result", ""),
+                                 path=src.path, tensor=kernel.name, member=i if i < n else None)
+        found.append(("base" if i == n else i, kernel.name))
+        warnings.warn(NonFiniteWarning(msg), stacklevel=3)
+    if not bad and kernel.overflow:
+        raise NonFiniteError(f"tensor {kernel.name!r}: the result overflowed {dtype_name(kernel.dtype)} although every "
+                             "member is finite; lower the weights (or merge in float64)", tensor=kernel.name,
+                             option="accumulate", choices=("float64",))
 
 
 def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | None = None) -> MergeStats:
@@ -218,136 +670,44 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
         plan: from :func:`plan_merge`.
         sink: receives each output tensor's bytes in plan order.
         progress: called with the number of input bytes just consumed.
+
+    Raises:
+        NonFiniteError: a member holds NaN or infinity and ``plan.strict``, or the result overflowed.
     """
     t0 = time.perf_counter()
-    dev = plan.device
-    cuda = dev.type == "cuda"
-    n = len(plan.sources)
-    chunk = plan.chunk_elems
-    max_in = max((d.itemsize for t in plan.tensors for d in t.in_dtypes), default=1)
-    buf_elems = min(chunk, max((t.out.numel for t in plan.tensors), default=1)) or 1
-    pool = [torch.empty(buf_elems * max_in, dtype=torch.uint8, pin_memory=cuda) for _ in range(POOL_BUFFERS)]
-    free: queue.Queue = queue.Queue()
-    for i in range(POOL_BUFFERS):
-        free.put((i, None))
-    ready: queue.Queue = queue.Queue()
-    stop = threading.Event()
+    cuda = plan.device.type == "cuda"
+    kernels = plan.kernels()
+    buffer_bytes = max((k.max_read_bytes() for k in kernels), default=1)
 
-    # The reader walks the same order the consumer does: tensor, chunk, member.
-    def work() -> None:
-        try:
-            for tp in plan.tensors:
-                members = range(n) if tp.action == "reduce" else range(1)
-                numel = tp.out.numel
-                for start in range(0, numel, chunk):
-                    count = min(chunk, numel - start)
-                    for m in members:
-                        i, event = free.get()
-                        if stop.is_set():
-                            return
-                        if event is not None:
-                            event.synchronize()  # the GPU copy out of this pinned buffer has finished
-                        itemsize = tp.in_dtypes[m].itemsize
-                        nbytes = count * itemsize
-                        plan.sources[m].read_into(tp.name, start * itemsize, memoryview(pool[i].numpy())[:nbytes])
-                        ready.put((i, nbytes))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            ready.put(e)
-        ready.put(_DONE)
-
-    reader = threading.Thread(target=work, name="papa-merge-reader", daemon=True)
-    acc = torch.empty(buf_elems, dtype=plan.accumulate, device=dev)
-    tmp = torch.empty(buf_elems, dtype=plan.accumulate, device=dev)
-    out_bufs: dict[torch.dtype, torch.Tensor] = {}
-    host_out: dict[torch.dtype, torch.Tensor] = {}
-    written = 0
-
-    def take() -> tuple[int, int]:
-        item = ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def release(i: int) -> None:
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
-        free.put((i, event))
+    def schedule() -> Iterator[Read]:
+        for k in kernels:
+            yield from k.reads()
 
     sink.begin([t.out for t in plan.tensors])
+    found: list = []
+    read_bytes = 0
+
+    def count(nbytes: int) -> None:
+        nonlocal read_bytes
+        read_bytes += nbytes
+        if progress:
+            progress(nbytes)
+
     # One compute thread beside the reader thread: on small machines torch's own pool would fight the
     # reader for cores (and its idle workers spin), which measured 1.5-2x slower on 2 cores.
     threads = torch.get_num_threads()
     if not cuda:
         torch.set_num_threads(1)
-    reader.start()
     try:
-        for tp in plan.tensors:
-            numel = tp.out.numel
-            for start in range(0, numel, chunk):
-                count = min(chunk, numel - start)
-                if tp.action == "copy":
-                    i, nbytes = take()
-                    raw = pool[i][:nbytes]
-                    if tp.out.dtype == tp.in_dtypes[0]:
-                        sink.write(tp.name, memoryview(raw.numpy()))
-                    else:  # a mismatched float tensor taken from member 0 and cast to --dtype
-                        res = raw.view(tp.in_dtypes[0]).to(tp.out.dtype)
-                        sink.write(tp.name, memoryview(res.view(torch.uint8).numpy()))
-                    written += count * tp.out.dtype.itemsize
-                    free.put((i, None))
-                    if progress:
-                        progress(nbytes)
-                    continue
-                a = acc[:count]
-                for m in range(n):
-                    i, nbytes = take()
-                    raw = pool[i][:nbytes]
-                    if cuda:
-                        raw = raw.to(dev, non_blocking=True)
-                    x = raw.view(tp.in_dtypes[m])
-                    c = plan.coefficients[m]
-                    if x.dtype != plan.accumulate:
-                        # Converting into a reused buffer first is ~3.5x faster than a mixed-dtype add_.
-                        tmp[:count].copy_(x)
-                        x = tmp[:count]
-                    if m == 0 and c == 1:
-                        a.copy_(x)
-                    elif m == 0:
-                        torch.mul(x, c, out=a)
-                    elif c == 1:
-                        a.add_(x)
-                    else:
-                        a.add_(x, alpha=c)
-                    release(i)
-                    if progress:
-                        progress(nbytes)
-                if plan.divisor != 1:
-                    a.div_(plan.divisor)
-                res = a
-                if tp.out.dtype != plan.accumulate:
-                    ob = out_bufs.get(tp.out.dtype)
-                    if ob is None:
-                        ob = out_bufs[tp.out.dtype] = torch.empty(buf_elems, dtype=tp.out.dtype, device=dev)
-                    res = ob[:count]
-                    res.copy_(a)
-                if cuda:
-                    hb = host_out.get(tp.out.dtype)
-                    if hb is None:
-                        hb = host_out[tp.out.dtype] = torch.empty(buf_elems, dtype=tp.out.dtype, pin_memory=True)
-                    hb[:count].copy_(res)  # synchronous: the bytes are on the host when this returns
-                    res = hb[:count]
-                sink.write(tp.name, memoryview(res.view(torch.uint8).numpy()))
-                written += count * tp.out.dtype.itemsize
-        tail = ready.get()
-        if isinstance(tail, BaseException):
-            raise tail
+        with ChunkReader(plan.all_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
+                         progress=count) as reader:
+            io = _IO(plan, reader, sink)
+            for k in kernels:
+                k.run(io)
+                if k.suspect:
+                    _check_nonfinite(plan, k, found)
+            reader.finish()
         sink.finish()
     finally:
         torch.set_num_threads(threads)
-        stop.set()
-        for i in range(POOL_BUFFERS):
-            free.put((i, None))  # unblock the reader if it is waiting for a buffer
-        reader.join()
-    return MergeStats(time.perf_counter() - t0, plan.read_bytes, written, len(plan.tensors))
+    return MergeStats(time.perf_counter() - t0, read_bytes, io.written, len(plan.tensors), found)

@@ -23,10 +23,15 @@ from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.io.sources import Source, StateDictSource, open_checkpoint
 from merge.io.folder import carry_folder_files
+from merge.card import write_card
+from merge.io.torch_writer import TORCH_SUFFIXES, TorchFileSink
 from merge.io.writer import INDEX_FILE, AtomicOutput, FileSink, parse_size, plan_output
 from merge.ops import check_weights, get_operator
 
-__all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of"]
+__all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind"]
+
+OUTPUT_FORMS = ("NAME.safetensors (one file)", "NAME.pt, NAME.pth or NAME.bin (a torch state-dict file)",
+                "a path without a suffix or an existing folder (a Hugging Face model folder)")
 
 
 
@@ -60,38 +65,71 @@ def _check_not_an_input(out: Path, sources: Sequence[Source]) -> None:
                                            "write the soup somewhere else")
 
 
+def _member_record(src: Source) -> dict:
+    fp = src.fingerprint()
+    source = schemes.describe(src.path)
+    if source:
+        fp["source"] = source
+    train = src.metadata.get(TRAIN_KEY)
+    if train:
+        try:
+            fp["train"] = json.loads(train)
+        except ValueError:
+            pass
+    return fp
+
+
 def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[str, object] | None = None) -> dict:
-    """The recipe recorded in the output's metadata: method, members, weights, dtypes, tool version."""
-    members = []
-    for src in plan.sources:
-        fp = src.fingerprint()
-        source = schemes.describe(src.path)
-        if source:
-            fp["source"] = source
-        train = src.metadata.get(TRAIN_KEY)
-        if train:
-            try:
-                fp["train"] = json.loads(train)
-            except ValueError:
-                pass
-        members.append(fp)
+    """The recipe recorded in the output's metadata: method, members, base, parameters, dtypes, tool version."""
+    op = plan.operator
     recipe = {
         "tool": "papa-merge",
         "version": version(),
-        "method": plan.operator.name,
-        "citation": plan.operator.citation,
-        "members": members,
+        "method": op.name,
+        "citation": op.citation,
+        "members": [_member_record(src) for src in plan.sources],
         "weights": plan.weights,
-        "coefficients": plan.coefficients,
-        "divisor": plan.divisor,
         "dtype": dtype_name(out_dtype) if out_dtype is not None else "as input",
         "accumulate": dtype_name(plan.accumulate),
         "device": plan.device.type,
         "skipped": plan.skipped,
         "copied_from_first": plan.copied_mismatched,
     }
+    if plan.combination is not None:
+        recipe["coefficients"] = plan.combination.coefficients
+    if plan.base is not None:
+        recipe["base"] = _member_record(plan.base)
+    params = {k: v for k, v in plan.params.items() if k != "weight"}
+    if params:
+        recipe["parameters"] = params
+    if op.random:
+        recipe["seed"] = plan.seed
     recipe.update(extra or {})
     return recipe
+
+
+def output_kind(out: str | os.PathLike) -> str:
+    """``safetensors``, ``torch`` or ``folder``: what ``-o`` asks for.
+
+    ``x.safetensors`` is one safetensors file; ``x.pt``/``x.pth``/``x.bin`` a torch state-dict file (as
+    timm's ``avg_checkpoints.py`` writes); a path without a suffix, or an existing folder, a Hugging
+    Face model folder.
+
+    Raises:
+        InvalidArgumentError: any other suffix (the message lists the forms).
+    """
+    p = Path(out)
+    if str(out) == "":
+        raise InvalidArgumentError("the output path is empty; write one of: " + "; ".join(OUTPUT_FORMS), option="out")
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors" and not p.is_dir():
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES and not p.is_dir():
+        return "torch"
+    if p.is_dir() or not suffix or str(out).endswith(("/", os.sep)):
+        return "folder"
+    raise InvalidArgumentError(f"output {out}: cannot tell what to write for suffix {p.suffix!r}; write one of: "
+                               + "; ".join(OUTPUT_FORMS), path=out, option="out")
 
 
 def _carried_metadata(first: Source) -> dict[str, str]:
@@ -114,48 +152,72 @@ def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.
 
 
 def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "uniform",
-              weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None,
-              accumulate: str | torch.dtype = "float32", device: str | torch.device | None = "cpu",
-              on_mismatch: str = "error", chunk_bytes: int | None = None,
-              sources: list[Source] | None = None) -> MergePlan:
+              weights: Sequence[float] | None = None, base: str | os.PathLike | Source | None = None,
+              params: Mapping[str, object] | None = None,
+              member_params: Sequence[Mapping[str, object] | None] | None = None, seed: int = 0,
+              dtype: str | torch.dtype | None = None, accumulate: str | torch.dtype = "float32",
+              device: str | torch.device | None = "cpu", on_mismatch: str = "error", chunk_bytes: int | None = None,
+              strict: bool = False, key: str | None = None, sources: list[Source] | None = None,
+              base_source: Source | None = None, resolve=None) -> MergePlan:
     """Validate a soup without writing anything (``papa-merge soup --dry-run``).
 
-    The returned plan's ``out_bytes`` and ``buffer_bytes`` say how much the soup will write and how much
-    working memory it will allocate, before any tensor is read.
+    The returned plan's ``out_bytes``, ``read_bytes`` and ``buffer_bytes`` say how much the soup will
+    write, read (every pass counted) and allocate, before any tensor is read. Arguments as in :func:`soup`.
     """
+    if weights is not None and method == "uniform":
+        method = "weighted"
     op = get_operator(method)
     dev = resolve_device(device)  # before any file is opened: a missing GPU costs nothing
     out_dtype = parse_dtype(dtype)
     acc_dtype = parse_dtype(accumulate, allowed=ACCUMULATE_DTYPE_NAMES, what="accumulate dtype")
     if sources is None:
         with ExitStack() as stack:
-            sources = _open_all(members, stack, None)
-            return plan_soup(members, method=method, weights=weights, dtype=dtype, accumulate=accumulate,
-                             device=dev, on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, sources=sources)
-    w = check_weights(weights, len(sources))
-    return plan_merge(sources, op, weights=w, dtype=out_dtype, accumulate=acc_dtype, device=dev,
-                      on_mismatch=on_mismatch, chunk_bytes=chunk_bytes)
+            sources = _open_all(members, stack, key)
+            if base is not None and base_source is None:
+                base_source = _open_all([base], stack, key)[0]
+            return plan_soup(members, method=method, weights=weights, base=base, params=params,
+                             member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=dev,
+                             on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
+                             base_source=base_source, resolve=resolve)
+    w = check_weights(weights, len(sources)) if weights is not None else None
+    return plan_merge(sources, op, weights=w, params=params, member_params=member_params, base=base_source,
+                      seed=seed, dtype=out_dtype, accumulate=acc_dtype, device=dev, on_mismatch=on_mismatch,
+                      chunk_bytes=chunk_bytes, strict=strict, resolve=resolve)
 
 
 def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLike, method: str = "uniform",
-         weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None,
+         weights: Sequence[float] | None = None, base: str | os.PathLike | Source | None = None,
+         params: Mapping[str, object] | None = None,
+         member_params: Sequence[Mapping[str, object] | None] | None = None, seed: int = 0,
+         dtype: str | torch.dtype | None = None,
          accumulate: str | torch.dtype = "float32", device: str | torch.device | None = "cpu",
          shard_size: int | str = "5GB", on_mismatch: str = "error", force: bool = False,
          key: str | None = None, metadata: Mapping[str, str] | None = None,
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
-         chunk_bytes: int | None = None) -> MergeResult:
+         chunk_bytes: int | None = None, strict: bool = False, resolve=None) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
         members: checkpoint paths (safetensors files, model folders, shard indexes, ``.bin``/``.pt``
             pickles, ``hf://org/name[@rev]``); a path listed twice counts twice.
-        out: a ``.safetensors`` file, or a folder (any other path) written as a Hugging Face model
-            folder, sharded past ``shard_size``, with the first member's config and tokenizer files.
-        method: an operator name from :func:`merge.ops.list_operators` (``uniform``, ``weighted``).
-        weights: one weight per member (per entry, not per file); implies ``method="weighted"``
-            when ``method`` is left at ``uniform``.
+        out: ``x.safetensors`` (one file), ``x.pt``/``x.pth``/``x.bin`` (a torch state-dict file, for
+            ``torch.load(weights_only=True)``), or a path without a suffix (or an existing folder): a
+            Hugging Face model folder, sharded past ``shard_size``, with the first member's config and
+            tokenizer files. Any other suffix is refused.
+        method: an operator name from :func:`merge.ops.list_operators` (``uniform``, ``weighted`` alias
+            ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``,
+            ``breadcrumbs_ties``, ``della``, ``della_linear``, ``slerp``, ``multislerp``, ``karcher``,
+            ``model_stock``).
+        weights: one weight per member (per entry, not per file; the ``weight`` parameter); implies
+            ``method="weighted"`` when ``method`` is left at ``uniform``. A weighted soup normalises
+            them to sum to one, in float64, before any tensor sees them.
+        base: the base model, for the methods that take one (task vectors are ``member - base``).
+        params: the method's parameters, e.g. ``{"density": 0.5, "lambda": 1.0}`` (a per-member
+            parameter takes one value, or a list with one per member).
+        member_params: per-member overrides, one dict per member.
+        seed: seed of the random methods (DARE, DELLA); reruns with the same seed are bit-identical.
         dtype: output dtype for floating tensors (default: the inputs' own).
-        accumulate: ``float32`` (default) or ``float64``.
+        accumulate: ``float32`` (default) or ``float64``; float64 members always accumulate in float64.
         device: ``cpu`` or ``cuda[:N]`` to reduce on a GPU, streamed chunk by chunk.
         shard_size: largest shard of a folder output, e.g. ``5GB``.
         on_mismatch: ``error`` (default), ``skip`` mismatched tensors, or take them from the ``first``.
@@ -164,6 +226,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         metadata: extra string pairs stored in the output header.
         recipe_extra: extra fields for the recorded recipe (greedy soup records its selection).
         progress: show a progress bar (bytes read, tensors).
+        strict: a NaN or infinity in a member is an error (default: a warning naming member and tensor).
 
     Returns:
         A :class:`MergeResult` (path, files, sizes, time, and the recorded recipe).
@@ -171,45 +234,77 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
     Raises:
         CheckpointNotFoundError, CheckpointFormatError: a member cannot be read.
         MismatchError: members disagree on names, shapes or dtypes.
+        InvalidArgumentError: a bad method parameter, weight or output suffix.
         OutputExistsError, SameInputOutputError: the output would overwrite something.
         DeviceUnavailableError: ``device`` is not on this machine.
+        NonFiniteError: a member holds NaN/infinity and ``strict``, or the merge overflowed.
 
     Example:
         >>> import merge
         >>> merge.soup(["a.safetensors", "b.safetensors"], out="soup.safetensors")  # doctest: +SKIP
+        >>> merge.soup(["ft1/", "ft2/"], base="base/", method="ties", params={"density": 0.5},
+        ...            out="ties/")  # doctest: +SKIP
     """
     if weights is not None and method == "uniform":
         method = "weighted"
+    kind = output_kind(out)
     out = Path(out)
     with ExitStack() as stack:
         resolve_device(device)
         get_operator(method)
         sources = _open_all(members, stack, key)
-        plan = plan_soup(members, method=method, weights=weights, dtype=dtype, accumulate=accumulate,
-                         device=device, on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, sources=sources)
-        _check_not_an_input(out, sources)
-        out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
+        base_source = _open_all([base], stack, key)[0] if base is not None else None
+        plan = plan_soup(members, method=method, weights=weights, base=base, params=params,
+                         member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
+                         on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
+                         base_source=base_source, resolve=resolve)
+        _check_not_an_input(out, sources + ([base_source] if base_source is not None else []))
         recipe = recipe_of(plan, out_dtype=parse_dtype(dtype), extra=recipe_extra)
-        meta = {"format": "pt", **_carried_metadata(sources[0]), **(metadata or {}),
-                RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
+        recipe_json = json.dumps(recipe, sort_keys=True)
+        bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                                       desc=f"{plan.operator.name} merge of {len(sources)}", disable=not progress,
+                                       dynamic_ncols=True))
+        if kind == "torch":
+            with AtomicOutput(out, folder=False, force=force) as atomic:
+                sink = TorchFileSink(atomic.file(out.name), [t.out for t in plan.tensors], {RECIPE_KEY: recipe_json})
+                try:
+                    stats = run_merge(plan, sink, progress=bar.update if progress else None)
+                except BaseException:
+                    sink.abort()
+                    raise
+                final = atomic.commit()
+            return MergeResult(final, [final], stats.tensors, stats.read_bytes, stats.written_bytes, stats.seconds,
+                               recipe, plan.skipped)
+        out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
+        meta = {"format": "pt", **_carried_metadata(plan.base or sources[0]), **(metadata or {}),
+                RECIPE_KEY: recipe_json}
         with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
             sink = FileSink(out_plan, atomic, meta)
-            bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                                           desc=f"{method} soup of {len(sources)}", disable=not progress,
-                                           dynamic_ncols=True))
             stats = run_merge(plan, sink, progress=bar.update if progress else None)
             extra_files = []
             if out_plan.folder:
-                extra_files = carry_folder_files(sources[0].path, atomic)
+                extra_files = carry_folder_files((plan.base or sources[0]).path, atomic,
+                                                 dtype=_float_dtype(plan, parse_dtype(dtype)))
                 if len(out_plan.files) > 1:
                     index = {"metadata": {"total_size": out_plan.nbytes},
                              "weight_map": {t.name: f.name for f in out_plan.files for t in f.tensors}}
                     atomic.file(INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                # The same model card push uploads, once the folder's checkpoint is complete.
+                card = write_card(atomic.file(""), shown_as=str(out))
+                extra_files += [card] if card is not None else []
             final = atomic.commit()
         files = ([final / f.name for f in out_plan.files] + [final / p.name for p in extra_files]
                  if out_plan.folder else [final])
         return MergeResult(final, files, stats.tensors, stats.read_bytes, stats.written_bytes, stats.seconds,
                            recipe, plan.skipped)
+
+
+def _float_dtype(plan: MergePlan, out_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The floating dtype of the output's tensors (written into a carried transformers config), if one."""
+    if out_dtype is not None:
+        return out_dtype
+    found = {t.out.dtype for t in plan.tensors if t.out.dtype.is_floating_point}
+    return found.pop() if len(found) == 1 else None
 
 
 def uniform_soup(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, **options: object) -> MergeResult:
@@ -225,17 +320,20 @@ def uniform_soup(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, 
 
 def average(state_dicts: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike], *,
             weights: Sequence[float] | None = None, method: str | None = None,
+            base: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+            params: Mapping[str, object] | None = None, seed: int = 0,
             dtype: str | torch.dtype | None = None, accumulate: str | torch.dtype = "float32",
-            on_mismatch: str = "error") -> dict[str, torch.Tensor]:
-    """Average state dicts in memory, with the same numerics and checks as :func:`soup`.
+            on_mismatch: str = "error", strict: bool = False) -> dict[str, torch.Tensor]:
+    """Merge state dicts in memory, with the same numerics and checks as :func:`soup`.
 
     Floating tensors are accumulated in float32 (or float64) and cast back once; integer and bool
-    tensors (``num_batches_tracked``) are copied from the first member.
+    tensors (``num_batches_tracked``) are copied from the first member (the base, for methods with one).
 
     Args:
         state_dicts: mappings of name -> tensor (or checkpoint paths).
         weights: one per member; normalised to sum to one. None: uniform.
         method: operator name (default ``weighted`` with weights, else ``uniform``).
+        base, params, seed, strict: as in :func:`soup`.
 
     Returns:
         A new state dict on the CPU.
@@ -248,8 +346,10 @@ def average(state_dicts: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike
     method = method or ("weighted" if weights is not None else "uniform")
     with ExitStack() as stack:
         sources = _open_all(state_dicts, stack, None)
-        plan = plan_soup(state_dicts, method=method, weights=weights, dtype=dtype, accumulate=accumulate,
-                         device="cpu", on_mismatch=on_mismatch, sources=sources)
+        base_source = _open_all([base], stack, None)[0] if base is not None else None
+        plan = plan_soup(state_dicts, method=method, weights=weights, base=base, params=params, seed=seed,
+                         dtype=dtype, accumulate=accumulate, device="cpu", on_mismatch=on_mismatch, strict=strict,
+                         sources=sources, base_source=base_source)
         sink = MemorySink()
         run_merge(plan, sink)
         return sink.tensors

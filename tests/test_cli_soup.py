@@ -39,15 +39,27 @@ def test_soup_dry_run_writes_nothing(tmp_path: Path) -> None:
     paths, sds = save_members(tmp_path, 2)
     res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "x"), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "tensors:        9 (7 averaged, 2 copied from member 0, 0 skipped)" in res.output
+    assert "tensors:        9 (7 merged, 2 copied from member 0, 0 skipped)" in res.output
+    assert "method:         uniform (sum of 0.5, 0.5 x member)" in res.output
+    assert "peak memory:" in res.output and "for uniform (independent of member count)" in res.output
     size = sum(v.numel() * v.element_size() for v in sds[0].values())
     assert f"writes:         {size / 1000:.2f} kB" in res.output
     assert not (tmp_path / "x").exists()
 
 
-def test_list_methods() -> None:
+def test_list_methods_has_a_header_and_one_row_per_operator() -> None:
+    from merge.ops import OPERATORS
+
     res = CliRunner().invoke(cli, ["soup", "--list-methods"])
-    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("uniform")
+    lines = res.output.splitlines()
+    assert res.exit_code == 0 and lines[0].split() == ["METHOD", "STREAMING", "PATH", "BASE", "MODEL", "PARAMETERS",
+                                                       "(*", "per", "member)", "CITATION"]
+    rows = {line.split()[0]: line for line in lines[1: 1 + len(OPERATORS)]}
+    assert sorted(rows) == sorted(OPERATORS)
+    assert rows["weighted"].startswith("weighted (alias linear)")
+    assert rows["ties"].split()[1:3] == ["task", "required"] and "density*" in rows["ties"]
+    assert rows["slerp"].split()[1:4] == ["gram", "required", "t"] and "Shoemake 1985" in rows["slerp"]
+    assert rows["uniform"].split()[1:4] == ["linear", "none", "-"]
 
 
 def test_inspect_reports_counts_and_recipe(tmp_path: Path) -> None:

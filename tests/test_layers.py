@@ -17,7 +17,8 @@ ALLOWED = {
     "merge/keys.py": set(),
     "merge/io": {"merge.errors", "merge.keys", "merge.io"},
     "merge/ops": {"merge.errors", "merge.keys", "merge.ops"},
-    "merge/engine.py": {"merge.errors", "merge.keys", "merge.io", "merge.ops", "merge.engine"},
+    "merge/reader.py": {"merge.errors", "merge.keys", "merge.io"},
+    "merge/engine.py": {"merge.errors", "merge.keys", "merge.io", "merge.ops", "merge.reader", "merge.engine"},
 }
 
 

@@ -175,7 +175,7 @@ def test_sharded_folder_in_and_out(tmp_path: Path) -> None:
     assert res.path == out_dir and not list(tmp_path.glob(".soup.tmp-*"))
     # a folder output small enough for one file is model.safetensors, and reads back through open_checkpoint
     merge.soup(paths, out=tmp_path / "single")
-    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["README.md", "model.safetensors"]  # + its card
     with open_checkpoint(tmp_path / "soup") as src:
         assert src.kind == "sharded" and set(src.infos) == set(sds[0])
 
@@ -252,15 +252,21 @@ def test_force_replaces_only_when_complete(tmp_path: Path) -> None:
 def test_every_operator_streams_like_its_reference(tmp_path: Path, name: str) -> None:
     """Generated from the registry: the engine's chunked result equals the operator on whole tensors."""
     op = get_operator(name)
-    sds = [member_state(i, big=True) for i in range(3)]
-    weights = [0.2, 0.5, 0.3]
+    n = op.max_members or 3
+    sds = [member_state(i, big=True) for i in range(n)]
+    base_sd = member_state(99, big=True) if op.base == "required" else None
+    weights = [0.2, 0.5, 0.3][:n] if any(p.name == "weight" for p in op.params) else None
+    params = {"t": 0.3} if name == "slerp" else {"density": 0.6} if op.path == "task" else {}
     srcs = [StateDictSource(sd) for sd in sds]
-    plan = plan_merge(srcs, op, weights=weights, accumulate=torch.float64, chunk_bytes=8192)
+    base = StateDictSource(base_sd) if base_sd is not None else None
+    plan = plan_merge(srcs, op, weights=weights, params=params, base=base, accumulate=torch.float64,
+                      chunk_bytes=8192, seed=7)
     from merge.engine import MemorySink, run_merge
 
     sink = MemorySink()
     run_merge(plan, sink)
     for k, v in sds[0].items():
         if v.is_floating_point():
-            expect = op([sd[k].double() for sd in sds], weights).float()
+            b = base_sd[k].double() if base_sd is not None else None
+            expect = op([sd[k].double() for sd in sds], weights, base=b, seed=7, name=k, **params).float()
             assert torch.equal(sink.tensors[k], expect), k

@@ -152,8 +152,11 @@ def test_bad_arguments_exit_2(tmp_path: Path, members: list[Path]) -> None:
     assert code == 2 and "comma-separated numbers" in text
     code, text = run(["soup", *map(str, members), "-o", out, "--weights", "1,-1"])
     assert code == 2 and "non-negative" in text
+    code, text = run(["soup", *map(str, members), "-o", out, "--method", "tie"])
+    assert code == 2 and "unknown method 'tie'; valid methods: breadcrumbs, breadcrumbs_ties, dare_linear" in text
+    assert "linear, model_stock, multislerp, slerp, task_arithmetic, ties, uniform, weighted" in text
     code, text = run(["soup", *map(str, members), "-o", out, "--method", "ties"])
-    assert code == 2 and "unknown method 'ties'; valid methods: uniform, weighted" in text
+    assert code == 2 and "method 'ties' needs a base model" in text and "(pass --base)" in text
     code, text = run(["soup", *map(str, members), "-o", out, "--dtype", "int8"])
     assert code == 2 and "unknown dtype 'int8'" in text
     code, text = run(["soup", *map(str, members), "-o", str(tmp_path / "dir"), "--shard-size", "lots"])

@@ -1,0 +1,58 @@
+"""``papa-merge run RECIPE.yml -o OUT``: run a mergekit recipe file (same code as ``soup``)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.soup_cmd import echo_warnings, print_plan
+from cli.util import format_bytes
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(),
+              help="Output: NAME.safetensors, NAME.pt/.pth/.bin, or a folder (a path without a suffix).")
+@click.option("--device", default="cpu", help="Where to reduce: cpu, cuda or cuda:N (streamed chunk by chunk).")
+@click.option("--seed", default=0, type=int, help="Seed of the random methods (dare_*, della*).")
+@click.option("--shard-size", default="5GB", help="Largest shard of a folder output.")
+@click.option("--on-mismatch", default="error", type=click.Choice(["error", "skip", "first"]),
+              help="Tensors whose name, shape or dtype differ: fail, drop them, or take the base's (member 0's).")
+@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--strict", is_flag=True, help="A NaN or infinity in a model is an error, not a warning.")
+@click.option("--dry-run", is_flag=True, help="Validate the recipe against its models and print the plan "
+                                              "(reads, writes, peak memory) without writing.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_mismatch: str, force: bool, strict: bool,
+        dry_run: bool, progress: bool | None) -> None:
+    """Run a mergekit recipe RECIPE (YAML) into OUT, streaming in constant memory.
+
+    Reads mergekit's schema (merge_method, base_model, models with per-model parameters, global
+    parameters, dtype, out_dtype, tokenizer_source: base) for the methods of `papa-merge soup
+    --list-methods`; fields papa-merge does not implement (slices, gradient lists, tokenizer merging)
+    are refused by name. The output records the recipe file in its metadata.
+
+    \b
+    Example:
+      papa-merge run ties.yml -o merged/
+    """
+    from merge.mergekit_recipe import load_recipe, plan_recipe, run_recipe
+
+    parsed = load_recipe(recipe)
+    if dry_run:
+        import merge.soups
+
+        merge.soups.output_kind(out)
+        plan = plan_recipe(parsed, seed=seed, device=device, on_mismatch=on_mismatch, strict=strict)
+        print_plan(plan, out)
+        for note in parsed.notes:
+            click.echo(f"note:           {note}")
+        return
+    show = sys.stderr.isatty() if progress is None else progress
+    with echo_warnings():
+        result = run_recipe(parsed, out=out, seed=seed, device=device, shard_size=shard_size,
+                            on_mismatch=on_mismatch, force=force, strict=strict, progress=show)
+    click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}) with "
+               f"{parsed.method} of {len(parsed.members)} models{' and a base' if parsed.base else ''} "
+               f"in {result.seconds:.2f}s")

@@ -1,0 +1,164 @@
+"""The arithmetic every path shares, and operators applied to whole tensors.
+
+The engine streams the same functions over chunks that :func:`apply_whole` applies to whole
+tensors, so a chunked merge and a whole-tensor merge perform the same floating-point operations on
+each element: the tests check they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from merge.errors import InvalidArgumentError
+from merge.ops.registry import Combination, Operator, Resolved
+
+__all__ = ["fold_combination", "gram_update", "gram_vectors", "apply_whole", "UNIT", "single_thread",
+           "compute_dtype"]
+
+# Statistics (Gram partial sums, L1 sums) are taken per unit of UNIT elements and added in order.
+UNIT = 1 << 16
+
+
+@contextmanager
+def single_thread():
+    """Run torch on one thread: reductions then split work the same way as in the engine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compute_dtype(*dtypes: torch.dtype, accumulate: torch.dtype = torch.float32) -> torch.dtype:
+    """float64 when asked for or when any input is float64 (so 1e-300 stays 1e-300), else float32."""
+    return torch.float64 if accumulate == torch.float64 or torch.float64 in dtypes else torch.float32
+
+
+def fold_combination(comb: Combination, member: Callable[[int], torch.Tensor], base: torch.Tensor | None,
+                     acc: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``acc`` <- the combination of one chunk; ``member(i)`` returns member i's chunk in acc's dtype.
+
+    Members are folded one at a time, in order; a member with coefficient 0 is not asked for.
+    """
+    first = True
+    for i, c in enumerate(comb.coefficients):
+        if c == 0:
+            continue
+        x = member(i)
+        if comb.delta:
+            torch.sub(x, base, out=tmp)
+            x = tmp
+        if first:
+            if c == 1:
+                acc.copy_(x)
+            else:
+                torch.mul(x, c, out=acc)
+            first = False
+        elif c == 1:
+            acc.add_(x)
+        else:
+            acc.add_(x, alpha=c)
+    if first:
+        acc.zero_()
+    if comb.delta:
+        acc.add_(base)
+    elif comb.base_coefficient:
+        if comb.base_coefficient == 1:
+            acc.add_(base)
+        else:
+            acc.add_(base, alpha=comb.base_coefficient)
+    return acc
+
+
+def gram_vectors(op: Operator, has_base: bool) -> str:
+    """``raw`` or ``delta``: what the Gram matrix of ``op`` is taken over."""
+    return "delta" if op.gram_of == "delta" and has_base else "raw"
+
+
+def gram_update(gram: torch.Tensor, vectors: Sequence[torch.Tensor], rows: Sequence[int],
+                cols: Sequence[int] | None = None) -> None:
+    """Add one unit's dot products (float64) of ``vectors[a]`` (index ``rows[a]``) to ``gram``.
+
+    With ``cols`` (indices of ``vectors[len(rows):]``), only the products between the two groups are
+    added (a tile of members against members read later).
+    """
+    if cols is None:
+        for a, i in enumerate(rows):
+            for b in range(a, len(rows)):
+                v = float(torch.dot(vectors[a], vectors[b]))
+                gram[i, rows[b]] += v
+                if b != a:
+                    gram[rows[b], i] += v
+        return
+    k = len(rows)
+    for b, j in enumerate(cols):
+        for a, i in enumerate(rows):
+            v = float(torch.dot(vectors[a], vectors[k + b]))
+            gram[i, j] += v
+            gram[j, i] += v
+
+
+def _gram_whole(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    m = len(vectors)
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    flat = [v.reshape(-1).to(torch.float64) for v in vectors]
+    n = flat[0].numel() if flat else 0
+    for u in range(0, n, UNIT):
+        part = [f[u: u + UNIT] for f in flat]
+        for a in range(m):  # one unit at a time, in order: as the engine adds its chunks
+            for b in range(a, m):
+                v = float(torch.dot(part[a], part[b]))
+                gram[a, b] += v
+                if b != a:
+                    gram[b, a] += v
+    return gram
+
+
+def gram_of(op: Operator, tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """The float64 Gram matrix an operator's coefficients come from, on whole tensors."""
+    if gram_vectors(op, base is not None) == "delta":
+        b = base.reshape(-1).to(torch.float64)
+        vecs = [t.reshape(-1).to(torch.float64) - b for t in tensors]
+    else:
+        vecs = ([base] if base is not None and op.base == "required" else []) + list(tensors)
+    return _gram_whole(vecs)
+
+
+def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | None, resolved: Resolved, *,
+                seed: int = 0, name: str = "") -> torch.Tensor:
+    """``op`` on whole tensors: the definition the streaming engine must reproduce bit for bit."""
+    if op.base == "required" and base is None:
+        raise InvalidArgumentError(f"method {op.name!r} needs a base model", option="base")
+    if op.base == "none" and base is not None:
+        raise InvalidArgumentError(f"method {op.name!r} takes no base model", option="base")
+    if not tensors:
+        raise InvalidArgumentError("no members given")
+    dtype = compute_dtype(*(t.dtype for t in tensors))
+    shape = tensors[0].shape
+    xs = [t.reshape(-1).to(dtype) for t in tensors]
+    b = base.reshape(-1).to(dtype) if base is not None else None
+    with single_thread():
+        if op.path == "task":
+            from merge.ops.task import TaskTensor
+
+            tt = TaskTensor(op.task, resolved, tuple(shape), dtype, seed=seed, name=name, method=op.name)
+            for kind, members in tt.stat_passes():
+                for i in members:
+                    tt.stat_begin(kind, i)
+                    tt.stat_chunk(kind, i, xs[i] - b, 0)
+                    tt.stat_end(kind, i)
+            state = tt.begin_chunk(xs[0].numel(), xs[0].device)
+            for i in range(len(xs)):
+                tt.add_member(state, i, xs[i] - b, 0)
+            return tt.finish_chunk(state, b).reshape(shape)
+        if op.path == "linear":
+            comb = op.combine(resolved)
+        else:
+            comb = op.from_gram(gram_of(op, tensors, base), resolved, base is not None)
+        acc = torch.empty_like(xs[0])
+        tmp = torch.empty_like(xs[0])
+        return fold_combination(comb, lambda i: xs[i], b, acc, tmp).reshape(shape)

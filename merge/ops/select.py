@@ -1,0 +1,189 @@
+"""Exact order statistics of a tensor's magnitudes, streamed chunk by chunk in constant memory.
+
+TIES keeps the ``k`` largest magnitudes of each task vector and breadcrumbs keeps a band of them;
+mergekit finds them by sorting the whole tensor (``argsort``), which needs the tensor and its int64
+indices in memory. Here the value at a given rank is found by radix selection over the bit patterns
+of the magnitudes (non-negative floats order like their bits): one pass histograms the top bits,
+the next histograms the following bits of the elements in the chosen bucket, and so on (2 passes
+for float32, 3 for float64). Each pass streams the tensor chunk by chunk; memory is one histogram.
+
+Ties at a boundary value are broken by position, as a stable sort would: of the elements equal to
+the boundary, the ones earlier in the tensor come first in ascending order. (torch's default sort,
+which mergekit uses, is not stable; where several elements share the boundary magnitude, which of
+them mergekit keeps is unspecified.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["RadixSelect", "Band", "keep_band", "BandCounters"]
+
+# (bit widths per pass) for the integer view of each compute dtype
+_LEVELS = {torch.float32: (torch.int32, 32, (16, 16)), torch.float64: (torch.int64, 64, (20, 22, 22))}
+
+
+def radix_passes(dtype: torch.dtype) -> int:
+    """How many passes over the data an exact selection takes in ``dtype``."""
+    return len(_LEVELS[dtype][2])
+
+
+@dataclass
+class _Target:
+    rank: int
+    prefix: int = 0
+    less: int = 0
+    eq: int = 0
+    value_bits: int | None = None
+
+
+@dataclass
+class RadixSelect:
+    """Finds the values at given ascending ranks (0-based) of non-negative floats, pass by pass.
+
+    Use: for each pass ``p`` in ``range(passes)``: ``begin(p)``, ``add(chunk)`` for every chunk of
+    the data in any order, ``end()``. Then ``value(r)``, ``less(r)`` and ``equal(r)`` give, for each
+    requested rank, the value, how many elements are strictly smaller and how many are equal.
+    """
+
+    ranks: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    targets: list[_Target] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.int_dtype, self.total_bits, self.widths = _LEVELS[self.dtype]
+        self.targets = [_Target(r) for r in self.ranks]
+        self.passes = len(self.widths)
+        self._hist: dict[int, torch.Tensor] = {}
+        self._level = -1
+
+    def begin(self, level: int) -> None:
+        self._level = level
+        self._hist = {}
+
+    def _shifts(self) -> tuple[int, int, int]:
+        used = sum(self.widths[: self._level])
+        width = self.widths[self._level]
+        return self.total_bits - used, self.total_bits - used - width, width  # prefix shift, field shift, width
+
+    def add(self, magnitudes: torch.Tensor) -> None:
+        """Count one chunk of non-negative values (in the selector's dtype)."""
+        bits = magnitudes.reshape(-1).view(self.int_dtype)
+        pshift, fshift, width = self._shifts()
+        mask_field = (1 << width) - 1
+        for prefix in {t.prefix for t in self.targets}:
+            if self._level == 0:
+                sel = bits
+            else:
+                sel = bits[torch.bitwise_right_shift(bits, pshift) == prefix]
+            f = torch.bitwise_right_shift(sel, fshift)
+            if fshift + width < self.total_bits:
+                f = torch.bitwise_and(f, mask_field)
+            counts = torch.bincount(f.to(torch.int64) if f.device.type == "cuda" else f, minlength=1 << width)
+            prev = self._hist.get(prefix)
+            self._hist[prefix] = counts.to(torch.int64) if prev is None else prev + counts
+
+    def end(self) -> None:
+        _, _, width = self._shifts()
+        for t in self.targets:
+            counts = self._hist.get(t.prefix)
+            if counts is None:
+                counts = torch.zeros(1 << width, dtype=torch.int64)
+            cum = torch.cumsum(counts.cpu(), 0)
+            rem = t.rank - t.less
+            j = int(torch.searchsorted(cum, torch.tensor([rem]), right=True)[0])
+            before = int(cum[j - 1]) if j > 0 else 0
+            t.less += before
+            t.prefix = (t.prefix << width) | j
+            t.eq = int(counts[j])
+        if self._level == self.passes - 1:
+            for t in self.targets:
+                t.value_bits = t.prefix
+
+    def _target(self, rank: int) -> _Target:
+        return self.targets[self.ranks.index(rank)]
+
+    def value(self, rank: int) -> float:
+        bits = self._target(rank).value_bits
+        return torch.tensor([bits], dtype=self.int_dtype).view(self.dtype).item()
+
+    def less(self, rank: int) -> int:
+        return self._target(rank).less
+
+    def equal(self, rank: int) -> int:
+        return self._target(rank).eq
+
+
+@dataclass(frozen=True)
+class Band:
+    """Keep the elements whose stable ascending rank of magnitude is in ``[r0, r1)`` (of ``n``).
+
+    ``lo``/``hi`` are the magnitudes at ranks ``r0`` and ``r1 - 1``; ``lo_skip`` is how many of the
+    elements equal to ``lo`` come before rank ``r0`` (dropped, first by position), ``hi_keep`` how many
+    of those equal to ``hi`` come before rank ``r1`` (kept, first by position).
+    """
+
+    n: int
+    r0: int
+    r1: int
+    lo: float = 0.0
+    lo_skip: int = 0
+    hi: float = 0.0
+    hi_keep: int = 0
+    hi_eq: int = 0
+
+    @property
+    def keep_all(self) -> bool:
+        return self.r0 <= 0 and self.r1 >= self.n
+
+    @property
+    def drop_all(self) -> bool:
+        return self.r1 <= self.r0
+
+    @classmethod
+    def from_select(cls, sel: RadixSelect | None, n: int, r0: int, r1: int) -> Band:
+        if r0 <= 0 and r1 >= n or r1 <= r0:
+            return cls(n, max(r0, 0), min(r1, n))
+        lo = lo_skip = hi = hi_keep = hi_eq = 0
+        if r0 > 0:
+            lo, lo_skip = sel.value(r0), r0 - sel.less(r0)
+        if r1 < n:
+            hi, hi_keep, hi_eq = sel.value(r1 - 1), r1 - sel.less(r1 - 1), sel.equal(r1 - 1)
+        return cls(n, r0, r1, lo, lo_skip, hi, hi_keep, hi_eq)
+
+
+@dataclass
+class BandCounters:
+    """How many elements equal to each boundary were seen in earlier chunks (ties break by position)."""
+
+    lo: int = 0
+    hi: int = 0
+
+
+def keep_band(a: torch.Tensor, band: Band, counters: BandCounters) -> torch.Tensor | None:
+    """The keep-mask of one chunk of magnitudes ``a`` (in tensor order), or None to keep every element."""
+    if band.keep_all:
+        return None
+    if band.drop_all:
+        return torch.zeros_like(a, dtype=torch.bool)
+    m = None
+    if band.r0 > 0:
+        if band.lo_skip == 0:
+            m = a >= band.lo
+        else:
+            eq = a == band.lo
+            idx = torch.cumsum(eq, 0, dtype=torch.int64)
+            m = (a > band.lo) | (eq & (idx + counters.lo > band.lo_skip))
+            counters.lo += int(idx[-1]) if idx.numel() else 0
+    if band.r1 < band.n:
+        if band.hi_keep >= band.hi_eq:
+            m2 = a <= band.hi
+        else:
+            eq = a == band.hi
+            idx = torch.cumsum(eq, 0, dtype=torch.int64)
+            m2 = (a < band.hi) | (eq & (idx + counters.hi <= band.hi_keep))
+            counters.hi += int(idx[-1]) if idx.numel() else 0
+        m = m2 if m is None else m & m2
+    return m

@@ -1,0 +1,341 @@
+"""Task-vector merges: task arithmetic, TIES, DARE, model breadcrumbs, DELLA.
+
+Each member contributes its task vector ``d_i = x_i - base``. Following mergekit's
+``generalized_task_arithmetic.py`` and ``sparsify.py`` (v0.1.5), one method is a choice of:
+
+- sparsification of each ``d_i`` with the member's ``density``:
+  ``magnitude`` (TIES: keep the ``max(1, int(density * n))`` largest ``|d|``), ``random`` (DARE:
+  keep each element with probability ``density``), ``magnitude_outliers`` (breadcrumbs: drop the
+  ``int(gamma * n)`` largest and the smallest, keep ``int(density * n)`` in between) or
+  ``della_magprune`` (DELLA: keep with probability ``density - epsilon + 2 * epsilon * r`` where ``r``
+  is the element's magnitude rank within its row, scaled to [0, 1]); ``density >= 1`` keeps all;
+- ``rescale``: multiply the kept part by ``sum|d| / sum|kept d|`` (mergekit's L1 rescale, applied when
+  both sums are at least 1e-7);
+- ``weight``: ``d_i *= weight_i``;
+- consensus (TIES' sign election, ``sum`` method): per element, the majority sign is that of
+  ``sum_i w_i d_i`` (ties count as positive); only members agreeing with it are summed, and with
+  ``normalize`` the sum is divided by the sum of their weights (1 where none agree); without
+  consensus, ``normalize`` divides by the sum of all weights (1 when that is below 1e-8 in magnitude);
+- ``lambda`` scales the merged task vector; the result is ``base + lambda * merged``.
+
+Streaming (see :mod:`merge.engine`): a method whose sparsification needs statistics gets them in
+passes over each member, one member at a time (the radix selection of :mod:`merge.ops.select`, the
+L1 sums of the rescale); the combination is then one pass, chunk by chunk, that folds each member's
+sparsified, weighted task vector into five running sums (all, positive part, negative part, and the
+weights of the positive and negative contributions), from which the elected sign picks the result:
+peak memory is a fixed number of chunks, whatever the number of members.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from merge.errors import InvalidArgumentError
+from merge.ops.registry import Operator, Param, Resolved, register, weight_param
+from merge.ops.rng import rng_key, uniforms
+from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_passes
+
+__all__ = ["TaskSpec", "TaskTensor", "UNIT"]
+
+Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
+# Statistics are summed per unit of UNIT elements (one row slab for DELLA) and the units are added in
+# order, so a chunked run and a whole-tensor run get the same bits.
+UNIT = 1 << 16
+RESCALE_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    consensus: bool
+    sparsify: Sparsify
+    normalize: bool
+    rescale: bool
+
+
+@dataclass
+class _Member:
+    weight: float
+    density: float
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    band: Band | None = None           # magnitude / outliers: which ranks survive
+    select: RadixSelect | None = None
+    scale: float = 1.0                 # rescale factor
+    key: tuple[int, ...] | None = None  # random: the keyed generator
+    sparse: bool = False               # sparsification changes this member's task vector
+    sums: list[float] = field(default_factory=list)  # rescale pass: [sum|d|, sum|kept d|] per unit
+
+
+class TaskTensor:
+    """One tensor of a task-vector merge: its statistics passes, then its combination, chunk by chunk.
+
+    Args:
+        spec: the method.
+        resolved: parameter values for this tensor.
+        shape: the tensor's shape.
+        dtype: compute dtype (float32 or float64).
+        seed, name: key the random masks.
+    """
+
+    def __init__(self, spec: TaskSpec, resolved: Resolved, shape: tuple[int, ...], dtype: torch.dtype, *,
+                 seed: int = 0, name: str = "", method: str = ""):
+        self.spec, self.shape, self.dtype, self.name = spec, tuple(shape), dtype, name
+        n = 1
+        for s in self.shape:
+            n *= s
+        self.numel = n
+        sh = resolved.shared
+        self.normalize = bool(sh.get("normalize", spec.normalize))
+        self.rescale = bool(sh.get("rescale", spec.rescale))
+        self.lam = float(sh.get("lambda", 1.0))
+        self.members: list[_Member] = []
+        for i, p in enumerate(resolved.members):
+            m = _Member(float(p["weight"]), float(p.get("density", 1.0)), float(p.get("gamma", 0.0)),
+                        float(p.get("epsilon", 0.0)))
+            m.sparse = spec.sparsify is not None and m.density < 1
+            if spec.sparsify == "della_magprune" and m.sparse and m.density > 0:
+                if m.density + m.epsilon >= 1 or m.density - m.epsilon <= 0:
+                    raise InvalidArgumentError(
+                        f"method {method!r}: member {i}: epsilon {m.epsilon:g} must keep density +/- epsilon inside "
+                        f"(0, 1) (density {m.density:g})", member=i, option="epsilon")
+            if m.sparse and spec.sparsify in ("random", "della_magprune"):
+                m.key = rng_key(seed, name, i)
+            if m.sparse and spec.sparsify in ("magnitude", "magnitude_outliers"):
+                r0, r1 = self._band_ranks(m)
+                if r0 < r1 and (r0 > 0 or r1 < n):  # a real boundary: find it in the statistics passes
+                    ranks = {r0} if r0 > 0 else set()
+                    if r1 < n:
+                        ranks.add(r1 - 1)
+                    m.select = RadixSelect(tuple(sorted(ranks)), dtype)
+                else:
+                    m.band = Band(n, r0, r1)
+            self.members.append(m)
+        # as mergekit sums them: the weights in the compute dtype
+        self._weight_sum = torch.tensor([m.weight for m in self.members], dtype=dtype).sum().item()
+        # DELLA ranks magnitudes within each row (dim 1 of the tensor seen as [rows, row, rest]).
+        if spec.sparsify == "della_magprune":
+            dims = self.shape if len(self.shape) >= 2 else (1, self.numel)
+            self.rows = dims[0]
+            self.row_len = dims[1]
+            rest = 1
+            for s in dims[2:]:
+                rest *= s
+            self.rest = rest
+            self.unit = max(1, self.row_len * self.rest)
+        else:
+            self.unit = UNIT
+
+    # ---- the schedule ----------------------------------------------------------------------------------
+
+    def _band_ranks(self, m: _Member) -> tuple[int, int]:
+        n = self.numel
+        if self.spec.sparsify == "magnitude":
+            if m.density <= 0 or n == 0:
+                return 0, 0
+            k = max(1, int(m.density * n))
+            return max(0, n - k), n
+        target = int(m.density * n)
+        n_top = int(m.gamma * n)
+        n_bot = max(0, n - target - n_top)
+        return n_bot, n_bot + target
+
+    def stat_passes(self) -> list[tuple[str, list[int]]]:
+        """The passes over members before the combination: ``(kind, members)``, in order."""
+        passes: list[tuple[str, list[int]]] = []
+        sel = [i for i, m in enumerate(self.members) if m.select is not None]
+        if sel:
+            for level in range(radix_passes(self.dtype)):
+                passes.append((f"radix{level}", sel))
+        if self.rescale:
+            resc = [i for i, m in enumerate(self.members)
+                    if m.sparse and not (m.band is not None and m.band.drop_all)
+                    and not (self.spec.sparsify in ("random", "della_magprune") and m.density <= 0)]
+            if resc:
+                passes.append(("rescale", resc))
+        return passes
+
+    # ---- statistics -------------------------------------------------------------------------------------
+
+    def stat_begin(self, kind: str, i: int) -> None:
+        m = self.members[i]
+        if kind.startswith("radix"):
+            m.select.begin(int(kind[5:]))
+        else:
+            m.sums = []
+            self._counters = BandCounters()
+
+    def stat_chunk(self, kind: str, i: int, d: torch.Tensor, start: int) -> bool:
+        """Fold one chunk of member ``i``'s task vector (flattened, in tensor order) into a statistic.
+
+        Returns False when the chunk holds a NaN or an infinity.
+        """
+        m = self.members[i]
+        a = d.abs()
+        if kind.startswith("radix"):
+            m.select.add(a)
+            return math.isfinite(float(a.sum()))
+        mask = self.keep_mask(i, a, start, self._counters)
+        finite = True
+        for u in range(0, a.numel(), self.unit):
+            part = a[u: u + self.unit]
+            total = float(part.sum(dtype=torch.float64))
+            kept = total if mask is None else float((part * mask[u: u + self.unit]).sum(dtype=torch.float64))
+            m.sums.append((total, kept))
+            finite = finite and math.isfinite(total)
+        return finite
+
+    def stat_end(self, kind: str, i: int) -> None:
+        m = self.members[i]
+        if kind.startswith("radix"):
+            m.select.end()
+            if m.select._level == m.select.passes - 1:
+                r0, r1 = self._band_ranks(m)
+                m.band = Band.from_select(m.select, self.numel, r0, r1)
+            return
+        before = after = 0.0
+        for t, k in m.sums:  # units in order: the same additions for any chunking
+            before += t
+            after += k
+        m.scale = before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
+        m.sums = []
+
+    # ---- masks -------------------------------------------------------------------------------------------
+
+    def keep_mask(self, i: int, a: torch.Tensor, start: int, counters: BandCounters) -> torch.Tensor | None:
+        """Which elements of member ``i``'s chunk of magnitudes ``a`` survive (None: all)."""
+        m = self.members[i]
+        if not m.sparse:
+            return None
+        kind = self.spec.sparsify
+        if kind in ("magnitude", "magnitude_outliers"):
+            if m.band is None:
+                r0, r1 = self._band_ranks(m)
+                m.band = Band(self.numel, r0, r1)
+            return keep_band(a, m.band, counters)
+        if m.density <= 0:
+            return torch.zeros_like(a, dtype=torch.bool)
+        u = uniforms(m.key, start, a.numel(), device=a.device)
+        if kind == "random":
+            return u < m.density
+        return u < self._della_probs(m, a)
+
+    def _della_probs(self, m: _Member, a: torch.Tensor) -> torch.Tensor:
+        """DELLA's keep probability of each element, from its magnitude rank within its row."""
+        rows = a.numel() // max(1, self.row_len * self.rest)
+        v = a.reshape(rows, self.row_len, self.rest)
+        order = torch.argsort(v, dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ar = torch.arange(self.row_len, device=a.device).view(1, -1, 1).expand_as(order)
+        ranks.scatter_(1, order, ar)
+        if self.row_len > 1:
+            rank_norm = ranks.to(torch.float32) / (self.row_len - 1)
+        else:  # a row of one element: mergekit divides 0 by 0; here it ranks as the lowest
+            rank_norm = torch.zeros(ranks.shape, dtype=torch.float32, device=a.device)
+        return ((m.density - m.epsilon) + rank_norm * 2 * m.epsilon).reshape(-1)
+
+    # ---- the combination ---------------------------------------------------------------------------------
+
+    def begin_chunk(self, count: int, device: torch.device) -> dict:
+        z = lambda: torch.zeros(count, dtype=self.dtype, device=device)  # noqa: E731
+        state = {"S": z()}
+        if self.spec.consensus:
+            state.update(P=z(), Q=z(), Dp=z(), Dn=z(), tmp=torch.empty(count, dtype=self.dtype, device=device))
+        if not hasattr(self, "_merge_counters"):
+            self._merge_counters = [BandCounters() for _ in self.members]
+        return state
+
+    def add_member(self, state: dict, i: int, d: torch.Tensor, start: int) -> None:
+        """Fold member ``i``'s task-vector chunk ``d`` (modified in place) into the running sums."""
+        m = self.members[i]
+        if m.sparse:
+            mask = self.keep_mask(i, d.abs(), start, self._merge_counters[i])
+            if mask is not None:
+                d.mul_(mask)
+            if m.scale != 1.0:
+                d.mul_(m.scale)
+        if m.weight != 1.0:
+            d.mul_(m.weight)
+        state["S"].add_(d)
+        if self.spec.consensus:
+            tmp = state["tmp"]
+            torch.clamp(d, min=0, out=tmp)
+            state["P"].add_(tmp)
+            torch.clamp(d, max=0, out=tmp)
+            state["Q"].add_(tmp)
+            state["Dp"].add_((d > 0).to(self.dtype), alpha=m.weight)
+            state["Dn"].add_((d < 0).to(self.dtype), alpha=m.weight)
+
+    def finish_chunk(self, state: dict, base: torch.Tensor) -> torch.Tensor:
+        """``base + lambda * merged`` for this chunk (in the compute dtype)."""
+        if self.spec.consensus:
+            up = state["S"] >= 0
+            mixed = torch.where(up, state["P"], state["Q"])
+            if self.normalize:
+                div = torch.where(up, state["Dp"], state["Dn"])
+                div.masked_fill_(div == 0, 1)
+                mixed.div_(div)
+        else:
+            mixed = state["S"]
+            if self.normalize and abs(self._weight_sum) >= 1e-8:
+                mixed.div_(self._weight_sum)
+        if self.lam != 1.0:
+            mixed.mul_(self.lam)
+        return mixed.add_(base)
+
+
+def _task_params(spec: TaskSpec) -> tuple[Param, ...]:
+    params = [
+        weight_param(help="scale of each member's task vector"),
+        Param("density", 1.0, float, per_member=True, low=0.0, high=1.0, help="fraction of each task vector kept"),
+        Param("normalize", spec.normalize, bool, help="divide by the sum of the (agreeing) weights"),
+        Param("rescale", spec.rescale, bool, help="L1-rescale the kept part to the task vector's L1 norm"),
+        Param("lambda", 1.0, float, help="scale of the merged task vector"),
+        Param("int8_mask", False, bool, help="mergekit's memory option for the sign mask; no effect on the result"),
+    ]
+    if spec.sparsify == "magnitude_outliers":
+        params.append(Param("gamma", 0.01, float, per_member=True, low=0.0, high=1.0,
+                            help="fraction of the largest magnitudes dropped"))
+    if spec.sparsify == "della_magprune":
+        params.append(Param("epsilon", 0.15, float, per_member=True, low=0.0, high=1.0,
+                            help="spread of keep probabilities around density"))
+    return tuple(params)
+
+
+_TIES_DIFF = ("exact streaming selection instead of argsort; ties at the threshold kept by position "
+              "(torch's unstable sort leaves them unspecified); computes in float32 (or float64) whatever "
+              "the input dtype")
+_RANDOM_DIFF = ("masks drawn from a generator keyed by (seed, tensor, member, position) instead of torch's "
+                "global one: same distribution, different draws; computes in float32 (or float64)")
+
+for _name, _spec, _cite, _summary, _diff in [
+    ("task_arithmetic", TaskSpec(False, None, False, False),
+     "Ilharco et al. 2023, Editing models with task arithmetic (ICLR); mergekit task_arithmetic",
+     "base + lambda * sum_i w_i (x_i - base)", "computes in float32 (or float64) whatever the input dtype"),
+    ("ties", TaskSpec(True, "magnitude", True, False),
+     "Yadav et al. 2023, TIES-Merging: resolving interference when merging models (NeurIPS); mergekit ties",
+     "trim each task vector to its largest magnitudes, elect signs, average the agreeing", _TIES_DIFF),
+    ("dare_ties", TaskSpec(True, "random", False, True),
+     "Yu et al. 2024, Language models are super Mario (DARE, ICML); mergekit dare_ties",
+     "drop task-vector elements at random and rescale, then TIES sign election", _RANDOM_DIFF),
+    ("dare_linear", TaskSpec(False, "random", False, True),
+     "Yu et al. 2024, Language models are super Mario (DARE, ICML); mergekit dare_linear",
+     "drop task-vector elements at random and rescale, then sum", _RANDOM_DIFF),
+    ("breadcrumbs", TaskSpec(False, "magnitude_outliers", False, False),
+     "Davari & Belilovsky 2024, Model breadcrumbs (ECCV); mergekit breadcrumbs",
+     "drop the largest (gamma) and smallest magnitudes of each task vector, then sum", _TIES_DIFF),
+    ("breadcrumbs_ties", TaskSpec(True, "magnitude_outliers", False, False),
+     "Davari & Belilovsky 2024, Model breadcrumbs (ECCV), with TIES sign election; mergekit breadcrumbs_ties",
+     "breadcrumbs masks, then TIES sign election", _TIES_DIFF),
+    ("della", TaskSpec(True, "della_magprune", True, True),
+     "Deep et al. 2024, DELLA-Merging: magnitude-based sampling (arXiv 2406.11617); mergekit della",
+     "drop with probabilities ranked by magnitude within rows, rescale, TIES sign election", _RANDOM_DIFF),
+    ("della_linear", TaskSpec(False, "della_magprune", False, True),
+     "Deep et al. 2024, DELLA-Merging (arXiv 2406.11617); mergekit della_linear",
+     "DELLA masks and rescale, then sum", _RANDOM_DIFF),
+]:
+    register(Operator(_name, _cite, _summary, "task", base="required", params=_task_params(_spec),
+                      random=_spec.sparsify in ("random", "della_magprune"), task=_spec, differences=_diff))
