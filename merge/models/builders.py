@@ -215,7 +215,7 @@ def build_model(arch: str, *, num_classes: int, in_chans: int = 3, image_size: i
 
 
 def _build(arch: str, *, num_classes: int, in_chans: int, image_size: int | None, pretrained: str | None,
-           hf_weights: bool, **kwargs: Any) -> nn.Module:
+           hf_weights: bool, config_dir: Path | None = None, **kwargs: Any) -> nn.Module:
     family, name = _check_arch(arch)
     if family == "small_cnn":
         model: nn.Module = SmallCNN(num_classes, in_chans=in_chans, **kwargs)
@@ -229,7 +229,7 @@ def _build(arch: str, *, num_classes: int, in_chans: int, image_size: int | None
     else:
         if pretrained is not None:
             raise InvalidArgumentError(f"{arch}: a Hugging Face folder is already pretrained; leave pretrained unset")
-        return _build_hf(name, num_classes=num_classes, weights=hf_weights, **kwargs)
+        return _build_hf(name, num_classes=num_classes, weights=hf_weights, config_dir=config_dir, **kwargs)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
@@ -240,11 +240,19 @@ def _timm_takes_img_size(name: str) -> bool:
     return any(k in name for k in ("vit", "deit", "swin", "beit", "eva", "mixer", "convit", "cait", "xcit"))
 
 
-def _build_hf(ref: str, *, num_classes: int, weights: bool, **kwargs: Any) -> nn.Module:
+def _build_hf(ref: str, *, num_classes: int, weights: bool, config_dir: Path | None = None,
+              **kwargs: Any) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never trigger a download
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if not weights and config_dir is not None and (config_dir / "config.json").is_file():
+        # A member folder carries its own config (merge.models.export): it rebuilds without the base folder.
+        config = AutoConfig.from_pretrained(str(config_dir))
+        if config.num_labels != num_classes:
+            raise MismatchError(f"{config_dir}/config.json has num_labels={config.num_labels} but the checkpoint's "
+                                f"{MODEL_KEY} says {num_classes} classes; the folder mixes two models")
+        return AutoModelForSequenceClassification.from_config(config)
     folder = resolve_hf_folder(ref)
     opts = {k: v for k, v in kwargs.items() if k not in _HF_LOADER_KWARGS}
     verbosity = hf_logging.get_verbosity()
@@ -340,11 +348,13 @@ def _stem_name(model: nn.Module) -> str | None:
     return None
 
 
-def rebuild_model(metadata: Mapping[str, str]) -> nn.Module:
+def rebuild_model(metadata: Mapping[str, str], *, folder: str | os.PathLike | None = None) -> nn.Module:
     """Rebuild the (untrained) network a checkpoint was saved from, from its ``papa_merge.model`` metadata.
 
     Args:
         metadata: a checkpoint's ``__metadata__`` (``papa_merge.model`` holds a JSON :func:`model_spec`).
+        folder: the checkpoint's model folder, if it is one: an ``hf:`` model is then built from the
+            folder's own ``config.json`` (members and their soups carry it), not the base model's.
 
     Returns:
         The network with fresh weights; load the checkpoint's with ``load_state_dict``.
@@ -365,14 +375,20 @@ def rebuild_model(metadata: Mapping[str, str]) -> nn.Module:
                                    "be the JSON written by papa-merge train") from None
     kwargs = {k: v for k, v in (spec.get("kwargs") or {}).items()}
     return _build(arch, num_classes=num_classes, in_chans=int(spec.get("in_chans") or 3),
-                  image_size=spec.get("image_size"), pretrained=None, hf_weights=False, **kwargs)
+                  image_size=spec.get("image_size"), pretrained=None, hf_weights=False,
+                  config_dir=Path(folder) if folder is not None else None, **kwargs)
 
 
 def load_member(path: str | os.PathLike) -> tuple[nn.Module, dict[str, str]]:
-    """A member (or soup) checkpoint as a ready model, in eval mode, and its metadata.
+    """A member (or soup) checkpoint as a ready model, in eval mode, and its metadata: the one call for any of them.
+
+    The architecture comes from the checkpoint's ``papa_merge.model`` metadata (members record it and
+    soups keep member 0's), so ``small_cnn``, ``timm:`` and ``hf:`` members and their soups all load
+    the same way, from a file, a folder or the Hub.
 
     Args:
-        path: anything :func:`merge.open_checkpoint` reads that carries ``papa_merge.model`` metadata.
+        path: anything :func:`merge.open_checkpoint` reads that carries ``papa_merge.model`` metadata:
+            ``member-00.safetensors``, a member or soup folder, ``hf://org/name[@revision]``.
 
     Returns:
         ``(model, metadata)``.
@@ -384,10 +400,12 @@ def load_member(path: str | os.PathLike) -> tuple[nn.Module, dict[str, str]]:
 
     Example:
         >>> model, meta = load_member("ckpts/member-00.safetensors")  # doctest: +SKIP
+        >>> logits = model(images)                                     # doctest: +SKIP
     """
     with open_checkpoint(path) as src:
         metadata = dict(src.metadata)
-        model = rebuild_model(metadata)
+        folder = Path(src.path) if Path(src.path).is_dir() else None
+        model = rebuild_model(metadata, folder=folder)
         tensors = src.state_dict()
     load_weights(model, tensors, what=f"{path}: the weights")
     model.eval()
