@@ -78,3 +78,62 @@ def test_inspect_reports_counts_and_recipe(tmp_path: Path) -> None:
     assert "tensors:    9" in text and "classifier.weight [10, 30] float32" in text
     res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.safetensors")])
     assert res.exit_code == 1 and "no such file" in res.output
+
+
+def test_torch_file_outputs_load_with_weights_only(tmp_path: Path) -> None:
+    import zipfile
+
+    paths, sds = save_members(tmp_path, 3, dtype=torch.bfloat16)
+    CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "ref.safetensors")])
+    ref = load_file(str(tmp_path / "ref.safetensors"))
+    for suffix in (".pth", ".pt", ".bin"):
+        out = tmp_path / f"averaged{suffix}"
+        res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out)])
+        assert res.exit_code == 0 and res.output.startswith(f"wrote {out} "), res.output
+        for mmap in (False, True):
+            sd = torch.load(out, weights_only=True, mmap=mmap)
+            assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+        assert zipfile.ZipFile(out).testzip() is None  # every record's CRC checks out
+    again = tmp_path / "again.pth"
+    CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(again)])
+    assert again.read_bytes() == (tmp_path / "averaged.pth").read_bytes()  # reruns are bit-identical
+    recipe = json.loads(zipfile.ZipFile(again).read("archive/extra/papa_merge.recipe"))
+    assert recipe["method"] == "uniform" and len(recipe["members"]) == 3
+
+
+def test_output_forms_and_refused_suffixes(tmp_path: Path) -> None:
+    paths, _ = save_members(tmp_path, 2)
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "soup.v2")])
+    assert res.exit_code == 2 and "cannot tell what to write for suffix '.v2'" in res.output
+    assert "NAME.safetensors" in res.output and "NAME.pt, NAME.pth or NAME.bin" in res.output
+    assert not (tmp_path / "soup.v2").exists()
+    (tmp_path / "llama-3.1").mkdir()  # an existing folder is a folder output, whatever its name
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "llama-3.1"), "--force"])
+    assert res.exit_code == 0 and (tmp_path / "llama-3.1" / "model.safetensors").exists(), res.output
+
+
+def test_method_linear_and_task_methods_from_the_cli(tmp_path: Path) -> None:
+    paths, sds = save_members(tmp_path, 3)
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths[:2]), "--method", "linear", "--weights", "3,1",
+                                   "-o", str(tmp_path / "lin.safetensors")])
+    assert res.exit_code == 0, res.output
+    got = load_file(str(tmp_path / "lin.safetensors"))["classifier.weight"].double()
+    assert torch.allclose(got, torch.from_numpy(reference(sds[:2], [3, 1])["classifier.weight"]), rtol=1e-6, atol=1e-5)
+    import merge
+
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths[1:]), "--method", "ties", "--base", str(paths[0]),
+                                   "--density", "0.5,0.3", "--lambda", "0.8", "-o", str(tmp_path / "ties.safetensors")])
+    assert res.exit_code == 0, res.output
+    py = merge.soup(paths[1:], base=paths[0], method="ties", params={"density": [0.5, 0.3], "lambda": 0.8},
+                    out=tmp_path / "ties-py.safetensors")
+    assert (tmp_path / "ties.safetensors").read_bytes() == py.path.read_bytes()
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths[1:]), "--method", "ties", "--base", str(paths[0]),
+                                   "--density", "1.5", "-o", str(tmp_path / "bad.safetensors")])
+    assert res.exit_code == 2 and "parameter density of member 0 must be in [0, 1], got 1.5 (pass --density)" in res.output
+    res = CliRunner().invoke(cli, ["soup", *map(str, paths[1:]), "--method", "slerp", "--base", str(paths[0]),
+                                   "--t", "0.5", "-o", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 2 and "method 'slerp' takes at most 1 member" in res.output
+    res = CliRunner().invoke(cli, ["soup", str(paths[1]), "--method", "karcher", "--param", "max_iter=3",
+                                   str(paths[2]), "-o", str(tmp_path / "k.safetensors"), "--dry-run"])
+    assert res.exit_code == 0 and "method:         karcher (gram path; parameters {'max_iter': '3'})" in res.output
+    assert "peak memory:" in res.output and "for karcher (independent of member count)" in res.output
