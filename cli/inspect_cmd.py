@@ -15,7 +15,9 @@ from cli.util import format_bytes
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--top", default=5, show_default=True, help="How many of the largest tensors to list.")
 def inspect(checkpoint: str, key: str | None, as_json: bool, top: int) -> None:
-    """Summarise CHECKPOINT: tensor count, parameters, dtypes, size, and metadata (the recorded recipe).
+    """Show what a checkpoint holds.
+
+    Summarises CHECKPOINT: tensor count, parameters, dtypes, size, and metadata (the recorded recipe).
 
     \b
     Example:
@@ -38,8 +40,30 @@ def inspect(checkpoint: str, key: str | None, as_json: bool, top: int) -> None:
         click.echo("  largest:")
         for name, shape, dtype in s.largest:
             click.echo(f"    {name} {list(shape)} {dtype}")
+    from merge.keys import RECIPE_KEY
+
+    recipe = s.metadata.get(RECIPE_KEY)
+    if isinstance(recipe, dict):
+        click.echo(f"  recipe:     {recipe_line(recipe)}")
     if s.metadata:
         click.echo("  metadata:")
         for k, v in s.metadata.items():
-            text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
-            click.echo(f"    {k}: {text if len(text) <= 200 else text[:197] + '...'}")
+            for line in _metadata_lines(k, v):
+                click.echo(line)
+
+
+def recipe_line(recipe: dict) -> str:
+    """``uniform merge of 3 members: a.safetensors 0.5, b.safetensors 0.25, ...``: every member, with its weight."""
+    from merge.card import recipe_members
+
+    members = recipe_members(recipe)
+    listed = ", ".join(f"{name} {weight:.4g}" for name, weight in members)
+    return f"{recipe.get('method', 'merged')} merge of {len(members)} member{'s' if len(members) != 1 else ''}: {listed}"
+
+
+def _metadata_lines(key: str, value: object) -> list[str]:
+    """One metadata entry in full (never cut): one line when short, else pretty-printed JSON under its key."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if isinstance(value, str) or len(text) <= 100:
+        return [f"    {key}: {text}"]
+    return [f"    {key}:"] + ["      " + line for line in json.dumps(value, indent=2, sort_keys=True).splitlines()]

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from merge.io import schemes
 from merge.keys import DATA_KEY, METRICS_KEY, MODEL_KEY, RECIPE_KEY
 
-__all__ = ["model_card", "write_card", "is_generated_card", "SINGLE_FILE_NAME", "weight_file_name"]
+__all__ = ["model_card", "write_card", "is_generated_card", "recipe_members", "SINGLE_FILE_NAME", "weight_file_name"]
 
 HF_PREFIX = "hf://"
 # The name the ecosystem loads a single weight file by (transformers, timm, huggingface_hub).
@@ -186,6 +186,25 @@ def _what_it_is(f: _Facts) -> list[str]:
     if f.data_spec is not None and f.data_spec.get("dataset"):
         lines += ["", f"Trained on: `{f.data_spec['dataset']}`"]
     return lines
+
+
+def recipe_members(recipe: dict) -> list[tuple[str, float]]:
+    """Each member of a recorded recipe as ``(name, weight)``: its file name (or ``hf://`` source), weights summing to 1.
+
+    Example:
+        >>> recipe_members({"members": [{"path": "/r/a.safetensors"}, {"path": "b/"}], "weights": [3, 1]})
+        [('a.safetensors', 0.75), ('b', 0.25)]
+    """
+    members = recipe.get("members") or []
+    weights = recipe.get("weights") or [1.0] * len(members)
+    total = sum(float(w) for w in weights) or 1.0
+    out = []
+    for i, m in enumerate(members):
+        p = str(m.get("source") or m.get("path", "?")) if isinstance(m, dict) else str(m)
+        if not p.startswith(HF_PREFIX):
+            p = schemes.describe(p) or PurePosixPath(p.replace(os.sep, "/").rstrip("/")).name
+        out.append((p, float(weights[i]) / total if i < len(weights) else 0.0))
+    return out
 
 
 def _recipe_section(f: _Facts) -> list[str]:
