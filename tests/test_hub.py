@@ -32,7 +32,8 @@ from merge.hub import model_card, parse_reference, pull, push, resolve_reference
 from merge.io.sources import open_checkpoint
 from merge.soups import RECIPE_KEY
 
-pytestmark = pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:the members come from")]  # random test members share no start
 
 
 def _name(prefix: str = "m") -> str:
@@ -174,6 +175,30 @@ def test_pull_include_and_out_copies_files(hub, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _files_under(pull(repo, include="config.json", out=empty)) == {"config.json"}
+
+
+def test_sharded_pull_with_include_then_soup(hub, tmp_path):
+    """Issue 12.6, the README's own commands: `pull --include '*.safetensors'` of a sharded repo, then `soup`."""
+    sd = _state(2)
+    src = _sharded_folder(tmp_path / "src", sd)
+    repo = _name("shards")
+    _upload(hub, src, repo)
+    out = tmp_path / "members" / "a"
+    r = CliRunner().invoke(cli, ["pull", repo, "--include", "*.safetensors", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "model.safetensors.index.json" in _files_under(out)
+    soup = tmp_path / "soup.safetensors"
+    r = CliRunner().invoke(cli, ["soup", str(out), str(out), "-o", str(soup)])
+    assert r.exit_code == 0, r.output
+    got = load_file(str(soup))
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    # One shard asked for: its index comes too, and the soup names the shard that is missing.
+    one = pull(repo, include="model-00001-*", out=tmp_path / "one")
+    assert _files_under(one) == {"model-00001-of-00002.safetensors", "model.safetensors.index.json"}
+    with pytest.raises(CheckpointNotFoundError, match="model-00002-of-00002.safetensors"):
+        merge.soup([one, one], out=tmp_path / "never.safetensors")
+    # Weights that no index lists bring none.
+    assert _files_under(pull(repo, include="pytorch_model.bin", out=tmp_path / "bin")) == {"pytorch_model.bin"}
 
 
 def test_pull_revisions(hub, tmp_path):
@@ -548,6 +573,29 @@ def test_push_keeps_the_users_readme(hub, tmp_path):
     push(d, repo)
     assert hub.read_file(repo, "README.md") == b"---\nlicense: mit\n---\nmine\n"
     assert ".secret" not in hub.list_files(repo)
+
+
+def test_push_regenerates_the_card_soup_wrote_but_keeps_an_edited_one(hub, tmp_path):
+    members = []
+    for i in range(2):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file(_state(i), str(p))
+        members.append(p)
+    folder = tmp_path / "soup"
+    merge.soup(members, out=folder)
+    local = (folder / "README.md").read_text()
+    assert "# soup" in local and f"load_file('{folder}/model.safetensors')" in local
+    repo = _name("card")
+
+    push(folder, repo)
+
+    pushed = hub.read_file(repo, "README.md").decode()
+    assert f"# {repo}" in pushed and f"hf_hub_download('{repo}', 'model.safetensors')" in pushed
+    assert (folder / "README.md").read_text() == local  # the local folder is never changed
+    edited = local.replace("# soup", "# my greedy soup, by hand")
+    (folder / "README.md").write_text(edited)
+    push(folder, repo)
+    assert hub.read_file(repo, "README.md").decode() == edited
 
 
 # --- the model card ------------------------------------------------------------------------------------------
