@@ -1,6 +1,10 @@
-"""Train members and write each as one safetensors file that records how to rebuild and evaluate it.
+"""Train members and write each as a safetensors checkpoint that records how to rebuild and evaluate it.
 
-Each member's ``__metadata__`` holds four JSON entries (``json.dumps(..., sort_keys=True)``):
+Members of ``small_cnn`` are one file, ``member-NN.safetensors``; members of ``hf:`` and ``timm:`` models
+are folders, ``member-NN/``, holding ``model.safetensors`` and the files their library needs to load
+them (``config.json`` with the trained head, the tokenizer: :mod:`merge.models.export`).
+
+Each member's ``__metadata__`` (of ``model.safetensors`` in a folder) holds four JSON entries (``json.dumps(..., sort_keys=True)``):
 
 - ``papa_merge.model``: the model spec (:func:`merge.models.model_spec`);
 - ``papa_merge.data``: the data spec (:attr:`merge.data.Splits.spec`), which reloads the same splits;
@@ -36,9 +40,19 @@ __all__ = ["train_member", "train_members", "train_population", "train_independe
            "member_path"]
 
 
-def member_path(out_dir: str | os.PathLike, index: int) -> Path:
-    """Where member ``index`` of a run in ``out_dir`` is written."""
-    return Path(out_dir) / f"member-{index:02d}.safetensors"
+def member_path(out_dir: str | os.PathLike, index: int, *, arch: str | None = None) -> Path:
+    """Where member ``index`` of a run in ``out_dir`` is written.
+
+    ``member-NN/`` (a folder transformers or timm loads, :mod:`merge.models.export`) for ``hf:`` and
+    ``timm:`` models, ``member-NN.safetensors`` for ``small_cnn``; without ``arch``, the one on disk
+    (else the file).
+    """
+    from merge.models.export import member_form
+
+    folder = Path(out_dir) / f"member-{index:02d}"
+    if arch is None:
+        return folder if folder.is_dir() else folder.with_name(folder.name + ".safetensors")
+    return folder if member_form(arch) == "folder" else folder.with_name(folder.name + ".safetensors")
 
 
 def _resolve_splits(data: str | Splits, *, limit: int | None, split_seed: int, val_fraction: float) -> Splits:
@@ -124,6 +138,15 @@ def _metadata(spec: dict, splits: Splits, train: dict, scores: dict) -> dict[str
             TRAIN_KEY: json.dumps(train, sort_keys=True), METRICS_KEY: json.dumps(scores, sort_keys=True)}
 
 
+def _save_member(net: nn.Module, out: Path, spec: dict, splits: Splits, train: dict, scores: dict, *,
+                 force: bool) -> Path:
+    """Write a member: a ``.safetensors`` path is one file; any other path the folder its library loads."""
+    from merge.models.export import write_member
+
+    return write_member(net.state_dict(), out, spec=spec, metadata=_metadata(spec, splits, train, scores),
+                        classes=splits.classes, data_spec=splits.spec, model=net, force=force)
+
+
 def _train_record(recipe: Recipe, state: TrainState, *, method: str, pretrained: str | None, device: torch.device,
                   extra: Mapping[str, Any] | None = None) -> dict:
     record = {**recipe.to_dict(), "method": method, "steps": state.step, "steps_per_epoch": state.steps_per_epoch,
@@ -146,7 +169,8 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
         recipe: the member's hyperparameters and seeds.
         model: an architecture name (sized to the data) or a model spec dict.
         data: a dataset name (:func:`merge.data.load_dataset`) or loaded :class:`~merge.data.Splits`.
-        out: the ``.safetensors`` path.
+        out: a ``.safetensors`` path (one file), or any other path: a folder holding ``model.safetensors``
+            and what its library needs to load it (:mod:`merge.models.export`: ``config.json``, tokenizer).
         pretrained: weights to start from (timm models; see :func:`merge.models.build_model`).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar over steps.
@@ -173,8 +197,6 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
         >>> train_member(Recipe(seed=0), model="small_cnn", data="digits", out="m0.safetensors")  # doctest: +SKIP
     """
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise InvalidArgumentError(f"{out}: a member is one .safetensors file; end the path in .safetensors")
     check_output_free(out, force=force)
     dev = resolve_device(device)
     splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
@@ -189,7 +211,7 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
     scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
     record = _train_record(recipe, state, method="independent", pretrained=pretrained, device=dev,
                            extra={"init": None if init is None else str(init)})
-    return write_state_dict(net.state_dict(), out, metadata=_metadata(spec, splits, record, scores), force=force)
+    return _save_member(net, out, spec, splits, record, scores, force=force)
 
 
 def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any], data: str | Splits,
@@ -216,7 +238,8 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
     if not recipes:
         raise InvalidArgumentError("a population needs at least one recipe")
     out_dir = Path(out_dir)
-    paths = [member_path(out_dir, i) for i in range(len(recipes))]
+    arch = model if isinstance(model, str) else str(model.get("arch", ""))
+    paths = [member_path(out_dir, i, arch=arch) for i in range(len(recipes))]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         if len(existing) == len(paths):
@@ -245,7 +268,7 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
         scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
         record = _train_record(r, state, method=method, pretrained=pretrained, device=dev,
                                extra={"member": i, "population": len(recipes)})
-        written.append(write_state_dict(net.state_dict(), p, metadata=_metadata(spec, splits, record, scores),
+        written.append(_save_member(net, p, spec, splits, record, scores,
                                         force=force))
     return written
 
@@ -298,7 +321,7 @@ def train_independent(job: TrainJob) -> TrainResult:
     spec = _resolve_spec(job.model, splits)
     paths = []
     for i, r in enumerate(recipes):
-        p = member_path(job.out_dir, i)
+        p = member_path(job.out_dir, i, arch=spec["arch"])
         if p.exists() and not job.force:
             _check_resumable(p, r, "independent", spec=spec, data_spec=splits.spec)
         else:
