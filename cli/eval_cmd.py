@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 
 import click
 
@@ -32,6 +35,19 @@ def echo_line(text: str) -> None:
     tqdm.write(text, file=sys.stdout)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Library warnings (e.g. "the checkpoints record no data split") as one ``warning: ...`` line on stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' hook
+        click.echo(f"warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
 def show_progress(progress: bool | None) -> bool:
     """Bars on a terminal unless told otherwise."""
     return sys.stderr.isatty() if progress is None else progress
@@ -55,7 +71,9 @@ def show_progress(progress: bool | None) -> bool:
 def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num_classes: int | None,
           in_chans: int | None, image_size: int | None, split: str, ensemble: bool, recompute_bn: int,
           batch_size: int, device: str, progress: bool | None) -> None:
-    """Evaluate CHECKPOINTS (members, soups, selection manifests) on held-out data.
+    """Evaluate checkpoints on held-out data.
+
+    CHECKPOINTS are members, soups or selection manifests.
 
     The model is rebuilt from each checkpoint's papa_merge.model metadata (or --model) and the
     data from its papa_merge.data: the same split as training, so val and test are never training
@@ -69,36 +87,24 @@ def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num
       papa-merge eval selection.json --split test
       papa-merge eval resnet-a.pth resnet-b.pth --model timm:resnet18 --data imagefolder:photos/
     """
-    import warnings
-
     from merge.evaluate import TableFormatter, evaluate_checkpoints, scoring_label, summarize_members
 
     splits = ["val", "test"] if split == "both" else [split]
     fmt = TableFormatter.for_names([*checkpoints, "members mean (00)", "ensemble of 00 members"], splits)
-    pending: list[str] = []
+    started = []
 
-    def flush_warnings(caught: list) -> None:
-        for w in caught[len(pending):]:
-            pending.append(str(w.message))
-            click.echo(f"warning: {w.message}", err=True)
+    def on_row(row) -> None:  # noqa: ANN001 - an EvalRow
+        if not started:
+            echo_line(f"metrics {scoring_label(recompute_bn, batch_size)}:")
+            echo_line(fmt.header())
+            started.append(True)
+        echo_line(fmt.row(row))
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        started = []
-
-        def on_row(row) -> None:  # noqa: ANN001 - an EvalRow
-            flush_warnings(caught)
-            if not started:
-                echo_line(f"metrics {scoring_label(recompute_bn, batch_size)}:")
-                echo_line(fmt.header())
-                started.append(True)
-            echo_line(fmt.row(row))
-
+    with one_line_warnings():
         rows = evaluate_checkpoints(list(checkpoints), data=data, model=model, num_classes=num_classes,
                                     in_chans=in_chans, image_size=image_size, split=split, ensemble=ensemble,
                                     batch_size=batch_size, device=device, recompute_bn=recompute_bn,
                                     progress=show_progress(progress), on_row=on_row)
-        flush_warnings(caught)
     if sum(r.kind == "member" for r in rows) >= 2:
         for row in summarize_members(rows):
             echo_line(fmt.row(row))

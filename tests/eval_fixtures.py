@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +47,31 @@ def stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return xs, ys
 
 
+_TRAINED: dict[tuple[int, int], tuple[list[Path], dict]] = {}
+_CACHE_DIR = Path(tempfile.mkdtemp(prefix="papa-merge-digit-members-"))
+
+
 def train_digit_members(out: Path, k: int = 3, *, epochs: int = 2, init_seed: int = 0) -> tuple[list[Path], dict]:
-    """k small_cnn members on digits (same init, different data order); saved with papa-merge metadata."""
+    """k small_cnn members on digits (same init, different data order); saved with papa-merge metadata.
+
+    Members are trained once per process and copied into ``out`` (several test modules use the same
+    ones; member i depends only on ``init_seed``, ``epochs`` and i, so the first k of a larger set are
+    the same as a set of k).
+    """
+    key = (epochs, init_seed)
+    if key not in _TRAINED or len(_TRAINED[key][0]) < k:
+        _TRAINED[key] = _train_digit_members(_CACHE_DIR / f"k{k}-e{epochs}-s{init_seed}", k, epochs=epochs,
+                                             init_seed=init_seed)
+    cached, spec = _TRAINED[key]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for p in cached[:k]:
+        shutil.copyfile(p, out / p.name)
+        paths.append(out / p.name)
+    return paths, spec
+
+
+def _train_digit_members(out: Path, k: int, *, epochs: int, init_seed: int) -> tuple[list[Path], dict]:
     splits = digits_splits()
     xs, ys = stack(splits.train)
     spec = model_spec("small_cnn", 10, in_chans=1, image_size=8, width=WIDTH)

@@ -256,3 +256,130 @@ def test_eval_command_prints_the_table(members: list[Path]) -> None:
     assert any(ln.startswith("ensemble of 3 members") for ln in lines)
     bad = CliRunner().invoke(cli, ["eval", str(members[0]), "--split", "train"])
     assert bad.exit_code == 2 and "'train' is not one of" in bad.output
+
+
+# --------------------------------------------------------------------------------------------------
+# The split always comes from the members' metadata (issue 9: train rows leaked into val and test)
+
+def _csv(path: Path, n: int = 200) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["text,label"] + [f"example number {i} word{rng.integers(50)},{['neg', 'pos', 'mid'][i % 3]}"
+                              for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_path_spelled_differently_gets_the_members_own_split(tmp_path: Path, monkeypatch) -> None:
+    from merge.data import load_dataset
+    from merge.models import model_spec
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    csv_file = _csv(data_dir / "d.csv")
+    # The member trained on csv:<abs path> with its own split settings (seed 5, a quarter held out).
+    trained = load_dataset(f"csv:{csv_file}", seed=5, val_fraction=0.25)
+    assert trained.spec["dataset"] == f"csv:{csv_file.resolve()}"
+    meta = {"papa_merge.model": json.dumps(model_spec("small_cnn", 3, in_chans=1, image_size=8)),
+            "papa_merge.data": json.dumps(trained.spec)}
+    member = write_state_dict({"w": torch.zeros(1)}, tmp_path / "m.safetensors", metadata=meta)
+    monkeypatch.chdir(tmp_path)
+    train_rows = set(trained.train.indices.tolist())
+    for spelled in ("csv:data/d.csv", "csv:./data/../data/d.csv", f"csv:{csv_file}", None):
+        ev = CheckpointEvaluator.from_checkpoints([member], data=spelled)
+        # Row identity: the very val and test rows of the member's split, none of its training rows.
+        assert np.array_equal(ev.splits.val.indices, trained.val.indices), spelled
+        assert np.array_equal(ev.splits.test.indices, trained.test.indices), spelled
+        assert not train_rows & (set(ev.splits.val.indices.tolist()) | set(ev.splits.test.indices.tolist()))
+    # What the old code did (re-split with default settings) does leak: the test above would catch it.
+    default = load_dataset("csv:data/d.csv")
+    assert train_rows & set(default.val.indices.tolist()) and train_rows & set(default.test.indices.tolist())
+    # Another dataset is refused, naming the members' own.
+    with pytest.raises(InvalidArgumentError, match=r"data 'digits' is not the dataset .*m.safetensors was trained "
+                                                   r"on \('csv:.*d.csv'\)") as info:
+        CheckpointEvaluator.from_checkpoints([member], data="digits")
+    assert info.value.option == "data" and info.value.choices == (f"csv:{csv_file.resolve()}",)
+    other = _csv(data_dir / "e.csv", 90)
+    with pytest.raises(InvalidArgumentError, match="is not the dataset"):
+        CheckpointEvaluator.from_checkpoints([member], data=f"csv:{other}")
+    res = CliRunner().invoke(cli, ["eval", str(member), "--data", "digits"])
+    assert res.exit_code == 2 and f"(pass --data csv:{csv_file.resolve()})" in res.output
+    # Members whose splits disagree are refused, naming the difference.
+    meta2 = dict(meta, **{"papa_merge.data": json.dumps({**trained.spec, "seed": 6})})
+    member2 = write_state_dict({"w": torch.zeros(1)}, tmp_path / "m2.safetensors", metadata=meta2)
+    with pytest.raises(MismatchError, match=r"trained on different data splits \(seed: 5 vs 6\)"):
+        CheckpointEvaluator.from_checkpoints([member, member2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints trained elsewhere (issue 12): a timm state dict saved with torch.save
+
+@pytest.fixture(scope="module")
+def timm_pths(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[dict]]:
+    """Two timm models trained on digits with plain torch (same init, different orders), saved as .pth."""
+    import timm
+
+    out = tmp_path_factory.mktemp("timm-pth")
+    splits = digits_splits()
+    xs, ys = stack(splits.train)
+    torch.manual_seed(0)
+    init = timm.create_model("test_efficientnet", num_classes=10, in_chans=1).state_dict()
+    paths, states = [], []
+    with one_thread():
+        for i in range(2):
+            model = timm.create_model("test_efficientnet", num_classes=10, in_chans=1)
+            model.load_state_dict(init)
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            g = torch.Generator().manual_seed(i)
+            model.train()
+            for _ in range(2):
+                perm = torch.randperm(len(xs), generator=g)
+                for b in range(0, len(xs) - 63, 64):
+                    idx = perm[b:b + 64]
+                    loss = nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            torch.save(model.state_dict(), out / f"effnet-{i}.pth")
+            paths.append(out / f"effnet-{i}.pth")
+    return paths, states
+
+
+def test_eval_of_a_timm_checkpoint_trained_elsewhere(timm_pths, tmp_path: Path) -> None:
+    import timm
+
+    paths, states = timm_pths
+    splits = digits_splits()
+    res = CliRunner().invoke(cli, ["eval", *map(str, paths), "--model", "timm:test_efficientnet", "--data", "digits",
+                                   "--split", "test", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "the checkpoints record no data split" in res.output  # said, not silent
+    x, y = stack(splits.test)
+    probs = []
+    for path, state in zip(paths, states):
+        model = timm.create_model("test_efficientnet", num_classes=10, in_chans=1)
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            p = np_softmax(model(x).double().numpy())
+        probs.append(p)
+        want = np_metrics(p, y.numpy())
+        line = next(ln for ln in res.output.splitlines() if ln.startswith(str(path)))
+        assert f"{100 * want['acc']:.2f}%" in line and f"{want['nll']:.4f}" in line
+        assert want["acc"] > 0.3  # trained: far above chance
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("ensemble of 2 members"))
+    assert f"{np_metrics(np.mean(probs, axis=0), y.numpy())['nll']:.4f}" in line
+    # Without --model the error names the fix.
+    res = CliRunner().invoke(cli, ["eval", str(paths[0]), "--data", "digits"])
+    assert res.exit_code == 1 and "has no 'papa_merge.model' metadata" in res.output and "(pass --model)" in res.output
+
+    # Greedy soup of them: the soup records the architecture and split, so it evaluates without flags.
+    out = tmp_path / "g.safetensors"
+    res = CliRunner().invoke(cli, ["soup", "--greedy", *map(str, paths), "--model", "timm:test_efficientnet",
+                                   "--data", "digits", "--recompute-bn", "3", "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "members, val acc as stored:" in res.output
+    rows = evaluate_checkpoints([out], split="val")
+    kept = json.loads(merge.read_safetensors_metadata(out)["papa_merge.recipe"])["greedy"]
+    assert f"{100 * rows[0].metrics['val']['acc']:.2f}%" in res.output.splitlines()[-2]
+    assert kept["soup_score"] == rows[0].metrics["val"]["acc"]
