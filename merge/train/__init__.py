@@ -5,7 +5,14 @@ Example:
     >>> paths = train_members(3, model="small_cnn", data="digits", out_dir="ckpts/")  # doctest: +SKIP
 """
 
-from merge.train.late_phase import LatePhaseWeights, late_phase_parameters
+from merge.train.late_phase import (
+    LatePhaseNet,
+    LatePhaseOptimizer,
+    LatePhaseSchedule,
+    late_phase_modules,
+    late_phase_parameters,
+    train_late_phase_member,
+)
 from merge.train.loop import Callback, TrainState, fit, make_optimizer, make_scheduler, mix_batch, soft_cross_entropy
 from merge.train.methods import (
     TRAINING_METHODS,
@@ -25,7 +32,7 @@ from merge.train.members import (
     train_population,
 )
 from merge.train.papa import PAPA, pull_to_average
-from merge.train.subspace import SubspaceLine, SubspacePenalty, train_subspace
+from merge.train.subspace import Subspace, SubspaceLine, SubspacePenalty, train_subspace
 from merge.train.recipe import (
     DIVERSITY,
     PAPA_CHOICES,
@@ -51,7 +58,12 @@ __all__ = [
     "TrainState",
     "Callback",
     "PAPA",
-    "LatePhaseWeights",
+    "LatePhaseNet",
+    "LatePhaseOptimizer",
+    "LatePhaseSchedule",
+    "late_phase_modules",
+    "train_late_phase_member",
+    "Subspace",
     "SubspaceLine",
     "SubspacePenalty",
     "train_subspace",

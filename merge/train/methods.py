@@ -189,4 +189,4 @@ def _load_builtin_methods() -> None:
     # Each built-in method registers itself when its module is imported.
     import merge.train.members  # noqa: F401 - independent, papa
     import merge.train.subspace  # noqa: F401 - subspace
-    import merge.train.hyper  # noqa: F401 - hyper-ensemble, hyper-deep
+    import merge.train.late_phase  # noqa: F401 - late-phase

@@ -1,18 +1,38 @@
-"""Neural network subspaces (Wortsman et al., 2021): a line of networks trained in one run.
+"""Neural network subspaces (Wortsman et al., 2021): a line or a simplex of networks trained in one run.
 
-The line is ``w(a) = (1 - a) * w0 + a * w1`` between two independently initialised endpoints. Each
-training batch samples ``a ~ U(0, 1)`` and trains the network at ``w(a)``, so the gradient reaches
-both endpoints, weighted by ``1 - a`` and ``a``; a penalty ``beta * cos^2(w0, w1)`` (per layer, averaged)
-keeps the endpoints from collapsing onto each other. The endpoints are written as two ordinary
-members: their uniform soup is the midpoint (which, after recomputing BatchNorm statistics there,
-is the model the paper reports), and soups with weights ``(1 - a, a)`` trace the accuracy along the
-line. BatchNorm statistics are shared along the line during training, so recompute them at the point
-you evaluate.
+Reference: apple/learning-subspaces (``trainers/train_one_dim_subspaces.py``, ``trainers/train_simplexes.py``,
+``models/modules.py``, ``utils.update_bn``, ``experiment_configs/*/eval_lines.py``). Every parameter has
+one value per endpoint (the reference's ``LinesConv``/``LinesBN`` hold ``weight`` and ``weight1``);
+the network at a point with coefficients ``c`` (``c_i >= 0``, ``sum c_i = 1``) has ``sum_i c_i w_i``.
+
+1. Each training batch samples one point for the whole network: ``a ~ U(0, 1)`` on a line
+   (coefficients ``(1 - a, a)``), ``Z_i ~ Exp(1)`` normalised on a simplex (uniform on the simplex),
+   and the loss of the network at that point is back-propagated to every endpoint.
+2. The loss gains ``beta * cos^2(w_i, w_j)`` for a random pair of endpoints (the line's only pair),
+   where the cosine is ONE ratio over all conv weights of the network:
+   ``(sum_l w_i^l . w_j^l)^2 / (sum_l |w_i^l|^2 * sum_l |w_j^l|^2)`` (``args.beta = 1``).
+3. BatchNorm running statistics are shared by the whole subspace during training, so they describe
+   no particular point: every point that is evaluated or written, endpoints included, gets its
+   statistics recomputed on the training data first (``utils.update_bn``, a cumulative average).
+
+Deliberate differences from the reference:
+
+- "Conv weights" are the weights of convolutions and of linear layers: the reference's networks have
+  no linear layer (their classifier is a 1x1 convolution, in the penalty), ours have linear heads
+  (and transformers are made of linear layers). Biases, norm layers and embeddings stay out, as there.
+- Statistics are recomputed on ``bn_batches`` fixed, seeded, unaugmented training batches
+  (:meth:`merge.evaluate.CheckpointEvaluator.bn_loader`; by default enough batches to cover the
+  training split once, as ``update_bn`` does over the train loader), so that ``papa-merge interpolate``
+  with the same batches reproduces every endpoint's recorded metrics.
+- The optimizer and schedule are this package's (:func:`merge.train.make_optimizer`: no weight decay on
+  biases and norm scales; warmup and cosine per step), not the reference's SGD with 5 warmup epochs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from merge.bn import bn_layers
 from merge.data import Splits
 from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError
@@ -41,144 +62,260 @@ from merge.train.members import (
 from merge.train.methods import TrainJob, TrainResult, register_method
 from merge.train.recipe import Recipe, default_recipe
 
-__all__ = ["SubspaceLine", "SubspacePenalty", "train_subspace", "END_SEED_OFFSET"]
+__all__ = ["Subspace", "SubspaceLine", "SubspacePenalty", "train_subspace", "penalty_weight_names",
+           "global_cos2", "full_pass_batches", "END_SEED_OFFSET"]
 
-# The second endpoint's initialisation seed is the recipe's seed plus this.
+# Endpoint i is initialised with the recipe's seed plus i times this.
 END_SEED_OFFSET = 1_000_003
+PENALTY_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys cannot hold dots
 
 
-class SubspaceLine(nn.Module):
-    """A line of networks of one architecture; ``forward`` runs the network at a point ``a`` of the line.
+def penalty_weight_names(net: nn.Module) -> list[str]:
+    """The parameters the cos^2 penalty runs over: the ``weight`` of every convolution and linear layer."""
+    return [f"{name}.weight" if name else "weight" for name, m in net.named_modules()
+            if isinstance(m, PENALTY_LAYERS) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+def global_cos2(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``(sum_l a_l . b_l)^2 / (sum_l |a_l|^2 * sum_l |b_l|^2)``: one squared cosine over all layers at once.
+
+    This is the reference's regulariser (equation 3 of the paper), not a mean of per-layer cosines.
+
+    Example:
+        >>> float(global_cos2([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])]))
+        0.5
+    """
+    if len(a) != len(b) or not a:
+        raise InvalidArgumentError(f"global_cos2 needs the same number (>0) of tensors on each side, got {len(a)} "
+                                   f"and {len(b)}")
+    num = sum((x * y).sum() for x, y in zip(a, b))
+    na = sum(x.pow(2).sum() for x in a)
+    nb = sum(y.pow(2).sum() for y in b)
+    return num.pow(2) / (na * nb)
+
+
+class Subspace(nn.Module):
+    """A line (2 endpoints) or simplex (3 or more) of networks of one architecture.
+
+    ``forward`` runs the network at a point: in training mode a new random point per call (uniform on
+    the line or the simplex), in eval mode :attr:`eval_coefficients` (the centre by default).
 
     Args:
-        start, end: two networks of the same architecture (independent initialisations); ``start``
-            also provides the buffers (BatchNorm statistics), which the whole line shares.
-        seed: seeds the per-batch draws of ``a`` during training.
-        eval_alpha: the point used in eval mode (0.5, the midpoint).
+        nets: the endpoints' initial networks, one architecture; ``nets[0]`` also provides the
+            buffers (BatchNorm statistics), which the whole subspace shares during training.
+        seed: seeds the draws of points and of penalty pairs.
+
+    Raises:
+        InvalidArgumentError: fewer than 2 networks, or networks with different parameters.
+
+    Example:
+        >>> s = Subspace([nn.Linear(2, 2), nn.Linear(2, 2)])
+        >>> s.kind, s.eval_coefficients
+        ('line', [0.5, 0.5])
+    """
+
+    def __init__(self, nets: Sequence[nn.Module], *, seed: int = 0):
+        super().__init__()
+        if len(nets) < 2:
+            raise InvalidArgumentError(f"a subspace needs at least 2 endpoints, got {len(nets)}", option="members",
+                                       choices=(2,))
+        self.net = nets[0]
+        self.names = [n for n, _ in self.net.named_parameters()]
+        ends = []
+        for i, net in enumerate(nets):
+            params = dict(net.named_parameters())
+            if sorted(params) != sorted(self.names):
+                raise InvalidArgumentError(f"endpoint {i} is not the same architecture as endpoint 0")
+            ends.append(nn.ParameterDict({_key(n): nn.Parameter(params[n].detach().clone()) for n in self.names}))
+        self.ends = nn.ModuleList(ends)
+        for p in self.net.parameters():
+            p.requires_grad_(False)  # the endpoints are what trains; the wrapped net gives the shape and buffers
+        self.penalty_names = penalty_weight_names(self.net)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_coefficients = [1.0 / len(nets)] * len(nets)
+        self.coefficients = list(self.eval_coefficients)
+
+    @property
+    def points(self) -> int:
+        return len(self.ends)
+
+    @property
+    def kind(self) -> str:
+        return "line" if self.points == 2 else "simplex"
+
+    def sample(self) -> list[float]:
+        """A random point: ``(1 - a, a)`` with ``a ~ U(0, 1)`` on a line; normalised ``Exp(1)`` draws on a simplex."""
+        if self.points == 2:
+            a = float(torch.rand(1, generator=self.generator))
+            return [1.0 - a, a]
+        z = -torch.log1p(-torch.rand(self.points, generator=self.generator, dtype=torch.float64))  # Exp(1)
+        return (z / z.sum()).tolist()
+
+    def check_coefficients(self, coefficients: Sequence[float]) -> list[float]:
+        c = [float(x) for x in coefficients]
+        if len(c) != self.points or any(x < 0 for x in c) or not math.isclose(sum(c), 1.0, abs_tol=1e-9):
+            raise InvalidArgumentError(f"a point of a {self.points}-endpoint subspace needs {self.points} non-negative "
+                                       f"coefficients summing to 1, got {c}")
+        return c
+
+    def weights_at(self, coefficients: Sequence[float]) -> dict[str, Tensor]:
+        """The network's parameters at a point (differentiable in every endpoint)."""
+        c = self.check_coefficients(coefficients)
+        return {n: sum(ci * end[_key(n)] for ci, end in zip(c, self.ends)) for n in self.names}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.coefficients = self.sample() if self.training else list(self.eval_coefficients)
+        return functional_call(self.net, self.weights_at(self.coefficients), args, kwargs)
+
+    def penalty_pair(self) -> tuple[int, int]:
+        """The endpoints the penalty compares this step: the line's pair, or a random pair of a simplex."""
+        if self.points == 2:
+            return 0, 1
+        i, j = torch.randperm(self.points, generator=self.generator)[:2].tolist()
+        return int(i), int(j)
+
+    def cos2(self, i: int = 0, j: int = 1) -> Tensor:
+        """The reference's penalty between endpoints ``i`` and ``j``: :func:`global_cos2` over conv weights."""
+        return global_cos2([self.ends[i][_key(n)] for n in self.penalty_names],
+                           [self.ends[j][_key(n)] for n in self.penalty_names])
+
+    @torch.no_grad()
+    def mean_cos2(self) -> float:
+        """The penalty averaged over all pairs of endpoints (the reference's ``get_stats`` cossim)."""
+        pairs = [(i, j) for i in range(self.points) for j in range(i + 1, self.points)]
+        return float(sum(self.cos2(i, j) for i, j in pairs) / len(pairs))
+
+    @torch.no_grad()
+    def point_state_dict(self, coefficients: Sequence[float]) -> dict[str, Tensor]:
+        """The network at a point as a plain state dict; buffers are the shared (training) statistics."""
+        sd = {n: t.detach().clone() for n, t in self.net.state_dict().items()}
+        sd.update({n: w.detach().clone() for n, w in self.weights_at(coefficients).items()})
+        return sd
+
+    def endpoint_state_dict(self, index: int) -> dict[str, Tensor]:
+        """Endpoint ``index`` as a plain state dict (shared buffers: recompute BatchNorm before using it)."""
+        return self.point_state_dict([1.0 if i == index else 0.0 for i in range(self.points)])
+
+
+class SubspaceLine(Subspace):
+    """A line between two networks; eval mode runs the point ``eval_alpha`` (0.5, the midpoint).
+
+    Example:
+        >>> line = SubspaceLine(nn.Linear(2, 2), nn.Linear(2, 2), eval_alpha=0.25)
+        >>> line.eval_coefficients
+        [0.75, 0.25]
     """
 
     def __init__(self, start: nn.Module, end: nn.Module, *, seed: int = 0, eval_alpha: float = 0.5):
-        super().__init__()
-        self.net = start
-        self.names = [n for n, _ in start.named_parameters()]
-        end_params = dict(end.named_parameters())
-        self.ends = nn.ModuleList([
-            nn.ParameterDict({_key(n): nn.Parameter(p.detach().clone()) for n, p in start.named_parameters()}),
-            nn.ParameterDict({_key(n): nn.Parameter(end_params[n].detach().clone()) for n in self.names}),
-        ])
-        for p in self.net.parameters():
-            p.requires_grad_(False)  # the endpoints are what trains; the wrapped net is only the shape
-        self.generator = torch.Generator().manual_seed(seed)
-        self.eval_alpha = eval_alpha
-        self.alpha = eval_alpha
-
-    def weights_at(self, alpha: float) -> dict[str, Tensor]:
-        """The network's parameters at ``w(alpha)`` (differentiable in both endpoints)."""
-        return {n: (1.0 - alpha) * self.ends[0][_key(n)] + alpha * self.ends[1][_key(n)] for n in self.names}
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.alpha = float(torch.rand(1, generator=self.generator)) if self.training else self.eval_alpha
-        return functional_call(self.net, self.weights_at(self.alpha), args, kwargs)
-
-    def cos2(self) -> Tensor:
-        """Mean over weight matrices and kernels of the squared cosine similarity between the two endpoints.
-
-        Biases and norm scales are left out: both endpoints initialise them to the same constants
-        (cos = 1 or undefined), which says nothing about how far apart the networks are.
-        """
-        terms = []
-        for n in self.names:
-            if self.ends[0][_key(n)].ndim < 2:
-                continue
-            a, b = self.ends[0][_key(n)].flatten(), self.ends[1][_key(n)].flatten()
-            terms.append((a @ b) ** 2 / ((a @ a) * (b @ b) + 1e-12))
-        return torch.stack(terms).mean()
-
-    @torch.no_grad()
-    def endpoint_state_dict(self, index: int) -> dict[str, Tensor]:
-        """Endpoint ``index`` (0 or 1) as a plain state dict of the wrapped architecture (shared buffers)."""
-        sd = {n: t.detach().clone() for n, t in self.net.state_dict().items()}
-        for n in self.names:
-            sd[n] = self.ends[index][_key(n)].detach().clone()
-        return sd
+        super().__init__([start, end], seed=seed)
+        if not 0 <= eval_alpha <= 1:
+            raise InvalidArgumentError(f"eval_alpha must be in [0, 1], got {eval_alpha}")
+        self.eval_coefficients = [1.0 - eval_alpha, eval_alpha]
 
 
 class SubspacePenalty(Callback):
-    """Adds ``beta * cos^2(w0, w1)`` to each :class:`SubspaceLine` member's loss (Wortsman et al. use beta=1)."""
+    """Adds ``beta * cos^2`` of a pair of endpoints to each :class:`Subspace` member's loss (the reference: beta=1)."""
 
     def __init__(self, *, beta: float = 1.0):
         if beta < 0:
-            raise InvalidArgumentError(f"subspace beta must be >= 0, got {beta}")
+            raise InvalidArgumentError(f"subspace beta must be >= 0, got {beta}", option="beta")
         self.beta = beta
 
     def on_loss(self, state: TrainState, index: int, loss: Tensor) -> Tensor:
         model = state.models[index]
-        return loss + self.beta * model.cos2() if isinstance(model, SubspaceLine) and self.beta else loss
+        if not isinstance(model, Subspace) or not self.beta:
+            return loss
+        return loss + self.beta * model.cos2(*model.penalty_pair())
+
+
+def full_pass_batches(splits: Splits, batch_size: int) -> int:
+    """Batches of ``batch_size`` that cover the training split once (``update_bn`` over the train loader)."""
+    return max(1, math.ceil(len(splits.train) / batch_size))
 
 
 def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | Splits, out_dir: str | os.PathLike,
-                   beta: float = 1.0, device: str | torch.device = "cpu", progress: bool = True,
-                   callbacks: Sequence[Callback] = (), limit: int | None = None, split_seed: int = 0,
-                   val_fraction: float = 0.1, eval_batch_size: int = 256, force: bool = False) -> list[Path]:
-    """Train a line of networks in one run and write its two endpoints as members.
+                   points: int = 2, beta: float = 1.0, bn_batches: int | None = None,
+                   device: str | torch.device = "cpu", progress: bool = True, callbacks: Sequence[Callback] = (),
+                   limit: int | None = None, split_seed: int = 0, val_fraction: float = 0.1,
+                   eval_batch_size: int = 256, force: bool = False) -> list[Path]:
+    """Train a line (``points=2``) or simplex of networks in one run and write its endpoints as members.
+
+    Each endpoint is written with BatchNorm statistics recomputed at that endpoint, and its recorded
+    metrics are measured after that recomputation. ``papa-merge midpoint`` (:func:`merge.interpolate.midpoint`)
+    makes the centre, ``papa-merge interpolate`` the accuracy along the line.
 
     Args:
-        recipe: the run's recipe (``seed`` initialises endpoint 0, ``seed + END_SEED_OFFSET`` endpoint 1).
-        model, data: as in :func:`merge.train.train_member` (from scratch: subspaces start from two inits).
-        out_dir: gets ``member-00.safetensors`` (a=0) and ``member-01.safetensors`` (a=1).
-        beta: weight of the cos^2 penalty between the endpoints.
+        recipe: the run's recipe (endpoint i is initialised with ``seed + i * END_SEED_OFFSET``).
+        model, data: as in :func:`merge.train.train_member` (from scratch: a subspace starts from n inits).
+        out_dir: gets ``member-00.safetensors`` ... one per endpoint.
+        points: endpoints (2: a line; 3 or more: a simplex).
+        beta: weight of the cos^2 penalty.
+        bn_batches: training batches (of ``eval_batch_size``) to recompute BatchNorm statistics on at
+            each endpoint (default: a full pass over the training split).
         Others as in :func:`merge.train.train_member`.
 
     Returns:
-        The two endpoint paths; ``merge.soup(paths)`` is the midpoint.
+        The endpoint paths; ``merge.soup(paths)`` has the centre's weights (recompute its BatchNorm).
 
     Raises:
         OutputExistsError: an endpoint exists and ``force`` is False.
-        As :func:`merge.train.train_member` otherwise.
+        InvalidArgumentError: fewer than 2 points, or a negative ``beta``.
     """
+    from merge.evaluate import CheckpointEvaluator
+
+    if points < 2:
+        raise InvalidArgumentError(f"a subspace needs at least 2 endpoints, got {points}", option="members",
+                                   choices=(2,))
     out_dir = Path(out_dir)
-    paths = [member_path(out_dir, 0), member_path(out_dir, 1)]
+    paths = [member_path(out_dir, i) for i in range(points)]
     for p in paths:
         check_output_free(p, force=force)
     dev = resolve_device(device)
     splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
     spec = _resolve_spec(model, splits)
     _check_recipe_fits(recipe, splits)
-    # Two independent initialisations; the second seed is derived so the run stays one recipe.
-    start = _build(spec, recipe, None, dev)
-    end = _build(spec, dataclasses.replace(recipe, seed=recipe.seed + END_SEED_OFFSET), None, dev)
-    line = SubspaceLine(start, end, seed=recipe.seed).to(dev)
-    loader = train_loader(splits, spec, recipe)
-    state = fit([line], [loader], [recipe], num_classes=spec["num_classes"], device=dev,
-                callbacks=[SubspacePenalty(beta=beta), *callbacks], progress=progress, desc="subspace line")
+    seeds = [recipe.seed + i * END_SEED_OFFSET for i in range(points)]
+    nets = [_build(spec, dataclasses.replace(recipe, seed=s), None, dev) for s in seeds]
+    sub = Subspace(nets, seed=recipe.seed).to(dev)
+    state = fit([sub], [train_loader(splits, spec, recipe)], [recipe], num_classes=spec["num_classes"], device=dev,
+                callbacks=[SubspacePenalty(beta=beta), *callbacks], progress=progress, desc=f"subspace {sub.kind}")
+    # One evaluator for every point: the same recalibration batches as merge.interpolate and papa-merge eval.
+    ev = CheckpointEvaluator(json.loads(json.dumps(spec)), splits, batch_size=eval_batch_size, device=dev)
+    nb = bn_batches or full_pass_batches(splits, eval_batch_size)
+    has_bn = bool(bn_layers(ev.model))
+    cos2 = sub.mean_cos2()
     written = []
     for i, p in enumerate(paths):
-        net = line.net
-        net.load_state_dict(line.endpoint_state_dict(i))
+        net = ev.model_with(sub.endpoint_state_dict(i), recompute_bn=nb if has_bn else 0)
         scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
-        record = _train_record(recipe, state, method="subspace-line", pretrained=None, device=dev,
-                               extra={"endpoint": float(i), "beta": beta, "cos2": float(line.cos2().detach()),
-                                      "end_seed": recipe.seed + END_SEED_OFFSET})
+        info = {"kind": sub.kind, "points": points, "endpoint": i, "beta": beta, "cos2": cos2, "seeds": seeds,
+                "bn_recomputed": {"batches": nb, "batch_size": eval_batch_size, "split": "train",
+                                  "seed": ev.bn_seed} if has_bn else None}
+        record = _train_record(recipe, state, method="subspace", pretrained=None, device=dev,
+                               extra={"subspace": info})
         written.append(write_state_dict(net.state_dict(), p, metadata=_metadata(spec, splits, record, scores),
                                         force=force))
     return written
 
 
 @register_method("subspace", citation="Wortsman et al. 2021, Learning Neural Network Subspaces; code "
-                 "apple/learning-subspaces", summary="a line of networks in one run; writes its 2 endpoints",
-                 options=("beta",))
-def train_subspace_method(job: TrainJob, *, beta: float = 1.0) -> TrainResult:
-    """The registry's entry: one line from scratch, its endpoints written as members 0 and 1."""
-    if job.members != 2 or job.pretrained or job.init:
-        raise InvalidArgumentError("a subspace line is trained from scratch and writes its 2 endpoints; "
-                                   "ask for 2 members and no pretrained weights or init", option="members", choices=(2,))
+                 "apple/learning-subspaces",
+                 summary="a line (2 members) or simplex (3+) of networks in one run; writes its endpoints",
+                 options=("beta", "bn_batches"))
+def train_subspace_method(job: TrainJob, *, beta: float = 1.0, bn_batches: int | None = None) -> TrainResult:
+    """The registry's entry: one subspace from scratch, its endpoints written as members 0 .. n-1."""
+    if job.members < 2 or job.pretrained or job.init:
+        raise InvalidArgumentError("a subspace is trained from scratch and writes its endpoints (2: a line, 3 or "
+                                   "more: a simplex); ask for at least 2 members and no pretrained weights or init",
+                                   option="members", choices=(2,))
     recipe = job.recipes[0] if job.recipes else dataclasses.replace(
         job.base or default_recipe(job.arch), seed=job.seed, data_seed=job.seed)
-    paths = train_subspace(recipe, model=job.model, data=job.data, out_dir=job.out_dir, beta=beta, device=job.device,
-                           progress=job.progress, callbacks=job.callbacks, limit=job.limit, split_seed=job.split_seed,
-                           val_fraction=job.val_fraction, eval_batch_size=job.eval_batch_size, force=job.force)
+    paths = train_subspace(recipe, model=job.model, data=job.data, out_dir=job.out_dir, points=job.members, beta=beta,
+                           bn_batches=bn_batches, device=job.device, progress=job.progress, callbacks=job.callbacks,
+                           limit=job.limit, split_seed=job.split_seed, val_fraction=job.val_fraction,
+                           eval_batch_size=job.eval_batch_size, force=job.force)
     return TrainResult(paths)

@@ -1,0 +1,309 @@
+"""Points of a line or simplex of checkpoints, with BatchNorm recomputed at each, and the curve along a line.
+
+Neural network subspaces (Wortsman et al., 2021; code apple/learning-subspaces) evaluate the network
+at points of the line between two endpoints (``eval_lines.py`` sweeps alpha in [0, 1]) and at the
+centre of a simplex, always after recomputing the BatchNorm statistics at that point
+(``utils.update_bn``): statistics averaged with the weights, or kept from training where the whole
+line shares them, describe no point. The same holds for any two checkpoints, e.g. two fine-tunes of
+one pretrained model (the linear mode connectivity curve).
+
+- :func:`midpoint` writes the checkpoint at one point (any alpha of a line, or the centre of N
+  endpoints) with its statistics recomputed;
+- :func:`interpolate` evaluates the line at a grid of alphas (statistics recomputed at each), and
+  the endpoints' prediction ensemble beside it; :func:`plot_curve` draws it (matplotlib).
+
+Example:
+    >>> curve = interpolate("run/member-00.safetensors", "run/member-01.safetensors", points=11)  # doctest: +SKIP
+    >>> print(curve.table())  # doctest: +SKIP
+    >>> plot_curve(curve, "line.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from merge.bn import bn_layers
+from merge.errors import InvalidArgumentError
+from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs, predict, \
+    recompute_bn_checkpoint
+from merge.io.sources import open_checkpoint
+from merge.soups import average, soup
+
+__all__ = ["midpoint", "interpolate", "plot_curve", "write_curve", "InterpolationCurve", "CurvePoint",
+           "line_weights", "default_bn_batches"]
+
+SPLITS = ("val", "test")
+
+
+def line_weights(alpha: float) -> list[float]:
+    """``[1 - alpha, alpha]``: the weights of the point ``(1 - alpha) * A + alpha * B``.
+
+    Raises:
+        InvalidArgumentError: ``alpha`` outside [0, 1] (an average, not an extrapolation).
+    """
+    # No ``option`` field: the CLI's flag table spells ``alpha`` as PAPA's --papa-alpha; the message says the fix.
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise InvalidArgumentError(f"alpha must be in [0, 1] (0 is the first checkpoint, 1 the second), got {alpha}")
+    return [1.0 - float(alpha), float(alpha)]
+
+
+def default_bn_batches(ev: CheckpointEvaluator) -> int:
+    """Batches that cover the training split once: the reference's ``update_bn`` runs over the train loader."""
+    return max(1, math.ceil(len(ev.splits.train) / ev.batch_size))
+
+
+def _has_bn(ev: CheckpointEvaluator) -> bool:
+    return bool(bn_layers(ev.model))
+
+
+def midpoint(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, alpha: float | None = None,
+             data: Any = None, bn_batches: int | None = None, batch_size: int = 256,
+             device: str | torch.device = "cpu", force: bool = False) -> Path:
+    """Write the checkpoint at one point of a line or simplex, BatchNorm statistics recomputed there.
+
+    The weights are ``(1 - alpha) * A + alpha * B`` for two checkpoints and ``alpha``, else the mean of
+    all of them (the midpoint of a line, the centre of a simplex), averaged as :func:`merge.soup` does
+    (float32 accumulation; integer tensors from the first). The BatchNorm statistics are then
+    recomputed on ``bn_batches`` fixed, seeded training batches (:meth:`CheckpointEvaluator.bn_loader`),
+    and the recipe records both steps.
+
+    Args:
+        paths: the endpoints (papa-merge checkpoints: the model and data come from their metadata).
+        out: a ``.safetensors`` file.
+        alpha: the point of a line (two checkpoints only); None: the centre.
+        data: a dataset name or ``Splits`` for checkpoints that record none.
+        bn_batches: training batches of ``batch_size`` for the recomputation (default: a full pass).
+        batch_size, device: of the recomputation.
+        force: replace an existing ``out``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        InvalidArgumentError: fewer than 2 checkpoints, ``alpha`` with more than 2 or outside [0, 1],
+            ``out`` not a ``.safetensors`` file.
+        MissingMetadataError: a checkpoint lacks the model (or data) metadata.
+
+    Example:
+        >>> midpoint(["line/member-00.safetensors", "line/member-01.safetensors"], out="mid.safetensors")  # doctest: +SKIP
+    """
+    if len(paths) < 2:
+        raise InvalidArgumentError(f"a point between checkpoints needs at least 2 of them, got {len(paths)}")
+    weights = None
+    if alpha is not None:
+        if len(paths) != 2:
+            raise InvalidArgumentError(f"alpha picks a point of a line between 2 checkpoints, got {len(paths)}; leave "
+                                       "it unset for the centre of a simplex")
+        weights = line_weights(alpha)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InvalidArgumentError(f"{out}: a point is written as one .safetensors file; end the path in .safetensors",
+                                   option="out")
+    ev = CheckpointEvaluator.from_checkpoints(list(paths), data=data, batch_size=batch_size, device=device)
+    point = {"coefficients": weights or [1.0 / len(paths)] * len(paths), "alpha": alpha}
+    soup(list(paths), out=out, weights=weights, force=force, recipe_extra={"subspace_point": point})
+    if _has_bn(ev):
+        recompute_bn_checkpoint(out, num_batches=bn_batches or default_bn_batches(ev), evaluator=ev)
+    return out
+
+
+@dataclass
+class CurvePoint:
+    """One evaluated point: ``alpha`` and ``{split: {"acc", "nll", "ece"}}``."""
+
+    alpha: float
+    metrics: dict[str, dict[str, float]]
+
+
+@dataclass
+class InterpolationCurve:
+    """The line between two checkpoints, evaluated at a grid of alphas.
+
+    Attributes:
+        a, b: the endpoints (alpha 0 and 1).
+        points: in increasing alpha.
+        ensemble: the endpoints' prediction ensemble (each with its statistics recomputed), per split.
+        bn_batches: training batches the statistics were recomputed on at each point (0: no BatchNorm).
+        batch_size: of evaluation and recomputation.
+    """
+
+    a: str
+    b: str
+    points: list[CurvePoint]
+    ensemble: dict[str, dict[str, float]] = field(default_factory=dict)
+    bn_batches: int = 0
+    batch_size: int = 256
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.points[0].metrics) if self.points else []
+
+    def at(self, alpha: float) -> CurvePoint:
+        """The point evaluated at ``alpha``.
+
+        Raises:
+            InvalidArgumentError: ``alpha`` was not evaluated.
+        """
+        for p in self.points:
+            if math.isclose(p.alpha, alpha, abs_tol=1e-12):
+                return p
+        raise InvalidArgumentError(f"alpha {alpha} was not evaluated; evaluated: {[p.alpha for p in self.points]}")
+
+    def table(self) -> str:
+        """A markdown table: one row per alpha (accuracy in percent, NLL), then the endpoints' ensemble."""
+        splits = self.splits
+        head = "| alpha | " + " | ".join(f"{s} acc | {s} NLL" for s in splits) + " |"
+        rule = "|---|" + "---|---|" * len(splits)
+        rows = [head, rule]
+        for p in self.points:
+            rows.append(f"| {p.alpha:.2f} | " + " | ".join(
+                f"{100 * p.metrics[s]['acc']:.2f}% | {p.metrics[s]['nll']:.4f}" for s in splits) + " |")
+        if self.ensemble:
+            rows.append("| ensemble of the endpoints | " + " | ".join(
+                f"{100 * self.ensemble[s]['acc']:.2f}% | {self.ensemble[s]['nll']:.4f}" for s in splits) + " |")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "bn_batches": self.bn_batches, "batch_size": self.batch_size,
+                "points": [{"alpha": p.alpha, "metrics": p.metrics} for p in self.points],
+                "ensemble": self.ensemble}
+
+
+def _alphas(alphas: Sequence[float] | None, points: int) -> list[float]:
+    if alphas is None:
+        if points < 2:
+            raise InvalidArgumentError(f"points must be at least 2 (the endpoints), got {points}", option="points")
+        alphas = [i / (points - 1) for i in range(points)]
+    out = sorted({float(a) for a in alphas})
+    if not out:
+        raise InvalidArgumentError("no alphas to evaluate", option="alphas")
+    for a in out:
+        line_weights(a)
+    return out
+
+
+def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None, alphas: Sequence[float] | None = None,
+                points: int = 11, bn_batches: int | None = None, splits: Sequence[str] = SPLITS,
+                batch_size: int = 256, device: str | torch.device = "cpu", ensemble: bool = True) -> InterpolationCurve:
+    """Evaluate the line ``(1 - alpha) * A + alpha * B`` at a grid of alphas, BatchNorm recomputed at each point.
+
+    At each alpha the weights are averaged in memory as :func:`merge.average` does (so alpha 0 is A's
+    weights exactly), loaded into the model rebuilt from the metadata, the statistics recomputed on
+    the same ``bn_batches`` training batches, and val/test evaluated. The endpoints' prediction
+    ensemble (each endpoint with its statistics recomputed) is the reference line of the plot.
+
+    Args:
+        a, b: two checkpoints of one architecture (a subspace's endpoints, two fine-tunes, ...).
+        data: a dataset name or ``Splits`` for checkpoints that record none.
+        alphas: the points (default ``points`` evenly spaced from 0 to 1).
+        points: how many evenly spaced points when ``alphas`` is None.
+        bn_batches: training batches of ``batch_size`` to recompute the statistics on at each point
+            (default: a full pass over the training split, as the reference does).
+        splits: which of ``val`` and ``test`` to evaluate.
+        batch_size, device: of evaluation and recomputation.
+        ensemble: also evaluate the endpoints' prediction ensemble.
+
+    Returns:
+        The :class:`InterpolationCurve`.
+
+    Raises:
+        InvalidArgumentError: an alpha outside [0, 1], fewer than 2 points, an unknown split.
+        MissingMetadataError, MismatchError: as :meth:`CheckpointEvaluator.from_checkpoints`.
+
+    Example:
+        >>> curve = interpolate("a.safetensors", "b.safetensors", points=5)  # doctest: +SKIP
+        >>> curve.at(0.5).metrics["test"]["acc"]  # doctest: +SKIP
+    """
+    grid = _alphas(alphas, points)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise InvalidArgumentError(f"splits must be among {', '.join(SPLITS)}; got {list(splits)}", option="splits")
+    ev = CheckpointEvaluator.from_checkpoints([a, b], data=data, batch_size=batch_size, device=device)
+    nb = (bn_batches or default_bn_batches(ev)) if _has_bn(ev) else 0
+    with open_checkpoint(a) as sa, open_checkpoint(b) as sb:
+        sds = [sa.state_dict(), sb.state_dict()]
+
+    def evaluate(sd: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, float]], dict[str, tuple[Tensor, Tensor]]]:
+        ev.model_with(sd, recompute_bn=nb)
+        out, logits = {}, {}
+        for s in splits:
+            logits[s] = predict(ev.model, ev.loader(s), device=ev.device)
+            out[s] = metrics(*logits[s], n_bins=ev.n_bins)
+        return out, logits
+
+    curve_points, end_logits = [], {}
+    for alpha in grid:
+        m, logits = evaluate(average(sds, weights=line_weights(alpha)))
+        curve_points.append(CurvePoint(alpha, m))
+        if alpha in (0.0, 1.0):
+            end_logits[alpha] = logits
+    ens: dict[str, dict[str, float]] = {}
+    if ensemble:
+        for alpha, sd in ((0.0, sds[0]), (1.0, sds[1])):
+            if alpha not in end_logits:
+                end_logits[alpha] = evaluate(sd)[1]
+        for s in splits:
+            labels = end_logits[0.0][s][1]
+            ens[s] = metrics_from_probs(ensemble_probs([end_logits[0.0][s][0], end_logits[1.0][s][0]]), labels,
+                                        n_bins=ev.n_bins)
+    return InterpolationCurve(str(a), str(b), curve_points, ens, nb, batch_size)
+
+
+def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw accuracy and NLL against alpha (one line per split; the endpoints' ensemble dashed) to a PNG.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install matplotlib``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting the interpolation curve needs matplotlib; pip install matplotlib") from e
+    out = Path(out)
+    xs = [p.alpha for p in curve.points]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    colours = {"val": "tab:blue", "test": "tab:orange"}
+    for ax, key, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "nll", "NLL")):
+        scale = 100.0 if key == "acc" else 1.0
+        for s in curve.splits:
+            ax.plot(xs, [scale * p.metrics[s][key] for p in curve.points], marker="o", ms=3, color=colours.get(s),
+                    label=s)
+            if s in curve.ensemble:
+                ax.axhline(scale * curve.ensemble[s][key], ls="--", lw=1, color=colours.get(s),
+                           label=f"{s}: ensemble of endpoints")
+        ax.set_xlabel("alpha  (0 = A, 1 = B)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    bn = f"BatchNorm recomputed at each point on {curve.bn_batches} training batches" if curve.bn_batches else "no BatchNorm"
+    fig.suptitle(title or f"{Path(curve.a).name} -> {Path(curve.b).name} ({bn})", fontsize=10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str | None = None) -> tuple[Path, Path]:
+    """Write the PNG to ``out`` and the markdown table beside it (same name, ``.md``).
+
+    Returns:
+        ``(png, table)``.
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"{out}: the plot is a PNG; end the path in .png", option="out")
+    png = plot_curve(curve, out, title=title)
+    table = out.with_suffix(".md")
+    table.write_text(curve.table() + "\n")
+    return png, table
