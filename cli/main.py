@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, soup_cmd, train_cmd
+from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, select_cmd, soup_cmd, train_cmd
 
 
 # Library errors name keyword arguments; on the command line each is a flag. One table for all commands.
@@ -112,6 +112,7 @@ def cli() -> None:
 cli.add_command(soup_cmd.soup)
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(eval_cmd.eval_)
+cli.add_command(select_cmd.select)
 cli.add_command(quickstart_cmd.quickstart)
 cli.add_command(train_cmd.train)
 cli.add_command(methods_cmd.collapse)

@@ -190,3 +190,4 @@ def _load_builtin_methods() -> None:
     import merge.train.members  # noqa: F401 - independent, papa
     import merge.train.subspace  # noqa: F401 - subspace
     import merge.train.late_phase  # noqa: F401 - late-phase
+    import merge.train.hyper  # noqa: F401 - hyper-ensemble, hyper-deep

@@ -125,13 +125,18 @@ def default_recipe(arch: str, *, pretrained: bool = False, **overrides: Any) -> 
 def default_search_space(base: Recipe) -> dict[str, Any]:
     """The hyperparameter-ensembles search space around ``base``.
 
-    Learning rate log-uniform in [base/3, 3*base], weight decay log-uniform in [base/10, 10*base]
-    (1e-5..1e-3 if base has none), label smoothing uniform in [0, 0.1] (Wenzel et al. search L2 and
-    label smoothing; learning rate is the next most effective knob for fine-tuning).
+    Each knob is drawn on the scale it acts on: learning rate log-uniform in [base/3, 3*base], weight
+    decay log-uniform in [base/10, 10*base] (1e-5..1e-3 if base has none), label smoothing
+    log-uniform in [1e-5, 0.2], the reference's range (google/uncertainty-baselines,
+    hyperdeepensemble_configs/cifar10_rand_search_sweep.py: ``LS_RANGE``). Wenzel et al. search L2
+    (per layer group, over four decades) and label smoothing; we search one weight decay over two
+    decades around the recipe's, and the learning rate, the next most effective knob for fine-tuning.
+    Dropout, where the model has it, is drawn by :mod:`merge.train.hyper` (it is a property of the
+    network, not of the recipe).
     """
     wd = base.weight_decay or 1e-4
     return {"lr": ("log", base.lr / 3, base.lr * 3), "weight_decay": ("log", wd / 10, wd * 10),
-            "label_smoothing": ("uniform", 0.0, 0.1)}
+            "label_smoothing": ("log", 1e-5, 0.2)}
 
 
 def _draw(spec: Any, rng: np.random.Generator, name: str) -> Any:
