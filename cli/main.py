@@ -32,6 +32,8 @@ OPTION_FLAGS = {
     "copies": "--late-phase",
     "start_epoch": "--late-phase-start",
     "beta": "--subspace-beta",
+    "every": "--papa-every",
+    "alpha": "--papa-alpha",
 }
 
 

@@ -92,6 +92,16 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 @click.option("--papa-every", type=click.IntRange(min=1), default=None, help="PAPA: steps between pulls. [default: 10]")
 @click.option("--papa-alpha", type=float, default=None,
               help="PAPA: share of each member kept at a pull. [default: 0.99, 0.9995 from pretrained]")
+@click.option("--lr-scaling", type=click.Choice(["linear", "none"]), default=None,
+              help="--method papa: scale the pull with the learning rate, 1-a_t = (1-alpha) lr_t/lr_0 (linear), or "
+                   "keep alpha (none). [default: linear]")
+@click.option("--mix-every", type=click.IntRange(min=1), default=None, metavar="E",
+              help="--method papa-all/papa-2: epochs between mixes (never after the last epoch). [default: 5]")
+@click.option("--mix-from-start/--no-mix-from-start", default=None,
+              help="--method papa-all/papa-2: also mix after the first epoch. [default: on]")
+@click.option("--repair-batches", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--method papa-all/papa-2: training batches for REPAIR (BatchNorm reset) after each mix. "
+                   "[default: 5]")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=_list("methods"),
@@ -106,8 +116,9 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
           late_phase: int | None, late_phase_start: float | None, branch_lr_ratio: float | None,
           branch_epochs_ratio: float | None, subspace_beta: float | None, bn_batches: int | None,
           image_size: int | None, limit: int | None,
-          val_fraction: float, split_seed: int, seed: int, papa_every: int | None, papa_alpha: float | None, device: str,
-          progress: bool | None) -> None:
+          val_fraction: float, split_seed: int, seed: int, papa_every: int | None, papa_alpha: float | None,
+          lr_scaling: str | None, mix_every: int | None, mix_from_start: bool | None, repair_batches: int | None,
+          device: str, progress: bool | None) -> None:
     """Train K diverse members of one model on one dataset, each written to OUT/member-NN.safetensors.
 
     Every member records its architecture, data split, recipe and val/test metrics in its metadata,
@@ -154,8 +165,12 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     # Each method's own options, by the name its registry entry declares; unset ones take the method's default.
     options = {"every": papa_every, "alpha": papa_alpha, "copies": late_phase, "start_epoch": late_phase_start,
                "branch_lr_ratio": branch_lr_ratio, "branch_epochs_ratio": branch_epochs_ratio,
-               "beta": subspace_beta, "bn_batches": bn_batches}
-    paths = run_method(method, job, **options).paths
+               "beta": subspace_beta, "bn_batches": bn_batches, "lr_scaling": lr_scaling, "mix_every": mix_every,
+               "mix_from_start": mix_from_start, "repair_batches": repair_batches}
+    result = run_method(method, job, **options)
+    if result.report.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 reports for the whole population
+    paths = result.paths
     for i, p in enumerate(paths):
         meta = read_safetensors_metadata(p)
         scores = json.loads(meta.get(METRICS_KEY, "{}"))
@@ -165,3 +180,7 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
         cells = "  ".join(f"{split} acc {scores[split]['acc']:.4f} nll {scores[split]['nll']:.4f}"
                           for split in ("val", "test") if split in scores)
         click.echo(f"{Path(p)}  {cells}  {status}")
+    if result.report.get("table"):
+        # A population method's final model: members, their ensemble and the soups on val and test.
+        written = ", ".join(str(p) for p in result.outputs.values())
+        click.echo(f"\n{result.report['table']}\n({written})")

@@ -251,7 +251,7 @@ def test_train_members_resumes_and_refuses_mixed_runs(tmp_path, small_digits):
 def test_papa_population_with_alpha_zero_ends_identical(tmp_path, small_digits):
     recipes = diverse_recipes(3, diversity="augment", base=Recipe(epochs=1, batch_size=32))
     paths = train_population(recipes, model="small_cnn", data=small_digits, out_dir=tmp_path, method="papa",
-                             callbacks=[PAPA(every=1, alpha=0.0)], progress=False)
+                             callbacks=[PAPA(every=1, alpha=0.0, lr_scaling="none")], progress=False)
     sds = []
     for p in paths:
         with merge.open_checkpoint(p) as src:
@@ -434,7 +434,7 @@ def test_training_methods_are_one_registry_dispatched_in_one_place(tmp_path):
     from merge.train import TrainJob, get_method, list_methods, run_method
 
     assert {"independent", "papa", "subspace"} <= set(list_methods())
-    assert get_method("papa").options == ("every", "alpha")
+    assert get_method("papa").options == ("every", "alpha", "lr_scaling", "final", "final_bn_batches")
     job = TrainJob(model="small_cnn", data="digits", out_dir=tmp_path, members=2)
     with pytest.raises(UnknownNameError, match="valid training methods: .*independent.*papa"):
         run_method("papa-3", job)

@@ -31,12 +31,23 @@ from merge.train.members import (
     train_members,
     train_population,
 )
-from merge.train.papa import PAPA, pull_to_average
+from merge.train.distributed import PopulationGroup, member_blocks, population_group
+from merge.train.papa import (
+    PAPA,
+    PopulationMix,
+    draw_pairs,
+    final_model,
+    mix_matrix,
+    mix_population,
+    pull_to_average,
+    repair_batches,
+)
 from merge.train.subspace import Subspace, SubspaceLine, SubspacePenalty, train_subspace
 from merge.train.recipe import (
     DIVERSITY,
     PAPA_CHOICES,
     Recipe,
+    papa_grid,
     default_recipe,
     default_search_space,
     diverse_recipes,
@@ -69,6 +80,16 @@ __all__ = [
     "train_subspace",
     "late_phase_parameters",
     "pull_to_average",
+    "PopulationMix",
+    "mix_population",
+    "mix_matrix",
+    "draw_pairs",
+    "repair_batches",
+    "final_model",
+    "papa_grid",
+    "PopulationGroup",
+    "member_blocks",
+    "population_group",
     "make_optimizer",
     "make_scheduler",
     "mix_batch",

@@ -33,10 +33,9 @@ from merge.io.writer import check_output_free, write_state_dict
 from merge.models import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY, build_model, make_loader, model_spec
 from merge.train.loop import Callback, TrainState, fit
 from merge.train.methods import TrainJob, TrainResult, register_method, run_method
-from merge.train.papa import PAPA
 from merge.train.recipe import Recipe, default_recipe, diverse_recipes
 
-__all__ = ["train_member", "train_members", "train_population", "train_independent", "train_papa", "evaluate_model",
+__all__ = ["train_member", "train_members", "train_population", "train_independent", "evaluate_model",
            "member_path"]
 
 
@@ -218,13 +217,17 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
                      out_dir: str | os.PathLike, callbacks: Sequence[Callback] = (), method: str = "population",
                      pretrained: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
                      limit: int | None = None, split_seed: int = 0, val_fraction: float = 0.1,
-                     eval_batch_size: int = 256, force: bool = False) -> list[Path]:
+                     eval_batch_size: int = 256, force: bool = False, indices: Sequence[int] | None = None,
+                     population: int | None = None) -> list[Path]:
     """Train ``len(recipes)`` members together, in lockstep, and write each (PAPA trains this way).
 
     Args:
         recipes: one per member.
         callbacks: the population hooks, e.g. ``[PAPA(every=10, alpha=0.99)]``.
         method: the name recorded in each member's ``papa_merge.train``.
+        indices: the members' indices in the population (default ``0 .. len(recipes) - 1``); a process
+            of a distributed population trains its own block of members (``member-NN`` keeps the index).
+        population: members in the whole population (default ``len(recipes)``), recorded in each member.
         Others as in :func:`train_member`.
 
     Returns:
@@ -239,7 +242,10 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
         raise InvalidArgumentError("a population needs at least one recipe")
     out_dir = Path(out_dir)
     arch = model if isinstance(model, str) else str(model.get("arch", ""))
-    paths = [member_path(out_dir, i, arch=arch) for i in range(len(recipes))]
+    indices = list(range(len(recipes))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(recipes):
+        raise InvalidArgumentError(f"got {len(indices)} member indices for {len(recipes)} recipes")
+    paths = [member_path(out_dir, i, arch=arch) for i in indices]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         if len(existing) == len(paths):
@@ -264,10 +270,10 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
     state = fit(nets, loaders, list(recipes), num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
                 progress=progress, desc=f"{method} x{len(recipes)}")
     written = []
-    for i, (net, r, p) in enumerate(zip(nets, recipes, paths)):
+    for i, net, r, p in zip(indices, nets, recipes, paths):
         scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
         record = _train_record(r, state, method=method, pretrained=pretrained, device=dev,
-                               extra={"member": i, "population": len(recipes)})
+                               extra={"member": i, "population": population or len(recipes)})
         written.append(_save_member(net, p, spec, splits, record, scores,
                                         force=force))
     return written
@@ -329,27 +335,6 @@ def train_independent(job: TrainJob) -> TrainResult:
                          progress=job.progress, callbacks=job.callbacks, eval_batch_size=job.eval_batch_size,
                          init=job.init, desc=f"member {i + 1}/{len(recipes)}", force=job.force)
         paths.append(p)
-    return TrainResult(paths)
-
-
-@register_method("papa", citation="Jolicoeur-Martineau et al. 2023, PopulAtion Parameter Averaging (PAPA); "
-                 "code SamsungSAILMontreal/PAPA", summary="a population pulled toward its average every k steps",
-                 options=("every", "alpha"))
-def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None) -> TrainResult:
-    """A PAPA population: members trained together and pulled toward their average every ``every`` steps.
-
-    ``alpha`` defaults to 0.99 from scratch and 0.9995 from pretrained weights (the paper's values).
-    """
-    if job.init is not None:
-        raise InvalidArgumentError("a PAPA population starts from its members' own initialisations; drop init")
-    recipes = _job_recipes(job)
-    resolve_device(job.device)
-    if alpha is None:
-        alpha = 0.9995 if job.pretrained or job.arch.startswith("hf:") else 0.99
-    paths = train_population(recipes, model=job.model, data=_job_splits(job), out_dir=job.out_dir, method="papa",
-                             callbacks=[PAPA(every=every, alpha=alpha), *job.callbacks], pretrained=job.pretrained,
-                             device=job.device, progress=job.progress, eval_batch_size=job.eval_batch_size,
-                             force=job.force)
     return TrainResult(paths)
 
 

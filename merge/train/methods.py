@@ -187,7 +187,8 @@ def run_method(name: str, job: TrainJob, **options: Any) -> TrainResult:
 
 def _load_builtin_methods() -> None:
     # Each built-in method registers itself when its module is imported.
-    import merge.train.members  # noqa: F401 - independent, papa
+    import merge.train.members  # noqa: F401 - independent
+    import merge.train.papa  # noqa: F401 - papa, papa-all, papa-2
     import merge.train.subspace  # noqa: F401 - subspace
     import merge.train.late_phase  # noqa: F401 - late-phase
     import merge.train.hyper  # noqa: F401 - hyper-ensemble, hyper-deep

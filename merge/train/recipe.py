@@ -5,9 +5,10 @@ Diversity is what makes an ensemble (and, kept in one basin, a soup) better than
 - ``seed``: different initialisation and data order (deep ensembles);
 - ``order``: same initialisation, different data order (the cheapest diversity; members stay close,
   which suits soups from one initialisation);
-- ``augment``: each member draws its regularisation from PAPA's sets (Jolicoeur-Martineau et al.,
-  2023): mixup in {0, .5, 1}, label smoothing in {0, .05, .1}, CutMix in {0, .5, 1}, random erasing in
-  {0, .15, .35}, plus random crop/flip;
+- ``augment``: each member gets its own combination of PAPA's regularisations (Jolicoeur-Martineau
+  et al., 2023): mixup in {0, .5, 1} x label smoothing in {0, .05, .1} x CutMix in {0, .5, 1} x random
+  erasing in {0, .15, .35}, the full grid of 81 shuffled with a seed and dealt out in order, as the
+  reference code does (:func:`papa_grid`), so no two of up to 81 members share one;
 - ``hparams``: random search over learning rate, weight decay, label smoothing... stratified across
   seeds (hyperparameter ensembles, Wenzel et al., 2020).
 """
@@ -15,6 +16,7 @@ Diversity is what makes an ensemble (and, kept in one basin, a soup) better than
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import numpy as np
 from merge.errors import InvalidArgumentError, UnknownNameError
 
 __all__ = ["Recipe", "sample_recipes", "diverse_recipes", "default_search_space", "default_recipe",
-           "DIVERSITY", "PAPA_CHOICES"]
+           "DIVERSITY", "PAPA_CHOICES", "papa_grid"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -210,14 +212,57 @@ def sample_recipes(k: int, *, search_space: Mapping[str, Any] | None = None, see
     return out
 
 
+def papa_grid(k: int, *, seed: int = 0, choices: Mapping[str, Sequence[float]] | None = None) -> list[dict[str, float]]:
+    """``k`` regularisation combinations dealt from PAPA's shuffled grid: distinct while ``k`` <= the grid's size.
+
+    As the reference code (SamsungSAILMontreal/PAPA, main.py) does: build every combination of the
+    choices (mixup x label smoothing x CutMix x random erasing, 3 x 3 x 3 x 3 = 81), shuffle the list
+    once with a seed, and give member i combination ``i % len(grid)``. Drawing each member's values
+    independently instead would let two members share a combination (at K = 10 with 81 combinations,
+    a 44% chance).
+
+    Args:
+        k: number of members.
+        seed: seeds the shuffle (the reference seeds Python's ``random.shuffle`` with its run seed).
+        choices: recipe field -> its values (default :data:`PAPA_CHOICES`); the grid is their product,
+            in the order given.
+
+    Returns:
+        ``k`` dicts of recipe field -> value, member 0 first.
+
+    Raises:
+        InvalidArgumentError: ``k`` < 1, an empty list of values.
+        UnknownNameError: a key that is not a :class:`Recipe` field.
+
+    Example:
+        >>> combos = papa_grid(81, seed=0)
+        >>> len({tuple(sorted(c.items())) for c in combos})
+        81
+    """
+    if k < 1:
+        raise InvalidArgumentError(f"need at least one member, got {k}")
+    choices = dict(PAPA_CHOICES if choices is None else choices)
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    for name, values in choices.items():
+        if name not in fields:
+            raise UnknownNameError("recipe field", name, sorted(fields))
+        if len(values) == 0:
+            raise InvalidArgumentError(f"papa_grid: {name} has no values; give at least one")
+    names = list(choices)
+    grid = [dict(zip(names, (float(v) for v in combo))) for combo in itertools.product(*(choices[n] for n in names))]
+    order = np.random.default_rng([seed, 7]).permutation(len(grid))
+    return [dict(grid[order[i % len(grid)]]) for i in range(k)]
+
+
 def diverse_recipes(k: int, *, diversity: str = "seed", base: Recipe | None = None, seed: int = 0,
                     search_space: Mapping[str, Any] | None = None) -> list[Recipe]:
     """``k`` recipes that differ in the way ``diversity`` names.
 
     Args:
         k: number of members.
-        diversity: ``seed`` (init + data order), ``order`` (data order only), ``augment`` (PAPA's
-            regularisation draws + crop/flip) or ``hparams`` (:func:`sample_recipes`).
+        diversity: ``seed`` (init + data order), ``order`` (data order only), ``augment`` (a distinct
+            combination of PAPA's regularisations per member, :func:`papa_grid`, plus init and data
+            order) or ``hparams`` (:func:`sample_recipes`).
         base: the recipe the members start from.
         seed: member i uses training seed ``seed + i``; also seeds the random draws.
         search_space: for ``hparams``.
@@ -236,13 +281,8 @@ def diverse_recipes(k: int, *, diversity: str = "seed", base: Recipe | None = No
     if diversity == "order":
         return [dataclasses.replace(base, seed=seed, data_seed=seed + i) for i in range(k)]
     if diversity == "augment":
-        rng = np.random.default_rng([seed, 7])
-        out = []
-        for i in range(k):
-            draws = {name: float(choices[int(rng.integers(len(choices)))]) for name, choices in PAPA_CHOICES.items()}
-            out.append(dataclasses.replace(base, seed=seed + i, data_seed=seed + i, crop=bool(rng.integers(2)),
-                                           flip=base.flip, **draws))
-        return out
+        return [dataclasses.replace(base, seed=seed + i, data_seed=seed + i, **combo)
+                for i, combo in enumerate(papa_grid(k, seed=seed))]
     if diversity == "hparams":
         return sample_recipes(k, search_space=search_space, seeds=[seed + i for i in range(k)], seed=seed, base=base)
     raise UnknownNameError("diversity", diversity, DIVERSITY)
