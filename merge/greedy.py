@@ -512,8 +512,7 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
     """
     from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs
     from merge.io.sources import open_checkpoint
-    from merge.io.writer import check_output_free
-    from merge.manifest import selection_from_picks, write_manifest
+    from merge.manifest import check_manifest_output, selection_from_picks, write_manifest
 
     if not paths:
         raise InvalidArgumentError("select: no checkpoints given; pass the pool to select from")
@@ -523,9 +522,7 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
         raise InvalidArgumentError(f"select: by must be one of {', '.join(SELECTION_OBJECTIVES)}; got {by!r}",
                                    option="by", choices=SELECTION_OBJECTIVES)
     if out is not None:
-        if Path(out).suffix != ".json":
-            raise InvalidArgumentError(f"{out}: a selection manifest is a .json file; end the path in .json")
-        check_output_free(Path(out), force=force)
+        check_manifest_output(out, force=force)  # before the (long) evaluation, not after it
     ev = CheckpointEvaluator.from_checkpoints(paths, data=data, model=model, num_classes=num_classes,
                                               in_chans=in_chans, image_size=image_size, batch_size=batch_size,
                                               device=device, progress=progress)

@@ -21,6 +21,7 @@ folder with its manifest can be moved or copied as a whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,8 +32,8 @@ from typing import Any
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidArgumentError
 from merge.keys import version
 
-__all__ = ["Selection", "write_manifest", "read_manifest", "is_manifest", "selection_from_picks", "MANIFEST_FORMAT",
-           "MANIFEST_VERSION"]
+__all__ = ["Selection", "write_manifest", "read_manifest", "is_manifest", "selection_from_picks",
+           "check_manifest_output", "MANIFEST_FORMAT", "MANIFEST_VERSION"]
 
 MANIFEST_FORMAT = "papa-merge/selection"
 MANIFEST_VERSION = 1
@@ -115,30 +116,54 @@ def _resolve(p: str, folder: Path) -> str:
     return os.path.normpath(os.path.join(folder, p))
 
 
+def check_manifest_output(out: str | os.PathLike, *, force: bool) -> Path:
+    """Refuse a manifest output that exists (unless ``force``) or that ``force`` must not replace.
+
+    ``force`` replaces only a previous selection manifest, never another file.
+
+    Raises:
+        InvalidArgumentError: ``out`` does not end in ``.json``.
+        OutputExistsError: ``out`` exists and ``force`` is False, or it is not a selection manifest.
+    """
+    from merge.errors import OutputExistsError
+
+    out = Path(out)
+    if out.suffix != ".json":
+        raise InvalidArgumentError(f"{out}: a selection manifest is a .json file; end the path in .json",
+                                   path=out, option="out")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{out}: already exists; choose another output, or replace it", path=out,
+                                    option="force", choices=(True,))
+        if out.is_symlink() or not is_manifest(out):
+            raise OutputExistsError(f"{out}: already exists and is not a selection manifest; force replaces only a "
+                                    "previous manifest, so it is left as it is: move it away or choose another "
+                                    "output", path=out)
+    return out
+
+
 def write_manifest(selection: Selection, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write ``selection`` as a JSON manifest at ``out`` (atomically).
+    """Write ``selection`` as a JSON manifest at ``out``, atomically (a complete file or none).
 
     Args:
         selection: what :func:`merge.greedy.select_checkpoints` returned (or one built by hand).
         out: the ``.json`` path.
-        force: replace an existing file.
+        force: replace an existing manifest (never another file).
 
     Returns:
         The path written.
 
     Raises:
         InvalidArgumentError: ``out`` does not end in ``.json``.
-        OutputExistsError: ``out`` exists and ``force`` is False.
+        OutputExistsError: ``out`` exists and ``force`` is False, or it is not a selection manifest.
 
     Example:
         >>> sel = Selection(paths=["a.safetensors", "b.safetensors"], weights=[2, 1], picks=[0, 1, 0])
         >>> write_manifest(sel, "selection.json")  # doctest: +SKIP
     """
-    from merge.io.writer import AtomicOutput
+    import tempfile
 
-    out = Path(out)
-    if out.suffix != ".json":
-        raise InvalidArgumentError(f"{out}: a selection manifest is a .json file; end the path in .json")
+    out = check_manifest_output(out, force=force)
     folder = out.parent
     doc = {
         "format": MANIFEST_FORMAT,
@@ -162,9 +187,19 @@ def write_manifest(selection: Selection, out: str | os.PathLike, *, force: bool 
         "data": selection.data,
         **({"extra": selection.extra} if selection.extra else {}),
     }
-    with AtomicOutput(out, folder=False, force=force) as atomic:
-        atomic.file(out.name).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-        return atomic.commit()
+    folder.mkdir(parents=True, exist_ok=True)
+    # A hidden temporary beside the output, renamed over it when complete: os.replace is atomic, so a
+    # reader sees the old manifest or the new one, never half of one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return out
 
 
 def _load(path: Path) -> Any:

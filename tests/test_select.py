@@ -164,7 +164,14 @@ def test_manifest_round_trips(tmp_path: Path) -> None:
     assert [Path(s["member"]).resolve() for s in back.steps] == [Path(pool[i]).resolve() for i in [2, 0, 2, 3, 2]]
     with pytest.raises(OutputExistsError, match="already exists"):
         write_manifest(sel, out)
-    write_manifest(sel, out, force=True)
+    assert write_manifest(sel, out, force=True) == out and read_manifest(out).weights == sel.weights
+    # force replaces a previous manifest, never another file; nothing temporary is left behind.
+    other = tmp_path / "runs" / "config.json"
+    other.write_text('{"model_type": "bert"}')
+    with pytest.raises(OutputExistsError, match="is not a selection manifest; force replaces only a previous"):
+        write_manifest(sel, other, force=True)
+    assert other.read_text() == '{"model_type": "bert"}'
+    assert sorted(q.name for q in (tmp_path / "runs").iterdir()) == ["config.json", "sel.json"]
 
 
 def test_manifest_bad_input(tmp_path: Path) -> None:
