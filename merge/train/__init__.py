@@ -42,6 +42,7 @@ from merge.train.papa import (
     pull_to_average,
     repair_batches,
 )
+from merge.train.starsse import train_branches
 from merge.train.subspace import Subspace, SubspaceLine, SubspacePenalty, train_subspace
 from merge.train.recipe import (
     DIVERSITY,
@@ -74,6 +75,7 @@ __all__ = [
     "LatePhaseSchedule",
     "late_phase_modules",
     "train_late_phase_member",
+    "train_branches",
     "Subspace",
     "SubspaceLine",
     "SubspacePenalty",

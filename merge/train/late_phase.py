@@ -64,6 +64,7 @@ from merge.train.members import (
     _load_init,
     _metadata,
     _resolve_spec,
+    _save_member,
     _resolve_splits,
     _train_record,
     evaluate_model,
@@ -366,7 +367,8 @@ def train_late_phase_member(recipe: Recipe, *, model: str | Mapping[str, Any], d
         recipe: the member's recipe (the shared weights and every copy use its optimizer and schedule).
         model, data, pretrained, init, device, progress, callbacks, limit, split_seed, val_fraction,
             eval_batch_size, force: as in :func:`merge.train.train_member`.
-        out: the collapsed (plain) model, a member like any other.
+        out: the collapsed (plain) model, a member like any other (a ``.safetensors`` file, or the folder its
+            library loads: :func:`merge.train.member_path`).
         late_phase_out: the late-phase checkpoint, with the K copies (``papa-merge collapse`` reads it).
         copies: K (the reference: 10).
         start_epoch: T0, when the copies are released (default 0.6 of the epochs, the reference's 120/200).
@@ -413,7 +415,7 @@ def train_late_phase_member(recipe: Recipe, *, model: str | Mapping[str, Any], d
                            extra={**extra, "late_phase": info})
     write_state_dict(raw, late_phase_out, metadata=_metadata(spec, splits, record, scores), force=force)
     record = {**record, "late_phase": {**info, "collapsed": True, "checkpoint": str(late_phase_out)}}
-    write_state_dict(net.state_dict(), out, metadata=_metadata(spec, splits, record, scores), force=force)
+    out = _save_member(net, out, spec, splits, record, scores, force=force)
     return out, late_phase_out
 
 
@@ -433,7 +435,7 @@ def train_late_phase(job: TrainJob, *, copies: int = DEFAULT_COPIES, start_epoch
     spec = _resolve_spec(job.model, splits)
     paths, outputs = [], {}
     for i, r in enumerate(recipes):
-        p, lp = member_path(job.out_dir, i), late_phase_path(job.out_dir, i)
+        p, lp = member_path(job.out_dir, i, arch=spec["arch"]), late_phase_path(job.out_dir, i)
         if p.exists() and lp.exists() and not job.force:
             _check_resumable(p, r, "late-phase", spec=spec, data_spec=splits.spec)
         else:

@@ -46,14 +46,14 @@ from merge.bn import bn_layers
 from merge.data import Splits
 from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError
-from merge.io.writer import check_output_free, write_state_dict
+from merge.io.writer import check_output_free
 from merge.train.loop import Callback, TrainState, fit
 from merge.train.members import (
     _build,
     _check_recipe_fits,
-    _metadata,
     _resolve_spec,
     _resolve_splits,
+    _save_member,
     _train_record,
     evaluate_model,
     member_path,
@@ -271,12 +271,12 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
         raise InvalidArgumentError(f"a subspace needs at least 2 endpoints, got {points}", option="members",
                                    choices=(2,))
     out_dir = Path(out_dir)
-    paths = [member_path(out_dir, i) for i in range(points)]
-    for p in paths:
-        check_output_free(p, force=force)
     dev = resolve_device(device)
     splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
     spec = _resolve_spec(model, splits)
+    paths = [member_path(out_dir, i, arch=spec["arch"]) for i in range(points)]
+    for p in paths:
+        check_output_free(p, force=force)
     _check_recipe_fits(recipe, splits)
     seeds = [recipe.seed + i * END_SEED_OFFSET for i in range(points)]
     nets = [_build(spec, dataclasses.replace(recipe, seed=s), None, dev) for s in seeds]
@@ -297,8 +297,7 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
                                   "seed": ev.bn_seed} if has_bn else None}
         record = _train_record(recipe, state, method="subspace", pretrained=None, device=dev,
                                extra={"subspace": info})
-        written.append(write_state_dict(net.state_dict(), p, metadata=_metadata(spec, splits, record, scores),
-                                        force=force))
+        written.append(_save_member(net, p, spec, splits, record, scores, force=force))
     return written
 
 
