@@ -109,8 +109,9 @@ def test_member_forms_and_paths(tmp_path):
 def test_hf_member_folder_loads_with_transformers(hf_members, tiny_text):
     folder = hf_members[0]
 
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "special_tokens_map.json",
-                                                         "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [".papa-merge.json", "config.json", "model.safetensors",
+                                                         "special_tokens_map.json", "tokenizer.json",
+                                                         "tokenizer_config.json", "vocab.txt"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
@@ -225,6 +226,20 @@ def test_timm_soups_load_with_timm_alone(timm_members, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_timm_soup_pushed_to_the_hub_loads_with_timm_alone(hub, timm_members, tmp_path, monkeypatch):
+    paths, digits = timm_members
+    folder = merge.soup(paths, out=tmp_path / "soup").path
+    repo = "org/timm-soup-" + tmp_path.name[-8:]
+    merge.hub.push(folder, repo)
+    _point_transformers_at(hub, monkeypatch)
+
+    model = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+
+    torch.testing.assert_close(_timm_logits(model, digits.test), _evaluator_logits(folder, digits.test),
+                               rtol=1e-5, atol=1e-5)
+    assert f"timm.create_model('hf-hub:{repo}', pretrained=True)" in hub.read_file(repo, "README.md").decode()
+
+
 # --- small_cnn ---------------------------------------------------------------------------------------------
 def test_small_cnn_members_and_soups_load_with_load_member(tmp_path):
     digits = load_dataset("digits", seed=0, limit=128)
@@ -260,7 +275,7 @@ def test_small_cnn_soup_loads_from_the_hub(hub, tmp_path):
 
 # --- end to end: train, soup, load in transformers, push, pipeline -----------------------------------------
 def _point_transformers_at(hub, monkeypatch) -> None:
-    """transformers reads the endpoint from huggingface_hub's constants (set at import): aim them at the test Hub."""
+    """transformers and timm read the endpoint from huggingface_hub's constants (set at import): aim them at the test Hub."""
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "ENDPOINT", hub.url)
