@@ -24,6 +24,7 @@ The output goes to ``--out-dir`` (default /dev/shm, as the floor in shared/refer
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import platform
@@ -173,6 +174,13 @@ def run_child(kind: str, inputs: list[Path], out: Path, out_bytes: int, device: 
 
 
 def main() -> None:
+    table: list[str] = []
+    _print = builtins.print
+
+    def print(*a, **k):  # noqa: A001 - every line of the table also goes to benchmarks/results/bench_soup.md
+        table.append(" ".join(str(x) for x in a))
+        _print(*a, **k)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2,4,8")
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -241,6 +249,9 @@ def main() -> None:
                 p = out_dir / f"bench-soup-{m}.safetensors"
                 if p.exists():
                     p.unlink()
+    results = Path(__file__).resolve().parent / "results" / "bench_soup.md"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

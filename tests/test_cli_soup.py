@@ -28,7 +28,7 @@ def test_soup_writes_the_weighted_average(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out), "--weights", "0.5,0.3,0.2",
                                    "--accumulate", "float64", "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert res.output.startswith(f"wrote {out} (9 tensors") and "from 3 members" in res.output
+    assert res.stdout.startswith(f"wrote {out} (9 tensors") and "from 3 members" in res.stdout
     got = load_file(str(out))
     ref = reference(sds, [0.5, 0.3, 0.2])
     assert torch.allclose(got["classifier.weight"].double(), torch.from_numpy(ref["classifier.weight"]),
@@ -89,7 +89,7 @@ def test_torch_file_outputs_load_with_weights_only(tmp_path: Path) -> None:
     for suffix in (".pth", ".pt", ".bin"):
         out = tmp_path / f"averaged{suffix}"
         res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out)])
-        assert res.exit_code == 0 and res.output.startswith(f"wrote {out} "), res.output
+        assert res.exit_code == 0 and res.stdout.startswith(f"wrote {out} "), res.output
         for mmap in (False, True):
             sd = torch.load(out, weights_only=True, mmap=mmap)
             assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)

@@ -80,7 +80,7 @@ def test_nan_in_a_member_is_a_warning_naming_member_and_tensor(tmp_path: Path) -
     with pytest.warns(NonFiniteWarning, match=r"member 1 \(.*m1.safetensors\) holds NaN or infinite values in tensor "
                                               r"'classifier.bias'") as record:
         merge.soup(paths, out=tmp_path / "s.safetensors")
-    assert len(record) == 1
+    assert len([r for r in record if r.category is NonFiniteWarning]) == 1
     assert torch.isnan(load_file(str(tmp_path / "s.safetensors"))["classifier.bias"][3])
     with pytest.raises(NonFiniteError) as e:
         merge.soup(paths, out=tmp_path / "strict.safetensors", strict=True)
@@ -95,7 +95,7 @@ def test_nan_through_a_task_method_and_the_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "c.safetensors")])
     assert res.exit_code == 0 and "warning: member 1 (" in res.output and "'classifier.bias'" in res.output
     res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "d.safetensors"), "--strict"])
-    assert res.exit_code == 1 and res.output.startswith("error: member 1 (") and "'classifier.bias'" in res.output
+    assert res.exit_code == 1 and "\nerror: member 1 (" in "\n" + res.output and "'classifier.bias'" in res.output
     assert not (tmp_path / "d.safetensors").exists()
 
 

@@ -147,7 +147,7 @@ def test_run_command_and_dry_run(tmp_path: Path, models) -> None:
     assert res.exit_code == 0, res.output
     assert "members:        2, base" in res.output and "peak memory:" in res.output and not (tmp_path / "out").exists()
     res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out"), "--seed", "3"])
-    assert res.exit_code == 0 and res.output.startswith(f"wrote {tmp_path / 'out'}") and "dare_ties of 2 models" in res.output
+    assert res.exit_code == 0 and res.stdout.startswith(f"wrote {tmp_path / 'out'}") and "dare_ties of 2 models" in res.stdout
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
     res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out"), "--seed", "3", "--force"])
     assert res.exit_code == 0 and (tmp_path / "out" / "model.safetensors").read_bytes() == first

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from merge.errors import InvalidArgumentError
+from merge.ops.apply import UNIT  # statistics per unit (a row slab for DELLA), added in order
 from merge.ops.registry import Operator, Param, Resolved, register, weight_param
 from merge.ops.rng import rng_key, uniforms
 from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_passes
@@ -42,9 +43,6 @@ from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_p
 __all__ = ["TaskSpec", "TaskTensor", "UNIT"]
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
-# Statistics are summed per unit of UNIT elements (one row slab for DELLA) and the units are added in
-# order, so a chunked run and a whole-tensor run get the same bits.
-UNIT = 1 << 16
 RESCALE_EPS = 1e-7
 
 
@@ -67,7 +65,7 @@ class _Member:
     scale: float = 1.0                 # rescale factor
     key: tuple[int, ...] | None = None  # random: the keyed generator
     sparse: bool = False               # sparsification changes this member's task vector
-    sums: list[float] = field(default_factory=list)  # rescale pass: [sum|d|, sum|kept d|] per unit
+    sums: list[tuple[float, float]] = field(default_factory=list)  # rescale pass: (sum|d|, sum|kept d|) per unit
 
 
 class TaskTensor:
