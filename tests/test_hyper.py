@@ -198,3 +198,20 @@ def test_rerun_resumes_and_options_are_checked(run, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="selection objective must be nll or acc, got 'ece'"):
         run_method("hyper-deep", ok, by="ece")
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_a_pool_of_a_network_with_dropout_draws_it(tmp_path: Path) -> None:
+    # timm's EfficientNet applies dropout from drop_rate: the search draws it, the member records it.
+    job = TrainJob(model="timm:test_efficientnet", data="digits", out_dir=tmp_path, members=3, limit=128,
+                   base=Recipe(epochs=1.0, lr=0.01, optimizer="adamw", weight_decay=1e-4), progress=False, seed=1)
+    res = run_method("hyper-ensemble", job, select=2)
+    records = [json.loads(merge.read_safetensors_metadata(p)["papa_merge.train"]) for p in res.paths]
+    assert records[0]["dropout"] is None  # the default configuration keeps the network's own
+    drawn = [r["dropout"] for r in records[1:]]
+    assert all(DROPOUT_RANGE[0] <= d <= DROPOUT_RANGE[1] for d in drawn) and len(set(drawn)) == 2
+    want = hyper_configs(3, base=job.base, seed=1, dropout=True)
+    assert drawn == [c.dropout for c in want[1:]]
+    assert [r["lr"] for r in records] == [c.recipe.lr for c in want]
+    sel = read_manifest(res.outputs["hyper-ensemble"])
+    assert 1 <= len(sel.paths) <= 2 and set(sel.paths) <= {str(p) for p in res.paths}
+    assert res.outputs["hyper-ensemble greedy soup"].is_file() and "hyper-ensemble: ensemble of" in res.report["table"]

@@ -203,7 +203,7 @@ def _train_configs(job: TrainJob, configs: Sequence[HyperConfig], out_dir: Path,
                    stage: str, labels: Sequence[str]) -> list[Path]:
     paths = []
     for i, (cfg, label) in enumerate(zip(configs, labels)):
-        p = member_path(out_dir, i)
+        p = member_path(out_dir, i, arch=spec["arch"])  # a folder its library loads for timm:/hf:, else a file
         if p.exists() and not job.force:
             _check_config_resumable(p, cfg, spec=spec, data_spec=splits.spec)
         else:
