@@ -582,6 +582,31 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _expand_manifests(paths: Sequence[str | os.PathLike], names: Sequence[str] | None
+                      ) -> tuple[list[tuple[str, str | os.PathLike]], list[tuple[str, Any, list[int]]]]:
+    """``(entries, selections)``: each checkpoint ``(display name, path)``, a manifest's members where it
+    stands (each evaluated once, even if also listed), and per manifest ``(name, Selection, entry indices)``."""
+    from merge.manifest import is_manifest, read_manifest
+
+    entries: list[tuple[str, str | os.PathLike]] = []
+    selections: list[tuple[str, Any, list[int]]] = []
+    for i, p in enumerate(paths):
+        label = str(names[i]) if names is not None else str(p)
+        if not is_manifest(p):
+            entries.append((label, p))
+            continue
+        sel = read_manifest(p)
+        idx = []
+        for m in sel.paths:
+            found = next((j for j, (_n, q) in enumerate(entries) if _same_file(q, m)), None)
+            if found is None:
+                entries.append((str(m), m))
+                found = len(entries) - 1
+            idx.append(found)
+        selections.append((label, sel, idx))
+    return entries, selections
+
+
 def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None,
                          model: str | Mapping[str, Any] | None = None, num_classes: int | None = None,
                          in_chans: int | None = None, image_size: int | None = None, split: str = "both",
@@ -628,27 +653,11 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None
     """
     from merge.errors import InvalidArgumentError
     from merge.io.sources import open_checkpoint
-    from merge.manifest import is_manifest, read_manifest
 
     splits = _splits(split)
     if names is not None and len(names) != len(paths):
         raise InvalidArgumentError(f"{len(names)} names for {len(paths)} checkpoints")
-    entries: list[tuple[str, str | os.PathLike]] = []  # (display name, checkpoint)
-    selections: list[tuple[str, Any, list[int]]] = []  # (display name, Selection, entry indices)
-    for i, p in enumerate(paths):
-        label = str(names[i]) if names is not None else str(p)
-        if is_manifest(p):
-            sel = read_manifest(p)
-            idx = []
-            for m in sel.paths:
-                found = next((j for j, (_n, q) in enumerate(entries) if _same_file(q, m)), None)
-                if found is None:
-                    entries.append((str(m), m))
-                    found = len(entries) - 1
-                idx.append(found)
-            selections.append((label, sel, idx))
-        else:
-            entries.append((label, p))
+    entries, selections = _expand_manifests(paths, names)
     ev = CheckpointEvaluator.from_checkpoints([q for _n, q in entries], data=data, model=model,
                                               num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                                               batch_size=batch_size, device=device, n_bins=n_bins, progress=progress)

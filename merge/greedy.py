@@ -27,13 +27,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from merge.errors import InvalidArgumentError
 from merge.soups import average
+
+if TYPE_CHECKING:
+    from merge.manifest import Selection
 
 __all__ = ["GreedyResult", "greedy_soup", "greedy_soup_checkpoints", "greedy_ensemble_selection",
            "ensemble_selection", "EnsembleSelection", "select_checkpoints", "GREEDY_CITATION",
@@ -477,7 +480,7 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
                        in_chans: int | None = None, image_size: int | None = None, batch_size: int = 256,
                        device: str = "cpu", out: str | os.PathLike | None = None, force: bool = False,
                        progress: bool = False, on_member: Callable[[int, dict[str, float]], None] | None = None,
-                       logits: Sequence[Tensor] | None = None) -> Any:
+                       logits: Sequence[Tensor] | None = None) -> Selection:
     """Greedy ensemble selection of checkpoints on their validation split, written as a manifest.
 
     Every checkpoint is evaluated once on the members' own val split; :func:`ensemble_selection`

@@ -280,6 +280,27 @@ class _open:
         self.src.close()
 
 
+def _retrain(job: TrainJob, configs: Sequence[HyperConfig], pool_paths: Sequence[Path], selected: Sequence[int], *,
+             seeds: int, spec: dict, splits: Any) -> tuple[list[Path], list[Path]]:
+    """Train each selected configuration over ``seeds`` init seeds, the same seeds for all (stratified).
+
+    Seed 0 of each configuration is its pool run itself. Returns the new members and the whole
+    retraining pool (per configuration: its pool run, then its new runs).
+    """
+    retrain, labels = [], []
+    for c in selected:
+        for j in range(1, seeds):
+            s = job.seed + RETRAIN_SEED_OFFSET + j
+            retrain.append(dataclasses.replace(configs[c], recipe=dataclasses.replace(configs[c].recipe, seed=s,
+                                                                                     data_seed=s)))
+            labels.append(f"config {c}, seed {s}")
+    new = _train_configs(job, retrain, Path(job.out_dir) / "hyper-deep", spec=spec, splits=splits, stage="hyper-deep",
+                         labels=labels)
+    per = seeds - 1
+    deep_pool = [p for k, c in enumerate(selected) for p in [pool_paths[c], *new[k * per:(k + 1) * per]]]
+    return new, deep_pool
+
+
 def _run(job: TrainJob, *, pool: int | None, select: int, seeds: int | None, by: str, recompute_bn: int | None,
          deep: bool) -> TrainResult:
     from merge.bn import bn_layers
@@ -325,21 +346,9 @@ def _run(job: TrainJob, *, pool: int | None, select: int, seeds: int | None, by:
                               "hyper-ensemble": first["selection"].record()}
     paths = list(pool_paths)
     if deep:
-        # 3. Hyper-deep: each selected configuration over `seeds` init seeds, the same seeds for all (stratified);
-        #    seed 0 of each is its pool run itself.
+        # 3. Hyper-deep: each selected configuration over `seeds` init seeds, selected again.
         selected = [pool_paths.index(Path(p)) for p in first["selection"].paths]
-        retrain, labels, deep_pool = [], [], []
-        for c in selected:
-            deep_pool.append(pool_paths[c])
-            for j in range(1, seeds):
-                s = job.seed + RETRAIN_SEED_OFFSET + j
-                retrain.append(dataclasses.replace(configs[c], recipe=dataclasses.replace(configs[c].recipe, seed=s,
-                                                                                         data_seed=s)))
-                labels.append(f"config {c}, seed {s}")
-        new = _train_configs(job, retrain, out_dir / "hyper-deep", spec=spec, splits=splits, stage="hyper-deep",
-                             labels=labels)
-        per = seeds - 1
-        deep_pool = [p for k, c in enumerate(selected) for p in [pool_paths[c], *new[k * per:(k + 1) * per]]]
+        new, deep_pool = _retrain(job, configs, pool_paths, selected, seeds=seeds, spec=spec, splits=splits)
         second = _stage(job, deep_pool, name="hyper-deep", select=select, by=by, recompute_bn=recompute_bn, ev=ev,
                         logits=logits)
         outputs.update({"hyper-deep": second["manifest"], "hyper-deep greedy soup": second["soup"]})
