@@ -383,3 +383,15 @@ def test_eval_of_a_timm_checkpoint_trained_elsewhere(timm_pths, tmp_path: Path) 
     kept = json.loads(merge.read_safetensors_metadata(out)["papa_merge.recipe"])["greedy"]
     assert f"{100 * rows[0].metrics['val']['acc']:.2f}%" in res.output.splitlines()[-2]
     assert kept["soup_score"] == rows[0].metrics["val"]["acc"]
+
+
+def test_progress_bars_only_when_asked_and_on_stderr(members: list[Path]) -> None:
+    # Off the terminal (as here) bars are off by default; --progress forces them, on stderr only.
+    quiet = CliRunner().invoke(cli, ["eval", str(members[0]), "--split", "val", "--batch-size", "64"])
+    assert quiet.exit_code == 0 and "evaluate on val" not in quiet.output
+    shown = CliRunner().invoke(cli, ["eval", str(members[0]), "--split", "val", "--batch-size", "64", "--progress",
+                                     "--recompute-bn", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert "evaluate on val" in shown.stderr and "BatchNorm statistics" in shown.stderr
+    assert "evaluate on val" not in shown.stdout
+    assert "metrics after BatchNorm recomputation on 2 training batches of 64:" in shown.stdout
