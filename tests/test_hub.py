@@ -86,7 +86,8 @@ def _upload(server, folder: Path, repo_id: str, **kw) -> str:
 
 
 def _files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    """The files pulled into ``folder`` (without papa-merge's record of them, .papa-merge.json)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != ".papa-merge.json"}
 
 
 # --- references ------------------------------------------------------------------------------------------

@@ -175,7 +175,9 @@ def test_sharded_folder_in_and_out(tmp_path: Path) -> None:
     assert res.path == out_dir and not list(tmp_path.glob(".soup.tmp-*"))
     # a folder output small enough for one file is model.safetensors, and reads back through open_checkpoint
     merge.soup(paths, out=tmp_path / "single")
-    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["README.md", "model.safetensors"]  # + its card
+    # + its card, and the record of what papa-merge wrote (what force may replace later)
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [".papa-merge.json", "README.md",
+                                                                       "model.safetensors"]
     with open_checkpoint(tmp_path / "soup") as src:
         assert src.kind == "sharded" and set(src.infos) == set(sds[0])
 
@@ -215,7 +217,7 @@ def test_working_memory_does_not_grow_with_members(tmp_path: Path) -> None:
 
 def test_interrupted_run_leaves_nothing_under_the_final_name(tmp_path: Path, monkeypatch) -> None:
     paths, _ = save_members(tmp_path, 3, big=True)
-    (tmp_path / "old.safetensors").write_bytes(b"precious")
+    precious = merge.soup(paths[:1], out=tmp_path / "old.safetensors").path.read_bytes()  # force may replace it
     from merge.io import sources
 
     calls = {"n": 0}
@@ -233,7 +235,7 @@ def test_interrupted_run_leaves_nothing_under_the_final_name(tmp_path: Path, mon
             calls["n"] = 0
             merge.soup(paths, out=tmp_path / out, force=True, chunk_bytes=4096)
     assert not (tmp_path / "new.safetensors").exists()
-    assert (tmp_path / "old.safetensors").read_bytes() == b"precious"
+    assert (tmp_path / "old.safetensors").read_bytes() == precious
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -243,7 +245,12 @@ def test_force_replaces_only_when_complete(tmp_path: Path) -> None:
     out.write_bytes(b"old")
     with pytest.raises(merge.OutputExistsError, match=r"pass force=True"):
         merge.soup(paths, out=out)
+    # force replaces only what papa-merge wrote (issue 11): these bytes are not, so they stay
+    with pytest.raises(merge.OutputExistsError, match=r"is a file papa-merge did not write"):
+        merge.soup(paths, out=out, force=True)
     assert out.read_bytes() == b"old"
+    out.unlink()
+    merge.soup(paths[:1], out=out)
     merge.soup(paths, out=out, force=True)
     _check_fp32(load_file(str(out)), sds)
 

@@ -6,7 +6,8 @@ import torch
 
 from merge.errors import InvalidArgumentError
 
-# safetensors spells dtypes in upper case; this is the subset torch can hold.
+# safetensors spells dtypes in upper case (merge.io.safetensors_format.ST_DTYPE_BITS lists them all);
+# these are the ones torch holds one element per item of, so a tensor's bytes are its torch storage.
 _ST_TO_TORCH: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -18,9 +19,12 @@ _ST_TO_TORCH: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+# Newer dtypes, where this torch has them. F8_E8M0 is the OCP microscaling exponent (torch.float8_e8m0fnu).
+_NEWER = (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"),
+          ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"))
+for _name, _attr in _NEWER:
     if hasattr(torch, _attr):
         _ST_TO_TORCH[_name] = getattr(torch, _attr)
 
@@ -40,6 +44,24 @@ ACCUMULATE_DTYPE_NAMES = ("float32", "float64")
 def st_to_torch(name: str) -> torch.dtype:
     """Torch dtype for a safetensors dtype string; KeyError if torch cannot hold it."""
     return _ST_TO_TORCH[name]
+
+
+def unsupported_reason(name: str) -> str:
+    """Why a valid safetensors dtype has no torch dtype here: ``F4 (4-bit float), which ...``."""
+    bits = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}.get(name)
+    if bits is not None:
+        # torch packs these (float4_e2m1fn_x2: two per byte) or lacks them: no dtype to read them one by one.
+        return (f"{name} ({bits}-bit float), which papa-merge cannot merge: torch has no unpacked {bits}-bit "
+                "dtype; dequantize the checkpoint first")
+    attr = dict(_NEWER).get(name)
+    if attr is not None:
+        return f"{name} (torch.{attr}), which torch {torch.__version__} does not have; upgrade torch"
+    return f"{name}, which papa-merge cannot read"
+
+
+def can_store(dtype: torch.dtype) -> bool:
+    """Whether safetensors has a name for this torch dtype."""
+    return dtype in _TORCH_TO_ST
 
 
 def torch_to_st(dtype: torch.dtype) -> str:

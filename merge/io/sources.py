@@ -17,10 +17,11 @@ prefixes are stripped, and pickled checkpoints are unwrapped from the usual ``st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ import torch
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError
 from merge.io import schemes
-from merge.io.dtypes import st_to_torch
+from merge.io.dtypes import can_store, st_to_torch, unsupported_reason
+from merge.io.pickles import check_storages, pickle_error
+from merge.io.safetensors_format import HeaderEntry, read_checked_header
 
 __all__ = [
     "TensorInfo",
@@ -48,8 +51,6 @@ STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Wrapper keys of pickled training checkpoints, in the order they are tried.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 EMA_KEYS = ("ema", "state_dict_ema", "model_ema", "ema_state_dict")
-# The largest safetensors header we accept; the format itself caps it at 100 MB.
-_MAX_HEADER = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -141,27 +142,6 @@ class Source:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self.infos)} tensors)"
 
 
-def _parse_safetensors_header(path: Path, fd: int) -> tuple[dict, int, bytes]:
-    """Read and check a safetensors header; return (header dict, data start offset, raw header)."""
-    size = os.fstat(fd).st_size
-    head = os.pread(fd, 8, 0)
-    if len(head) < 8:
-        raise CheckpointFormatError(f"{path}: not a safetensors file (only {size} bytes); "
-                                    "is it truncated or a different format?")
-    (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER or 8 + n > size:
-        raise CheckpointFormatError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, "
-                                    f"file has {size}); re-download or re-save it")
-    raw = os.pread(fd, n, 8)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointFormatError(f"{path}: corrupt safetensors header ({e}); re-download or re-save it") from None
-    return header, 8 + n, raw
-
-
 class SafetensorsSource(Source):
     """One ``.safetensors`` file, read lazily with ``pread``."""
 
@@ -182,44 +162,27 @@ class SafetensorsSource(Source):
             raise
 
     def _load_header(self, normalise: bool) -> None:
-        header, self._data_start, raw = _parse_safetensors_header(self.path, self._fd)
-        self._header_sha256 = hashlib.sha256(raw).hexdigest()
-        self._file_size = os.fstat(self._fd).st_size
-        meta = header.pop("__metadata__", None) or {}
-        self.metadata = {str(k): str(v) for k, v in meta.items()}
-        entries = []
-        data_len = self._file_size - self._data_start
-        for key, entry in header.items():
-            try:
-                dtype = st_to_torch(entry["dtype"])
-                shape = tuple(int(d) for d in entry["shape"])
-                start, end = (int(x) for x in entry["data_offsets"])
-            except KeyError as e:
-                if isinstance(entry, dict) and "dtype" in entry and e.args[0] == entry["dtype"]:
-                    raise CheckpointFormatError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, "
-                                                "which this torch cannot hold") from None
-                raise CheckpointFormatError(f"{self.path}: corrupt safetensors header entry {key!r}") from None
-            except (TypeError, ValueError):
-                raise CheckpointFormatError(f"{self.path}: corrupt safetensors header entry {key!r}") from None
-            info = TensorInfo(strip_prefixes(key) if normalise else key, dtype, shape)
-            if end - start != info.nbytes or start < 0:
-                raise CheckpointFormatError(
-                    f"{self.path}: tensor {key!r} spans {end - start} bytes but dtype {entry['dtype']} and shape "
-                    f"{list(shape)} need {info.nbytes}; the file is corrupt")
-            if end > data_len:
-                raise CheckpointFormatError(
-                    f"{self.path}: truncated: tensor {key!r} ends at byte {self._data_start + end} but the file "
-                    f"has {self._file_size} bytes; re-download or re-save it")
-            entries.append((start, info))
-        entries.sort(key=lambda e: e[0])  # storage order: sequential reads
+        # Every rule of the format is checked here, before any tensor is read (merge.io.safetensors_format).
+        header = read_checked_header(self.path, self._fd)
+        self._data_start, self._file_size = header.data_start, header.file_size
+        self._header_sha256 = hashlib.sha256(header.raw).hexdigest()
+        self.metadata = header.metadata
         self.infos = {}
         self._offsets: dict[str, int] = {}
-        for start, info in entries:
+        for e in header.entries:  # storage order: sequential reads
+            info = TensorInfo(strip_prefixes(e.name) if normalise else e.name, self._torch_dtype(e), e.shape)
             if info.name in self.infos:
                 raise CheckpointFormatError(f"{self.path}: two tensors are named {info.name!r} once "
-                                            "'module.'/'_orig_mod.' prefixes are stripped")
+                                            "'module.'/'_orig_mod.' prefixes are stripped", path=self.path, tensor=info.name)
             self.infos[info.name] = info
-            self._offsets[info.name] = self._data_start + start
+            self._offsets[info.name] = self._data_start + e.begin
+
+    def _torch_dtype(self, e: HeaderEntry) -> torch.dtype:
+        try:
+            return st_to_torch(e.dtype)
+        except KeyError:
+            raise CheckpointFormatError(f"{self.path}: tensor {e.name!r} has dtype {unsupported_reason(e.dtype)}",
+                                        path=self.path, tensor=e.name) from None
 
     def read_into(self, name: str, byte_offset: int, out: memoryview) -> None:
         pos = self._offsets[name] + byte_offset
@@ -264,10 +227,17 @@ class StateDictSource(Source):
         for key, t in tensors.items():
             if not isinstance(t, torch.Tensor):
                 continue  # step counters, config dicts and such are not weights
+            if not isinstance(key, str):
+                raise CheckpointFormatError(f"{self.path}: holds a tensor under the key {key!r} (a {type(key).__name__}), "
+                                            "not a name; a state dict maps tensor names (strings) to tensors",
+                                            path=self.path)
+            problem = _unstorable(t)
+            if problem:
+                raise CheckpointFormatError(f"{self.path}: tensor {key!r} is a {problem}", path=self.path, tensor=key)
             name = strip_prefixes(key) if normalise else key
             if name in self._tensors:
                 raise CheckpointFormatError(f"{self.path}: two tensors are named {name!r} once "
-                                            "'module.'/'_orig_mod.' prefixes are stripped")
+                                            "'module.'/'_orig_mod.' prefixes are stripped", path=self.path, tensor=name)
             t = t.detach()
             if t.device.type != "cpu":
                 t = t.cpu()
@@ -288,6 +258,21 @@ class StateDictSource(Source):
 
     def fingerprint(self) -> dict[str, object]:
         return dict(self._fingerprint)
+
+
+def _unstorable(t: torch.Tensor) -> str | None:
+    """Why a tensor cannot be merged and stored as safetensors (None if it can): a phrase and its fix."""
+    if t.is_quantized:
+        return f"quantized tensor ({t.dtype}), which safetensors cannot hold; dequantize it first"
+    if getattr(t, "is_nested", False):
+        return "nested tensor, which safetensors cannot hold; store its components as separate tensors"
+    if t.layout != torch.strided:
+        return f"{t.layout} tensor, which safetensors cannot hold; convert it with .to_dense() first"
+    if t.device.type == "meta":
+        return "meta tensor (shape without data), which holds no weights; save the materialised model"
+    if not can_store(t.dtype):
+        return f"{t.dtype} tensor, a dtype safetensors cannot hold; convert it first"
+    return None
 
 
 def _file_sha256(path: Path) -> str:
@@ -320,15 +305,17 @@ def _unwrap(obj: object, path: Path, key: str | None) -> Mapping[str, torch.Tens
 
 def _load_pickle(path: Path, *, key: str | None, normalise: bool) -> StateDictSource:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with _quiet_torch_load():
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: no such file") from None
+        raise CheckpointNotFoundError(f"{path}: no such file", path=path) from None
     except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e).lower():
-            raise CheckpointFormatError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(e)})") from None
+        if "mmap can only be used" not in str(e):
+            raise pickle_error(path, e) from None
         obj = _load_pickle_unmapped(path)  # legacy (pre-1.6, non-zip) files cannot be memory-mapped
     except Exception as e:  # noqa: BLE001 - torch raises many types for garbage and unsafe pickles
-        raise _pickle_error(path, e) from None
+        raise pickle_error(path, e) from None
+    check_storages(path)  # torch.load leaves some damage unseen: a storage never read, a record too short
     size = path.stat().st_size
     fingerprint = {"path": str(path), "format": "pytorch", "size": size,
                    "sha256": _file_sha256(path)}
@@ -337,24 +324,24 @@ def _load_pickle(path: Path, *, key: str | None, normalise: bool) -> StateDictSo
 
 def _load_pickle_unmapped(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _quiet_torch_load():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise _pickle_error(path, e) from None
+        raise pickle_error(path, e) from None
+
+
+@contextlib.contextmanager
+def _quiet_torch_load() -> Iterator[None]:
+    """torch.load's warnings about pickle protocols and storages say nothing a user can act on."""
+    with warnings.catch_warnings():
+        for text in ("Detected pickle protocol", "TypedStorage is deprecated", "Validating sparse tensor"):
+            warnings.filterwarnings("ignore", message=text)
+        yield
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
-
-
-def _pickle_error(path: Path, e: BaseException) -> CheckpointFormatError:
-    msg = str(e)
-    if "Weights only load failed" in msg or "Unsupported global" in msg:
-        return CheckpointFormatError(
-            f"{path}: refuses to load: the pickle contains code or objects beyond tensors, and papa-merge only "
-            "reads checkpoints with weights_only loading; re-save it as a state dict of tensors (or as safetensors)")
-    return CheckpointFormatError(f"{path}: cannot be read as a PyTorch checkpoint (truncated or not a checkpoint: "
-                                 f"{_first_line(e)})")
 
 
 class ShardedSource(Source):
@@ -366,37 +353,38 @@ class ShardedSource(Source):
         index_path = Path(index_path)
         self.path = index_path.parent
         self.index_path = index_path
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map: dict[str, str] = index["weight_map"]
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{index_path}: no such file") from None
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointFormatError(f"{index_path}: not a valid shard index (needs a 'weight_map' object)") from None
         self.metadata = {}
         self._shards: dict[str, Source] = {}
         self._owner: dict[str, Source] = {}
         self.infos = {}
+        weight_map = _read_weight_map(index_path)
         try:
             for shard_name in dict.fromkeys(weight_map.values()):
                 shard_path = self.path / shard_name
                 if not shard_path.exists():
                     raise CheckpointNotFoundError(f"{index_path}: lists shard {shard_name!r}, which is missing "
-                                                  f"from {self.path}")
+                                                  f"from {self.path}", path=index_path)
                 shard = _open_file(shard_path, key=key, normalise=normalise)
                 self._shards[shard_name] = shard
                 if not self.metadata:
                     self.metadata = dict(shard.metadata)
             wanted = {strip_prefixes(k) if normalise else k: v for k, v in weight_map.items()}
+            fix = "the index and its shards disagree: re-download or re-save the checkpoint"
             for shard_name, shard in self._shards.items():
                 for name, info in shard.infos.items():
-                    if wanted.get(name) == shard_name:
+                    listed = wanted.get(name)
+                    if listed == shard_name:
                         self.infos[name] = info
                         self._owner[name] = shard
+                        continue
+                    where = "which the index does not list" if listed is None else f"which the index lists in {listed!r}"
+                    raise CheckpointFormatError(f"{index_path}: shard {shard_name!r} holds tensor {name!r}, {where}; "
+                                                f"{fix}", path=index_path, tensor=name)
             missing = [k for k in wanted if k not in self.infos]
             if missing:
                 raise CheckpointFormatError(f"{index_path}: {len(missing)} tensors listed in the index are not in "
-                                            f"their shard, e.g. {missing[:3]}")
+                                            f"their shard, e.g. {missing[:3]}; {fix}", path=index_path,
+                                            tensor=missing[0])
         except BaseException:
             self.close()
             raise
@@ -420,6 +408,50 @@ class ShardedSource(Source):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """An index's tensor name -> shard file map, each shard a weight file of the index's kind beside it."""
+    def bad(message: str, tensor: str | None = None) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{index_path}: {message}", path=index_path, tensor=tensor)
+
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{index_path}: no such file", path=index_path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"not a shard index: corrupt JSON ({_first_line(e)})") from None
+    if not isinstance(index, dict):
+        raise bad(f"not a shard index: it is a JSON {_json_kind(index)}, not an object with a 'weight_map'")
+    if "weight_map" not in index:
+        raise bad("not a shard index: it has no 'weight_map'")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise bad(f"'weight_map' is a JSON {_json_kind(weight_map)}, not an object of tensor name -> shard file")
+    if not weight_map:
+        raise bad("'weight_map' lists no tensors")
+    # model.safetensors.index.json joins .safetensors shards, pytorch_model.bin.index.json .bin shards.
+    kind = Path(index_path.name.removesuffix(".index.json")).suffix
+    kinds = (kind,) if kind in WEIGHT_SUFFIXES else WEIGHT_SUFFIXES
+    checked: set[str] = set()
+    for name, shard in weight_map.items():
+        if type(shard) is not str or not shard:
+            raise bad(f"'weight_map' entry {name!r} is {shard!r}, not a shard file name", name)
+        if shard in checked:
+            continue
+        parts = shard.replace("\\", "/").split("/")
+        if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts:
+            raise bad(f"shard name {shard!r} leads outside the folder; an index names its shards by file name, "
+                      "beside it", name)
+        if not shard.endswith(kinds):
+            raise bad(f"shard {shard!r} is not a {' or '.join(kinds)} file; an index joins weight files", name)
+        checked.add(shard)
+    return weight_map
+
+
+def _json_kind(x: object) -> str:
+    return {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(type(x), type(x).__name__)
 
 
 # Files a Hugging Face model folder may hold its weights in, in order of preference.

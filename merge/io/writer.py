@@ -12,20 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from merge.errors import InvalidArgumentError, OutputExistsError
+from merge.errors import InvalidArgumentError
+from merge.io.atomic import AtomicOutput, check_output_free, check_output_name
 from merge.io.dtypes import torch_to_st
 from merge.io.sources import TensorInfo
 
 __all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict",
-           "Sink", "FileSink"]
+           "Sink", "FileSink", "check_output_free"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,7 +87,7 @@ def plan_output(tensors: Sequence[TensorInfo], out: str | os.PathLike, *, shard_
     A folder output rolls over to a new shard when the next tensor would take the current one past
     ``shard_size`` (a single larger tensor gets a shard of its own), as transformers does.
     """
-    out = Path(out)
+    out = check_output_name(out)
     if out.suffix == ".safetensors":
         return OutputPlan(out, False, [OutputFile(out.name, list(tensors))])
     limit = parse_size(shard_size)
@@ -133,9 +132,14 @@ class SafetensorsWriter:
         self._write(memoryview(safetensors_header(self._tensors, metadata)))
 
     def _write(self, view: memoryview) -> None:
-        while len(view):
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while len(view):
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.path)  # "No space left on device" says nothing without the file
+            raise
 
     def write(self, name: str, data: memoryview) -> None:
         """Append the next ``len(data)`` bytes of tensor ``name`` (tensors must come in plan order)."""
@@ -160,59 +164,6 @@ class SafetensorsWriter:
             self._fd = None
             if not complete:
                 raise RuntimeError(f"{self.path}: closed before every tensor was written")
-
-
-class AtomicOutput:
-    """A temporary file or folder beside ``path`` that replaces it only on :meth:`commit`.
-
-    Args:
-        path: the final output path.
-        folder: whether the output is a folder.
-        force: replace an existing output (it is removed only after the new one is complete).
-
-    Raises:
-        OutputExistsError: ``path`` exists and ``force`` is False.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, folder: bool, force: bool = False):
-        self.path = Path(path)
-        self.folder = folder
-        self.force = force
-        check_output_free(self.path, force=force)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if folder:
-            self.tmp.mkdir()
-        self._done = False
-
-    def file(self, name: str) -> Path:
-        """Where a file of the output is written while in progress."""
-        return self.tmp / name if self.folder else self.tmp
-
-    def commit(self) -> Path:
-        """Move the complete output into place (replacing an old one only if forced)."""
-        check_output_free(self.path, force=self.force)
-        old = None
-        if self.path.exists() or self.path.is_symlink():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        self._done = True
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        return self.path
-
-    def abort(self) -> None:
-        """Remove the temporary output."""
-        if not self._done and (self.tmp.exists() or self.tmp.is_symlink()):
-            shutil.rmtree(self.tmp, ignore_errors=True) if self.tmp.is_dir() else self.tmp.unlink()
-
-    def __enter__(self) -> AtomicOutput:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None or not self._done:
-            self.abort()
 
 
 class Sink:
@@ -241,32 +192,23 @@ class FileSink(Sink):
     def begin(self, tensors: Sequence) -> None:
         pass
 
-    def _open_next(self) -> None:
+    def _open(self, f: OutputFile) -> None:
         if self._writer is not None:
             self._writer.close()
-        f = next(self._files)
         self._current = f.name
         self._writer = SafetensorsWriter(self.atomic.file(f.name), f.tensors, self.metadata)
 
     def write(self, name: str, data: memoryview) -> None:
         while self._current != self._owner[name]:
-            self._open_next()
+            self._open(next(self._files))
         self._writer.write(name, data)
 
     def finish(self) -> None:
-        # Shards whose tensors are all empty receive no write; open them so every file exists.
-        for _ in self._files:
-            self._open_next()
-        if self._current is None:
-            self._open_next()
+        # Files the merge never reached (all their tensors empty) are still written, each once, in order.
+        for f in self._files:
+            self._open(f)
         if self._writer is not None:
             self._writer.close()
-
-
-def check_output_free(path: Path, *, force: bool) -> None:
-    if (path.exists() or path.is_symlink()) and not force:
-        raise OutputExistsError(f"{path}: already exists; choose another output, or replace it", path=path,
-                                option="force", choices=(True,))
 
 
 def write_state_dict(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, *,
