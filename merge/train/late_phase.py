@@ -350,7 +350,7 @@ class LatePhaseSchedule(Callback):
 
 def late_phase_path(out_dir: str | os.PathLike, index: int) -> Path:
     """Where member ``index``'s late-phase checkpoint (its K copies) is written: ``OUT/late-phase/member-NN.safetensors``."""
-    return Path(out_dir) / "late-phase" / member_path("", index).name
+    return Path(out_dir) / "late-phase" / f"member-{index:02d}.safetensors"
 
 
 def train_late_phase_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | Splits,

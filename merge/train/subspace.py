@@ -31,6 +31,7 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -232,6 +233,15 @@ class SubspacePenalty(Callback):
         return loss + self.beta * model.cos2(*model.penalty_pair())
 
 
+def _inits_sha256(nets: Sequence[nn.Module]) -> str:
+    h = hashlib.sha256()
+    for net in nets:
+        for name, t in sorted(net.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def full_pass_batches(splits: Splits, batch_size: int) -> int:
     """Batches of ``batch_size`` that cover the training split once (``update_bn`` over the train loader)."""
     return max(1, math.ceil(len(splits.train) / batch_size))
@@ -280,6 +290,9 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
     _check_recipe_fits(recipe, splits)
     seeds = [recipe.seed + i * END_SEED_OFFSET for i in range(points)]
     nets = [_build(spec, dataclasses.replace(recipe, seed=s), None, dev) for s in seeds]
+    # The endpoints are trained as one subspace (every point on it is trained to be good), so they share a
+    # start: one fingerprint of all their initialisations, the record soups use to tell them from strangers.
+    start = {"kind": "population", "sha256": _inits_sha256(nets), "members": points, "method": "subspace"}
     sub = Subspace(nets, seed=recipe.seed).to(dev)
     state = fit([sub], [train_loader(splits, spec, recipe)], [recipe], num_classes=spec["num_classes"], device=dev,
                 callbacks=[SubspacePenalty(beta=beta), *callbacks], progress=progress, desc=f"subspace {sub.kind}")
@@ -296,7 +309,7 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
                 "bn_recomputed": {"batches": nb, "batch_size": eval_batch_size, "split": "train",
                                   "seed": ev.bn_seed} if has_bn else None}
         record = _train_record(recipe, state, method="subspace", pretrained=None, device=dev,
-                               extra={"subspace": info})
+                               extra={"subspace": info, "start": start})
         written.append(_save_member(net, p, spec, splits, record, scores, force=force))
     return written
 
