@@ -221,8 +221,8 @@ def _register(key: int) -> None:
         if not _active and threading.current_thread() is threading.main_thread():
             for sig in _CAUGHT:
                 previous = signal.getsignal(sig)
-                if previous in (signal.SIG_IGN, None):
-                    continue  # ignored stays ignored; a handler installed outside Python is left alone
+                if previous in (signal.SIG_IGN, None) or previous is _on_signal:
+                    continue  # ignored stays ignored; a handler installed outside Python (or ours) is left alone
                 signal.signal(sig, _on_signal)
                 _saved[sig] = previous
         _active.add(key)
