@@ -187,6 +187,21 @@ def test_a_signal_during_the_final_rename_is_deferred(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored once no output is open
 
 
+def test_signal_handlers_are_installed_once_and_restored(tmp_path: Path) -> None:
+    import merge.io.atomic as atomic
+
+    with AtomicOutput(tmp_path / "a.safetensors", folder=False), AtomicOutput(tmp_path / "b", folder=True):
+        assert signal.getsignal(signal.SIGTERM) is atomic._on_signal
+        assert atomic._saved[signal.SIGTERM] is signal.SIG_DFL and atomic._saved[signal.SIGHUP] is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not atomic._saved
+    signal.signal(signal.SIGTERM, atomic._on_signal)  # as an output finished in another thread may leave it
+    try:
+        with AtomicOutput(tmp_path / "c.safetensors", folder=False):
+            assert atomic._saved.get(signal.SIGTERM) is not atomic._on_signal  # never chained to itself
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_stale_temporaries_of_dead_processes_are_removed_by_the_next_run(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
