@@ -31,7 +31,10 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from math import prod
+from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from merge.errors import CheckpointFormatError
 
@@ -51,8 +54,7 @@ _MAX_IGNORED_DEPTH = 125
 _FIX = "the file is corrupt: re-download or re-save it"
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
+class HeaderEntry(NamedTuple):
     """One tensor as a checked header describes it (name as stored, dtype as the format spells it)."""
 
     name: str
@@ -149,8 +151,17 @@ def _short(x: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _is_u64(x: object) -> bool:
-    return type(x) is int and 0 <= x < _U64
+_OFFSETS = attrgetter("begin", "end")
+
+
+def _u64s(xs: object) -> bool:
+    """A JSON list of unsigned 64-bit integers (bools, floats and ``-0`` are not). Runs twice per tensor: kept plain."""
+    if type(xs) is not list:
+        return False
+    for d in xs:
+        if type(d) is not int or d < 0 or d >= _U64:
+            return False
+    return True
 
 
 def _depth(x: object) -> int:
@@ -164,47 +175,60 @@ def _depth(x: object) -> int:
         level = [c for y in level for c in (y.values() if isinstance(y, dict) else y)]
 
 
-def _entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
-    """Check one tensor's entry field by field (rule 4)."""
-    if not isinstance(entry, dict):
-        raise _Bad(f"tensor {name!r} is a JSON {_kind(entry)}, not an object with dtype, shape and data_offsets",
-                   name)
-    if isinstance(entry, _Dups):
-        twice = [f for f in _FIELDS if sum(k == f for k, _ in entry.pairs) > 1]
-        if twice:
-            raise _Bad(f"tensor {name!r} gives {twice[0]!r} twice", name)
-    if len(entry) > len(_FIELDS):  # fields the format ignores, but serde_json still parses them
-        for key, value in entry.items():
-            if key not in _FIELDS and _depth(value) > _MAX_IGNORED_DEPTH:
-                raise _Bad(f"tensor {name!r} has a field {key!r} nested deeper than JSON readers allow", name)
-    missing = [f for f in _FIELDS if f not in entry]
-    if missing:
-        raise _Bad(f"tensor {name!r} has no {missing[0]!r}", name)
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+def _entry(name: str, entry: object) -> HeaderEntry:
+    """Check one tensor's entry field by field (rule 4). This runs once per tensor: the common case is kept cheap."""
+    if type(entry) is not dict:
+        return _odd_entry(name, entry)
+    try:
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except KeyError as e:
+        raise _Bad(f"tensor {name!r} has no {e.args[0]!r}", name) from None
+    if len(entry) > 3:
+        _check_ignored_fields(name, entry)
     if type(dtype) is not str or dtype not in ST_DTYPE_BITS:
         raise _Bad(f"tensor {name!r} has dtype {_short(dtype)}, which is not a safetensors dtype "
                    f"({', '.join(ST_DTYPE_BITS)})", name)
-    if type(shape) is not list or not all(_is_u64(d) for d in shape):
+    if not _u64s(shape):
         raise _Bad(f"tensor {name!r} has shape {_short(shape)}; a shape is a list of non-negative integers", name)
-    if type(offsets) is not list or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+    if not _u64s(offsets) or len(offsets) != 2:
         raise _Bad(f"tensor {name!r} has data_offsets {_short(offsets)}; they are two non-negative integers "
                    "[begin, end]", name)
-    return dtype, tuple(shape), offsets[0], offsets[1]
+    return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _nbytes(name: str, dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes the tensor spans, with the reference's overflow rule: each running product must fit in 64 bits."""
-    n = 1
-    for d in shape:
-        n *= d
-        if n >= _U64:
-            raise _Bad(f"tensor {name!r} has shape {list(shape)}, whose element count overflows 64 bits", name)
-    bits = n * ST_DTYPE_BITS[dtype]
-    if bits >= _U64:
-        raise _Bad(f"tensor {name!r} has shape {list(shape)}, whose size in bits overflows 64 bits", name)
-    if bits % 8:
-        raise _Bad(f"tensor {name!r} has {n} elements of {dtype} ({bits} bits), which do not fill whole bytes",
+def _odd_entry(name: str, entry: object) -> HeaderEntry:
+    """An entry that is not a plain object: one in which a key repeats (checked, then read), or no object at all."""
+    if not isinstance(entry, _Dups):
+        raise _Bad(f"tensor {name!r} is a JSON {_kind(entry)}, not an object with dtype, shape and data_offsets",
                    name)
+    twice = [f for f in _FIELDS if sum(k == f for k, _ in entry.pairs) > 1]
+    if twice:
+        raise _Bad(f"tensor {name!r} gives {twice[0]!r} twice", name)
+    return _entry(name, dict(entry))  # the repeats were of ignored fields, which serde_json allows
+
+
+def _check_ignored_fields(name: str, entry: dict) -> None:
+    for key, value in entry.items():  # fields the format ignores, but serde_json still parses them
+        if key not in _FIELDS and _depth(value) > _MAX_IGNORED_DEPTH:
+            raise _Bad(f"tensor {name!r} has a field {key!r} nested deeper than JSON readers allow", name)
+
+
+def _nbytes(e: HeaderEntry) -> int:
+    """Bytes the tensor spans, with the reference's overflow rule: each running product must fit in 64 bits."""
+    shape = e.shape
+    # Up to the first zero the dimensions are >= 1, so the running products grow: checking their last is enough.
+    head = shape[: shape.index(0)] if 0 in shape else shape
+    n = prod(head)
+    if n >= _U64:
+        raise _Bad(f"tensor {e.name!r} has shape {list(shape)}, whose element count overflows 64 bits", e.name)
+    if len(head) < len(shape):
+        n = 0
+    bits = n * ST_DTYPE_BITS[e.dtype]
+    if bits >= _U64:
+        raise _Bad(f"tensor {e.name!r} has shape {list(shape)}, whose size in bits overflows 64 bits", e.name)
+    if bits % 8:
+        raise _Bad(f"tensor {e.name!r} has {n} elements of {e.dtype} ({bits} bits), which do not fill whole bytes",
+                   e.name)
     return bits // 8
 
 
@@ -226,6 +250,17 @@ def _parse(raw: bytes) -> object:
     return obj
 
 
+def _metadata(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Bad(f"__metadata__ is a JSON {_kind(value)}, not an object of strings")
+    for k, v in value.items():
+        if type(v) is not str:
+            raise _Bad(f"__metadata__ entry {k!r} is {_short(v)}, not a string")
+    return dict(value)
+
+
 def check_header(raw: bytes, data_len: int) -> tuple[list[HeaderEntry], dict[str, str]]:
     """Apply rules 2-5 to a header's bytes, given the length of the data section that follows it.
 
@@ -238,31 +273,15 @@ def check_header(raw: bytes, data_len: int) -> tuple[list[HeaderEntry], dict[str
     header = _parse(raw)
     if not isinstance(header, dict):
         raise _Bad(f"corrupt safetensors header: it is a JSON {_kind(header)}, not a JSON object")
-    pairs = header.pairs if isinstance(header, _Dups) else header.items()
-    metadata: dict[str, str] = {}
-    metas = 0
-    for key, value in pairs:
-        if key == "__metadata__":
-            metas += 1
-            if metas > 1:
-                raise _Bad("corrupt safetensors header: it gives __metadata__ twice")
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise _Bad(f"__metadata__ is a JSON {_kind(value)}, not an object of strings")
-            for k, v in value.items():
-                if type(v) is not str:
-                    raise _Bad(f"__metadata__ entry {k!r} is {_short(v)}, not a string")
-            metadata = dict(value)
-        elif isinstance(header, _Dups):
-            _entry(key, value)  # a shadowed duplicate must still be well formed; the last one is kept below
-    entries = []
-    for name, value in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, begin, end = _entry(name, value)
-        entries.append(HeaderEntry(name, dtype, shape, begin, end))
-    entries.sort(key=lambda e: (e.begin, e.end))  # the reference sorts by (begin, end), then checks the tiling
+    if isinstance(header, _Dups):
+        if sum(k == "__metadata__" for k, _ in header.pairs) > 1:
+            raise _Bad("corrupt safetensors header: it gives __metadata__ twice")
+        for key, value in header.pairs:
+            if key != "__metadata__":
+                _entry(key, value)  # a shadowed duplicate must still be well formed; the last one is kept below
+    metadata = _metadata(header.get("__metadata__"))
+    entries = [_entry(name, value) for name, value in header.items() if name != "__metadata__"]
+    entries.sort(key=_OFFSETS)  # the reference sorts by (begin, end), then checks the tiling
     pos, prev = 0, None
     for e in entries:
         if e.end < e.begin:
@@ -273,7 +292,7 @@ def check_header(raw: bytes, data_len: int) -> tuple[list[HeaderEntry], dict[str
         if e.begin > pos:
             raise _Bad(f"tensor {e.name!r} leaves {e.begin - pos} unused bytes before it (it begins at data byte "
                        f"{e.begin}, the previous tensor ends at {pos}); {_FIX}", e.name)
-        need = _nbytes(e.name, e.dtype, e.shape)
+        need = _nbytes(e)
         if e.end - e.begin != need:
             raise _Bad(f"tensor {e.name!r} spans {e.end - e.begin} bytes but dtype {e.dtype} and shape "
                        f"{list(e.shape)} need {need}; {_FIX}", e.name)
