@@ -33,6 +33,7 @@ from merge.io import schemes
 from merge.io.dtypes import can_store, st_to_torch, unsupported_reason
 from merge.io.pickles import check_storages, pickle_error
 from merge.io.safetensors_format import HeaderEntry, read_checked_header
+from merge.io.shards import WEIGHT_SUFFIXES, check_shards_match, read_weight_map  # noqa: F401 - re-exported
 
 __all__ = [
     "TensorInfo",
@@ -46,7 +47,6 @@ __all__ = [
     "WEIGHT_SUFFIXES",
 ]
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Wrapper keys of pickled training checkpoints, in the order they are tried.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
@@ -339,11 +339,6 @@ def _quiet_torch_load() -> Iterator[None]:
         yield
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 class ShardedSource(Source):
     """A checkpoint split over several files, joined by an index (``*.index.json``)."""
 
@@ -357,7 +352,7 @@ class ShardedSource(Source):
         self._shards: dict[str, Source] = {}
         self._owner: dict[str, Source] = {}
         self.infos = {}
-        weight_map = _read_weight_map(index_path)
+        weight_map = read_weight_map(index_path)
         try:
             for shard_name in dict.fromkeys(weight_map.values()):
                 shard_path = self.path / shard_name
@@ -369,22 +364,11 @@ class ShardedSource(Source):
                 if not self.metadata:
                     self.metadata = dict(shard.metadata)
             wanted = {strip_prefixes(k) if normalise else k: v for k, v in weight_map.items()}
-            fix = "the index and its shards disagree: re-download or re-save the checkpoint"
+            check_shards_match(index_path, wanted, {n: list(sh.infos) for n, sh in self._shards.items()})
             for shard_name, shard in self._shards.items():
                 for name, info in shard.infos.items():
-                    listed = wanted.get(name)
-                    if listed == shard_name:
-                        self.infos[name] = info
-                        self._owner[name] = shard
-                        continue
-                    where = "which the index does not list" if listed is None else f"which the index lists in {listed!r}"
-                    raise CheckpointFormatError(f"{index_path}: shard {shard_name!r} holds tensor {name!r}, {where}; "
-                                                f"{fix}", path=index_path, tensor=name)
-            missing = [k for k in wanted if k not in self.infos]
-            if missing:
-                raise CheckpointFormatError(f"{index_path}: {len(missing)} tensors listed in the index are not in "
-                                            f"their shard, e.g. {missing[:3]}; {fix}", path=index_path,
-                                            tensor=missing[0])
+                    self.infos[name] = info
+                    self._owner[name] = shard
         except BaseException:
             self.close()
             raise
@@ -408,50 +392,6 @@ class ShardedSource(Source):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
-
-
-def _read_weight_map(index_path: Path) -> dict[str, str]:
-    """An index's tensor name -> shard file map, each shard a weight file of the index's kind beside it."""
-    def bad(message: str, tensor: str | None = None) -> CheckpointFormatError:
-        return CheckpointFormatError(f"{index_path}: {message}", path=index_path, tensor=tensor)
-
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{index_path}: no such file", path=index_path) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise bad(f"not a shard index: corrupt JSON ({_first_line(e)})") from None
-    if not isinstance(index, dict):
-        raise bad(f"not a shard index: it is a JSON {_json_kind(index)}, not an object with a 'weight_map'")
-    if "weight_map" not in index:
-        raise bad("not a shard index: it has no 'weight_map'")
-    weight_map = index["weight_map"]
-    if not isinstance(weight_map, dict):
-        raise bad(f"'weight_map' is a JSON {_json_kind(weight_map)}, not an object of tensor name -> shard file")
-    if not weight_map:
-        raise bad("'weight_map' lists no tensors")
-    # model.safetensors.index.json joins .safetensors shards, pytorch_model.bin.index.json .bin shards.
-    kind = Path(index_path.name.removesuffix(".index.json")).suffix
-    kinds = (kind,) if kind in WEIGHT_SUFFIXES else WEIGHT_SUFFIXES
-    checked: set[str] = set()
-    for name, shard in weight_map.items():
-        if type(shard) is not str or not shard:
-            raise bad(f"'weight_map' entry {name!r} is {shard!r}, not a shard file name", name)
-        if shard in checked:
-            continue
-        parts = shard.replace("\\", "/").split("/")
-        if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts:
-            raise bad(f"shard name {shard!r} leads outside the folder; an index names its shards by file name, "
-                      "beside it", name)
-        if not shard.endswith(kinds):
-            raise bad(f"shard {shard!r} is not a {' or '.join(kinds)} file; an index joins weight files", name)
-        checked.add(shard)
-    return weight_map
-
-
-def _json_kind(x: object) -> str:
-    return {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
-            type(None): "null"}.get(type(x), type(x).__name__)
 
 
 # Files a Hugging Face model folder may hold its weights in, in order of preference.
