@@ -100,6 +100,23 @@ def test_malformed_weight_maps_get_one_line(tmp_path: Path, weight_map: object, 
     assert res.exit_code == 1 and res.output.startswith(f"error: {index}: {message}") and "unexpected" not in res.output
 
 
+@pytest.mark.parametrize("weight_map, message", [
+    (["model.safetensors"], "'weight_map' is a JSON list"),
+    ({"a": "../outside.safetensors"}, "shard name '../outside.safetensors' leads outside the folder"),
+    ({"a": "model-00001-of-00002.safetensors"}, "shard 'model-00001-of-00002.safetensors' holds tensor 'b', which "
+                                                "the index does not list"),
+])
+def test_inspect_applies_the_same_index_rules(tmp_path: Path, weight_map: object, message: str) -> None:
+    """``papa-merge inspect`` (which may read headers without torch) refuses what open_checkpoint refuses."""
+    save_file({"a": torch.ones(2)}, str(tmp_path / "outside.safetensors"))
+    folder, shards = _two_shards(tmp_path / "m")
+    _sharded(folder, shards, weight_map)
+    res = CliRunner().invoke(cli, ["inspect", str(folder)])
+    index = folder / "model.safetensors.index.json"
+    assert res.exit_code == 1 and res.output.startswith(f"error: {index}: {message}"), res.output
+    assert len(res.output.splitlines()) == 1
+
+
 @pytest.mark.parametrize("text, message", [
     ("[1, 2]", "not a shard index: it is a JSON list, not an object with a 'weight_map'"),
     ('{"metadata": {}}', "not a shard index: it has no 'weight_map'"),
