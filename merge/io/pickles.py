@@ -78,6 +78,11 @@ def _inspect_pickle(path: Path) -> tuple[str | None, str]:
                 head = f.read(4)
                 f.seek(0)
                 names = pickle_globals(f)
+                for _ in range(_LEGACY_PICKLES_BEFORE_DATA + 1):  # a legacy torch file is several pickles in a row
+                    more = pickle_globals(f) if names is not None else None
+                    if more is None:
+                        break
+                    names += more
             if not head:
                 return None, "the file is empty"
             if head == b"PK\x03\x04":
@@ -91,7 +96,7 @@ def _inspect_pickle(path: Path) -> tuple[str | None, str]:
 
 def pickle_error(path: Path, e: BaseException) -> CheckpointFormatError:
     """Say what is wrong with a pickle torch refused: code in it (named), or bytes that are no checkpoint."""
-    m = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(e))
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([^\s`']+)", str(e))
     code, what = _inspect_pickle(path)  # the first global beyond torch's, from the opcodes: the most telling
     code = _normal_global(code or (m.group(1) if m else None))
     if code and _dotted(code) and not code.startswith(_TORCH_GLOBALS):
