@@ -88,9 +88,10 @@ def basin(seed: int, out: Path, data, spec: dict, members: int, epochs: float, l
                       branch_lr_ratio=lr_ratio, branch_epochs_ratio=epochs_ratio).paths
     sse = run_method("sse", TrainJob(out_dir=out / "sse", init=star[0], **common),
                      branch_lr_ratio=lr_ratio, branch_epochs_ratio=epochs_ratio).paths
+    # Independent fine-tunes, each with its own seed: its own data order and its own random head.
     indep = run_method("independent", TrainJob(out_dir=out / "independent", base=centre, **common)).paths
-    return {name: group_rows(paths, out / f"soups-{name.lower()}", data, bn)
-            for name, paths in (("StarSSE", star), ("SSE", sse), ("independent", indep))}
+    groups = (("StarSSE", star), ("SSE", sse), ("independent", indep))
+    return {name: group_rows(paths, out / f"soups-{name.lower()}", data, bn) for name, paths in groups}
 
 
 def late_phase(seed: int, out: Path, data, spec: dict, epochs: float, copies: int) -> dict[str, dict[str, float]]:
@@ -191,9 +192,11 @@ def main() -> None:
             text += [table(name, runs, args.seeds), ""]
         soups = [{"StarSSE uniform soup": r["StarSSE"]["uniform soup"], "SSE uniform soup": r["SSE"]["uniform soup"],
                   "independent uniform soup": r["independent"]["uniform soup"],
+
                   "StarSSE ensemble": r["StarSSE"]["ensemble"], "SSE ensemble": r["SSE"]["ensemble"]} for r in per]
         text += [f"- {wins(soups, 'StarSSE uniform soup', 'SSE uniform soup')}",
                  f"- {wins(soups, 'StarSSE uniform soup', 'independent uniform soup')}",
+
                  f"- {wins(soups, 'StarSSE ensemble', 'SSE ensemble')}", ""]
         emit("basin", "\n".join(text))
     if args.only in (None, "late-phase"):
@@ -208,7 +211,7 @@ def main() -> None:
     if args.only in (None, "line"):
         t0 = time.perf_counter()
         mnist = load_dataset("mnist", seed=0, limit=args.mnist_limit)
-        plot = RESULTS / "bench_methods_line.png"
+        plot = RESULTS / "bench_methods_line_curve.png"
         per = [line(s, out / f"line-{s}", mnist, args.line_epochs, args.bn_batches, plot if i == 0 else None)
                for i, s in enumerate(args.seeds)]
         text = [f"## 3. Subspace line: midpoint vs endpoints vs their ensemble ({time.perf_counter() - t0:.0f} s)", "",
@@ -217,7 +220,7 @@ def main() -> None:
                 "training batches.", "", table("model", per, args.seeds), "",
                 f"- {wins(per, 'midpoint', 'endpoint 0')}", f"- {wins(per, 'midpoint', 'endpoint 1')}",
                 f"- {wins(per, 'midpoint', 'standard network, same epochs')}", "",
-                f"![interpolation along the line, seed {args.seeds[0]}](bench_methods_line.png)", ""]
+                f"![interpolation along the line, seed {args.seeds[0]}](bench_methods_line_curve.png)", ""]
         emit("line", "\n".join(text))
     parts = [RESULTS / f"bench_methods_{k}.md" for k in ("basin", "late-phase", "line")]
     report = ["# bench_methods", "", *(p.read_text() for p in parts if p.exists()),

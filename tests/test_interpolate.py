@@ -118,3 +118,13 @@ def test_cli_midpoint_and_interpolate_write_the_point_the_table_and_the_plot(end
     assert bad.exit_code == 2 and "alpha picks a point of a line between 2 checkpoints, got 3" in bad.output
     bad = CliRunner().invoke(cli, ["interpolate", str(a), str(b), "-o", str(png), "--alphas", "0,x"])
     assert bad.exit_code == 2 and "comma-separated numbers" in bad.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_interpolation_on_the_gpu_matches_the_cpu(ends):
+    a, b = ends
+    cpu = interpolate(a, b, alphas=[0.5], bn_batches=BN, batch_size=BS, ensemble=False, splits=["test"])
+    gpu = interpolate(a, b, alphas=[0.5], bn_batches=BN, batch_size=BS, ensemble=False, splits=["test"],
+                      device="cuda")
+    assert gpu.at(0.5).metrics["test"]["acc"] == pytest.approx(cpu.at(0.5).metrics["test"]["acc"], abs=0.01)
+    assert gpu.at(0.5).metrics["test"]["nll"] == pytest.approx(cpu.at(0.5).metrics["test"]["nll"], rel=1e-3)

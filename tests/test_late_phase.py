@@ -304,3 +304,17 @@ def test_late_phase_modules_pick_batchnorm_and_the_head():
     assert list(late_phase_modules(net)) == ["1", "5"]  # affine BatchNorm and the last linear layer
     with pytest.raises(InvalidArgumentError, match="no BatchNorm layer and no linear head"):
         LatePhaseNet(nn.Sequential(nn.Conv2d(1, 1, 1)), copies=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_late_phase_trains_and_collapses_on_the_gpu(tmp_path, small_digits):
+    member, raw = train_late_phase_member(Recipe(epochs=1, batch_size=32, lr=0.1), model="small_cnn",
+                                          data=small_digits, out=tmp_path / "m.safetensors",
+                                          late_phase_out=tmp_path / "m.lpw.safetensors", copies=2, start_epoch=0.5,
+                                          device="cuda", progress=False)
+    with merge.open_checkpoint(raw) as src:
+        tensors, info = src.state_dict(), json.loads(src.metadata[TRAIN_KEY])["late_phase"]
+    assert json.loads(merge.read_safetensors_metadata(member)[TRAIN_KEY])["device"] == "cuda"
+    expected = collapse_state_dict(tensors, info)
+    got = merge.open_checkpoint(member).state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
