@@ -6,13 +6,13 @@ loss; then the callbacks see the whole population. The population methods are sm
 
 - PAPA (Jolicoeur-Martineau et al., 2023): ``on_step_end`` pulls every member toward the average
   every k steps (:class:`merge.train.papa.PAPA`);
-- StarSSE (Sadrtdinov et al., 2023): K members started from one fine-tuned checkpoint, each with a
-  fresh optimizer and a cyclic schedule (``train_member(..., init=...)`` with a high ``lr`` and
-  ``warmup_epochs``);
-- late-phase weights (von Oswald et al., 2021): ``on_step_begin`` swaps in the BatchNorm/head copy that
-  trains on this minibatch, ``on_train_end`` collapses the copies
-  (:class:`merge.train.late_phase.LatePhaseWeights`);
-- subspaces (Wortsman et al., 2021): a line-of-networks module as the member, and ``on_loss`` adding
+- StarSSE and SSE (Sadrtdinov et al., 2023): cycles started from a fine-tuned centre, each a fresh
+  ``fit`` (a fresh optimizer) with a cosine from a peak learning rate (:mod:`merge.train.starsse`);
+- late-phase weights (von Oswald et al., 2021): the member is a :class:`merge.train.late_phase.LatePhaseNet`
+  with K copies of its BatchNorm layers and head, ``on_step_begin`` picks the copy of this minibatch, and
+  a :class:`~merge.train.late_phase.LatePhaseOptimizer` passed as ``optimizers`` steps each copy and the
+  shared weights (once per cycle);
+- subspaces (Wortsman et al., 2021): a line or simplex of networks as the member, and ``on_loss`` adding
   the cos^2 penalty (:mod:`merge.train.subspace`).
 """
 
