@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import merge  # noqa: F401 - registers the hf:// scheme, as the CLI does
-from merge.data import load_dataset
+from merge.data import SplitDataset, load_dataset
 from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs
 from merge.greedy import greedy_soup_checkpoints
 from merge.models import model_spec
@@ -73,6 +73,14 @@ def test_metrics(ev: CheckpointEvaluator, paths: list[Path], weights: list[int] 
     return metrics_from_probs(ensemble_probs(logits, weights=weights), labels)
 
 
+def shrink(split: SplitDataset, n: int, seed: int) -> SplitDataset:
+    """A seeded subsample of ``n`` rows of a split: evaluation, not training, is what costs here."""
+    if n >= len(split):
+        return split
+    rows = np.sort(np.random.default_rng(seed).choice(split.indices, size=n, replace=False))
+    return SplitDataset(split.table, rows)
+
+
 def one_seed(seed: int, regime: str, args: argparse.Namespace, splits, spec: dict, out: Path,
              log) -> dict[str, tuple[dict[str, float], int]]:  # noqa: ANN001
     """All rows for one seed: {row: (test metrics, distinct members)}."""
@@ -85,11 +93,11 @@ def one_seed(seed: int, regime: str, args: argparse.Namespace, splits, spec: dic
             train_member(dataclasses.replace(base, seed=seed + 5000, data_seed=seed + 5000), model=spec, data=splits,
                          out=init, progress=False)
     job = TrainJob(model=spec, data=splits, out_dir=out / "hyper", members=args.pool, base=base, seed=seed,
-                   init=init, progress=False, eval_batch_size=512)
+                   init=init, progress=False, eval_batch_size=256)
     t0 = time.perf_counter()
-    res = run_method("hyper-deep", job, select=args.size, seeds=args.size)
+    res = run_method("hyper-deep", job, select=args.size, seeds=args.size, recompute_bn=args.recompute_bn)
     log(f"hyper pipeline: {time.perf_counter() - t0:.0f}s")
-    ev = CheckpointEvaluator(spec, splits, batch_size=512)
+    ev = CheckpointEvaluator(spec, splits, batch_size=256)
     rows: dict[str, tuple[dict[str, float], int]] = {}
     report = {r["name"]: r for r in res.report["rows"]}
     for key, name in (("hyper-ensemble", "hyper-ensemble"), ("hyper-deep", "hyper-deep ensemble")):
@@ -107,11 +115,11 @@ def one_seed(seed: int, regime: str, args: argparse.Namespace, splits, spec: dic
                for j in range(1, args.size)]
     t0 = time.perf_counter()
     others = run_method("independent", TrainJob(model=spec, data=splits, out_dir=out / "deep", members=len(recipes),
-                                                recipes=recipes, init=init, progress=False, eval_batch_size=512)).paths
+                                                recipes=recipes, init=init, progress=False, eval_batch_size=256)).paths
     deep = [pool0, *others]
     rows["deep ensemble"] = (test_metrics(ev, deep), len(deep))
     result, soup = greedy_soup_checkpoints([str(p) for p in deep], out=out / "deep-greedy-soup.safetensors",
-                                           data=splits, recompute_bn=20, batch_size=512, force=True)
+                                           data=splits, recompute_bn=args.recompute_bn, batch_size=256, force=True)
     rows["greedy soup of the deep-ensemble pool"] = (test_metrics(ev, [soup]), len(result.selected))
     log(f"deep ensemble and its soup: {time.perf_counter() - t0:.0f}s")
     return rows
@@ -146,21 +154,28 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", choices=["scratch", "shared"], default=["scratch", "shared"])
     parser.add_argument("--pool", type=int, default=8, help="K, configurations in the random search")
     parser.add_argument("--size", type=int, default=3, help="k, the ensemble size (distinct members)")
-    parser.add_argument("--limit", type=int, default=5000, help="training images (val and test stay whole)")
+    parser.add_argument("--limit", type=int, default=5000, help="training images (a seeded subsample)")
+    parser.add_argument("--val", type=int, default=2000, help="val images (a seeded subsample of the val split)")
+    parser.add_argument("--test", type=int, default=5000, help="test images (a seeded subsample of MNIST's test set)")
     parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--width", type=int, default=8, help="channels of the CNN's first block")
+    parser.add_argument("--recompute-bn", type=int, default=10,
+                        help="training batches (of 256) for BatchNorm recomputation of soups of two or more")
     parser.add_argument("--out", default="benchmarks/out/hyper")
     parser.add_argument("--results", default="benchmarks/results/bench_hyper.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
-    splits = load_dataset("mnist", seed=0, val_fraction=args.val_fraction, limit=args.limit)
-    spec = model_spec("small_cnn", splits.num_classes, in_chans=splits.in_chans, image_size=splits.image_size)
+    splits = load_dataset("mnist", seed=0, limit=args.limit)
+    splits.val, splits.test = shrink(splits.val, args.val, 1), shrink(splits.test, args.test, 2)
+    spec = model_spec("small_cnn", splits.num_classes, in_chans=splits.in_chans, image_size=splits.image_size,
+                      width=args.width)
     head = [f"machine: {machine()}",
             f"command: {' '.join([Path(sys.executable).name, *sys.argv])}",
             f"data: MNIST, {len(splits.train)} training images (seeded subsample), {len(splits.val)} val, "
-            f"{len(splits.test)} test; small_cnn (width 16), {args.epochs:g} epochs per member, SGD; pool K={args.pool}, "
-            f"ensemble size k={args.size}, seeds {args.seeds}"]
+            f"{len(splits.test)} test (seeded subsamples); small_cnn (width {args.width}), {args.epochs:g} epochs "
+            f"per member, SGD, batch 64; pool K={args.pool}, ensemble size k={args.size}, seeds {args.seeds}; "
+            f"soups of two or more scored after BatchNorm recomputation on {args.recompute_bn} training batches"]
     print("\n".join(head), flush=True)
     sections = []
     for regime in args.regimes:
