@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError
-from merge.repair import channel_stats, repair, repair_targets, statistics_fix
+from merge.repair import ChannelStats, channel_stats, repair, repair_targets, statistics_fix
 from merge.train.distributed import PopulationGroup, population_group, rank_device
 from merge.train.loop import Callback, TrainState
 from merge.train.members import _job_recipes, _job_splits, _resolve_spec, train_population
@@ -236,7 +236,8 @@ def mix_matrix(mode: str, k: int, *, pairs: Sequence[tuple[int, int]] | None = N
         return torch.full((k, k), 1.0 / k, dtype=torch.float64)
     if mode == "pairs":
         if pairs is None or len(pairs) != k:
-            raise InvalidArgumentError(f"PAPA-2 needs one pair per member ({k}), got {None if pairs is None else len(pairs)}")
+            got = None if pairs is None else len(pairs)
+            raise InvalidArgumentError(f"PAPA-2 needs one pair per member ({k}), got {got}")
         w = torch.zeros(k, k, dtype=torch.float64)
         for i, (a, b) in enumerate(pairs):
             w[i, a] += 0.5
@@ -258,7 +259,7 @@ def _unflat_into(tensors: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
 
 
-def _gather_stats(local: Sequence[list[tuple[Tensor, Tensor]]], group: PopulationGroup) -> list[list[tuple[Tensor, Tensor]]]:
+def _gather_stats(local: Sequence[ChannelStats], group: PopulationGroup) -> list[ChannelStats]:
     """Every member's REPAIR statistics, from each process's own members."""
     template = local[0]
     rows = torch.stack([torch.cat([torch.cat([m, s]) for m, s in st]) for st in local])
@@ -425,7 +426,8 @@ _repair_batches = repair_batches  # the methods' option of the same name shadows
 
 def final_model(paths: Sequence[str | os.PathLike], *, out_dir: str | os.PathLike, data: Any = None,
                 recompute_bn: int = 20, batch_size: int = 256, device: str | torch.device = "cpu",
-                recipe: Mapping[str, Any] | None = None, greedy: bool = True) -> tuple[dict[str, Path], dict]:
+                recipe: Mapping[str, Any] | None = None, greedy: bool = True,
+                average_name: str = "papa.safetensors") -> tuple[dict[str, Path], dict]:
     """The population's average (BatchNorm recomputed), its greedy soup, and the table that compares them.
 
     Writes ``out_dir/papa.safetensors``, the uniform average of ``paths`` (a normal checkpoint: model and
@@ -443,6 +445,7 @@ def final_model(paths: Sequence[str | os.PathLike], *, out_dir: str | os.PathLik
         batch_size, device: evaluation batch size and device.
         recipe: how the population was trained, recorded in the average's metadata.
         greedy: also make the greedy soup.
+        average_name: the average's file name (e.g. ``average.safetensors`` for independent members).
 
     Returns:
         ``(outputs, report)``: ``{"average": path, "greedy": path}`` and ``{"table", "rows",
@@ -472,14 +475,14 @@ def final_model(paths: Sequence[str | os.PathLike], *, out_dir: str | os.PathLik
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     paths = [Path(p) for p in paths]
-    average = soup(paths, out=out_dir / "papa.safetensors", force=True,
+    average = soup(paths, out=out_dir / average_name, force=True,
                    recipe_extra={"papa": dict(recipe or {})}).path
     ev = CheckpointEvaluator.from_checkpoints([average], data=data, batch_size=batch_size, device=device)
     n_bn = recompute_bn if bn_layers(ev.model) else 0
     if n_bn:
         recompute_bn_checkpoint(average, num_batches=n_bn, evaluator=ev)
     outputs = {"average": Path(average)}
-    names = [p.stem for p in paths] + ["average (papa.safetensors)"]
+    names = [p.stem for p in paths] + [f"average ({average_name})"]
     selected = None
     if greedy:
         result, greedy_path = greedy_soup_checkpoints(paths, out=out_dir / "greedy.safetensors", data=ev.splits,
@@ -613,7 +616,8 @@ _MIX_OPTIONS = ("mix_every", "mix_from_start", "repair_batches", "final", "final
 
 train_papa_all = register_method(
     "papa-all", citation=PAPA_CITATION, options=_MIX_OPTIONS,
-    summary="every E epochs every member becomes the population average, then REPAIR (PAPA-all)")(_mixing("all", "papa-all"))
+    summary="every E epochs every member becomes the population average, then REPAIR (PAPA-all)",
+)(_mixing("all", "papa-all"))
 train_papa_all.__doc__ = """PAPA-all: every ``mix_every`` epochs every member is replaced by the average, then REPAIR.
 
 Options: ``mix_every`` (epochs, 5), ``mix_from_start`` (also after epoch 0, True), ``repair_batches`` (5),
@@ -621,7 +625,8 @@ Options: ``mix_every`` (epochs, 5), ``mix_from_start`` (also after epoch 0, True
 """
 train_papa_2 = register_method(
     "papa-2", citation=PAPA_CITATION, options=_MIX_OPTIONS,
-    summary="every E epochs every member becomes the average of a random pair, then REPAIR (PAPA-2)")(_mixing("pairs", "papa-2"))
+    summary="every E epochs every member becomes the average of a random pair, then REPAIR (PAPA-2)",
+)(_mixing("pairs", "papa-2"))
 train_papa_2.__doc__ = """PAPA-2: every ``mix_every`` epochs member i becomes the 50/50 average of a random pair, then REPAIR.
 
 Options as for ``papa-all``.
