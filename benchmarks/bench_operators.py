@@ -41,10 +41,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "multislerp",
-                 "karcher", "model_stock"]
+DETERMINISTIC = ["linear", "task_arithmetic", "slerp", "multislerp", "karcher", "model_stock", "ties", "breadcrumbs",
+                 "breadcrumbs_ties"]
 RANDOM = ["dare_ties", "dare_linear", "della"]
-ALL = DETERMINISTIC + RANDOM
+# cheapest for mergekit first, so a time budget cuts the sorting methods last
+ALL = DETERMINISTIC[:7] + ["dare_ties"] + DETERMINISTIC[7:] + ["dare_linear", "della"]
 
 
 def recipe(method: str, base: Path, members: list[Path]) -> str:
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", default=str(HERE / "out" / "mergekit-venv"))
     ap.add_argument("--install-mergekit", action="store_true", help="create --mergekit-venv with pip install mergekit")
     ap.add_argument("--memory-sizes", default="2,8", help="member counts for the TIES memory rows ('' to skip)")
+    ap.add_argument("--mergekit-budget", type=float, default=25.0,
+                    help="minutes of mergekit runs; methods after that run through papa-merge only")
     ap.add_argument("--memory-mergekit", action="store_true", help="run mergekit for the memory rows too")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool and method (medians shown)")
     ap.add_argument("--dir", default=str(HERE / "out" / "operators"))
@@ -228,52 +231,21 @@ def main() -> None:
         lines.append(f"# mergekit {ver.stdout.split()[0]} (torch {ver.stdout.split()[1]}) from {venv}")
     for line in lines:
         print(line, flush=True)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(*parts: list[str]) -> None:  # after every row, so an interrupted run keeps what it measured
+        results.write_text("\n".join(lines + [""] + [x for part in parts for x in part]) + "\n")
+
     base, members = make_models(folder, n_make, args.gb)
     work = folder / "runs"
     work.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    header = ("| method | papa-merge s | papa-merge peak RSS GB | mergekit s | mergekit peak RSS GB | speed-up | "
-              "max abs diff | elements differing | equal to base (papa / mergekit) | mean abs change (papa / mergekit) |")
-    rows = [header, "|" + "---|" * 10]
-    print(header, flush=True)
-    for method in methods:
-        cfg = work / f"{method}.yml"
-        cfg.write_text(recipe(method, base, members[: args.members]))
-        res: dict[str, list[dict]] = {"papa": [], "mk": []}
-        for _ in range(args.repeat):
-            for tool in (["papa", "mk"] if with_mk else ["papa"]):
-                out = work / f"{method}-{tool}"
-                if out.exists():
-                    shutil.rmtree(out)
-                warm([base, *members[: args.members]])
-                cmd = papa_cmd(cfg, out) if tool == "papa" else mergekit_cmd(venv, cfg, out)
-                try:
-                    res[tool].append(run(cmd, env if tool == "papa" else None, out))
-                except RuntimeError as e:
-                    print(f"# {method}: {tool} failed: {str(e)[-500:]}", flush=True)
-        if not res["papa"] or (with_mk and not res["mk"]):
-            row = f"| {method} | failed (see log) |"
-            rows.append(row)
-            print(row, flush=True)
-            continue
-        p = {k: statistics.median(r[k] for r in res["papa"]) for k in ("wall", "rss_gb")}
-        if with_mk:
-            m = {k: statistics.median(r[k] for r in res["mk"]) for k in ("wall", "rss_gb")}
-            c = compare(work / f"{method}-papa", work / f"{method}-mk", base)
-            row = (f"| {method} | {p['wall']:.1f} | {p['rss_gb']:.2f} | {m['wall']:.1f} | {m['rss_gb']:.2f} | "
-                   f"{m['wall'] / p['wall']:.1f}x | {c['max_diff']:.3g} | {100 * c['differ']:.4f}% | "
-                   f"{100 * c['a_same']:.2f}% / {100 * c['b_same']:.2f}% | {c['a_abs']:.4g} / {c['b_abs']:.4g} |")
-        else:
-            row = f"| {method} | {p['wall']:.1f} | {p['rss_gb']:.2f} | - | - | - | - | - | - | - |"
-        rows.append(row)
-        print(row, flush=True)
-        for tool in ("papa", "mk"):
-            shutil.rmtree(work / f"{method}-{tool}", ignore_errors=True)
     mem_rows = []
     if sizes:
-        mem_rows = ["", "| TIES, members | papa-merge s | papa-merge peak RSS GB | mergekit s | mergekit peak RSS GB |",
+        mem_rows = ["| TIES, members | papa-merge s | papa-merge peak RSS GB | mergekit s | mergekit peak RSS GB |",
                     "|---|---|---|---|---|"]
-        print("\n".join(mem_rows[1:]), flush=True)
+        print("\n".join(mem_rows), flush=True)
         for n in sizes:
             cfg = work / f"ties-{n}.yml"
             cfg.write_text(recipe("ties", base, members[:n]))
@@ -290,9 +262,51 @@ def main() -> None:
             row = f"| {n} | {p['wall']:.1f} | {p['rss_gb']:.2f} | {mk} |"
             mem_rows.append(row)
             print(row, flush=True)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text("\n".join(lines + [""] + rows + mem_rows) + "\n")
+            save(mem_rows)
+    header = ("| method | papa-merge s | papa-merge peak RSS GB | mergekit s | mergekit peak RSS GB | speed-up | "
+              "max abs diff | elements differing | equal to base (papa / mergekit) | mean abs change (papa / mergekit) |")
+    rows = ["", header, "|" + "---|" * 10]
+    print(header, flush=True)
+    t_start = time.perf_counter()
+    for method in methods:
+        cfg = work / f"{method}.yml"
+        cfg.write_text(recipe(method, base, members[: args.members]))
+        res: dict[str, list[dict]] = {"papa": [], "mk": []}
+        use_mk = with_mk and (time.perf_counter() - t_start) / 60 < args.mergekit_budget
+        if with_mk and not use_mk:
+            print(f"# {method}: mergekit skipped (its {args.mergekit_budget:g}-minute budget is spent)", flush=True)
+        for _ in range(args.repeat):
+            for tool in (["papa", "mk"] if use_mk else ["papa"]):
+                out = work / f"{method}-{tool}"
+                if out.exists():
+                    shutil.rmtree(out)
+                warm([base, *members[: args.members]])
+                cmd = papa_cmd(cfg, out) if tool == "papa" else mergekit_cmd(venv, cfg, out)
+                try:
+                    res[tool].append(run(cmd, env if tool == "papa" else None, out))
+                except RuntimeError as e:
+                    print(f"# {method}: {tool} failed: {str(e)[-500:]}", flush=True)
+        if not res["papa"] or (use_mk and not res["mk"]):
+            row = f"| {method} | failed (see log) |"
+            rows.append(row)
+            print(row, flush=True)
+            continue
+        p = {k: statistics.median(r[k] for r in res["papa"]) for k in ("wall", "rss_gb")}
+        if use_mk:
+            m = {k: statistics.median(r[k] for r in res["mk"]) for k in ("wall", "rss_gb")}
+            c = compare(work / f"{method}-papa", work / f"{method}-mk", base)
+            row = (f"| {method} | {p['wall']:.1f} | {p['rss_gb']:.2f} | {m['wall']:.1f} | {m['rss_gb']:.2f} | "
+                   f"{m['wall'] / p['wall']:.1f}x | {c['max_diff']:.3g} | {100 * c['differ']:.4f}% | "
+                   f"{100 * c['a_same']:.2f}% / {100 * c['b_same']:.2f}% | {c['a_abs']:.4g} / {c['b_abs']:.4g} |")
+        else:
+            skipped = "skipped (time budget)" if with_mk else "-"
+            row = f"| {method} | {p['wall']:.1f} | {p['rss_gb']:.2f} | {skipped} | - | - | - | - | - | - |"
+        rows.append(row)
+        print(row, flush=True)
+        save(mem_rows, rows)
+        for tool in ("papa", "mk"):
+            shutil.rmtree(work / f"{method}-{tool}", ignore_errors=True)
+    save(mem_rows, rows)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
 
