@@ -90,7 +90,16 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         click.echo(f"recomputed BatchNorm statistics on {recompute_bn} training batches of {batch_size}")
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
-               f"from {len(members)} members in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read)")
+               f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read) from {len(members)} members: "
+               + _members_and_weights(members, result.recipe))
+
+
+def _members_and_weights(members: tuple[str, ...], recipe: dict) -> str:
+    """``a.safetensors x0.75, b.safetensors x0.25``: each member as the user named it, with its share of the soup."""
+    from merge.card import recipe_members
+
+    shares = [w for _, w in recipe_members(recipe)]
+    return ", ".join(f"{m} x{w:.4g}" for m, w in zip(members, shares))
 
 
 def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | None, dry_run: bool,
