@@ -680,8 +680,8 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
     buffer_bytes = max((k.max_read_bytes() for k in kernels), default=1)
 
     def schedule() -> Iterator[Read]:
-        for k in kernels:
-            yield from k.reads()
+        for i in range(len(kernels)):  # by index: the consumer drops each kernel once it is done
+            yield from kernels[i].reads()
 
     sink.begin([t.out for t in plan.tensors])
     found: list = []
@@ -702,10 +702,11 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
         with ChunkReader(plan.all_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
                          progress=count) as reader:
             io = _IO(plan, reader, sink)
-            for k in kernels:
+            for i, k in enumerate(kernels):
                 k.run(io)
                 if k.suspect:
                     _check_nonfinite(plan, k, found)
+                kernels[i] = None  # its statistics are done with (the reader is past its reads)
             reader.finish()
         sink.finish()
     finally:

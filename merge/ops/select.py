@@ -98,6 +98,7 @@ class RadixSelect:
             t.less += before
             t.prefix = (t.prefix << width) | j
             t.eq = int(counts[j])
+        self._hist = {}
         if self._level == self.passes - 1:
             for t in self.targets:
                 t.value_bits = t.prefix

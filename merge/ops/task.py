@@ -194,6 +194,7 @@ class TaskTensor:
             if m.select._level == m.select.passes - 1:
                 r0, r1 = self._band_ranks(m)
                 m.band = Band.from_select(m.select, self.numel, r0, r1)
+                m.select = None  # the histograms are done with: memory stays flat in the member count
             return
         before = after = 0.0
         for t, k in m.sums:  # units in order: the same additions for any chunking
