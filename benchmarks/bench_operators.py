@@ -188,6 +188,14 @@ def compare(a: Path, b: Path, base: Path) -> dict:
             "b_same": stats["b_same"] / total, "a_abs": stats["a_abs"] / total, "b_abs": stats["b_abs"] / total}
 
 
+def compare_in_child(a: Path, b: Path, base: Path) -> dict:
+    """:func:`compare` in a fresh process: this (measuring) process must stay small, because a child's peak
+    RSS as ``wait4`` reports it starts from the parent's RSS when it is spawned."""
+    res = subprocess.run([sys.executable, __file__, "--child", "compare", "--dir", str(a), "--results", str(b),
+                          "--mergekit-venv", str(base)], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.0, help="size of each member in GB (bf16)")
@@ -209,6 +217,9 @@ def main() -> None:
     folder = Path(args.dir)
     if args.child == "make":
         child_make(folder, args.members, args.gb)
+        return
+    if args.child == "compare":
+        print(json.dumps(compare(folder, Path(args.results), Path(args.mergekit_venv))))
         return
     venv = Path(args.mergekit_venv)
     if args.install_mergekit and not (venv / "bin" / "mergekit-yaml").exists():
@@ -294,7 +305,7 @@ def main() -> None:
         p = {k: statistics.median(r[k] for r in res["papa"]) for k in ("wall", "rss_gb")}
         if use_mk:
             m = {k: statistics.median(r[k] for r in res["mk"]) for k in ("wall", "rss_gb")}
-            c = compare(work / f"{method}-papa", work / f"{method}-mk", base)
+            c = compare_in_child(work / f"{method}-papa", work / f"{method}-mk", base)
             row = (f"| {method} | {p['wall']:.1f} | {p['rss_gb']:.2f} | {m['wall']:.1f} | {m['rss_gb']:.2f} | "
                    f"{m['wall'] / p['wall']:.1f}x | {c['max_diff']:.3g} | {100 * c['differ']:.4f}% | "
                    f"{100 * c['a_same']:.2f}% / {100 * c['b_same']:.2f}% | {c['a_abs']:.4g} / {c['b_abs']:.4g} |")
