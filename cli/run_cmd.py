@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from cli.soup_cmd import echo_warnings, print_plan
-from cli.util import format_bytes
+from cli.eval_cmd import one_line_warnings
+from cli.soup_cmd import print_plan
+from cli.util import format_bytes, show_progress
 
 
 @click.command(context_settings={"show_default": True})
@@ -26,7 +25,9 @@ from cli.util import format_bytes
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_mismatch: str, force: bool, strict: bool,
         dry_run: bool, progress: bool | None) -> None:
-    """Run a mergekit recipe RECIPE (YAML) into OUT, streaming in constant memory.
+    """Run a mergekit recipe (YAML).
+
+    Runs the recipe RECIPE into OUT, streaming in constant memory.
 
     Reads mergekit's schema (merge_method, base_model, models with per-model parameters, global
     parameters, dtype, out_dtype, tokenizer_source: base) for the methods of `papa-merge soup
@@ -49,8 +50,8 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
         for note in parsed.notes:
             click.echo(f"note:           {note}")
         return
-    show = sys.stderr.isatty() if progress is None else progress
-    with echo_warnings():
+    show = show_progress(progress)
+    with one_line_warnings():
         result = run_recipe(parsed, out=out, seed=seed, device=device, shard_size=shard_size,
                             on_mismatch=on_mismatch, force=force, strict=strict, progress=show)
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}) with "

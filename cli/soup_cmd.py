@@ -2,20 +2,98 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
+from cli.eval_cmd import echo_line, model_options, one_line_warnings, show_progress
 from cli.util import format_bytes, parse_floats
 
 
+def _floats_or_list(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    if value is None:
+        return None
+    vals = parse_floats(value, "--" + param.name.replace("_", "-").rstrip("-"))
+    return vals[0] if len(vals) == 1 else vals
+
+
+def method_options(fn):
+    """The merge-method flags shared by ``soup`` (and, where they apply, ``run``)."""
+    opts = [
+        click.option("--base", default=None, metavar="CKPT",
+                     help="Base model the members were fine-tuned from (task vectors are member - base); needed by "
+                          "task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp, model_stock."),
+        click.option("--density", default=None, callback=_floats_or_list, metavar="D[,D2,...]",
+                     help="Fraction of each task vector kept (ties, dare_*, breadcrumbs*, della*); one value, or one "
+                          "per member."),
+        click.option("--lambda", "lambda_", default=None, type=float, help="Scale of the merged task vector."),
+        click.option("--t", "t", default=None, type=float, help="slerp: 0 = base, 1 = member."),
+        click.option("--gamma", default=None, callback=_floats_or_list, metavar="G[,G2,...]",
+                     help="breadcrumbs: fraction of the largest magnitudes dropped."),
+        click.option("--epsilon", default=None, callback=_floats_or_list, metavar="E[,E2,...]",
+                     help="della: spread of keep probabilities around the density."),
+        click.option("--normalize/--no-normalize", default=None,
+                     help="Divide by the sum of the (agreeing) weights. [default: per method]"),
+        click.option("--rescale/--no-rescale", default=None,
+                     help="Rescale kept task-vector elements to the L1 norm. [default: per method]"),
+        click.option("--param", "param", multiple=True, metavar="NAME=VALUE",
+                     help="Any other method parameter (e.g. max_iter=20); repeatable."),
+        click.option("--seed", default=0, type=int, help="Seed of the random methods (dare_*, della*)."),
+        click.option("--strict", is_flag=True,
+                     help="A NaN or infinity in a member is an error (default: a warning naming member and tensor)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def collect_params(given: dict) -> dict:
+    """The method parameters given on the command line, as ``merge.soup(params=...)`` takes them."""
+    params: dict[str, object] = {}
+    names = {"lambda_": "lambda"}
+    for key, value in given.items():
+        if key == "param":
+            for item in value or ():
+                if "=" not in item:
+                    raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--param")
+                k, v = item.split("=", 1)
+                vals = [x.strip() for x in v.split(",")]
+                params[k.strip()] = vals[0] if len(vals) == 1 else vals
+        elif value is not None:
+            params[names.get(key, key)] = value
+    return params
+
+
+def print_plan(plan, out: str) -> None:
+    """``--dry-run``: what the merge will read, write and hold, before reading any tensor."""
+    op = plan.operator
+    reduced = sum(t.action == "reduce" for t in plan.tensors)
+    base = f", base {plan.base.path}" if plan.base is not None else ""
+    click.echo(f"members:        {len(plan.sources)}{base}")
+    if plan.combination is not None:
+        click.echo(f"method:         {op.name} (sum of {', '.join(f'{c:.4g}' for c in plan.coefficients)} x member)")
+    else:
+        shown = {k: v for k, v in plan.params.items() if k != "weight"}
+        extra = f"; parameters {shown}" if shown else ""
+        click.echo(f"method:         {op.name} ({op.path} path{extra})")
+    verb = "merged"
+    click.echo(f"tensors:        {len(plan.tensors)} ({reduced} {verb}, {len(plan.tensors) - reduced} copied"
+               f" from {'the base' if plan.base is not None else 'member 0'}, {len(plan.skipped)} skipped)")
+    click.echo(f"reads:          {format_bytes(plan.read_bytes)} (every pass counted)")
+    click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}")
+    click.echo(f"peak memory:    {format_bytes(plan.buffer_bytes)} of working buffers for {op.name} "
+               "(independent of member count)")
+
+
 @click.command(context_settings={"show_default": True})
-@click.argument("members", nargs=-1, required=True)
+@click.argument("members", nargs=-1, required=False)
 @click.option("-o", "--out", required=True, type=click.Path(),
-              help="Output: a .safetensors file, or a folder (any other path) written as a Hugging Face model folder.")
+              help="Output: NAME.safetensors (one file), NAME.pt/.pth/.bin (a torch state-dict file), or a path "
+                   "without a suffix or an existing folder (a Hugging Face model folder).")
 @click.option("--method", default="uniform", help="Merge operator (see `papa-merge soup --list-methods`).")
+@method_options
 @click.option("--weights", default=None, metavar="W1,W2,...",
               help="One weight per member, normalised to sum to one (implies --method weighted).")
+@click.option("--weights-from", "weights_from", default=None, metavar="MANIFEST", type=click.Path(dir_okay=False),
+              help="Members and weights (pick counts) from a selection manifest written by `papa-merge select`.")
 @click.option("--dtype", default=None, metavar="DTYPE",
               help="Output dtype of floating tensors: float32, bfloat16, float16, float64. [default: as input]")
 @click.option("--accumulate", default="float32", type=click.Choice(["float32", "float64"]),
@@ -30,9 +108,12 @@ from cli.util import format_bytes, parse_floats
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 @click.option("--greedy", is_flag=True,
               help="Greedy soup (model soups): sort members by val accuracy, start from the best, keep each other "
-                   "member only if the average with it scores strictly better on val. Needs papa_merge metadata.")
+                   "member only if the average with it scores strictly better on val. Needs papa_merge metadata (or --model "
+                   "and --data).")
 @click.option("--data", default=None, metavar="NAME",
-              help="Dataset for --greedy/--recompute-bn (mnist, digits, ...). [default: from the members' metadata]")
+              help="Dataset for --greedy/--recompute-bn of members that record none (mnist, digits, ...); members "
+                   "that record theirs always use their own split. [default: from the members' metadata]")
+@model_options
 @click.option("--recompute-bn", default=0, type=click.IntRange(min=0), metavar="N",
               help="Recompute BatchNorm statistics of the soup on N training batches (and of every candidate "
                    "with --greedy). 0: off.")
@@ -42,8 +123,12 @@ from cli.util import format_bytes, parse_floats
               help="List the merge operators and exit.")
 def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, dtype: str | None, accumulate: str,
          device: str, shard_size: str, on_mismatch: str, key: str | None, force: bool, dry_run: bool,
-         progress: bool | None, greedy: bool, data: str | None, recompute_bn: int, batch_size: int) -> None:
-    """Average checkpoints MEMBERS... into one, tensor by tensor, in constant memory.
+         progress: bool | None, greedy: bool, data: str | None, recompute_bn: int, batch_size: int,
+         weights_from: str | None, model: str | None, num_classes: int | None, in_chans: int | None,
+         image_size: int | None, base: str | None, seed: int, strict: bool, **method_params: object) -> None:
+    """Average checkpoints into one.
+
+    Averages MEMBERS... tensor by tensor, streaming from disk in constant memory.
 
     MEMBERS are .safetensors files, Hugging Face model folders (sharded or not), shard indexes,
     .bin/.pt/.pth pickles (read with weights-only loading), or hf://org/name[@revision]. A path
@@ -54,39 +139,60 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup ckpts/*.safetensors -o soup.safetensors
       papa-merge soup a.safetensors b.safetensors --weights 0.7,0.3 --dtype bfloat16 -o soup/
       papa-merge soup --greedy ckpts/*.safetensors --recompute-bn 20 -o greedy.safetensors
+      papa-merge soup --weights-from selection.json -o selected.safetensors
+      papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
+      papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
     """
     import merge
 
+    recipe_extra = None
+    if weights_from is not None:
+        if members or weights is not None or greedy:
+            raise click.UsageError("--weights-from names the members and their weights; drop MEMBERS, "
+                                   "--weights and --greedy")
+        from merge.manifest import read_manifest
+
+        selection = read_manifest(weights_from)
+        members = tuple(selection.paths)
+        weights = ",".join(str(w) for w in selection.weights)
+        recipe_extra = {"selection": {"manifest": str(weights_from), **selection.record()}}
+    if not members:
+        raise click.MissingParameter(ctx=click.get_current_context(), param_type="argument",
+                                     param_hint="'MEMBERS...'")
     if greedy:
         _greedy(members, out=out, method=method, weights=weights, dry_run=dry_run, data=data,
-                recompute_bn=recompute_bn, batch_size=batch_size, device=device, force=force)
+                recompute_bn=recompute_bn, batch_size=batch_size, device=device, force=force,
+                model=model, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                progress=progress)
         return
+    if model is not None:
+        raise click.UsageError("--model describes members that record no architecture for --greedy; a plain soup "
+                               "needs none")
 
     if recompute_bn and not out.endswith(".safetensors"):
         raise click.UsageError("--recompute-bn rewrites a single file: write the soup with -o NAME.safetensors")
     w = parse_floats(weights, "--weights") if weights is not None else None
     if weights is not None and method == "uniform":
         method = "weighted"
+    params = collect_params(method_params)
     if dry_run:
-        plan = merge.plan_soup(list(members), method=method, weights=w, dtype=dtype, accumulate=accumulate,
-                               device=device, on_mismatch=on_mismatch)
-        reduced = sum(t.action == "reduce" for t in plan.tensors)
-        click.echo(f"members:        {len(plan.sources)}")
-        click.echo(f"method:         {method} (sum of {', '.join(f'{c:.4g}' for c in plan.coefficients)} x member, / {plan.divisor:.4g})")
-        click.echo(f"tensors:        {len(plan.tensors)} ({reduced} averaged, {len(plan.tensors) - reduced} copied"
-                   f" from member 0, {len(plan.skipped)} skipped)")
-        click.echo(f"reads:          {format_bytes(plan.read_bytes)}")
-        click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}")
-        click.echo(f"working memory: {format_bytes(plan.buffer_bytes)} of buffers (independent of member count)")
+        merge.soups.output_kind(out)
+        plan = merge.plan_soup(list(members), method=method, weights=w, base=base, params=params, seed=seed,
+                               dtype=dtype, accumulate=accumulate, device=device, on_mismatch=on_mismatch, key=key,
+                               strict=strict)
+        print_plan(plan, out)
         return
-    show = sys.stderr.isatty() if progress is None else progress
-    result = merge.soup(list(members), out=out, method=method, weights=w, dtype=dtype, accumulate=accumulate,
-                        device=device, shard_size=shard_size, on_mismatch=on_mismatch, key=key, force=force,
-                        progress=show)
+    show = show_progress(progress)
+    with one_line_warnings():
+        result = merge.soup(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
+                            dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
+                            on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
+                            strict=strict)
     if recompute_bn:
         from merge.evaluate import recompute_bn_checkpoint
 
-        recompute_bn_checkpoint(result.path, num_batches=recompute_bn, data=data, batch_size=batch_size, device=device)
+        recompute_bn_checkpoint(result.path, num_batches=recompute_bn, data=data, batch_size=batch_size, device=device,
+                                progress=show)
         click.echo(f"recomputed BatchNorm statistics on {recompute_bn} training batches of {batch_size}")
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
@@ -103,35 +209,73 @@ def _members_and_weights(members: tuple[str, ...], recipe: dict) -> str:
 
 
 def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | None, dry_run: bool,
-            data: str | None, recompute_bn: int, batch_size: int, device: str, force: bool) -> None:
-    """``soup --greedy``: merge.greedy.greedy_soup_checkpoints, one line per visited member."""
+            data: str | None, recompute_bn: int, batch_size: int, device: str, force: bool, model: str | None,
+            num_classes: int | None, in_chans: int | None, image_size: int | None, progress: bool | None) -> None:
+    """``soup --greedy``: merge.greedy.greedy_soup_checkpoints, one line per member and candidate as each is scored."""
     if weights is not None or method != "uniform":
         raise click.UsageError("--greedy chooses its own members and averages them uniformly; "
                                "drop --weights/--method")
     if dry_run:
         raise click.UsageError("--greedy evaluates candidate soups, so it has no --dry-run")
+    from merge.evaluate import scoring_label
     from merge.greedy import greedy_soup_checkpoints
 
     names = list(members)
+    what = "val acc"
+    echo_line(f"members, {what} {scoring_label(0, batch_size)}:")
+
+    def member(i: int, score: float) -> None:
+        echo_line(f"  {names[i]}: {100 * score:.2f}%")
+
+    first = []
 
     def report(i: int, score: float, kept: bool) -> None:
-        click.echo(f"  try {names[i]}: val {100 * score:.2f}% -> {'kept' if kept else 'rejected'}")
+        if not first:
+            first.append(True)
+            echo_line(f"candidates (the soup so far plus one member), {what} "
+                      f"{scoring_label(recompute_bn, batch_size)}:")
+        echo_line(f"  + {names[i]}: {100 * score:.2f}% -> {'kept' if kept else 'rejected'}")
 
-    result, path = greedy_soup_checkpoints(names, out=out, data=data, recompute_bn=recompute_bn,
-                                           batch_size=batch_size, device=device, force=force, on_score=report)
+    with one_line_warnings():
+        result, path = greedy_soup_checkpoints(names, out=out, data=data, model=model, num_classes=num_classes,
+                                               in_chans=in_chans, image_size=image_size, recompute_bn=recompute_bn,
+                                               batch_size=batch_size, device=device, force=force,
+                                               progress=show_progress(progress), on_member=member, on_score=report)
     best = result.order[0]
-    click.echo(f"greedy soup: kept {len(result.selected)} of {len(members)} members "
-               f"({', '.join(names[i] for i in result.selected)}); val acc {100 * result.score:.2f}% "
-               f"(best member {100 * result.member_scores[best]:.2f}%)")
+    kept = ", ".join(names[i] for i in result.selected)
+    how = result.score_label.split(", ", 1)[-1]
+    if len(result.selected) == 1:
+        click.echo(f"greedy soup: kept 1 of {len(members)} members ({kept}): the soup is that member; "
+                   f"val acc {100 * result.score:.2f}% ({how})")
+    else:
+        click.echo(f"greedy soup: kept {len(result.selected)} of {len(members)} members ({kept}); "
+                   f"val acc {100 * result.score:.2f}% ({how}); best member {names[best]}: "
+                   f"{100 * result.member_scores[best]:.2f}% ({result.member_label.split(', ', 1)[-1]})")
     click.echo(f"wrote {path}")
 
 
 def _list(ctx: click.Context, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from merge.ops import OPERATORS
+    list_methods()
+    ctx.exit(0)
 
+
+def list_methods() -> None:
+    """``--list-methods``: one row per operator, with a header and unambiguous columns."""
+    from merge.ops import ALIASES, OPERATORS
+
+    rows = []
     for name in sorted(OPERATORS):
         op = OPERATORS[name]
-        click.echo(f"{name:12s} {op.scope:11s} {op.citation}")
-    ctx.exit(0)
+        aliases = [a for a, target in ALIASES.items() if target == name]
+        shown = name + (f" (alias {', '.join(aliases)})" if aliases else "")
+        params = ", ".join(f"{p.name}{'*' if p.per_member else ''}" for p in op.params) or "-"
+        rows.append((shown, op.path, op.base, params, op.citation))
+    head = ("METHOD", "STREAMING PATH", "BASE MODEL", "PARAMETERS (* per member)", "CITATION")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    for r in [head, *rows]:
+        click.echo("  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4])
+    click.echo("\nstreaming path: linear = one pass folding members; gram = a pass for norms and angles, then a "
+               "linear pass; task = passes for each member's thresholds, then one pass folding task vectors. "
+               "Peak memory does not grow with the number of members (see --dry-run).")

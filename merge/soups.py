@@ -21,6 +21,7 @@ from merge.errors import InvalidArgumentError, SameInputOutputError
 from merge.keys import MEMBER_ONLY_KEYS, RECIPE_KEY, TRAIN_KEY, version
 from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
+from merge.lineage import warn_if_different_starts
 from merge.io.sources import Source, StateDictSource, open_checkpoint
 from merge.io.folder import carry_folder_files
 from merge.card import write_card
@@ -259,6 +260,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
                          base_source=base_source, resolve=resolve)
         _check_not_an_input(out, sources + ([base_source] if base_source is not None else []))
+        warn_if_different_starts(sources, stacklevel=2)  # members of different starts average to near chance
         recipe = recipe_of(plan, out_dtype=parse_dtype(dtype), extra=recipe_extra)
         recipe_json = json.dumps(recipe, sort_keys=True)
         bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
