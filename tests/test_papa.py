@@ -316,3 +316,32 @@ def test_cli_trains_papa_2_and_prints_the_table(tmp_path):
     bad = CliRunner().invoke(cli, args[:-4] + ["--lr-scaling", "linear"])
     assert bad.exit_code == 2 and "training method 'papa-2' does not take lr_scaling" in bad.output
     assert "--lr-scaling" in bad.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pull_mix_and_repair_on_cuda_equal_cpu():
+    """The GPU path (members, means, mix weights and REPAIR statistics on the device) computes what the CPU does."""
+    from merge.repair import channel_stats, repair, repair_targets
+
+    def members(device):
+        out = []
+        for s in range(3):
+            torch.manual_seed(s)
+            out.append(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(16, 2)).to(device))
+        return out
+
+    xs = [torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        ms = members(device)
+        pull_to_average(ms, 0.7)
+        batches = [(x.to(device), torch.zeros(8, dtype=torch.long, device=device)) for x in xs]
+        weights = mix_matrix("pairs", 3, pairs=[(0, 1), (1, 2), (0, 2)])
+        assert mix_population(ms, weights, batches=batches, device=device) == "repair"
+        goal = repair_targets([channel_stats(ms[0], batches, device=device)], [1.0])
+        repair(ms[1], goal, batches, device=device)
+        results[device] = [{k: v.cpu() for k, v in m.state_dict().items()} for m in ms]
+    for a, b in zip(results["cpu"], results["cuda"]):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4)

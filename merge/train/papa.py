@@ -317,7 +317,7 @@ def mix_population(models: Sequence[nn.Module], weights: Tensor, *, batches: Seq
         children = (total / k).expand(len(models), -1)
     else:
         everyone = group.all_gather_rows(local) if group.distributed else local
-        children = rows.to(dtype) @ everyone
+        children = rows.to(dtype=dtype, device=everyone.device) @ everyone
     for ts, child in zip(tensors, children):
         _unflat_into(ts, child)
     # 3. The statistics fix, member by member, on the same batches.
