@@ -365,7 +365,9 @@ def test_cli_train_and_resume(tmp_path):
             "--limit", "200", "--epochs", "1", "--batch-size", "32", "--no-progress"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["member-00.safetensors", "member-01.safetensors"]
+    # The members and, in start/, the shared warm start they were trained onward from (issue 12).
+    assert sorted(p.name for p in out.iterdir()) == ["member-00.safetensors", "member-01.safetensors", "start"]
+    assert sorted(p.name for p in (out / "start").iterdir()) == ["member-00.safetensors"]
     assert r.output.count("trained in") == 2
     again = CliRunner().invoke(cli, args[:6] + ["3"] + args[7:])
     assert again.exit_code == 0, again.output
@@ -438,7 +440,8 @@ def test_training_methods_are_one_registry_dispatched_in_one_place(tmp_path):
     job = TrainJob(model="small_cnn", data="digits", out_dir=tmp_path, members=2)
     with pytest.raises(UnknownNameError, match="valid training methods: .*independent.*papa"):
         run_method("papa-3", job)
-    with pytest.raises(InvalidArgumentError, match=r"'independent' does not take every; its options: none"):
+    with pytest.raises(InvalidArgumentError,
+                       match=r"'independent' does not take every; its options: independent_init, warm_start"):
         run_method("independent", job, every=5)
     assert not list(tmp_path.iterdir())  # refused before any work
     from cli.main import cli

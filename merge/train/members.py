@@ -8,7 +8,8 @@ Each member's ``__metadata__`` (of ``model.safetensors`` in a folder) holds four
 
 - ``papa_merge.model``: the model spec (:func:`merge.models.model_spec`);
 - ``papa_merge.data``: the data spec (:attr:`merge.data.Splits.spec`), which reloads the same splits;
-- ``papa_merge.train``: the recipe, plus the method, steps, epochs, pretrained weights and time;
+- ``papa_merge.train``: the recipe, plus the method, steps, epochs, pretrained weights, time, and the
+  ``start`` the member was trained from (kind and sha256: :mod:`merge.lineage`);
 - ``papa_merge.metrics``: ``{"val": {"acc", "nll", "ece"}, "test": {...}}``.
 
 Soups keep the first two (a soup is rebuilt and evaluated like a member) and drop the last two.
@@ -16,6 +17,7 @@ Soups keep the first two (a soup is rebuilt and evaluated like a member) and dro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -30,6 +32,7 @@ from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError, MismatchError, OutputExistsError
 from merge.io.sources import open_checkpoint, read_safetensors_metadata
 from merge.io.writer import check_output_free, write_state_dict
+from merge.lineage import START_FIELD, population_start, start_of, start_record, state_dict_sha256
 from merge.models import DATA_KEY, METRICS_KEY, MODEL_KEY, TRAIN_KEY, build_model, make_loader, model_spec
 from merge.train.loop import Callback, TrainState, fit
 from merge.train.methods import TrainJob, TrainResult, register_method, run_method
@@ -157,11 +160,28 @@ def _train_record(recipe: Recipe, state: TrainState, *, method: str, pretrained:
     return record
 
 
+def _default_start_kind(spec: Mapping[str, Any], pretrained: str | None, init: object, init_seed: int | None) -> str:
+    if init is not None:
+        return "init"
+    if init_seed is None:
+        return "independent"
+    return "pretrained" if pretrained or str(spec["arch"]).startswith("hf:") else "shared-init"
+
+
+def _start_of(net: nn.Module, *, init: str | os.PathLike | None, init_seed: int, kind: str) -> dict:
+    """The ``start`` record of a member: the sha256 of the weights it actually starts from."""
+    extra: dict[str, Any] = {"seed": int(init_seed)}
+    if init is not None:
+        extra["path"] = str(init)
+    return start_record(kind, state_dict_sha256(net.state_dict()), **extra)
+
+
 def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | Splits, out: str | os.PathLike,
                  pretrained: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
                  callbacks: Sequence[Callback] = (), limit: int | None = None, split_seed: int = 0,
                  val_fraction: float = 0.1, eval_batch_size: int = 256, force: bool = False,
-                 init: str | os.PathLike | None = None, desc: str | None = None) -> Path:
+                 init: str | os.PathLike | None = None, desc: str | None = None, init_seed: int | None = None,
+                 start_kind: str | None = None) -> Path:
     """Train one member and write it, with its metadata, to ``out`` (atomically).
 
     Args:
@@ -181,6 +201,13 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
             weights: StarSSE trains K branches from one fine-tuned member, each with a fresh optimizer and
             a high warmup-then-cosine schedule (``Recipe(lr=..., warmup_epochs=...)``).
         desc: the progress bar's label.
+        init_seed: the seed of the initial weights (default ``recipe.seed``); members that share a start
+            pass one value, and their training draws (dropout, mixup) still follow their own ``recipe.seed``.
+        start_kind: how the start is recorded (:func:`merge.lineage.start_record`; default: ``init``
+            with ``init``, else ``pretrained``/``shared-init`` with ``init_seed``, else ``independent``).
+
+    The member's ``papa_merge.train`` records its start: the kind and the sha256 of the weights it
+    started from (:mod:`merge.lineage`), so a soup can tell members of one start from strangers.
 
     Returns:
         The path written.
@@ -201,15 +228,20 @@ def train_member(recipe: Recipe, *, model: str | Mapping[str, Any], data: str | 
     splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
     spec = _resolve_spec(model, splits)
     _check_recipe_fits(recipe, splits)
-    net = _build(spec, recipe, pretrained, dev)
+    shared = init_seed is not None and init_seed != recipe.seed
+    net = _build(spec, dataclasses.replace(recipe, seed=init_seed) if shared else recipe, pretrained, dev)
     if init is not None:
         _load_init(net, init)
+    start = _start_of(net, init=init, init_seed=recipe.seed if init_seed is None else init_seed,
+                      kind=start_kind or _default_start_kind(spec, pretrained, init, init_seed))
+    if shared:
+        torch.manual_seed(recipe.seed)  # dropout and other draws in training follow the member's own seed
     loader = train_loader(splits, spec, recipe)
     state = fit([net], [loader], [recipe], num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
                 progress=progress, desc=desc or out.stem)
     scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
     record = _train_record(recipe, state, method="independent", pretrained=pretrained, device=dev,
-                           extra={"init": None if init is None else str(init)})
+                           extra={"init": None if init is None else str(init), START_FIELD: start})
     return _save_member(net, out, spec, splits, record, scores, force=force)
 
 
@@ -241,10 +273,10 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
     if not recipes:
         raise InvalidArgumentError("a population needs at least one recipe")
     out_dir = Path(out_dir)
-    arch = model if isinstance(model, str) else str(model.get("arch", ""))
     indices = list(range(len(recipes))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(recipes):
         raise InvalidArgumentError(f"got {len(indices)} member indices for {len(recipes)} recipes")
+    arch = model if isinstance(model, str) else str(model.get("arch", ""))
     paths = [member_path(out_dir, i, arch=arch) for i in indices]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
@@ -267,13 +299,17 @@ def train_population(recipes: Sequence[Recipe], *, model: str | Mapping[str, Any
         _check_recipe_fits(r, splits)
         nets.append(_build(spec, r, pretrained, dev))
         loaders.append(train_loader(splits, spec, r))
+    # Members trained together count as one start (their method keeps them averageable): the fingerprint of
+    # all their initial weights. A process of a distributed population sees only its block, so it records none.
+    whole = population in (None, len(recipes))
+    start = {START_FIELD: population_start([n.state_dict() for n in nets], seed=recipes[0].seed)} if whole else {}
     state = fit(nets, loaders, list(recipes), num_classes=spec["num_classes"], device=dev, callbacks=callbacks,
                 progress=progress, desc=f"{method} x{len(recipes)}")
     written = []
     for i, net, r, p in zip(indices, nets, recipes, paths):
         scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
         record = _train_record(r, state, method=method, pretrained=pretrained, device=dev,
-                               extra={"member": i, "population": population or len(recipes)})
+                               extra={"member": i, "population": population or len(recipes), **start})
         written.append(_save_member(net, p, spec, splits, record, scores,
                                         force=force))
     return written
@@ -316,26 +352,131 @@ def _job_splits(job: TrainJob) -> Splits:
     return _resolve_splits(job.data, limit=job.limit, split_seed=job.split_seed, val_fraction=job.val_fraction)
 
 
+# From scratch, members share a warm start trained once for this share of their epochs. Networks trained
+# onward from a short common run stay in one basin and average well (Frankle et al. 2020, linear mode
+# connectivity); from different random initialisations their average is near chance.
+WARM_START_FRACTION = 0.25
+
+
+def _warm_start(job: TrainJob, spec: dict, splits: Splits, base: Recipe, epochs: float) -> Path:
+    """Train (or reuse) the shared warm start: ``base`` for ``epochs`` from the init of ``job.seed``."""
+    recipe = dataclasses.replace(base, seed=job.seed, data_seed=job.seed, epochs=float(epochs))
+    path = member_path(Path(job.out_dir) / "start", 0, arch=spec["arch"])
+    if path.exists() and not job.force:
+        _check_resumable(path, recipe, "independent", spec=spec, data_spec=splits.spec)
+        return path
+    return train_member(recipe, model=spec, data=splits, out=path, pretrained=job.pretrained, device=job.device,
+                        progress=job.progress, eval_batch_size=job.eval_batch_size, init=job.init,
+                        desc="shared start", force=job.force)
+
+
+def _check_same_start(path: Path, expected: dict | None) -> None:
+    """A member on disk may stand in for a planned one only if it started where the planned one would."""
+    meta = read_safetensors_metadata(path)
+    found = start_of(meta)
+    if found is None and expected is not None and _same_start_before_records(meta, expected):
+        return
+    if expected is None:  # independent initialisations: each member its own start
+        if found is not None and found.get("kind") != "independent":
+            raise MismatchError(f"{path}: exists but was trained from a shared start ({found.get('kind')}), not from "
+                                "its own initialisation; choose another output folder or delete the file", path=path)
+        return
+    if found is None or found.get("sha256") != expected["sha256"]:
+        was = "without a recorded start" if found is None else f"from another start ({found.get('kind')})"
+        raise MismatchError(f"{path}: exists but was trained {was}, while this run's members share the "
+                            f"{expected['kind']} start {expected['sha256'][:12]}; resuming would mix members that "
+                            "do not average, so choose another output folder or delete the file", path=path)
+
+
+def _same_start_before_records(meta: Mapping[str, str], expected: dict) -> bool:
+    """A member written before starts were recorded started where ``expected`` does if its recorded
+    ``init`` is the same checkpoint and, without one, its seed is the start's seed (its own initialisation)."""
+    try:
+        train = json.loads(meta[TRAIN_KEY])
+    except (KeyError, ValueError):
+        return False
+    if expected["kind"] == "init":
+        return train.get("init") == expected.get("path")
+    return expected["kind"] in ("shared-init", "pretrained") and train.get("init") is None and \
+        train.get("seed") == expected.get("seed")
+
+
 @register_method("independent", citation="Lakshminarayanan et al. 2017 (deep ensembles); Wortsman et al. 2022 "
-                 "(model soups: fine-tunes of one pretrained model)",
-                 summary="each member alone, from its own recipe; resumable member by member")
-def train_independent(job: TrainJob) -> TrainResult:
-    """Members trained one after another, each alone; members already on disk (same recipe) are kept."""
+                 "(model soups: fine-tunes of one pretrained model); Frankle et al. 2020 (a shared warm start)",
+                 summary="each member alone, onward from one shared start (independent_init: each from its own "
+                         "init); resumable member by member",
+                 options=("independent_init", "warm_start"))
+def train_independent(job: TrainJob, *, independent_init: bool = False, warm_start: float | None = None) -> TrainResult:
+    """Members trained one after another, each alone; members already on disk (same recipe and start) are kept.
+
+    Members meant for merging share a start, as model soups fine-tune one pretrained model: by default each
+    member starts from ``job.init`` when given; else from the pretrained weights with one new head (the
+    head initialised from ``job.seed``) for pretrained and ``hf:`` models; else from a shared warm start,
+    the base recipe trained once for ``warm_start`` epochs from the initialisation of ``job.seed``, written
+    to ``out_dir/start/``. Every member records that start in its ``papa_merge.train`` metadata
+    (:mod:`merge.lineage`), and :func:`merge.soup` warns about members from different starts.
+
+    Args:
+        job: what to train.
+        independent_init: start each member from its own initialisation (seed ``seed + i``), as deep
+            ensembles do: members differ more, which suits ensembles of predictions, but their weight
+            average is near chance.
+        warm_start: epochs of the shared warm start (default: a quarter of the members' epochs from
+            scratch, none for pretrained models; 0: the members share only the initialisation).
+
+    Returns:
+        The members' paths; ``outputs["start"]`` is the warm start's when one was trained, and
+        ``report["start"]`` the recorded start (kind and sha256).
+
+    Raises:
+        InvalidArgumentError: ``independent_init`` with ``init`` or ``warm_start``, or a negative ``warm_start``.
+        MismatchError: a member on disk was trained with another recipe or from another start.
+    """
+    if independent_init and (job.init is not None or warm_start):
+        raise InvalidArgumentError("independent_init starts every member from its own initialisation; it cannot "
+                                   "be combined with init or warm_start (drop one)")
+    if warm_start is not None and not warm_start >= 0:
+        raise InvalidArgumentError(f"warm_start must be >= 0 epochs, got {warm_start}", option="warm_start")
     recipes = _job_recipes(job)
     resolve_device(job.device)
     splits = _job_splits(job)
     spec = _resolve_spec(job.model, splits)
-    paths = []
+    pretrained = job.pretrained is not None or str(spec["arch"]).startswith("hf:")
+    init, kind, init_seed, outputs = job.init, None, None, {}
+    if not independent_init:
+        init_seed = job.seed
+        if warm_start is None:
+            warm_start = 0.0 if pretrained or job.init is not None else WARM_START_FRACTION * max(r.epochs for r in recipes)
+        if warm_start > 0:
+            base = job.base or (job.recipes[0] if job.recipes else default_recipe(job.arch, pretrained=pretrained))
+            init = outputs["start"] = _warm_start(job, spec, splits, base, warm_start)
+            kind = "warm-start"
+    paths, expected = [], None
     for i, r in enumerate(recipes):
         p = member_path(job.out_dir, i, arch=spec["arch"])
         if p.exists() and not job.force:
             _check_resumable(p, r, "independent", spec=spec, data_spec=splits.spec)
+            if init_seed is not None and expected is None:
+                expected = _planned_start(spec, r, job, init, init_seed, kind)
+            _check_same_start(p, expected)
         else:
             train_member(r, model=spec, data=splits, out=p, pretrained=job.pretrained, device=job.device,
                          progress=job.progress, callbacks=job.callbacks, eval_batch_size=job.eval_batch_size,
-                         init=job.init, desc=f"member {i + 1}/{len(recipes)}", force=job.force)
+                         init=init, desc=f"member {i + 1}/{len(recipes)}", force=job.force, init_seed=init_seed,
+                         start_kind=kind)
         paths.append(p)
-    return TrainResult(paths)
+    start = None if independent_init else start_of(read_safetensors_metadata(paths[0]))
+    return TrainResult(paths, outputs, {"start": start} if start else {})
+
+
+def _planned_start(spec: dict, recipe: Recipe, job: TrainJob, init: str | os.PathLike | None, init_seed: int,
+                   kind: str | None) -> dict:
+    """The start a member of this run would record (built on the CPU, not trained), to check members on disk."""
+    net = _build(spec, dataclasses.replace(recipe, seed=init_seed), job.pretrained, torch.device("cpu"))
+    if init is not None:
+        _load_init(net, init)
+    return _start_of(net, init=init, init_seed=init_seed, kind=kind or _default_start_kind(spec, job.pretrained, init,
+                                                                                            init_seed))
 
 
 def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits, out_dir: str | os.PathLike,
@@ -344,7 +485,7 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
                   device: str | torch.device = "cpu", progress: bool = True, limit: int | None = None,
                   split_seed: int = 0, val_fraction: float = 0.1, eval_batch_size: int = 256,
                   callbacks: Sequence[Callback] = (), init: str | os.PathLike | None = None, force: bool = False,
-                  **options: Any) -> list[Path]:
+                  eval_limit: int | None = None, **options: Any) -> list[Path]:
     """Train ``k`` diverse members into ``out_dir`` with a registered training method.
 
     A shortcut for :func:`merge.train.run_method` that returns the members' paths.
@@ -362,7 +503,10 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
         method: a training method (:func:`merge.train.list_methods`): ``independent`` (each member alone;
             resumable per member), ``papa`` (a population pulled toward its average), ...
         init: every member starts from this checkpoint.
-        options: the method's own options (``every=10, alpha=0.99`` for ``papa``, ...).
+        eval_limit: evaluate on at most this many val and test examples (a dataset name only; see
+            :func:`merge.data.load_dataset`, which records it so later evaluations use the same rows).
+        options: the method's own options (``every=10, alpha=0.99`` for ``papa``, ``independent_init=True``
+            or ``warm_start=0.5`` for ``independent``, ...).
         Others as in :func:`train_member`.
 
     Returns:
@@ -377,6 +521,11 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
     Example:
         >>> train_members(3, model="small_cnn", data="digits", out_dir="ckpts/")  # doctest: +SKIP
     """
+    if eval_limit is not None:
+        if isinstance(data, Splits):
+            raise InvalidArgumentError("eval_limit applies to a dataset name; load the Splits with "
+                                       "load_dataset(..., eval_limit=...) instead", option="data")
+        data = load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit, eval_limit=eval_limit)
     job = TrainJob(model=model, data=data, out_dir=out_dir, members=k, diversity=diversity, base=base,
                    recipes=recipes, seed=seed, pretrained=pretrained, init=init, device=device, progress=progress,
                    limit=limit, split_seed=split_seed, val_fraction=val_fraction, eval_batch_size=eval_batch_size,
