@@ -232,3 +232,85 @@ def test_check_labels_and_bad_arguments():
         load_dataset("digits", limit=0)
     with pytest.raises(InvalidArgumentError, match="image_size"):
         load_dataset("digits", image_size=32)
+
+
+# --- eval_limit (issue 12, item 5) -------------------------------------------------------------------------
+
+
+def _largest_remainder(counts: np.ndarray, m: int) -> np.ndarray:
+    """Per-class quotas of m rows, computed independently: floors, then +1 for the largest remainders."""
+    exact = [m * c / counts.sum() for c in counts]
+    take = [int(q) for q in exact]
+    for i in sorted(range(len(counts)), key=lambda i: (take[i] - exact[i], i))[: m - sum(take)]:
+        take[i] += 1
+    return np.array(take)
+
+
+def test_eval_limit_bounds_val_and_test_stratified_train_untouched():
+    full = load_dataset("digits", seed=2)
+    lim = load_dataset("digits", seed=2, eval_limit=50)
+    assert len(lim.val) == 50 and len(lim.test) == 50
+    # Train rows are exactly those without eval_limit; val/test rows are subsets of the whole splits.
+    assert np.array_equal(lim.train.indices, full.train.indices)
+    assert set(lim.val.indices.tolist()) <= set(full.val.indices.tolist())
+    assert set(lim.test.indices.tolist()) <= set(full.test.indices.tolist())
+    # Each class keeps its share (largest remainders), as counted from the whole split's labels.
+    for name in ("val", "test"):
+        whole = np.bincount(getattr(full, name).labels, minlength=10)
+        got = np.bincount(getattr(lim, name).labels, minlength=10)
+        assert np.array_equal(got, _largest_remainder(whole, 50)), name
+    # Labels still follow the rows.
+    assert np.array_equal(lim.val.labels, lim.train.table.labels[lim.val.indices])
+    assert lim.spec["eval_limit"] == 50 and "eval_limit" not in full.spec
+
+
+def test_eval_limit_is_recorded_so_a_later_load_gets_the_same_rows():
+    s = load_dataset("digits", seed=4, limit=300, eval_limit=40)
+    t = load_dataset_from_spec(s.spec)  # what eval, greedy soup and BN recomputation reload
+    for name in ("train", "val", "test"):
+        assert np.array_equal(getattr(s, name).indices, getattr(t, name).indices), name
+    assert len(t.val) == 40 and len(t.test) == 40 and len(t.train) == 300
+    other = load_dataset("digits", seed=5, eval_limit=40)
+    assert not np.array_equal(s.val.indices, other.val.indices)
+
+
+def test_eval_limit_larger_than_a_split_keeps_it_whole_and_bad_values_are_refused():
+    full = load_dataset("digits", seed=0)
+    big = load_dataset("digits", seed=0, eval_limit=100_000)
+    assert np.array_equal(big.val.indices, full.val.indices) and np.array_equal(big.test.indices, full.test.indices)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(InvalidArgumentError, match=rf"eval_limit must be a positive number of val/test examples, got {bad}"):
+            load_dataset("digits", eval_limit=bad)
+
+
+def test_a_member_trained_with_eval_limit_is_evaluated_later_on_the_same_rows(tmp_path):
+    """papa-merge train --eval-limit N, then papa-merge eval: the same N val and N test rows, not the whole splits."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from merge.evaluate import evaluate_checkpoints
+    from merge.io.sources import read_safetensors_metadata
+    from merge.keys import DATA_KEY, METRICS_KEY
+
+    out = tmp_path / "ckpts"
+    res = CliRunner().invoke(cli, ["train", "--model", "small_cnn", "--data", "digits", "--members", "1",
+                                   "--epochs", "0.3", "--eval-limit", "60", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    member = out / "member-00.safetensors"
+    meta = read_safetensors_metadata(member)
+    spec = json.loads(meta[DATA_KEY])
+    assert spec["eval_limit"] == 60
+    again = load_dataset_from_spec(spec)
+    expected = load_dataset("digits", seed=0, eval_limit=60)
+    for name in ("val", "test"):
+        assert np.array_equal(getattr(again, name).indices, getattr(expected, name).indices)
+        assert len(getattr(again, name)) == 60
+    # The metrics recorded at training time were measured on those rows; a later evaluation reloads them
+    # from the metadata and gets exactly the same numbers.
+    recorded = json.loads(meta[METRICS_KEY])
+    row = evaluate_checkpoints([member], split="both", ensemble=False)[0]
+    for name in ("val", "test"):
+        assert row.metrics[name]["acc"] == pytest.approx(recorded[name]["acc"], abs=1e-12)
+        assert row.metrics[name]["nll"] == pytest.approx(recorded[name]["nll"], rel=1e-5)

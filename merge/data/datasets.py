@@ -20,6 +20,7 @@ And the user's data: ``imagefolder:<path>`` (one sub-folder per class) and ``csv
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import importlib.util
 from collections.abc import Callable, Sequence
@@ -239,6 +240,39 @@ def _stratified_take(rows: np.ndarray, labels: np.ndarray, fraction: float,
     if not taken:
         return rows[:0], rows[:0]
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
+
+
+def _stratified_subsample(rows: np.ndarray, labels: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``min(m, len(rows))`` of ``rows``, each class in proportion (largest remainders round), sorted."""
+    if m >= len(rows):
+        return rows
+    classes, counts = np.unique(labels[rows], return_counts=True)
+    quota = m * counts / counts.sum()
+    take = np.floor(quota).astype(np.int64)
+    # The rows floor() left over go to the classes with the largest remainders (ties: lower label first).
+    extra = m - int(take.sum())
+    order = sorted(range(len(classes)), key=lambda i: (-(quota[i] - take[i]), int(classes[i])))
+    for i in order[:extra]:
+        take[i] += 1
+    picked = []
+    for c, k in zip(classes, take):
+        members = rows[labels[rows] == c]
+        picked.append(members[rng.permutation(len(members))[:k]])
+    return np.sort(np.concatenate(picked))
+
+
+def _limit_eval(splits: Splits, eval_limit: int) -> Splits:
+    """Keep a seeded, class-stratified ``eval_limit`` rows of val and of test (train is untouched).
+
+    The rows depend only on the split seed and ``eval_limit``, which the spec records, so every later
+    evaluation (eval, greedy soup, selection) reloads exactly these rows.
+    """
+    seed = int(splits.spec["seed"])
+    table = splits.train.table
+    val = _stratified_subsample(splits.val.indices, table.labels, eval_limit, np.random.default_rng([seed, 4]))
+    test = _stratified_subsample(splits.test.indices, table.labels, eval_limit, np.random.default_rng([seed, 5]))
+    spec = {**splits.spec, "eval_limit": int(eval_limit)}
+    return dataclasses.replace(splits, val=SplitDataset(table, val), test=SplitDataset(table, test), spec=spec)
 
 
 def _make_splits(table: Table, *, name: str, seed: int, val_fraction: float, limit: int | None,
@@ -462,7 +496,7 @@ def canonical_dataset_name(name: str) -> str:
 
 
 def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.1, limit: int | None = None,
-                 image_size: int | None = None) -> Splits:
+                 image_size: int | None = None, eval_limit: int | None = None) -> Splits:
     """Load a dataset by name and split it deterministically.
 
     Args:
@@ -470,9 +504,12 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.1, limit: 
         seed: the split seed (the same seed gives the same rows on any machine).
         val_fraction: share of each class of the non-test data held out as ``val``.
         limit: keep only this many training examples (a seeded, deterministic subsample; val and test
-            are unchanged), for fast runs.
+            are unchanged: ``eval_limit`` bounds those), for fast runs.
         image_size: for ``imagefolder:`` only, the square size images are resized and cropped to
             (default 224).
+        eval_limit: keep at most this many examples of val and of test each (a seeded, class-stratified
+            subsample, recorded in ``spec`` so :func:`load_dataset_from_spec` reloads the same rows);
+            the training rows do not change. None: whole splits.
 
     Returns:
         :class:`Splits`. MNIST's test split is its official 10k test set; other datasets give a seeded,
@@ -490,16 +527,20 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.1, limit: 
     """
     if not isinstance(name, str) or not name:
         raise UnknownNameError("dataset", str(name), list_datasets())
+    if eval_limit is not None and (isinstance(eval_limit, bool) or int(eval_limit) != eval_limit or eval_limit <= 0):
+        raise InvalidArgumentError(f"eval_limit must be a positive number of val/test examples, got {eval_limit!r}")
     if name in DATASETS:
-        return DATASETS[name](seed, val_fraction, limit, image_size)
-    prefix, sep, rest = name.partition(":")
-    if sep and prefix in _USER_PREFIXES:
+        splits = DATASETS[name](seed, val_fraction, limit, image_size)
+    else:
+        prefix, sep, rest = name.partition(":")
+        if not (sep and prefix in _USER_PREFIXES):
+            raise UnknownNameError("dataset", name, list_datasets())
         if not rest:
             raise InvalidArgumentError(f"dataset {name!r} needs a path after '{prefix}:'")
         if prefix == "csv" and image_size is not None:
             raise InvalidArgumentError("image_size applies to image folders, not to csv: datasets")
-        return _USER_PREFIXES[prefix](rest, seed, val_fraction, limit, image_size)
-    raise UnknownNameError("dataset", name, list_datasets())
+        splits = _USER_PREFIXES[prefix](rest, seed, val_fraction, limit, image_size)
+    return _limit_eval(splits, int(eval_limit)) if eval_limit is not None else splits
 
 
 def load_dataset_from_spec(spec: dict) -> Splits:
@@ -515,5 +556,5 @@ def load_dataset_from_spec(spec: dict) -> Splits:
     name = spec["dataset"]
     image_size = pre.get("image_size") if name.startswith("imagefolder:") else None
     return load_dataset(name, seed=int(spec.get("seed", 0)), val_fraction=float(spec.get("val_fraction", 0.1)),
-                        limit=spec.get("limit"), image_size=image_size)
+                        limit=spec.get("limit"), image_size=image_size, eval_limit=spec.get("eval_limit"))
 
