@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import click
 
+from cli import util
+
 MODEL_HELP = ("Architecture of checkpoints that record none (e.g. a timm state dict saved with torch.save): "
               "small_cnn, timm:<name> or hf:<folder>. [default: from the checkpoints' metadata]")
 
@@ -49,8 +51,8 @@ def one_line_warnings() -> Iterator[None]:
 
 
 def show_progress(progress: bool | None) -> bool:
-    """Bars on a terminal unless told otherwise."""
-    return sys.stderr.isatty() if progress is None else progress
+    """Bars on a terminal unless told otherwise (or ``papa-merge -q``): :func:`cli.util.show_progress`."""
+    return util.show_progress(progress)
 
 
 @click.command("eval", context_settings={"show_default": True})

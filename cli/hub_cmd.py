@@ -18,7 +18,9 @@ import click
                    "print the folder]")
 @click.option("--force", is_flag=True, help="Replace an existing, non-empty --out (only once the copy is complete).")
 def pull(repo: str, revision: str | None, include: tuple[str, ...], out: str | None, force: bool) -> None:
-    """Download the checkpoint REPO (org/name[@revision]) from the Hub.
+    """Download a checkpoint from the Hub.
+
+    REPO is org/name[@revision].
 
     Downloads go through huggingface_hub's cache (HF_HOME); HF_ENDPOINT and HF_TOKEN are honoured.
     Any command that takes a checkpoint also takes hf://org/name[@revision] directly.
@@ -51,7 +53,9 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], out: str | N
 @click.option("-m", "--message", "message", default=None, help="Commit message.")
 def push(path: str, repo: str, private: bool, revision: str | None, create_pr: bool, path_in_repo: str | None,
          keep_existing: bool, message: str | None) -> None:
-    """Upload the checkpoint PATH (a file or a model folder) so the Hub repo REPO holds exactly it.
+    """Upload a checkpoint to the Hub.
+
+    PATH is a file or a model folder; afterwards the Hub repo REPO holds exactly it.
 
     Creates the repo if needed and makes one commit with the checkpoint and a model card (README.md)
     recording its recipe (method, members, weights, metrics) and how to load it. A single file is

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
-from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, select_cmd, soup_cmd, train_cmd
+from cli.util import QUIET, VERBOSITY_KEY
+from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, run_cmd, select_cmd, soup_cmd, train_cmd
 
 
 # Library errors name keyword arguments; on the command line each is a flag. One table for all commands.
@@ -29,9 +31,21 @@ OPTION_FLAGS = {
     "base": "--base",
     "members": "--members",
     "method": "--method",
+    "density": "--density",
+    "lambda": "--lambda",
+    "t": "--t",
+    "gamma": "--gamma",
+    "epsilon": "--epsilon",
+    "normalize": "--normalize/--no-normalize",
+    "rescale": "--rescale/--no-rescale",
+    "seed": "--seed",
+    "weight": "--weights",
     "copies": "--late-phase",
     "start_epoch": "--late-phase-start",
     "beta": "--subspace-beta",
+    "independent_init": "--independent-init",
+    "warm_start": "--warm-start",
+    "eval_limit": "--eval-limit",
     "every": "--papa-every",
     "alpha": "--papa-alpha",
 }
@@ -80,10 +94,24 @@ def format_error(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """papa-merge's own warnings as one ``warning: ...`` line; other libraries' as Python shows them."""
+    if category.__module__.split(".")[0] == "merge":
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except Exception as e:  # noqa: BLE001 - every error ends as one line unless debugging
             if os.environ.get("PAPA_MERGE_DEBUG") or isinstance(e, (click.exceptions.ClickException,
                                                                      click.exceptions.Exit,
@@ -101,17 +129,29 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="papa-merge", prog_name="papa-merge")
-def cli() -> None:
+@click.version_option(None, "-V", "--version", package_name="papa-merge", prog_name="papa-merge")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or status lines (results, warnings and errors still print).")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv: even more).")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, verbose: int) -> None:
     """Merge neural-network checkpoints (model soups, PAPA, StarSSE, late-phase weights, subspaces).
 
     Averages checkpoints tensor by tensor, streaming from disk in constant memory, and trains the
     diverse members that merge well. Set PAPA_MERGE_DEBUG=1 to see tracebacks.
+
+    \b
+    Shell completion (bash; zsh_source and fish_source for the others):
+      eval "$(_PAPA_MERGE_COMPLETE=bash_source papa-merge)"
     """
+    if quiet and verbose:
+        raise click.UsageError("-q (quiet) and -v (verbose) contradict each other; pass one of them")
+    ctx.meta[VERBOSITY_KEY] = QUIET if quiet else verbose
 
 
 # Command modules register themselves here, one line each.
 cli.add_command(soup_cmd.soup)
+cli.add_command(run_cmd.run)
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(eval_cmd.eval_)
 cli.add_command(select_cmd.select)

@@ -21,7 +21,9 @@ def _alphas(value: str | None) -> list[float] | None:
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The plain model (.safetensors).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def collapse(checkpoint: str, out: str, force: bool) -> None:
-    """Collapse a late-phase checkpoint's K copies into one plain model.
+    """Collapse late-phase weight copies.
+
+    Turns a late-phase checkpoint's K copies into one plain model.
 
     CHECKPOINT is a late-phase checkpoint (OUT/late-phase/member-NN.safetensors of `papa-merge train
     --method late-phase`). The head is averaged; each BatchNorm layer becomes the average of its K
@@ -56,7 +58,10 @@ def collapse(checkpoint: str, out: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def midpoint(checkpoints: tuple[str, ...], out: str, alpha: float | None, data: str | None, bn_batches: int | None,
              batch_size: int, device: str, evaluate: bool, force: bool) -> None:
-    """Write the midpoint of a line (or any alpha), or the centre of a simplex, with BatchNorm recomputed there.
+    """Write a subspace's midpoint.
+
+    Writes the midpoint of a line (or any alpha), or the centre of a simplex, with BatchNorm
+    recomputed there.
 
     CHECKPOINTS are a subspace's endpoints (`papa-merge train --method subspace`) or any checkpoints of
     one architecture. The weights are averaged, then the BatchNorm statistics are recomputed on
@@ -93,7 +98,9 @@ def midpoint(checkpoints: tuple[str, ...], out: str, alpha: float | None, data: 
 @click.option("--json", "as_json", is_flag=True, help="Also print the curve as JSON.")
 def interpolate(a: str, b: str, out: str, data: str | None, points: int, alphas: str | None, bn_batches: int | None,
                 split: str, batch_size: int, device: str, as_json: bool) -> None:
-    """Accuracy and NLL along the line between checkpoints A and B, BatchNorm recomputed at every point.
+    """Score points on a line between models.
+
+    Accuracy and NLL along the line between checkpoints A and B, BatchNorm recomputed at every point.
 
     Writes the curve as a PNG (OUT) and a markdown table (OUT with .md), with the endpoints' prediction
     ensemble as the reference line, and prints the table.

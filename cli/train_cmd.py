@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
+
+from cli.util import VERBOSE, say, show_progress
 
 DIVERSITY_CHOICES = ["seed", "order", "augment", "hparams"]
 
@@ -46,14 +47,24 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Folder of member-00.safetensors, member-01.safetensors, ... (members already there are kept).")
 @click.option("--diversity", default="seed", type=click.Choice(DIVERSITY_CHOICES),
-              help="How members differ: seed (init + data order), order (data order only), augment (PAPA's "
+              help="How members differ: seed (each member's seed: data order, mixup draws, and its init with "
+                   "--independent-init), order (data order only), augment (PAPA's "
                    "mixup/CutMix/label smoothing/random erasing draws), hparams (random search stratified "
-                   "across seeds).")
-@click.option("--method", default="independent", metavar="METHOD",
+                   "across seeds; with --pool/--select, the hyper-deep ensemble pipeline).")
+@click.option("--method", default=None, metavar="METHOD",
               help="Training method (see --list-methods): independent (one by one), papa (a population pulled "
                    "toward its average), starsse/sse (a fine-tuned centre, then cycles from it or in a chain), "
                    "late-phase (K copies of BatchNorm and head, collapsed), subspace (a line or simplex; "
-                   "writes its endpoints), ...")
+                   "writes its endpoints), hyper-ensemble/hyper-deep (random search, greedy selection), ... "
+                   "[default: independent; hyper-deep with --pool/--select]")
+@click.option("--pool", type=click.IntRange(min=1), default=None, metavar="K",
+              help="--method hyper-ensemble/hyper-deep: configurations in the random search (replaces --members).")
+@click.option("--select", type=click.IntRange(min=1), default=None, metavar="k",
+              help="--method hyper-ensemble/hyper-deep: distinct members the greedy selection keeps. [default: 3]")
+@click.option("--select-by", type=click.Choice(["nll", "acc"]), default=None,
+              help="--method hyper-ensemble/hyper-deep: what each pick improves on val. [default: nll]")
+@click.option("--deep-seeds", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--method hyper-deep: init seeds each selected configuration is trained with. [default: --select]")
 @click.option("--late-phase", type=click.IntRange(min=2), default=None, metavar="K",
               help="--method late-phase: K copies of the BatchNorm layers and head, one trained per minibatch, "
                    "collapsed into each member. [default: 10]")
@@ -85,7 +96,18 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 @click.option("--warmup-epochs", type=float, default=None, help="Linear warmup before the cosine decay.")
 @click.option("--image-size", type=click.IntRange(min=4), default=None,
               help="Resize images to this for the model (e.g. 224 for pretrained EfficientNet). [default: the data's]")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only this many training examples.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only this many training examples (a seeded subsample; val/test: see --eval-limit).")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Evaluate on at most N val and N test examples (stratified by class, recorded in each member so "
+                   "eval, greedy soup and selection reuse the same rows). [default: whole splits]")
+@click.option("--independent-init", is_flag=True,
+              help="Start each member from its own random initialisation (deep ensembles: more diverse "
+                   "predictions, but their weight average is near chance). [default: members share one start: the "
+                   "pretrained weights, --init, or a short warm start]")
+@click.option("--warm-start", type=click.FloatRange(min=0), default=None, metavar="EPOCHS",
+              help="Epochs of the shared start, trained once into OUT/start/ before the members. [default: a "
+                   "quarter of --epochs from scratch, 0 for pretrained models]")
 @click.option("--val-fraction", type=float, default=0.1, help="Share of each class held out for selection.")
 @click.option("--split-seed", type=int, default=0, help="Seed of the train/val/test split (keep it across runs).")
 @click.option("--seed", type=int, default=0, help="Member i trains with seed SEED+i.")
@@ -115,11 +137,15 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
           label_smoothing: float | None, pretrained: str | None, init: str | None, warmup_epochs: float | None,
           late_phase: int | None, late_phase_start: float | None, branch_lr_ratio: float | None,
           branch_epochs_ratio: float | None, subspace_beta: float | None, bn_batches: int | None,
-          image_size: int | None, limit: int | None,
+          image_size: int | None, limit: int | None, eval_limit: int | None, independent_init: bool,
+          warm_start: float | None,
           val_fraction: float, split_seed: int, seed: int, papa_every: int | None, papa_alpha: float | None,
           lr_scaling: str | None, mix_every: int | None, mix_from_start: bool | None, repair_batches: int | None,
-          device: str, progress: bool | None) -> None:
-    """Train K diverse members of one model on one dataset, each written to OUT/member-NN.safetensors.
+          device: str, progress: bool | None, pool: int | None, select: int | None, select_by: str | None,
+          deep_seeds: int | None) -> None:
+    """Train diverse members to merge.
+
+    Trains K diverse members of one model on one dataset, each written to OUT/member-NN.safetensors.
 
     Every member records its architecture, data split, recipe and val/test metrics in its metadata,
     so `papa-merge soup`, `papa-merge eval` and greedy soup need nothing else. Rerunning the same
@@ -140,9 +166,15 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     from merge.io.sources import read_safetensors_metadata
     from merge.train import TrainJob, default_recipe, get_method, member_path, run_method
 
+    # --pool/--select are the hyper-deep pipeline's options: they choose its default, run_method dispatches.
+    method = method or ("hyper-deep" if pool is not None or select is not None else "independent")
+    members = pool if pool is not None else members
+    if independent_init and (init is not None or warm_start):
+        raise click.UsageError("--independent-init starts each member from its own initialisation; drop --init "
+                               "and --warm-start (or --independent-init)")
     get_method(method)  # an unknown method fails before any data is loaded
     resolve_device(device)  # before loading data: a missing GPU costs nothing
-    splits = load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit)
+    splits = load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit, eval_limit=eval_limit)
     if splits.kind == "image" and not arch.startswith("hf:"):
         spec = model_spec(arch, splits.num_classes, in_chans=splits.in_chans,
                           image_size=image_size or splits.image_size)
@@ -155,19 +187,25 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     base = default_recipe(arch, pretrained=pretrained is not None, **overrides)
     existing = {i for i in range(members) if member_path(out, i).exists()}
     if existing:
-        click.echo(f"resuming: {len(existing)} of {members} members already in {out}", err=True)
-    show = sys.stderr.isatty() if progress is None else progress
-    click.echo(f"training {members} {arch} member(s) on {data} ({len(splits.train)} train / {len(splits.val)} val / "
-               f"{len(splits.test)} test, {splits.num_classes} classes), diversity={diversity}, method={method}",
-               err=True)
+        say(f"resuming: {len(existing)} of {members} members already in {out}")
+    show = show_progress(progress)
+    say(f"training {members} {arch} member(s) on {data} ({len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test, {splits.num_classes} classes), diversity={diversity}, method={method}")
+    say(f"base recipe: {json.dumps(base.to_dict(), sort_keys=True)}", level=VERBOSE)
     job = TrainJob(model=spec, data=splits, out_dir=out, members=members, diversity=diversity, base=base, seed=seed,
                    pretrained=pretrained, init=init, device=device, progress=show)
     # Each method's own options, by the name its registry entry declares; unset ones take the method's default.
     options = {"every": papa_every, "alpha": papa_alpha, "copies": late_phase, "start_epoch": late_phase_start,
                "branch_lr_ratio": branch_lr_ratio, "branch_epochs_ratio": branch_epochs_ratio,
                "beta": subspace_beta, "bn_batches": bn_batches, "lr_scaling": lr_scaling, "mix_every": mix_every,
-               "mix_from_start": mix_from_start, "repair_batches": repair_batches}
+               "mix_from_start": mix_from_start, "repair_batches": repair_batches, "pool": pool, "select": select,
+               "by": select_by, "seeds": deep_seeds, "independent_init": independent_init or None,
+               "warm_start": warm_start}
     result = run_method(method, job, **options)
+    start = result.report.get("start")
+    if start:
+        where = f" {result.outputs['start']}" if result.outputs.get("start") else ""
+        say(f"members share one start ({start['kind']}{where}, sha256 {start['sha256'][:12]}), so they average well")
     if result.report.get("rank", 0) != 0:
         return  # under torchrun, rank 0 reports for the whole population
     paths = result.paths

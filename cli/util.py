@@ -1,8 +1,44 @@
-"""Small parsing and formatting helpers shared by the commands."""
+"""Small helpers shared by the commands: parsing, formatting, and how much to show.
+
+How much a command shows is set once, on the group: ``papa-merge -q CMD`` (quiet: no progress bars and
+no status lines; results, warnings and errors still print) or ``papa-merge -v CMD`` (verbose: more
+detail). Every command asks :func:`show_progress` whether to draw bars and prints status lines with
+:func:`say`, so the two flags mean the same everywhere.
+"""
 
 from __future__ import annotations
 
+import sys
+
 import click
+
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+# Where the group keeps the level for its commands (click's per-invocation ``meta`` dict).
+VERBOSITY_KEY = "papa_merge.verbosity"
+
+
+def verbosity() -> int:
+    """QUIET (-1, ``-q``), NORMAL (0) or VERBOSE (1 and up, ``-v``, ``-vv``) for the running command."""
+    ctx = click.get_current_context(silent=True)
+    return int(ctx.meta.get(VERBOSITY_KEY, NORMAL)) if ctx is not None else NORMAL
+
+
+def show_progress(flag: bool | None = None) -> bool:
+    """Whether to draw progress bars (on stderr).
+
+    An explicit ``--progress/--no-progress`` of the command (``flag``) wins; otherwise ``-q`` turns them
+    off, and by default they are on when stderr is a terminal (so logs and pipes get no bar noise).
+    """
+    if flag is not None:
+        return bool(flag)
+    return verbosity() > QUIET and sys.stderr.isatty()
+
+
+def say(message: str, *, level: int = NORMAL) -> None:
+    """Print a status line on stderr when the verbosity is at least ``level`` (``-q`` hides NORMAL lines;
+    VERBOSE lines need ``-v``). Results go to stdout with ``click.echo``, never through this."""
+    if verbosity() >= level:
+        click.echo(message, err=True)
 
 
 def parse_floats(text: str, option: str) -> list[float]:

@@ -8,12 +8,18 @@ The public verbs::
     merge.average([sd_a, sd_b], weights=[0.7, 0.3])                            # in memory
     merge.open_checkpoint("model.safetensors").infos                           # lazy inspection
     merge.greedy_soup_checkpoints(paths, out="greedy.safetensors", recompute_bn=20)  # model soups' greedy
+    merge.check_starts(paths).shared                                           # members of one start?
 
 Training (``merge.train``), data (``merge.data``), models (``merge.models``) and the Hub
 (``merge.hub``) are submodules.
 """
 
-from merge import hub
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
 from merge.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -27,17 +33,79 @@ from merge.errors import (
     SameInputOutputError,
     UnknownNameError,
 )
-from merge.bn import recompute_bn
-from merge.evaluate import evaluate_checkpoints, metrics
-from merge.greedy import greedy_ensemble_selection, greedy_soup, greedy_soup_checkpoints
-from merge.inspect import inspect_checkpoint
-from merge.keys import version
-from merge.io.sources import open_checkpoint, read_safetensors_metadata
-from merge.io.writer import write_state_dict
-from merge.ops import get_operator, list_operators
-from merge.soups import MergeResult, average, plan_soup, soup, uniform_soup
+from merge.io import schemes as _schemes
 
-__version__ = version()
+# The public verbs, by the module that defines them. They are imported on first use (PEP 562), so
+# ``import merge`` and the commands that only describe checkpoints (``papa-merge --help``, ``inspect``)
+# answer without importing torch (about 1.6 s). Add an export here and to ``__all__``.
+_EXPORTS: dict[str, str] = {
+    "hub": "merge.hub",
+    "recompute_bn": "merge.bn",
+    "evaluate_checkpoints": "merge.evaluate",
+    "metrics": "merge.evaluate",
+    "greedy_ensemble_selection": "merge.greedy",
+    "greedy_soup": "merge.greedy",
+    "greedy_soup_checkpoints": "merge.greedy",
+    "inspect_checkpoint": "merge.inspect",
+    "version": "merge.keys",
+    "open_checkpoint": "merge.io.sources",
+    "read_safetensors_metadata": "merge.io.sources",
+    "write_state_dict": "merge.io.writer",
+    "get_operator": "merge.ops",
+    "list_operators": "merge.ops",
+    "MergeResult": "merge.soups",
+    "average": "merge.soups",
+    "plan_soup": "merge.soups",
+    "soup": "merge.soups",
+    "uniform_soup": "merge.soups",
+    "output_kind": "merge.soups",
+    "run_recipe": "merge.mergekit_recipe",
+    "load_recipe": "merge.mergekit_recipe",
+    "NonFiniteWarning": "merge.engine",
+    "NonFiniteError": "merge.engine",
+    "check_starts": "merge.lineage",
+    "DifferentStartsWarning": "merge.lineage",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name == "__version__":
+        from merge.keys import version
+
+        value: object = version()
+    elif name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name])
+        value = module if module.__name__ == f"merge.{name}" else getattr(module, name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"merge.{name}") is not None:
+        value = importlib.import_module(f"merge.{name}")  # merge.train, merge.data, ... as attributes
+    else:
+        raise AttributeError(f"module 'merge' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+# hf:// references resolve through merge.hub, which registers its own resolver when imported. Until it is,
+# these stand-ins import it on first use, so ``import merge`` stays light and hf:// works anyway.
+def _resolve_hf(reference: str) -> Path:
+    from merge.hub import resolve_reference
+
+    return resolve_reference(reference)
+
+
+def _describe_hf(path: str) -> str | None:
+    if "models--" not in str(path):  # only a file inside huggingface_hub's cache came from the Hub
+        return None
+    from merge.hub import hub_source_of
+
+    return hub_source_of(path)
+
+
+if "hf" not in _schemes.registered_schemes():
+    _schemes.register_scheme("hf", _resolve_hf, describe=_describe_hf)
 
 __all__ = [
     "__version__",
@@ -47,6 +115,11 @@ __all__ = [
     "average",
     "plan_soup",
     "MergeResult",
+    "output_kind",
+    "run_recipe",
+    "load_recipe",
+    "NonFiniteWarning",
+    "NonFiniteError",
     "open_checkpoint",
     "read_safetensors_metadata",
     "write_state_dict",
@@ -70,4 +143,6 @@ __all__ = [
     "InvalidArgumentError",
     "MissingMetadataError",
     "HubError",
+    "check_starts",
+    "DifferentStartsWarning",
 ]

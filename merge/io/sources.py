@@ -32,6 +32,8 @@ from merge.errors import CheckpointFormatError, CheckpointNotFoundError
 from merge.io import schemes
 from merge.io.dtypes import can_store, st_to_torch, unsupported_reason
 from merge.io.pickles import check_storages, pickle_error
+# Header parsing and name normalisation need no torch; they live where quick answers (inspect) reach them.
+from merge.io.header import STRIPPED_PREFIXES, strip_prefixes  # noqa: F401 - re-exported
 from merge.io.safetensors_format import HeaderEntry, read_checked_header
 from merge.io.shards import WEIGHT_SUFFIXES, check_shards_match, read_weight_map  # noqa: F401 - re-exported
 
@@ -47,7 +49,6 @@ __all__ = [
     "WEIGHT_SUFFIXES",
 ]
 
-STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Wrapper keys of pickled training checkpoints, in the order they are tried.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 EMA_KEYS = ("ema", "state_dict_ema", "model_ema", "ema_state_dict")
@@ -71,17 +72,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-def strip_prefixes(name: str) -> str:
-    """Drop wrapper prefixes added by DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIPPED_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
 
 
 class Source:
