@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cli.util import say, show_progress
+
 
 @click.command(context_settings={"show_default": True})
 @click.option("--members", default=4, type=click.IntRange(min=2), help="Number of members.")
@@ -21,12 +23,18 @@ import click
               help="Training batches for BatchNorm recalibration of the soups (0: off).")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--members-table/--no-members-table", default=False, help="Also print one row per member.")
+@click.option("--papa/--no-papa", default=True,
+              help="Also train MEMBERS from scratch twice, independently and as a PAPA population (pulled toward "
+                   "their average every step), and compare their averages.")
 def quickstart(members: int, epochs: float, limit: int, out: str, seed: int, data: str, diversity: str,
-               recompute_bn: int, device: str, members_table: bool) -> None:
-    """Train diverse small CNNs on MNIST, make the uniform and greedy soups, and compare them.
+               recompute_bn: int, device: str, members_table: bool, papa: bool) -> None:
+    """Train, merge and compare, end to end.
+
+    Trains diverse small CNNs on MNIST, makes the uniform and greedy soups, and compares them.
 
     Prints members (mean, min, max), their prediction ensemble, the uniform soup and the greedy
-    soup (both with BatchNorm statistics recomputed), on val and test. A few minutes on 2 CPU cores.
+    soup (both with BatchNorm statistics recomputed), on val and test; then (--papa) the same for
+    members trained from scratch independently and as a PAPA population. A few minutes on 2 CPU cores.
 
     \b
     Examples:
@@ -36,8 +44,8 @@ def quickstart(members: int, epochs: float, limit: int, out: str, seed: int, dat
     from merge.quickstart import run_quickstart
 
     result = run_quickstart(members=members, epochs=epochs, limit=limit, out=out, seed=seed, data=data,
-                            diversity=diversity, recompute_bn=recompute_bn, device=device,
-                            log=lambda line: click.echo(f"- {line}", err=True))
+                            diversity=diversity, recompute_bn=recompute_bn, device=device, papa=papa,
+                            progress=show_progress(), log=lambda line: say(f"- {line}"))
     click.echo(result.table(with_members=members_table))
     click.echo(f"({result.seconds:.0f}s; members in {result.members[0].parent}, soups {result.uniform} and "
-               f"{result.greedy})")
+               f"{result.greedy}" + (f"; PAPA comparison {result.papa_seconds:.0f}s)" if result.papa_rows else ")"))

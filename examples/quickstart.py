@@ -1,4 +1,4 @@
-"""Train diverse members, merge them (uniform and greedy soup, BatchNorm recalibrated), compare on held-out data.
+"""Train diverse members, merge them (uniform and greedy soup, BatchNorm recalibrated), compare on held-out data; then PAPA.
 
 Run from the repository root (a few minutes on 2 CPU cores; the same as `papa-merge quickstart`):
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import merge
 from merge.evaluate import evaluate_checkpoints, format_table, recompute_bn_checkpoint, summarize_members
 from merge.greedy import greedy_soup_checkpoints
-from merge.train import train_members
+from merge.train import TrainJob, run_method, train_members
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", default="mnist")
@@ -25,7 +25,9 @@ args = parser.parse_args()
 out = Path(args.out)
 
 # 1. One shared start, then members that continue from it with their own data order (one basin).
-start = train_members(1, model="small_cnn", data=args.data, out_dir=out / "start", limit=args.limit, progress=False)[0]
+#    (The start is the members' warm start, so it needs none of its own: warm_start=0.)
+start = train_members(1, model="small_cnn", data=args.data, out_dir=out / "start", limit=args.limit, progress=False,
+                      warm_start=0)[0]
 members = train_members(args.members, model="small_cnn", data=args.data, out_dir=out / "members", diversity="order",
                         seed=1, init=start, limit=args.limit, progress=False)
 
@@ -40,3 +42,10 @@ print(f"greedy soup kept members {result.selected}")
 # 4. Members, their prediction ensemble and both soups, on val and test.
 rows = evaluate_checkpoints([*members, uniform, greedy])
 print(format_table([*summarize_members(rows), *rows]))
+
+# 5. PAPA: members from their own initialisations, each with its own regularisation (diversity="augment"),
+#    pulled toward their average every step; then its final model (papa.safetensors, greedy soup, one table).
+job = TrainJob(model="small_cnn", data=args.data, out_dir=out / "papa", members=args.members, diversity="augment",
+               limit=args.limit, progress=False)
+papa = run_method("papa", job, every=1, alpha=0.95)
+print(papa.report["table"])

