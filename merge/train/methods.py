@@ -190,6 +190,6 @@ def _load_builtin_methods() -> None:
     import merge.train.members  # noqa: F401 - independent
     import merge.train.papa  # noqa: F401 - papa, papa-all, papa-2
     import merge.train.subspace  # noqa: F401 - subspace
+    import merge.train.hyper  # noqa: F401 - hyper-ensemble, hyper-deep
     import merge.train.starsse  # noqa: F401 - starsse, sse
     import merge.train.late_phase  # noqa: F401 - late-phase
-    import merge.train.hyper  # noqa: F401 - hyper-ensemble, hyper-deep
