@@ -112,6 +112,15 @@ class _Group(click.Group):
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
+        except SystemExit as e:
+            from merge.io.atomic import Terminated
+
+            if isinstance(e, Terminated):  # SIGTERM/SIGHUP while writing: the partial output is already gone
+                import signal
+
+                click.echo(f"error: stopped by {signal.Signals(e.signum).name}; the unfinished output was removed "
+                           "and nothing else was changed", err=True)
+            raise
         except Exception as e:  # noqa: BLE001 - every error ends as one line unless debugging
             if os.environ.get("PAPA_MERGE_DEBUG") or isinstance(e, (click.exceptions.ClickException,
                                                                      click.exceptions.Exit,

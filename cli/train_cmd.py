@@ -185,7 +185,7 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
                                    "warmup_epochs": warmup_epochs}.items()
                  if v is not None}
     base = default_recipe(arch, pretrained=pretrained is not None, **overrides)
-    existing = {i for i in range(members) if member_path(out, i).exists()}
+    existing = {i for i in range(members) if member_path(out, i, arch=spec["arch"]).exists()}
     if existing:
         say(f"resuming: {len(existing)} of {members} members already in {out}")
     show = show_progress(progress)

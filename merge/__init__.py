@@ -9,6 +9,10 @@ The public verbs::
     merge.open_checkpoint("model.safetensors").infos                           # lazy inspection
     merge.greedy_soup_checkpoints(paths, out="greedy.safetensors", recompute_bn=20)  # model soups' greedy
     merge.check_starts(paths).shared                                           # members of one start?
+    merge.select_checkpoints(paths, size=3, out="selection.json")              # hyper-ensemble selection
+    merge.midpoint([a, b], out="mid.safetensors", data="mnist")                # a subspace line's midpoint
+    merge.collapse_checkpoint("late.safetensors", out="one.safetensors")       # late-phase weights -> one
+    merge.run_recipe("recipe.yml", out="merged/")                             # a mergekit recipe
 
 Training (``merge.train``), data (``merge.data``), models (``merge.models``) and the Hub
 (``merge.hub``) are submodules.
@@ -65,6 +69,9 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteError": "merge.engine",
     "check_starts": "merge.lineage",
     "DifferentStartsWarning": "merge.lineage",
+    "select_checkpoints": "merge.greedy",
+    "collapse_checkpoint": "merge.collapse",
+    "midpoint": "merge.interpolate",
 }
 
 
@@ -145,4 +152,7 @@ __all__ = [
     "HubError",
     "check_starts",
     "DifferentStartsWarning",
+    "select_checkpoints",
+    "collapse_checkpoint",
+    "midpoint",
 ]

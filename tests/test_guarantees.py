@@ -321,3 +321,23 @@ def _hashes(path: Path) -> dict[str, str]:
     if path.is_file():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
     return {k: v[0] for k, v in _tree(path).items()}
+
+
+def test_the_cli_says_in_one_line_that_a_signal_stopped_it() -> None:
+    import click
+
+    from cli.main import _Group
+    from merge.io.atomic import Terminated
+
+    @click.group(cls=_Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def work() -> None:
+        raise Terminated(signal.SIGTERM)  # what the handler raises once the temporary output is removed
+
+    result = CliRunner().invoke(group, ["work"])
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.output.strip() == ("error: stopped by SIGTERM; the unfinished output was removed and nothing "
+                                     "else was changed")

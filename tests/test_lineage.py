@@ -273,3 +273,24 @@ def test_cli_flags_for_the_start(tmp_path):
                                    "and --warm-start (or --independent-init)") in res.stderr
     res = CliRunner().invoke(cli, [*common, "--method", "papa", "--independent-init", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "training method 'papa' does not take independent_init" in res.stderr
+
+
+def test_with_a_base_members_are_measured_against_the_base(tmp_path):
+    # Task vectors as large as the base (|delta| = 1.2 |base|): each member is 0.92 from the base but two
+    # members are 1.09 apart, so measured against member 0 they would look independently trained.
+    base_sd = _net(0)
+    fine = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(10 + i)
+        fine.append({k: (v + 1.2 * v.norm() / math.sqrt(v.numel()) * torch.randn(v.shape, generator=g))
+                     if v.is_floating_point() else v for k, v in base_sd.items()})
+    base = _member(tmp_path / "base.safetensors", base_sd)
+    a, b = (_member(tmp_path / f"{n}.safetensors", sd) for n, sd in zip("ab", fine))
+    assert not check_starts([a, b]).shared  # against member 0 they look like strangers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # against the base they are its fine-tunes: no warning
+        merge.soup([a, b], base=base, method="task_arithmetic", out=tmp_path / "task.safetensors")
+    stranger = _member(tmp_path / "c.safetensors", _net(5))
+    with pytest.warns(DifferentStartsWarning, match=rf"{base} \(base\), .*a\.safetensors.*; no recorded start: {stranger} "
+                                                     r"\(relative weight distance [0-9.]+ to .*base\.safetensors \(base\)"):
+        merge.soup([a, stranger], base=base, method="task_arithmetic", out=tmp_path / "task2.safetensors")

@@ -254,3 +254,22 @@ def test_missing_shard_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="lists shard 'model-00001-of-00001.safetensors', which is "
                                                       "missing"):
         open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("first,index", [("model-00001-of-00002.safetensors", "model.safetensors.index.json"),
+                                         ("pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json")])
+def test_shards_without_their_index_name_the_missing_index(tmp_path: Path, first: str, index: str) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    second = first.replace("00001-of", "00002-of")
+    for name, sd in ((first, {"a": torch.ones(3)}), (second, {"b": torch.ones(2)})):
+        if name.endswith(".bin"):
+            torch.save(sd, folder / name)
+        else:
+            save_file(sd, str(folder / name))
+    with pytest.raises(CheckpointFormatError) as err:
+        open_checkpoint(folder)
+    assert str(err.value.path) == str(folder / index)
+    assert f"not their index {index}" in str(err.value) and "pass the weight file itself" not in str(err.value)
+    result = CliRunner().invoke(cli, ["soup", str(folder), str(folder), "-o", str(tmp_path / "s.safetensors")])
+    assert result.exit_code == 1 and index in result.output

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from merge.io.pickles import check_storages, pickle_error
 from merge.io.header import STRIPPED_PREFIXES, strip_prefixes  # noqa: F401 - re-exported
 from merge.io.safetensors_format import HeaderEntry, read_checked_header
 from merge.io.shards import WEIGHT_SUFFIXES, check_shards_match, read_weight_map  # noqa: F401 - re-exported
+
+# A weight shard as transformers names them: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-\d{5}(\.safetensors|\.bin)")
 
 __all__ = [
     "TensorInfo",
@@ -438,6 +442,14 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
         weights = sorted(f.name for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
         if len(weights) == 1:
             return _open_file(p / weights[0], key=key, normalise=normalise)
+        shards = [w for w in weights if _SHARD_NAME.fullmatch(w)]
+        if shards:
+            stem = _SHARD_NAME.fullmatch(shards[0])
+            index = f"{stem.group(1)}{stem.group(3)}.index.json"
+            raise CheckpointFormatError(f"{p}: holds weight shards ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) "
+                                        f"but not their index {index}, which says which tensor is in which shard; "
+                                        "fetch the index too (a Hub pull includes it with the shards)",
+                                        path=p / index)
         listing = ", ".join(weights[:5]) if weights else "no weight files"
         raise CheckpointFormatError(f"{p}: is a folder without {' or '.join(_FOLDER_CANDIDATES[:2])} ({listing}); "
                                     "pass the weight file itself")
