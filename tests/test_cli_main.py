@@ -48,6 +48,16 @@ def test_help_and_version_import_no_torch(args):
     assert _heavy(res.stdout) == [], f"papa-merge {' '.join(args)} imported {_heavy(res.stdout)}"
 
 
+def test_list_methods_imports_no_torch_and_lists_every_operator():
+    res = _run(_cli_then_modules("soup", "--list-methods"))
+    assert "EXIT 0" in res.stdout, res.stdout + res.stderr
+    assert "torch" not in _heavy(res.stdout), "soup --list-methods imported torch"
+    from merge.ops import OPERATORS
+
+    listed = {line.split()[0] for line in res.stdout.splitlines()[1:] if line and line.split()[0] in OPERATORS}
+    assert listed == set(OPERATORS)
+
+
 def test_version_flag_short_and_long():
     runner = CliRunner()
     for flag in ("-V", "--version"):

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
-import torch
+from merge.ops._lazy import lazy_torch
 
 from merge.errors import InvalidArgumentError
 from merge.ops.registry import Combination, Operator, Resolved
+
+torch = lazy_torch(__name__)
 
 __all__ = ["fold_combination", "gram_update", "gram_vectors", "apply_whole", "UNIT", "single_thread",
            "compute_dtype"]
@@ -33,8 +35,9 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def compute_dtype(*dtypes: torch.dtype, accumulate: torch.dtype = torch.float32) -> torch.dtype:
-    """float64 when asked for or when any input is float64 (so 1e-300 stays 1e-300), else float32."""
+def compute_dtype(*dtypes: torch.dtype, accumulate: torch.dtype | None = None) -> torch.dtype:
+    """float64 when asked for (``accumulate``; default float32) or when any input is float64 (so 1e-300
+    stays 1e-300), else float32."""
     return torch.float64 if accumulate == torch.float64 or torch.float64 in dtypes else torch.float32
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
+from merge.ops._lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["BLOCK", "rng_key", "uniforms"]
 

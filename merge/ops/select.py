@@ -17,17 +17,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+from merge.ops._lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["RadixSelect", "Band", "keep_band", "BandCounters"]
 
-# (bit widths per pass) for the integer view of each compute dtype
-_LEVELS = {torch.float32: (torch.int32, 32, (16, 16)), torch.float64: (torch.int64, 64, (20, 22, 22))}
+def _levels(dtype: torch.dtype) -> tuple[torch.dtype, int, tuple[int, ...]]:
+    """(integer view, total bits, bit widths per pass) of a compute dtype."""
+    return {torch.float32: (torch.int32, 32, (16, 16)), torch.float64: (torch.int64, 64, (20, 22, 22))}[dtype]
 
 
 def radix_passes(dtype: torch.dtype) -> int:
     """How many passes over the data an exact selection takes in ``dtype``."""
-    return len(_LEVELS[dtype][2])
+    return len(_levels(dtype)[2])
 
 
 @dataclass
@@ -49,11 +52,13 @@ class RadixSelect:
     """
 
     ranks: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # float32 when not given
     targets: list[_Target] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.int_dtype, self.total_bits, self.widths = _LEVELS[self.dtype]
+        if self.dtype is None:
+            self.dtype = torch.float32
+        self.int_dtype, self.total_bits, self.widths = _levels(self.dtype)
         self.targets = [_Target(r) for r in self.ranks]
         self.passes = len(self.widths)
         self._hist: dict[int, torch.Tensor] = {}

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 
-import torch
+from merge.ops._lazy import lazy_torch
 
 from merge.errors import InvalidArgumentError
 from merge.ops.registry import Combination, Operator, Param, REQUIRED, Resolved, register, weight_param
+
+torch = lazy_torch(__name__)
 
 __all__ = ["slerp_coefficients", "multislerp_coefficients", "karcher_coefficients", "model_stock_coefficients"]
 

@@ -33,13 +33,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
+from merge.ops._lazy import lazy_torch
 
 from merge.errors import InvalidArgumentError
 from merge.ops.apply import UNIT  # statistics per unit (a row slab for DELLA), added in order
 from merge.ops.registry import Operator, Param, Resolved, register, weight_param
 from merge.ops.rng import rng_key, uniforms
 from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_passes
+
+torch = lazy_torch(__name__)
 
 __all__ = ["TaskSpec", "TaskTensor", "UNIT"]
 
