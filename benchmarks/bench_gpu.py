@@ -40,6 +40,8 @@ CASES = [
     ("dare_ties", 4, True, {"density": 0.5}),
     ("slerp", 1, True, {"t": 0.3}),
     ("karcher", 4, False, {}),
+    ("multislerp", 4, True, {}),
+    ("model_stock", 4, True, {}),
 ]
 
 

@@ -52,6 +52,8 @@ DEFAULT_CHUNK_BYTES = 2 << 20
 GPU_CHUNK_BYTES = 64 << 20
 # Members whose chunks the Gram pass holds at once; more members are taken in tiles (re-reading).
 GRAM_TILE = 8
+# Elements per chunk of the Gram pass on a GPU (a tile of GRAM_TILE + 2 float64 rows: 320 MB of device memory).
+GPU_GRAM_CHUNK = 1 << 22
 
 
 class NonFiniteWarning(UserWarning):
@@ -484,7 +486,17 @@ class _GramKernel(_LinearKernel):
         else:
             self.vectors = ([self.base_index] if self.base_index is not None and op.base == "required" else []) \
                 + list(range(self.n))
-        self.gchunk = min(UNIT, max(1, self.numel))
+        # On the CPU the Gram pass goes unit by unit (torch.dot of UNIT elements, added in order), so a chunked
+        # merge equals a whole-tensor one bit for bit. On a GPU, one dot per unit costs a kernel launch and a
+        # device-to-host sync each: chunks of GPU_GRAM_CHUNK elements are multiplied as one tile matrix and
+        # the Gram matrix stays on the device until the tensor is done.
+        self.on_gpu = self.device_gram(plan)
+        self.gchunk = min(GPU_GRAM_CHUNK if self.on_gpu else UNIT, max(1, self.numel))
+
+    @staticmethod
+    def device_gram(plan: MergePlan) -> bool:
+        """Whether the Gram pass takes the device path (large chunks, tile products): on any GPU."""
+        return plan.device.type != "cpu"
 
     def max_read_bytes(self) -> int:
         return max(super().max_read_bytes(), self.gchunk * max(d.itemsize for d in self.tp.in_dtypes))
@@ -511,6 +523,48 @@ class _GramKernel(_LinearKernel):
 
     def run(self, io: _IO) -> None:
         m = len(self.vectors)
+        gram = self._gram_on_device(io) if self.on_gpu else self._gram(io)
+        if not bool(torch.isfinite(gram).all()):
+            self.suspect = True
+            gram = torch.nan_to_num(gram)
+        try:
+            comb = self.plan.operator.from_gram(gram, self.tp.resolved, self.plan.base is not None)
+        except MergeError as e:
+            e.tensor = e.tensor or self.name
+            e.message = f"tensor {self.name!r}: {e.message}"
+            raise
+        self.combination = comb
+        super().run(io, comb)
+
+    def _gram_on_device(self, io: _IO) -> torch.Tensor:
+        """The Gram matrix from large chunks, each tile's products one matrix multiply, kept on the device."""
+        m = len(self.vectors)
+        dev = io.device
+        gram = torch.zeros(m, m, dtype=torch.float64, device=dev)
+        tile_buf = torch.empty(GRAM_TILE + 1, self.gchunk, dtype=torch.float64, device=dev)
+        base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
+        for start, count in _chunks(self.numel, self.gchunk):
+            for t in self._tiles():
+                b = io.take_as(base_buf, self.base_index, self.name, start, count) if self.mode == "delta" else None
+                lo, hi = t[0], t[-1] + 1
+                for slot, a in enumerate(t):
+                    v = io.take_as(tile_buf[slot], self.vectors[a], self.name, start, count)
+                    if b is not None:
+                        v.sub_(b)
+                held = tile_buf[: len(t), :count]
+                block = held @ held.T
+                gram[lo:hi, lo:hi] += block.triu() + block.triu(1).T  # symmetric by construction
+                for j in range(hi, m):
+                    v = io.take_as(tile_buf[GRAM_TILE], self.vectors[j], self.name, start, count)
+                    if b is not None:
+                        v.sub_(b)
+                    d = held @ v
+                    gram[lo:hi, j] += d
+                    gram[j, lo:hi] += d
+        return gram.cpu()
+
+    def _gram(self, io: _IO) -> torch.Tensor:
+        m = len(self.vectors)
         gram = torch.zeros(m, m, dtype=torch.float64)
         dev = io.device
         tile_buf = torch.empty(GRAM_TILE + 1, self.gchunk, dtype=torch.float64, device=dev)
@@ -530,17 +584,7 @@ class _GramKernel(_LinearKernel):
                     if b is not None:
                         v.sub_(b)
                     gram_update(gram, held + [v], t, [j])
-        if not bool(torch.isfinite(gram).all()):
-            self.suspect = True
-            gram = torch.nan_to_num(gram)
-        try:
-            comb = self.plan.operator.from_gram(gram, self.tp.resolved, self.plan.base is not None)
-        except MergeError as e:
-            e.tensor = e.tensor or self.name
-            e.message = f"tensor {self.name!r}: {e.message}"
-            raise
-        self.combination = comb
-        super().run(io, comb)
+        return gram
 
 
 class _TaskKernel(_Kernel):

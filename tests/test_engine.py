@@ -153,6 +153,25 @@ def test_ties_peak_memory_for_8_members_equals_2_within_20_percent(tmp_path: Pat
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.parametrize("name", sorted(n for n, op in OPERATORS.items() if op.path == "gram"))
+def test_the_device_gram_pass_equals_the_unit_by_unit_one(name: str, monkeypatch) -> None:
+    """The GPU's Gram pass (large chunks, tile matrix products, cross-tile products), run here on the CPU."""
+    import merge.engine as engine
+
+    op = get_operator(name)
+    members, base, weights, params = _inputs(op, n=5)
+    if weights is not None:
+        weights = [1.0, 0.5, 2.0, 1.5, 0.25][:len(members)]
+    reference, _ = _merge(op, members, base, weights, params)
+    monkeypatch.setattr(engine, "GRAM_TILE", 2)  # 5 vectors: tiles of 2, 2, 1 and their cross products
+    monkeypatch.setattr(engine, "GPU_GRAM_CHUNK", 1000)  # several chunks per tensor, a ragged last one
+    monkeypatch.setattr(engine._GramKernel, "device_gram", staticmethod(lambda plan: True))
+    device, _ = _merge(op, members, base, weights, params)
+    for k, v in reference.items():
+        assert torch.allclose(device[k], v, rtol=1e-6, atol=1e-7), (name, k)  # float64 Gram: rounding only
+
+
+
 @cuda
 @pytest.mark.parametrize("name", sorted(OPERATORS))
 def test_gpu_path_matches_the_cpu(name: str) -> None:
