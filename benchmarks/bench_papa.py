@@ -35,6 +35,8 @@ import argparse
 import dataclasses
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,7 +68,37 @@ def methods(pulls: list[str]) -> list[str]:
     return names + ["papa-all", "papa-2"]
 
 
-def run_one(name: str, *, data, model, recipes, out: Path, seed: int, mix_every: int, final_bn: int) -> dict:
+REUSED_SECONDS: dict[tuple[str, int, str], float] = {}  # (part, seed, method) -> seconds, from --reuse-log
+
+
+def reuse_one(name: str, *, part: str, data, model, recipes, out: Path, seed: int, final_bn: int) -> dict | None:
+    """The table of a run whose members are already in ``out`` (``--reuse``): the final model is rebuilt from
+    them, nothing is trained; ``pull_shrink`` is read from the members' metadata, the seconds from the log."""
+    import json
+
+    import merge
+    from merge.keys import TRAIN_KEY
+    from merge.train import member_path
+
+    paths = [member_path(out, i, arch=model["arch"]) for i in range(len(recipes))]
+    if not all(p.exists() for p in paths):
+        return None
+    average = "average.safetensors" if METHODS[name][0] == "independent" else "papa.safetensors"
+    report = final_model(paths, out_dir=out, data=data, recompute_bn=final_bn, average_name=average)[1]
+    rows = {r["kind"] if r["kind"] != "soup" else r["name"].split()[0]: r["metrics"]["test"] for r in report["rows"]}
+    with merge.open_checkpoint(paths[0]) as src:
+        train = json.loads(src.metadata[TRAIN_KEY])
+    shrink = (train.get("papa") or {}).get("pull_shrink")
+    seconds = REUSED_SECONDS.get((part, seed, name))
+    return {"rows": rows, "seconds": seconds, "train_seconds": None, "pull_shrink": shrink, "reused": True}
+
+
+def run_one(name: str, *, data, model, recipes, out: Path, seed: int, mix_every: int, final_bn: int,
+            part: str = "", reuse: bool = False) -> dict:
+    if reuse:
+        r = reuse_one(name, part=part, data=data, model=model, recipes=recipes, out=out, seed=seed, final_bn=final_bn)
+        if r is not None:
+            return r
     method, options = METHODS[name]
     options = dict(options)
     if method in ("papa-all", "papa-2"):
@@ -96,7 +128,7 @@ def mnist_part(args, seeds):
                    for i, combo in enumerate(papa_grid(args.members, seed=seed))]
         for name in methods(args.papa):
             r = run_one(name, data=data, model=model, recipes=recipes, out=args.out / "mnist" / f"s{seed}" / name,
-                        seed=seed, mix_every=args.mix_every, final_bn=20)
+                        seed=seed, mix_every=args.mix_every, final_bn=20, part="mnist", reuse=args.reuse)
             results.setdefault(name, []).append(r)
             log(f"mnist seed {seed} {name}: {fmt_rows(r)}")
     return results
@@ -115,7 +147,7 @@ def tweets_part(args, seeds):
                    for i, combo in enumerate(grid)]
         for name in methods(args.tweets_papa):
             r = run_one(name, data=data, model=model, recipes=recipes, out=args.out / "tweets" / f"s{seed}" / name,
-                        seed=seed, mix_every=1, final_bn=1)
+                        seed=seed, mix_every=1, final_bn=1, part="tweets", reuse=args.reuse)
             results.setdefault(name, []).append(r)
             log(f"tweets seed {seed} {name}: {fmt_rows(r)}")
     return results
@@ -134,6 +166,8 @@ def timing_part(args):
                                       [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                        "--nproc-per-node", "2", "-m", "cli.main"], {"OMP_NUM_THREADS": "1"})):
         folder = args.out / "timing" / label.split()[0]
+        if folder.exists():
+            shutil.rmtree(folder)  # a timing is of a fresh run, never a resumed one
         t0 = time.perf_counter()
         proc = subprocess.run([*prefix, *common, "--out", str(folder)], cwd=ROOT, env={**env, **extra_env},
                               capture_output=True, text=True)
@@ -187,7 +221,8 @@ def table(results: dict, metric: str) -> list[str]:
                      f"{mean_sd(col('ensemble'), scale, digits)} | {mean_sd(col('average'), scale, digits)} | "
                      f"{mean_sd(col('greedy'), scale, digits)} | "
                      f"{f'{statistics.mean(shrink):.3g}' if shrink else '-'} | "
-                     f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
+                     f"{statistics.mean(secs):.0f} |" if (secs := [r['seconds'] for r in runs if r['seconds'] is not None])
+                     else "- |")
     return lines
 
 
@@ -213,6 +248,11 @@ def main() -> None:
     p.add_argument("--timing-limit", type=int, default=4000)
     p.add_argument("--timing-epochs", type=float, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes: check the script runs")
+    p.add_argument("--reuse", action="store_true",
+                   help="runs whose members are in --out are not trained again: their final model and table are "
+                        "rebuilt from the members on disk")
+    p.add_argument("--reuse-log", type=Path, default=None,
+                   help="with --reuse: the log of the run that trained them, for the seconds column")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "papa")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "bench_papa.md")
     args = p.parse_args()
@@ -222,6 +262,10 @@ def main() -> None:
         args.eval_limit = 300
         args.results = args.out / "bench_papa_quick.md"
     started = time.perf_counter()
+    if args.reuse_log is not None:
+        for m in re.finditer(r"^(mnist|tweets) seed (\d+) (.+?): members .*\(([\d.]+)s\)$", args.reuse_log.read_text(),
+                             re.M):
+            REUSED_SECONDS[(m.group(1), int(m.group(2)), m.group(3))] = float(m.group(4))
     command = "python benchmarks/bench_papa.py " + " ".join(sys.argv[1:])
     lines = ["# bench_papa: PAPA vs independent members at the same budget", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -229,6 +273,10 @@ def main() -> None:
              f"Seeds {args.seeds}; test split (MNIST {args.eval_limit}, tweets {args.tweets_eval_limit} examples, "
              "stratified); mean ± sample sd over seeds; members' [min, max] averaged over seeds; seconds per run "
              "(training and final model).", ""]
+    if args.reuse:
+        lines += ["With `--reuse`: runs whose members were on disk were not trained again; their average, greedy soup "
+                  "and table were rebuilt from those members (the same calls a run makes after training), their "
+                  "seconds are the training run's, read from its log.", ""]
     if "mnist" in args.parts:
         res = mnist_part(args, args.seeds)
         lines += [f"## MNIST, small CNN (width {args.width}), {args.mnist_limit} training images, {args.members} members, "
