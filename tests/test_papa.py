@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import merge
+from merge.train.papa import WEAK_PULL, WeakPullWarning
 from merge.bn import recompute_bn
 from merge.data import load_dataset
 from merge.errors import InvalidArgumentError, UnknownNameError
@@ -269,7 +271,8 @@ def test_methods_are_registered_with_their_options():
 def test_papa_run_writes_members_the_average_the_greedy_soup_and_one_table(tmp_path, small_digits):
     job = TrainJob(model="small_cnn", data=small_digits, out_dir=tmp_path, members=3, diversity="augment",
                    base=Recipe(epochs=1, batch_size=32, lr=0.05), progress=False)
-    result = run_method("papa", job, every=2)
+    with pytest.warns(WeakPullWarning, match=r"only to x0\.9[0-9]* over this run \(4 pulls, every 2 steps, alpha 0\.99\)"):
+        result = run_method("papa", job, every=2)  # 8 steps: 4 pulls of at most 1% each cannot hold them together
     assert [p.name for p in result.paths] == ["member-00.safetensors", "member-01.safetensors", "member-02.safetensors"]
     assert set(result.outputs) == {"average", "greedy"}
     assert result.outputs["average"] == tmp_path / "papa.safetensors"
@@ -299,6 +302,16 @@ def test_papa_run_writes_members_the_average_the_greedy_soup_and_one_table(tmp_p
     accs = [m["metrics"]["test"]["acc"] for m in result.report["members"]]
     assert rows["members mean (3)"]["test"]["acc"] == pytest.approx(sum(accs) / 3)
     assert rows["members min (3)"]["test"]["acc"] == min(accs)
+
+
+def test_a_pull_strong_enough_for_the_run_gives_no_warning(tmp_path, small_digits):
+    job = TrainJob(model="small_cnn", data=small_digits, out_dir=tmp_path, members=2,
+                   base=Recipe(epochs=1, batch_size=32, lr=0.05), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WeakPullWarning)
+        result = run_method("papa", job, every=1, alpha=0.3, final=False)
+    shrink = result.report["training"][0]["pull_shrink"]
+    assert 0 < shrink < WEAK_PULL
 
 
 def test_cli_trains_papa_2_and_prints_the_table(tmp_path):

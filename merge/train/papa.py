@@ -45,6 +45,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ from merge.train.methods import TrainJob, TrainResult, register_method
 
 __all__ = ["PAPA", "PopulationMix", "pull_to_average", "mix_population", "draw_pairs", "mix_matrix",
            "repair_batches", "final_model", "train_papa", "train_papa_all", "train_papa_2", "PAPA_CITATION",
-           "LR_SCALING"]
+           "LR_SCALING", "WEAK_PULL", "WeakPullWarning"]
 
 PAPA_CITATION = ("Jolicoeur-Martineau et al., 2024. PopulAtion Parameter Averaging (PAPA). TMLR; code "
                  "SamsungSAILMontreal/PAPA")
@@ -206,6 +207,15 @@ class PAPA(Callback):
 
 # ------------------------------------------------------------------------------------------------------
 # PAPA-all and PAPA-2: replace members by averages every few epochs, then REPAIR.
+
+# A population from its own initialisations whose pulls shrank members' distance to the average by less than this
+# (the product of the a_t) was not held together: its average likely fails (benchmarks/results/bench_papa.md).
+WEAK_PULL = 0.05
+
+
+class WeakPullWarning(UserWarning):
+    """A PAPA run from scratch whose pulls were too weak, over its length, to keep the members averageable."""
+
 
 MIX_MODES = ("all", "pairs")
 
@@ -585,8 +595,16 @@ def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None, lr
         callback.group = group
         return [callback]
 
-    return _run_population(job, "papa", make, {"every": every, "alpha": alpha, "lr_scaling": lr_scaling},
-                           final=final, final_bn_batches=final_bn_batches)
+    result = _run_population(job, "papa", make, {"every": every, "alpha": alpha, "lr_scaling": lr_scaling},
+                             final=final, final_bn_batches=final_bn_batches)
+    shrink = callback.summary()["pull_shrink"]
+    if shrink > WEAK_PULL and job.pretrained is None and job.init is None and callback.group.is_main:
+        warnings.warn(f"PAPA's pulls shrank the members' distance to their average only to x{shrink:.2g} over this "
+                      f"run ({callback.pulls} pulls, every {every} steps, alpha {alpha:g}); members from their own "
+                      "initialisations need far more to average (the paper's 300 epochs reach about e^-100), so their "
+                      "average may fail: for a short run, pull every step with a smaller alpha (every=1, alpha=0.95)",
+                      WeakPullWarning, stacklevel=2)
+    return result
 
 
 def _mixing(mode: str, method: str):  # noqa: ANN202 - builds a registered function
