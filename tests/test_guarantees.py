@@ -125,7 +125,11 @@ def test_nothing_under_the_final_name_after_an_error(tmp_path: Path, monkeypatch
 
 
 _SLOW_SOUP = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # The dispositions a terminal gives a program: a suite run under nohup or in the background starts with
+    # SIGHUP or SIGINT ignored, and papa-merge leaves an ignored signal ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pathlib import Path
     import merge
     from merge.io import sources
@@ -192,7 +196,18 @@ def test_a_signal_during_the_final_rename_is_deferred(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored once no output is open
 
 
-def test_signal_handlers_are_installed_once_and_restored(tmp_path: Path) -> None:
+@pytest.fixture
+def default_signals():
+    """SIGTERM and SIGHUP at their defaults for the test (nohup or a background launch ignores SIGHUP)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for s in saved:
+        signal.signal(s, signal.SIG_DFL)
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_signal_handlers_are_installed_once_and_restored(tmp_path: Path, default_signals) -> None:
     import merge.io.atomic as atomic
 
     with AtomicOutput(tmp_path / "a.safetensors", folder=False), AtomicOutput(tmp_path / "b", folder=True):
