@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shutil
 import sys
 import time
@@ -46,24 +44,12 @@ from merge.models import model_spec
 from merge.keys import METRICS_KEY
 from merge.train import Recipe, TrainJob, default_recipe, run_method, train_member
 from merge.train.hyper import RETRAIN_SEED_OFFSET
+from benchlib import machine  # noqa: E402
 
 ROWS = ["best single member (val nll)", "deep ensemble, default configuration", "deep ensemble, best configuration",
         "hyper-ensemble", "hyper-deep ensemble", "greedy soup of the deep-ensemble pool, default configuration",
         "greedy soup of the deep-ensemble pool, best configuration", "greedy soup of the hyper-ensemble pool",
         "greedy soup of the hyper-deep pool"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def test_metrics(ev: CheckpointEvaluator, paths: list[Path], weights: list[int] | None = None) -> dict[str, float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,19 +37,7 @@ from merge.greedy import greedy_soup_checkpoints  # noqa: E402
 from merge.models import model_spec  # noqa: E402
 from merge.quickstart import run_quickstart  # noqa: E402
 from merge.train import default_recipe, train_members  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
+from benchlib import machine  # noqa: E402
 
 
 def shrink(split: SplitDataset, n: int, seed: int) -> SplitDataset:

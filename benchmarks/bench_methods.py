@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,21 +39,9 @@ from merge.greedy import greedy_soup_checkpoints  # noqa: E402
 from merge.interpolate import interpolate, midpoint, write_curve  # noqa: E402
 from merge.models import METRICS_KEY, model_spec  # noqa: E402
 from merge.train import Recipe, TrainJob, default_recipe, run_method  # noqa: E402
+from benchlib import machine  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def test_metrics(path: Path) -> dict[str, float]:

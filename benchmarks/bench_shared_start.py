@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,21 +38,9 @@ from merge.evaluate import evaluate_checkpoints, recompute_bn_checkpoint  # noqa
 from merge.io.sources import open_checkpoint  # noqa: E402
 from merge.lineage import INDEPENDENT_DISTANCE, relative_distance  # noqa: E402
 from merge.train import Recipe, default_recipe, train_members  # noqa: E402
+from benchlib import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_start.md"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def distances(paths: list[Path]) -> list[float]:

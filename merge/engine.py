@@ -522,8 +522,7 @@ class _GramKernel(_LinearKernel):
         yield from super().reads()
 
     def run(self, io: _IO) -> None:
-        m = len(self.vectors)
-        gram = self._gram_on_device(io) if self.on_gpu else self._gram(io)
+        gram = self._gram(io)
         if not bool(torch.isfinite(gram).all()):
             self.suspect = True
             gram = torch.nan_to_num(gram)
@@ -536,55 +535,38 @@ class _GramKernel(_LinearKernel):
         self.combination = comb
         super().run(io, comb)
 
-    def _gram_on_device(self, io: _IO) -> torch.Tensor:
-        """The Gram matrix from large chunks, each tile's products one matrix multiply, kept on the device."""
-        m = len(self.vectors)
-        dev = io.device
-        gram = torch.zeros(m, m, dtype=torch.float64, device=dev)
-        tile_buf = torch.empty(GRAM_TILE + 1, self.gchunk, dtype=torch.float64, device=dev)
-        base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
-        for start, count in _chunks(self.numel, self.gchunk):
-            for t in self._tiles():
-                b = io.take_as(base_buf, self.base_index, self.name, start, count) if self.mode == "delta" else None
-                lo, hi = t[0], t[-1] + 1
-                for slot, a in enumerate(t):
-                    v = io.take_as(tile_buf[slot], self.vectors[a], self.name, start, count)
-                    if b is not None:
-                        v.sub_(b)
-                held = tile_buf[: len(t), :count]
-                block = held @ held.T
-                gram[lo:hi, lo:hi] += block.triu() + block.triu(1).T  # symmetric by construction
-                for j in range(hi, m):
-                    v = io.take_as(tile_buf[GRAM_TILE], self.vectors[j], self.name, start, count)
-                    if b is not None:
-                        v.sub_(b)
-                    d = held @ v
-                    gram[lo:hi, j] += d
-                    gram[j, lo:hi] += d
-        return gram.cpu()
-
     def _gram(self, io: _IO) -> torch.Tensor:
+        """The float64 Gram matrix of the vectors, tile by tile over the chunks (see ``__init__`` for the two paths)."""
         m = len(self.vectors)
-        gram = torch.zeros(m, m, dtype=torch.float64)
         dev = io.device
+        gram = torch.zeros(m, m, dtype=torch.float64, device=dev if self.on_gpu else "cpu")
         tile_buf = torch.empty(GRAM_TILE + 1, self.gchunk, dtype=torch.float64, device=dev)
         base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
+
+        def take(slot: int, vector: int, start: int, count: int, base: torch.Tensor | None) -> torch.Tensor:
+            v = io.take_as(tile_buf[slot], self.vectors[vector], self.name, start, count)
+            return v.sub_(base) if base is not None else v
+
         for start, count in _chunks(self.numel, self.gchunk):
             for t in self._tiles():
                 b = io.take_as(base_buf, self.base_index, self.name, start, count) if self.mode == "delta" else None
-                held = []
-                for slot, a in enumerate(t):
-                    v = io.take_as(tile_buf[slot], self.vectors[a], self.name, start, count)
-                    if b is not None:
-                        v.sub_(b)
-                    held.append(v)
-                gram_update(gram, held, t)
-                for j in range(t[-1] + 1, m):
-                    v = io.take_as(tile_buf[GRAM_TILE], self.vectors[j], self.name, start, count)
-                    if b is not None:
-                        v.sub_(b)
-                    gram_update(gram, held + [v], t, [j])
-        return gram
+                held = [take(slot, a, start, count, b) for slot, a in enumerate(t)]
+                lo, hi = t[0], t[-1] + 1
+                rows = tile_buf[: len(t), :count]
+                if self.on_gpu:
+                    block = rows @ rows.T
+                    gram[lo:hi, lo:hi] += block.triu() + block.triu(1).T  # symmetric by construction
+                else:
+                    gram_update(gram, held, t)
+                for j in range(hi, m):
+                    v = take(GRAM_TILE, j, start, count, b)
+                    if self.on_gpu:
+                        d = rows @ v
+                        gram[lo:hi, j] += d
+                        gram[j, lo:hi] += d
+                    else:
+                        gram_update(gram, held + [v], t, [j])
+        return gram.cpu()
 
 
 class _TaskKernel(_Kernel):

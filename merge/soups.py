@@ -262,11 +262,9 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         _check_not_an_input(out, sources + ([base_source] if base_source is not None else []))
         # Members of different starts average to near chance. With a base (task vectors), the base is the
         # reference every member is measured against: fine-tunes of it share its start.
-        if base_source is not None:
-            warn_if_different_starts([base_source, *sources], stacklevel=2,
-                                     names=[f"{base_source.path} (base)", *(str(s.path) for s in sources)])
-        else:
-            warn_if_different_starts(sources, stacklevel=2)
+        checked = sources if base_source is None else [base_source, *sources]
+        labels = None if base_source is None else [f"{base_source.path} (base)", *(str(s.path) for s in sources)]
+        warn_if_different_starts(checked, names=labels, stacklevel=2)
         recipe = recipe_of(plan, out_dtype=parse_dtype(dtype), extra=recipe_extra)
         recipe_json = json.dumps(recipe, sort_keys=True)
         bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import json
 import os
 import re
@@ -68,10 +69,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -442,11 +440,11 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
         weights = sorted(f.name for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
         if len(weights) == 1:
             return _open_file(p / weights[0], key=key, normalise=normalise)
-        shards = [w for w in weights if _SHARD_NAME.fullmatch(w)]
+        shards = [m for w in weights if (m := _SHARD_NAME.fullmatch(w))]
         if shards:
-            stem = _SHARD_NAME.fullmatch(shards[0])
-            index = f"{stem.group(1)}{stem.group(3)}.index.json"
-            raise CheckpointFormatError(f"{p}: holds weight shards ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) "
+            index = f"{shards[0].group(1)}{shards[0].group(3)}.index.json"
+            names = ", ".join(m.group(0) for m in shards[:3]) + (", ..." if len(shards) > 3 else "")
+            raise CheckpointFormatError(f"{p}: holds weight shards ({names}) "
                                         f"but not their index {index}, which says which tensor is in which shard; "
                                         "fetch the index too (a Hub pull includes it with the shards)",
                                         path=p / index)
