@@ -6,6 +6,7 @@ import click
 
 from cli.eval_cmd import echo_line, model_options, one_line_warnings, show_progress
 from cli.util import format_bytes, parse_floats
+from merge.io.formats import SAFETENSORS_SUFFIX
 
 
 def _floats_or_list(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
@@ -169,7 +170,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         raise click.UsageError("--model describes members that record no architecture for --greedy; a plain soup "
                                "needs none")
 
-    if recompute_bn and not out.endswith(".safetensors"):
+    if recompute_bn and not out.endswith(SAFETENSORS_SUFFIX):
         raise click.UsageError("--recompute-bn rewrites a single file: write the soup with -o NAME.safetensors")
     w = parse_floats(weights, "--weights") if weights is not None else None
     if weights is not None and method == "uniform":

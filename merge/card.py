@@ -21,19 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from merge.io import schemes
+from merge.io.formats import CARD_FILE, INDEX_SUFFIX, PICKLE_FILE, SAFETENSORS_SUFFIX, SINGLE_FILE
+from merge.io.schemes import HF_PREFIX, is_repo_id
 from merge.keys import DATA_KEY, METRICS_KEY, MODEL_KEY, RECIPE_KEY
 
-__all__ = ["model_card", "write_card", "is_generated_card", "recipe_members", "SINGLE_FILE_NAME", "weight_file_name"]
+__all__ = ["model_card", "write_card", "is_generated_card", "recipe_members", "weight_file_name"]
 
-HF_PREFIX = "hf://"
-# The name the ecosystem loads a single weight file by (transformers, timm, huggingface_hub).
-SINGLE_FILE_NAME = "model.safetensors"
-_PICKLE_NAME = "pytorch_model.bin"
 _SOUP_METHODS = {"uniform", "weighted", "greedy", "papa", "average"}
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _MARKER = "<!-- papa-merge model card, sha256:{} (an edited card is pushed as is) -->"
 _MARKER_RE = re.compile(r"\n<!-- papa-merge model card, sha256:([0-9a-f]{64}) \(an edited card is pushed as is\) -->\n?$")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def weight_file_name(path: str | os.PathLike) -> str:
@@ -43,7 +39,7 @@ def weight_file_name(path: str | os.PathLike) -> str:
         >>> weight_file_name("runs/soup.safetensors"), weight_file_name("averaged.pth")
         ('model.safetensors', 'pytorch_model.bin')
     """
-    return SINGLE_FILE_NAME if Path(path).suffix == ".safetensors" else _PICKLE_NAME
+    return SINGLE_FILE if Path(path).suffix == SAFETENSORS_SUFFIX else PICKLE_FILE
 
 
 def is_generated_card(text: str) -> bool:
@@ -93,7 +89,7 @@ def _repo_of(reference: str) -> str:
 
 
 def _looks_like_repo(name: object) -> bool:
-    return isinstance(name, str) and bool(_REPO_RE.match(name)) and "--" not in name
+    return is_repo_id(name, org_required=True)
 
 
 def _facts(path: Path, weights_name: str | None, name: str | None = None) -> _Facts:
@@ -112,7 +108,7 @@ def _facts(path: Path, weights_name: str | None, name: str | None = None) -> _Fa
         except ValueError:
             config = {}
     if folder:
-        index = [f.name for f in path.iterdir() if f.name.endswith(".index.json")]
+        index = [f.name for f in path.iterdir() if f.name.endswith(INDEX_SUFFIX)]
         weight_files = sorted(index) + sorted(files)
     else:
         weight_files = [weights_name or weight_file_name(path)]
@@ -151,7 +147,7 @@ def _front_matter(f: _Facts, repo_id: str | None) -> str:
     tags = ["merge", "papa-merge"]
     if f.recipe.get("method") in _SOUP_METHODS:
         tags.append("model-soup")
-    tags.append("safetensors" if all(w.endswith((".safetensors", ".json")) for w in f.weight_files) else "pytorch")
+    tags.append("safetensors" if all(w.endswith((SAFETENSORS_SUFFIX, ".json")) for w in f.weight_files) else "pytorch")
     data = ModelCardData(base_model=base_models or None, library_name=f.library, pipeline_tag=f.pipeline_tag,
                          tags=tags, base_model_relation="merge" if len(base_models) > 1 else None)
     return "---\n" + data.to_yaml() + "\n---\n"
@@ -175,7 +171,7 @@ def _what_it_is(f: _Facts) -> list[str]:
     weights = f.weight_files
     if len(weights) == 1:
         where = f"`{weights[0]}`"
-    elif weights and weights[0].endswith(".index.json"):
+    elif weights and weights[0].endswith(INDEX_SUFFIX):
         where = f"`{weights[0]}` and the {len(weights) - 1} shards it lists"
     else:
         where = ", ".join(f"`{w}`" for w in weights)
@@ -285,7 +281,7 @@ def _usage(f: _Facts, repo_id: str | None, shown_as: str) -> list[str]:
         source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{shown_as}"
         lines += ["```python", "import timm", "", f"model = timm.create_model({source!r}, pretrained=True)", "```"]
     else:
-        fname = f.weight_files[0] if f.weight_files else SINGLE_FILE_NAME
+        fname = f.weight_files[0] if f.weight_files else SINGLE_FILE
         if repo_id:
             file_expr = f"hf_hub_download({repo_id!r}, {fname!r})"
             imports = ["from huggingface_hub import hf_hub_download"]
@@ -377,7 +373,7 @@ def write_card(folder: str | os.PathLike, *, shown_as: str | None = None) -> Pat
     Returns:
         The README.md written, or None when one was there.
     """
-    readme = Path(folder) / "README.md"
+    readme = Path(folder) / CARD_FILE
     if readme.exists():
         return None
     readme.write_text(model_card(folder, shown_as=shown_as))

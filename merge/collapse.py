@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import InvalidArgumentError, MismatchError, MissingMetadataError, SameInputOutputError
+from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.sources import open_checkpoint
 from merge.io.writer import write_state_dict
 from merge.keys import RECIPE_KEY, TRAIN_KEY, version
@@ -192,7 +193,7 @@ def collapse_checkpoint(path: str | os.PathLike, *, out: str | os.PathLike, forc
         >>> collapse_checkpoint("lpw/late-phase/member-00.safetensors", out="model.safetensors")  # doctest: +SKIP
     """
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if out.suffix != SAFETENSORS_SUFFIX:
         raise InvalidArgumentError(f"{out}: a collapsed model is one .safetensors file; end the path in .safetensors",
                                    option="out")
     if out.exists() and out.resolve() == Path(path).resolve():

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import InvalidArgumentError
+from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.soups import average
 
 if TYPE_CHECKING:
@@ -420,7 +421,7 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
     if metric not in ("acc", "nll"):
         raise InvalidArgumentError(f"greedy soup: metric must be 'acc' or 'nll', got {metric!r}")
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if out.suffix != SAFETENSORS_SUFFIX:
         raise InvalidArgumentError(f"greedy soup: the output must be a .safetensors file, got {out}")
     check_output_free(out, force=force)  # before the (long) scoring, not after it
     ev = CheckpointEvaluator.from_checkpoints(paths, data=data, model=model, num_classes=num_classes,

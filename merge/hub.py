@@ -32,9 +32,10 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote
 
-from merge.io.schemes import register_scheme
+from merge.io.formats import CARD_FILE, FOLDER_CANDIDATES, INDEX_SUFFIX, SHARD_RE, WEIGHT_SUFFIXES
+from merge.io.schemes import HF_PREFIX, HubReference, register_scheme
+from merge.io.schemes import parse_hub_reference as _parse
 from merge.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -46,61 +47,9 @@ from merge.errors import (
 __all__ = ["HubReference", "PushResult", "parse_reference", "resolve_reference", "pull", "push", "model_card",
            "hub_source_of", "HF_PREFIX"]
 
-HF_PREFIX = "hf://"
-# The files a Hugging Face model folder may keep its weights in, in order of preference (as open_checkpoint).
-WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors",
-                     "pytorch_model.bin.index.json", "pytorch_model.bin")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # Small files beside the weights that from_pretrained needs (configs, tokenizers, chat templates).
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 _CACHE_RE = re.compile(r"(?:^|/)(models|datasets)--([^/]+)/snapshots/([0-9a-f]{40})(?:/(.*))?$")
-
-
-@dataclass(frozen=True)
-class HubReference:
-    """A parsed ``hf://org/name[@revision][/path]``."""
-
-    repo_id: str
-    revision: str | None = None
-    path: str | None = None
-
-    def __str__(self) -> str:
-        text = HF_PREFIX + self.repo_id
-        if self.revision:
-            text += "@" + self.revision
-        if self.path:
-            text += "/" + self.path
-        return text
-
-
-def _parse(text: str, *, allow_path: bool = True) -> HubReference:
-    """Split ``[hf://]org/name[@revision][/path]`` (revisions ``refs/pr/N`` and ``%2F``-quoted ones allowed)."""
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidArgumentError(f"not a Hub reference: {text!r}; write org/name[@revision] or "
-                                   "hf://org/name[@revision]")
-    body = text.strip()
-    if body.startswith(HF_PREFIX):
-        body = body[len(HF_PREFIX):]
-    body = body.strip("/")
-    revision: str | None = None
-    path: str | None = None
-    if "@" in body:
-        repo_id, _, after = body.partition("@")
-        parts = after.split("/")
-        n = 3 if after.startswith(("refs/pr/", "refs/convert/")) else 1
-        revision, path = unquote("/".join(parts[:n])), "/".join(parts[n:]) or None
-        if not revision:
-            raise InvalidArgumentError(f"{text!r}: empty revision after '@'; write org/name@branch, tag or commit")
-    else:
-        parts = body.split("/")
-        repo_id, path = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    if not _REPO_RE.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith((".git", ".")):
-        raise InvalidArgumentError(f"not a Hub reference: {text!r}; write org/name[@revision] or "
-                                   "hf://org/name[@revision] (letters, digits, '-', '_', '.')")
-    if path is not None and not allow_path:
-        raise InvalidArgumentError(f"{text!r}: expected a repo (org/name[@revision]), not a file inside one")
-    return HubReference(repo_id, revision, path)
 
 
 def parse_reference(ref: str) -> tuple[str, str | None]:
@@ -236,7 +185,7 @@ def _config_files(files: Sequence[str], folder: str = "") -> list[str]:
         rest = f[len(prefix):] if f.startswith(prefix) else None
         if rest is None or "/" in rest or rest.startswith("."):
             continue
-        if rest.endswith(_CONFIG_SUFFIXES) and not rest.endswith(".index.json"):
+        if rest.endswith(_CONFIG_SUFFIXES) and not rest.endswith(INDEX_SUFFIX):
             out.append(f)
     return out
 
@@ -244,7 +193,7 @@ def _config_files(files: Sequence[str], folder: str = "") -> list[str]:
 def _weight_files(files: Sequence[str], folder: str = "") -> list[str]:
     prefix = folder + "/" if folder else ""
     return sorted(f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]
-                  and f.endswith(_WEIGHT_SUFFIXES))
+                  and f.endswith(WEIGHT_SUFFIXES))
 
 
 def _read_index(api, ref: HubReference, sha: str, index: str, endpoint: str | None) -> list[str]:  # noqa: ANN001
@@ -276,7 +225,7 @@ def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str
     """Which files a checkpoint needs, and the path inside the snapshot to open (None: the folder itself)."""
     path = (ref.path or "").strip("/")
     if path and path in files:  # one file: itself, or an index and its shards
-        if path.endswith(".index.json"):
+        if path.endswith(INDEX_SUFFIX):
             shards = _read_index(api, ref, sha, path, endpoint)
             _check_shards(ref, path, shards, files)
             return [path, *shards], path
@@ -286,11 +235,11 @@ def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str
                                       f"files: {_listing(files)}")
     prefix = path + "/" if path else ""
     configs = _config_files(files, path)
-    for candidate in WEIGHT_CANDIDATES:
+    for candidate in FOLDER_CANDIDATES:
         name = prefix + candidate
         if name in files:
             weights = [name]
-            if name.endswith(".index.json"):
+            if name.endswith(INDEX_SUFFIX):
                 shards = _read_index(api, ref, sha, name, endpoint)
                 _check_shards(ref, name, shards, files)
                 weights += shards
@@ -299,7 +248,7 @@ def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str
     if len(weights) == 1:
         return [weights[0]] + configs, weights[0]
     if not weights:
-        raise CheckpointNotFoundError(f"{ref}: no weight files ({', '.join(WEIGHT_CANDIDATES[:2])}, *.safetensors, "
+        raise CheckpointNotFoundError(f"{ref}: no weight files ({', '.join(FOLDER_CANDIDATES[:2])}, *.safetensors, "
                                       f"*.bin) in {ref.repo_id}@{ref.revision or 'main'}; files: {_listing(files)}")
     raise CheckpointFormatError(f"{ref}: holds {len(weights)} weight files ({_listing(weights)}); name one, "
                                 f"e.g. {HF_PREFIX}{ref.repo_id}{'@' + ref.revision if ref.revision else ''}/{weights[0]}")
@@ -475,7 +424,7 @@ def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str]
             names, _ = _plan_checkpoint_files(api, r, sha, files, endpoint)
         except CheckpointFormatError:  # several checkpoints side by side (members of a soup): take them all
             names = _weight_files(files) + _config_files(files)
-        names += [f for f in ("README.md",) if f in files]
+        names += [f for f in (CARD_FILE,) if f in files]
     else:
         names = [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns) and f != ".gitattributes"]
         if not names:
@@ -494,10 +443,10 @@ def _indexes_of(api, ref: HubReference, sha: str, names: Sequence[str], files: S
     chosen = set(names)
     found = []
     for index in files:
-        if not index.endswith(".index.json") or index in chosen:
+        if not index.endswith(INDEX_SUFFIX) or index in chosen:
             continue
         folder = str(PurePosixPath(index).parent)
-        if not any(str(PurePosixPath(n).parent) == folder and n.endswith(_WEIGHT_SUFFIXES) for n in chosen):
+        if not any(str(PurePosixPath(n).parent) == folder and n.endswith(WEIGHT_SUFFIXES) for n in chosen):
             continue  # no weight file of its folder was chosen: no need to read it
         if chosen & set(_read_index(api, ref, sha, index, endpoint)):
             found.append(index)
@@ -595,14 +544,14 @@ def _in_repo_name(path: Path, path_in_repo: str | None, keep_existing: bool) -> 
     if any(part in ("", ".", "..") or part.startswith(".") for part in parts) or path_in_repo.startswith("/"):
         raise InvalidArgumentError(f"path_in_repo {path_in_repo!r} is not a relative path inside the repo; write "
                                    "e.g. 'soups/greedy.safetensors'")
-    if path.is_file() and not name.endswith(_WEIGHT_SUFFIXES):
+    if path.is_file() and not name.endswith(WEIGHT_SUFFIXES):
         raise InvalidArgumentError(f"path_in_repo {path_in_repo!r} names where the file goes; end it in a weight "
-                                   f"suffix ({', '.join(_WEIGHT_SUFFIXES)}), e.g. '{name or 'model'}{path.suffix}'")
+                                   f"suffix ({', '.join(WEIGHT_SUFFIXES)}), e.g. '{name or 'model'}{path.suffix}'")
     return name
 
 
 def _is_weights(name: str) -> bool:
-    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIX)
 
 
 def _folder_of(name: str) -> str:
@@ -610,14 +559,12 @@ def _folder_of(name: str) -> str:
     return "" if parent == "." else parent
 
 
-_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.[a-z]+$")
-
 
 def _checkpoint_listing(names: Sequence[str], folder: str) -> list[str]:
     """The checkpoints in one folder of a repo: weight files and indexes (shards are named by their index)."""
     inside = [n for n in names if _folder_of(n) == folder and _is_weights(n)]
-    indexed = any(n.endswith(".index.json") for n in inside)
-    return sorted(n for n in inside if not (indexed and _SHARD_RE.search(n)))
+    indexed = any(n.endswith(INDEX_SUFFIX) for n in inside)
+    return sorted(n for n in inside if not (indexed and SHARD_RE.fullmatch(n)))
 
 
 def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -690,8 +637,8 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
     if not files:
         raise CheckpointNotFoundError(f"{path}: the folder is empty; nothing to push", path=path)
     folder = _folder_of(name) if path.is_file() else name
-    card_name = "README.md"  # one card per repo, at its top, whatever folder the checkpoint lands in
-    own_card = path / "README.md" if path.is_dir() else None
+    card_name = CARD_FILE  # one card per repo, at its top, whatever folder the checkpoint lands in
+    own_card = path / CARD_FILE if path.is_dir() else None
     keep_card = own_card is not None and own_card.is_file() and not is_generated_card(own_card.read_text(errors="replace"))
     weights_name = name if path.is_file() else None
     # Read the checkpoint (and build its card) before any request: a bad file costs nothing remote.
@@ -710,7 +657,7 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
             listing = _checkpoint_listing([*(f for f in remote if f not in deleted), *ours], folder)
             card = model_card(path, repo_id=ref.repo_id, weights_name=weights_name, checkpoints=listing)
         ops: list = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(p)) for n, p in files
-                     if not (card is not None and n == f"{name}/README.md".lstrip("/"))]
+                     if not (card is not None and n == f"{name}/{CARD_FILE}".lstrip("/"))]
         if card is not None:
             ops.append(CommitOperationAdd(path_in_repo=card_name, path_or_fileobj=card.encode()))
         ops += [CommitOperationDelete(path_in_repo=f) for f in deleted]

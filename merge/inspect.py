@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge.io import schemes
+from merge.io.formats import INDEX_FILE, INDEX_SUFFIX, SAFETENSORS_SUFFIX, SINGLE_FILE
 from merge.io.header import read_safetensors_header, strip_prefixes
 from merge.io.shards import check_shards_match, read_weight_map
 
@@ -77,15 +78,15 @@ def _inspect_safetensors(path: str | os.PathLike, *, top: int) -> CheckpointSumm
     p = Path(path)
     index = None
     if p.is_dir():
-        if (p / "model.safetensors.index.json").exists():
-            index = p / "model.safetensors.index.json"
-        elif (p / "model.safetensors").exists():
-            files = [p / "model.safetensors"]
+        if (p / INDEX_FILE).exists():
+            index = p / INDEX_FILE
+        elif (p / SINGLE_FILE).exists():
+            files = [p / SINGLE_FILE]
         else:
             return None
-    elif p.name.endswith(".safetensors.index.json"):
+    elif p.name.endswith(SAFETENSORS_SUFFIX + INDEX_SUFFIX):
         index = p
-    elif p.suffix == ".safetensors":
+    elif p.suffix == SAFETENSORS_SUFFIX:
         files = [p]
     else:
         return None

@@ -34,6 +34,7 @@ from merge.bn import bn_layers
 from merge.errors import InvalidArgumentError
 from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs, predict, \
     recompute_bn_checkpoint
+from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.sources import open_checkpoint
 from merge.soups import average, soup
 
@@ -104,7 +105,7 @@ def midpoint(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, alph
                                        "it unset for the centre of a simplex")
         weights = line_weights(alpha)
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if out.suffix != SAFETENSORS_SUFFIX:
         raise InvalidArgumentError(f"{out}: a point is written as one .safetensors file; end the path in .safetensors",
                                    option="out")
     ev = CheckpointEvaluator.from_checkpoints(list(paths), data=data, batch_size=batch_size, device=device)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge.errors import CheckpointNotFoundError, InvalidArgumentError
+from merge.io.schemes import HF_PREFIX
 from merge.ops import get_operator
 
 __all__ = ["Recipe", "load_recipe", "run_recipe", "plan_recipe", "UnsupportedRecipeError", "SUPPORTED_KEYS"]
@@ -160,7 +161,7 @@ def _model_ref(raw: object, where: str, folder: Path) -> str:
     if "+" in raw and not Path(raw).exists():
         raise UnsupportedRecipeError(f"{where}: {raw!r} names a LoRA adapter (model+lora), which is not supported; "
                                      "merge the adapter into its model first", field="lora")
-    if raw.startswith("hf://"):
+    if raw.startswith(HF_PREFIX):
         return raw
     local = Path(raw).expanduser()
     if not local.exists() and not local.is_absolute() and (folder / local).exists():
@@ -168,7 +169,7 @@ def _model_ref(raw: object, where: str, folder: Path) -> str:
     if local.exists():
         return str(local)
     if raw.count("/") == 1 and not raw.startswith((".", "/", "~")):
-        return f"hf://{raw}" + (f"@{revision}" if revision else "")
+        return f"{HF_PREFIX}{raw}" + (f"@{revision}" if revision else "")
     raise CheckpointNotFoundError(f"{where}: model {raw!r} is neither a local path nor a Hub repository (org/name)",
                                   path=raw)
 

@@ -25,8 +25,9 @@ from merge.lineage import warn_if_different_starts
 from merge.io.sources import Source, StateDictSource, open_checkpoint
 from merge.io.folder import carry_folder_files
 from merge.card import write_card
-from merge.io.torch_writer import TORCH_SUFFIXES, TorchFileSink
-from merge.io.writer import INDEX_FILE, AtomicOutput, FileSink, parse_size, plan_output
+from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+from merge.io.torch_writer import TorchFileSink
+from merge.io.writer import AtomicOutput, FileSink, parse_size, plan_output
 from merge.ops import check_weights, get_operator
 
 __all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind"]
@@ -123,7 +124,7 @@ def output_kind(out: str | os.PathLike) -> str:
     if str(out) == "":
         raise InvalidArgumentError("the output path is empty; write one of: " + "; ".join(OUTPUT_FORMS), option="out")
     suffix = p.suffix.lower()
-    if suffix == ".safetensors" and not p.is_dir():
+    if suffix == SAFETENSORS_SUFFIX and not p.is_dir():
         return "safetensors"
     if suffix in TORCH_SUFFIXES and not p.is_dir():
         return "torch"

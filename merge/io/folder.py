@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from merge.io.dtypes import dtype_name
-from merge.io.sources import WEIGHT_SUFFIXES
-from merge.io.writer import INDEX_FILE, AtomicOutput
+from merge.io.formats import CARD_FILE, INDEX_FILE, INDEX_SUFFIX, PICKLE_INDEX_FILE, WEIGHT_SUFFIXES
+from merge.io.writer import AtomicOutput
 
 __all__ = ["carry_folder_files", "set_config_dtype", "NOT_CARRIED", "CONFIG_DTYPE_KEYS"]
 
 # Files of a model folder that are weights (not carried over) or are regenerated (README.md: the soup's own card).
-NOT_CARRIED = {"README.md", ".gitattributes", INDEX_FILE, "pytorch_model.bin.index.json"}
+NOT_CARRIED = {CARD_FILE, ".gitattributes", INDEX_FILE, PICKLE_INDEX_FILE}
 # Where a transformers config.json says the weights' dtype: "dtype" since transformers 4.56 (5.x reads it
 # first), "torch_dtype" before (5.x falls back to it only when "dtype" is absent).
 CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
@@ -59,7 +59,7 @@ def carry_folder_files(folder: Path, atomic: AtomicOutput, *, dtype: torch.dtype
         return []
     copied = []
     for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.name in NOT_CARRIED or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+        if not f.is_file() or f.name in NOT_CARRIED or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(INDEX_SUFFIX):
             continue
         dst = atomic.file(f.name)
         if f.name == "config.json" and dtype is not None:

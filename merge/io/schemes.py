@@ -17,12 +17,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
-from merge.errors import CheckpointNotFoundError
+from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 
-__all__ = ["Scheme", "register_scheme", "split_scheme", "resolve", "describe", "registered_schemes"]
+__all__ = ["Scheme", "register_scheme", "split_scheme", "resolve", "describe", "registered_schemes", "HF_PREFIX",
+           "HubReference", "parse_hub_reference", "is_repo_id"]
 
 _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+HF_PREFIX = "hf://"
+# A Hub repo id: ``name`` or ``org/name``, each part a letter or digit then up to 95 of [A-Za-z0-9_.-].
+_REPO_PART = r"[A-Za-z0-9][\w.-]{0,95}"
+_REPO_RE = re.compile(rf"^{_REPO_PART}(/{_REPO_PART})?$")
 
 
 @dataclass(frozen=True)
@@ -88,3 +94,73 @@ def describe(path: str | os.PathLike) -> str | None:
             if ref:
                 return ref
     return None
+
+
+# --- Hub references: pure parsing (the network code that fetches them is merge.hub's) ------------------
+def is_repo_id(text: object, *, org_required: bool = False) -> bool:
+    """Whether ``text`` is a Hub repo id (``org/name``, or ``name`` unless ``org_required``).
+
+    Example:
+        >>> is_repo_id("org/name"), is_repo_id("name"), is_repo_id("name", org_required=True), is_repo_id("a--b")
+        (True, True, False, False)
+    """
+    if not isinstance(text, str):
+        return False
+    if org_required and "/" not in text:
+        return False
+    return (bool(_REPO_RE.match(text)) and "--" not in text and ".." not in text
+            and not text.endswith((".git", ".")))
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """A parsed ``hf://org/name[@revision][/path]``."""
+
+    repo_id: str
+    revision: str | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        text = HF_PREFIX + self.repo_id
+        if self.revision:
+            text += "@" + self.revision
+        if self.path:
+            text += "/" + self.path
+        return text
+
+
+def parse_hub_reference(text: str, *, allow_path: bool = True) -> HubReference:
+    """Split ``[hf://]org/name[@revision][/path]`` (revisions ``refs/pr/N`` and ``%2F``-quoted ones allowed).
+
+    Raises:
+        InvalidArgumentError: not a repo id, an empty revision, or a path where ``allow_path`` is False.
+
+    Example:
+        >>> parse_hub_reference("hf://org/name@v2/w.safetensors")
+        HubReference(repo_id='org/name', revision='v2', path='w.safetensors')
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgumentError(f"not a Hub reference: {text!r}; write org/name[@revision] or "
+                                   "hf://org/name[@revision]")
+    body = text.strip()
+    if body.startswith(HF_PREFIX):
+        body = body[len(HF_PREFIX):]
+    body = body.strip("/")
+    revision: str | None = None
+    path: str | None = None
+    if "@" in body:
+        repo_id, _, after = body.partition("@")
+        parts = after.split("/")
+        n = 3 if after.startswith(("refs/pr/", "refs/convert/")) else 1
+        revision, path = unquote("/".join(parts[:n])), "/".join(parts[n:]) or None
+        if not revision:
+            raise InvalidArgumentError(f"{text!r}: empty revision after '@'; write org/name@branch, tag or commit")
+    else:
+        parts = body.split("/")
+        repo_id, path = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    if not is_repo_id(repo_id):
+        raise InvalidArgumentError(f"not a Hub reference: {text!r}; write org/name[@revision] or "
+                                   "hf://org/name[@revision] (letters, digits, '-', '_', '.')")
+    if path is not None and not allow_path:
+        raise InvalidArgumentError(f"{text!r}: expected a repo (org/name[@revision]), not a file inside one")
+    return HubReference(repo_id, revision, path)

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError
+from merge.io.formats import INDEX_SUFFIX, WEIGHT_SUFFIXES
 
-__all__ = ["read_weight_map", "check_shards_match", "WEIGHT_SUFFIXES"]
+__all__ = ["read_weight_map", "check_shards_match"]
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _FIX = "the index and its shards disagree: re-download or re-save the checkpoint"
 
 
@@ -54,7 +54,7 @@ def read_weight_map(index_path: Path) -> dict[str, str]:
     if not weight_map:
         raise bad("'weight_map' lists no tensors")
     # model.safetensors.index.json joins .safetensors shards, pytorch_model.bin.index.json .bin shards.
-    kind = Path(index_path.name.removesuffix(".index.json")).suffix
+    kind = Path(index_path.name.removesuffix(INDEX_SUFFIX)).suffix
     kinds = (kind,) if kind in WEIGHT_SUFFIXES else WEIGHT_SUFFIXES
     checked: set[str] = set()
     for name, shard in weight_map.items():

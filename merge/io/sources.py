@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import json
 import os
-import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,10 +35,12 @@ from merge.io.pickles import check_storages, pickle_error
 # Header parsing and name normalisation need no torch; they live where quick answers (inspect) reach them.
 from merge.io.header import STRIPPED_PREFIXES, strip_prefixes  # noqa: F401 - re-exported
 from merge.io.safetensors_format import HeaderEntry, read_checked_header
-from merge.io.shards import WEIGHT_SUFFIXES, check_shards_match, read_weight_map  # noqa: F401 - re-exported
+from merge.io.formats import (FOLDER_CANDIDATES, INDEX_SUFFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SHARD_RE,
+                               WEIGHT_SUFFIXES)
+from merge.io.shards import check_shards_match, read_weight_map
 
-# A weight shard as transformers names them: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
-_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-\d{5}(\.safetensors|\.bin)")
+# The shards transformers writes: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
+_SHARDED_SUFFIXES = (SAFETENSORS_SUFFIX, ".bin")
 
 __all__ = [
     "TensorInfo",
@@ -51,7 +51,6 @@ __all__ = [
     "open_checkpoint",
     "read_safetensors_metadata",
     "strip_prefixes",
-    "WEIGHT_SUFFIXES",
 ]
 
 # Wrapper keys of pickled training checkpoints, in the order they are tried.
@@ -386,17 +385,12 @@ class ShardedSource(Source):
             shard.close()
 
 
-# Files a Hugging Face model folder may hold its weights in, in order of preference.
-_FOLDER_CANDIDATES = ("model.safetensors.index.json", "model.safetensors",
-                      "pytorch_model.bin.index.json", "pytorch_model.bin")
-
-
 def _open_file(path: Path, *, key: str | None, normalise: bool) -> Source:
-    if path.name.endswith(".index.json"):
+    if path.name.endswith(INDEX_SUFFIX):
         return ShardedSource(path, key=key, normalise=normalise)
-    if path.suffix == ".safetensors":
+    if path.suffix == SAFETENSORS_SUFFIX:
         return SafetensorsSource(path, normalise=normalise)
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+    if path.suffix in PICKLE_SUFFIXES:
         return _load_pickle(path, key=key, normalise=normalise)
     # Unknown suffix: sniff. A safetensors header starts with an 8-byte length then '{'.
     with open(path, "rb") as f:
@@ -432,7 +426,7 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if p.is_dir():
-        for candidate in _FOLDER_CANDIDATES:
+        for candidate in FOLDER_CANDIDATES:
             if (p / candidate).exists():
                 src = _open_file(p / candidate, key=key, normalise=normalise)
                 src.path = p
@@ -440,16 +434,16 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
         weights = sorted(f.name for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
         if len(weights) == 1:
             return _open_file(p / weights[0], key=key, normalise=normalise)
-        shards = [m for w in weights if (m := _SHARD_NAME.fullmatch(w))]
+        shards = [m for w in weights if (m := SHARD_RE.fullmatch(w)) and m.group("suffix") in _SHARDED_SUFFIXES]
         if shards:
-            index = f"{shards[0].group(1)}{shards[0].group(3)}.index.json"
+            index = f"{shards[0].group('stem')}{shards[0].group('suffix')}{INDEX_SUFFIX}"
             names = ", ".join(m.group(0) for m in shards[:3]) + (", ..." if len(shards) > 3 else "")
             raise CheckpointFormatError(f"{p}: holds weight shards ({names}) "
                                         f"but not their index {index}, which says which tensor is in which shard; "
                                         "fetch the index too (a Hub pull includes it with the shards)",
                                         path=p / index)
         listing = ", ".join(weights[:5]) if weights else "no weight files"
-        raise CheckpointFormatError(f"{p}: is a folder without {' or '.join(_FOLDER_CANDIDATES[:2])} ({listing}); "
+        raise CheckpointFormatError(f"{p}: is a folder without {' or '.join(FOLDER_CANDIDATES[:2])} ({listing}); "
                                     "pass the weight file itself")
     return _open_file(p, key=key, normalise=normalise)
 

@@ -32,9 +32,7 @@ import torch
 from merge.io.sources import TensorInfo
 from merge.io.writer import Sink
 
-__all__ = ["TorchFileSink", "TORCH_SUFFIXES"]
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+__all__ = ["TorchFileSink"]
 _ALIGN = 64
 _ARCHIVE = "archive"
 _DATE = (1980, 1, 1, 0, 0, 0)

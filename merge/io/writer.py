@@ -21,13 +21,12 @@ import torch
 from merge.errors import InvalidArgumentError
 from merge.io.atomic import AtomicOutput, check_output_free, check_output_name
 from merge.io.dtypes import torch_to_st
+from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE, shard_name
 from merge.io.sources import TensorInfo
 
 __all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict",
            "Sink", "FileSink", "check_output_free"]
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -88,7 +87,7 @@ def plan_output(tensors: Sequence[TensorInfo], out: str | os.PathLike, *, shard_
     ``shard_size`` (a single larger tensor gets a shard of its own), as transformers does.
     """
     out = check_output_name(out)
-    if out.suffix == ".safetensors":
+    if out.suffix == SAFETENSORS_SUFFIX:
         return OutputPlan(out, False, [OutputFile(out.name, list(tensors))])
     limit = parse_size(shard_size)
     shards: list[OutputFile] = [OutputFile("")]
@@ -101,7 +100,7 @@ def plan_output(tensors: Sequence[TensorInfo], out: str | os.PathLike, *, shard_
         shards[0].name = SINGLE_FILE
     else:
         for i, s in enumerate(shards, 1):
-            s.name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            s.name = shard_name(i, len(shards))
     return OutputPlan(out, True, shards)
 
 

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.io.writer import SINGLE_FILE, AtomicOutput, write_state_dict
+from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE
+from merge.io.writer import AtomicOutput, write_state_dict
 from merge.models.builders import _check_arch, _timm_takes_img_size, resolve_hf_folder
 
 __all__ = ["member_form", "write_member", "library_files", "hf_config", "timm_config", "TOKENIZER_FILES"]
@@ -233,7 +234,7 @@ def write_member(state_dict: Mapping[str, torch.Tensor], out: str | os.PathLike,
         OutputExistsError: ``out`` exists and ``force`` is False.
     """
     out = Path(out)
-    if out.suffix == ".safetensors":
+    if out.suffix == SAFETENSORS_SUFFIX:
         return write_state_dict(state_dict, out, metadata=metadata, force=force)
     # Built before anything is written: a missing base folder fails without leaving a temporary folder.
     files = library_files(spec, classes=classes, data_spec=data_spec, model=model, dtype=_float_dtype(state_dict))
