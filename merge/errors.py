@@ -4,6 +4,9 @@ Every error the library raises on bad input is a :class:`MergeError`. Each subcl
 the standard exception a caller would expect (a missing checkpoint is also a ``FileNotFoundError``),
 so ``except FileNotFoundError`` keeps working. Messages are one line-led paragraph that names the
 problem and the fix; the CLI prints them without a traceback (set ``PAPA_MERGE_DEBUG=1`` to see it).
+
+Every warning the library issues is a :class:`MergeWarning` (a ``UserWarning``), so one filter
+(``warnings.simplefilter("error", MergeWarning)``) or one CLI rule (a one-line ``warning: ...``) covers them all.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ __all__ = [
     "InvalidArgumentError",
     "MissingMetadataError",
     "HubError",
+    "MergeWarning",
+    "NonFiniteWarning",
+    "DifferentStartsWarning",
+    "WeakPullWarning",
+    "DefaultSplitWarning",
 ]
 
 
@@ -119,3 +127,26 @@ class MissingMetadataError(MergeError, KeyError):
 
 class HubError(MergeError, OSError):
     """The Hugging Face Hub (or a compatible server) refused or failed a request."""
+
+
+class MergeWarning(UserWarning):
+    """Base class of every warning papa-merge issues: the work went on, but its result may not be what was wanted."""
+
+
+class NonFiniteWarning(MergeWarning):
+    """A member holds NaN or infinite values in a tensor that was merged."""
+
+
+class DifferentStartsWarning(MergeWarning):
+    """A soup's members come from different starts: their average is likely much worse than each member."""
+
+
+class WeakPullWarning(MergeWarning):
+    """A PAPA run from scratch whose pulls were too weak, over its length, to keep the members averageable."""
+
+
+class DefaultSplitWarning(MergeWarning):
+    """Checkpoints that record no data split were evaluated on papa-merge's default split of the dataset.
+
+    Their val and test rows may include rows the checkpoints were trained on elsewhere.
+    """

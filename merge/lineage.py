@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from merge.errors import InvalidArgumentError
+from merge.errors import DifferentStartsWarning, InvalidArgumentError
 from merge.io.sources import Source, open_checkpoint
 from merge.keys import TRAIN_KEY
 
@@ -62,10 +62,6 @@ INDEPENDENT_DISTANCE = 1.0
 # at most this many elements of each (a prefix), so the check reads a few MB even for an LLM.
 _SAMPLE_TENSORS = 16
 _SAMPLE_ELEMENTS = 1 << 18
-
-
-class DifferentStartsWarning(UserWarning):
-    """A soup's members come from different starts: their average is likely much worse than each member."""
 
 
 def _hash_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import errno
+import warnings
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import merge
+import merge.errors
 from cli.main import cli, cli_fix, format_error
 from merge.errors import (
     CheckpointNotFoundError,
+    DifferentStartsWarning,
     MergeError,
+    MergeWarning,
     MismatchError,
     MissingMetadataError,
     OutputExistsError,
@@ -77,3 +82,35 @@ def test_reference_schemes_are_a_table_the_hub_registers_into(tmp_path: Path) ->
         schemes._SCHEMES.pop("testfs")
     with pytest.raises(CheckpointNotFoundError, match=r"no reader for nope:// references \(known: hf://\)"):
         merge.open_checkpoint("nope://x")
+
+
+def test_every_warning_is_a_merge_warning_and_a_user_warning() -> None:
+    exported = [getattr(merge.errors, n) for n in merge.errors.__all__]
+    kinds = [c for c in exported if isinstance(c, type) and issubclass(c, Warning)]
+    assert {c.__name__ for c in kinds} >= {"MergeWarning", "NonFiniteWarning", "DifferentStartsWarning",
+                                           "WeakPullWarning", "DefaultSplitWarning"}
+    assert [c for c in kinds if not (issubclass(c, MergeWarning) and issubclass(c, UserWarning))] == []
+    # The modules that issue them still export them under the old paths, as the same classes.
+    from merge.engine import NonFiniteWarning
+    from merge.lineage import DifferentStartsWarning as from_lineage
+
+    assert NonFiniteWarning is merge.errors.NonFiniteWarning and from_lineage is DifferentStartsWarning
+    assert merge.MergeWarning is MergeWarning and merge.NonFiniteWarning is NonFiniteWarning
+
+
+def test_the_cli_prints_a_merge_warning_as_one_line_and_others_as_python_does() -> None:
+    @click.command("warn-twice")
+    def warn_twice() -> None:
+        warnings.warn("the members come from different starts", DifferentStartsWarning)
+        warnings.warn("another library's warning", UserWarning)
+
+    cli.add_command(warn_twice)
+    try:
+        # Python's own display of the other warning is what pytest records.
+        with pytest.warns(UserWarning, match="another library's warning") as shown_by_python:
+            res = CliRunner().invoke(cli, ["warn-twice"])
+    finally:
+        cli.commands.pop("warn-twice")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "warning: the members come from different starts\n"
+    assert [w.category for w in shown_by_python] == [UserWarning]
