@@ -173,8 +173,6 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     if recompute_bn and not out.endswith(SAFETENSORS_SUFFIX):
         raise click.UsageError("--recompute-bn rewrites a single file: write the soup with -o NAME.safetensors")
     w = parse_floats(weights, "--weights") if weights is not None else None
-    if weights is not None and method == "uniform":
-        method = "weighted"
     params = collect_params(method_params)
     if dry_run:
         merge.soups.output_kind(out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merge.engine import MemorySink, MergePlan, plan_merge, resolve_device, run_merge
+from merge.engine import MemorySink, MergePlan, MergeStats, plan_merge, resolve_device, run_merge
 from merge.errors import InvalidArgumentError, SameInputOutputError
 from merge.keys import MEMBER_ONLY_KEYS, RECIPE_KEY, TRAIN_KEY, version
 from merge.io import schemes
@@ -27,10 +27,11 @@ from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from merge.io.torch_writer import TorchFileSink
-from merge.io.writer import AtomicOutput, FileSink, parse_size, plan_output
+from merge.io.writer import AtomicOutput, FileSink, OutputPlan, parse_size, plan_output
 from merge.ops import check_weights, get_operator
 
-__all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind"]
+__all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind",
+           "resolve_method"]
 
 OUTPUT_FORMS = ("NAME.safetensors (one file)", "NAME.pt, NAME.pth or NAME.bin (a torch state-dict file)",
                 "a path without a suffix or an existing folder (a Hugging Face model folder)")
@@ -153,6 +154,17 @@ def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.
     return sources
 
 
+def resolve_method(method: str | None, weights: Sequence[float] | None) -> str:
+    """The method a soup runs: weights given with the default (``uniform``, or None) make it ``weighted``.
+
+    Example:
+        >>> resolve_method("uniform", [0.7, 0.3]), resolve_method(None, None), resolve_method("ties", [1, 1])
+        ('weighted', 'uniform', 'ties')
+    """
+    method = method or "uniform"
+    return "weighted" if weights is not None and method == "uniform" else method
+
+
 def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "uniform",
               weights: Sequence[float] | None = None, base: str | os.PathLike | Source | None = None,
               params: Mapping[str, object] | None = None,
@@ -166,25 +178,74 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
     The returned plan's ``out_bytes``, ``read_bytes`` and ``buffer_bytes`` say how much the soup will
     write, read (every pass counted) and allocate, before any tensor is read. Arguments as in :func:`soup`.
     """
-    if weights is not None and method == "uniform":
-        method = "weighted"
-    op = get_operator(method)
+    op = get_operator(resolve_method(method, weights))
     dev = resolve_device(device)  # before any file is opened: a missing GPU costs nothing
     out_dtype = parse_dtype(dtype)
     acc_dtype = parse_dtype(accumulate, allowed=ACCUMULATE_DTYPE_NAMES, what="accumulate dtype")
-    if sources is None:
-        with ExitStack() as stack:
+    with ExitStack() as stack:
+        if sources is None:
             sources = _open_all(members, stack, key)
             if base is not None and base_source is None:
                 base_source = _open_all([base], stack, key)[0]
-            return plan_soup(members, method=method, weights=weights, base=base, params=params,
-                             member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=dev,
-                             on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
-                             base_source=base_source, resolve=resolve)
-    w = check_weights(weights, len(sources)) if weights is not None else None
-    return plan_merge(sources, op, weights=w, params=params, member_params=member_params, base=base_source,
-                      seed=seed, dtype=out_dtype, accumulate=acc_dtype, device=dev, on_mismatch=on_mismatch,
-                      chunk_bytes=chunk_bytes, strict=strict, resolve=resolve)
+        w = check_weights(weights, len(sources)) if weights is not None else None
+        return plan_merge(sources, op, weights=w, params=params, member_params=member_params, base=base_source,
+                          seed=seed, dtype=out_dtype, accumulate=acc_dtype, device=dev, on_mismatch=on_mismatch,
+                          chunk_bytes=chunk_bytes, strict=strict, resolve=resolve)
+
+
+def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) -> None:
+    """Members of different starts average to near chance; with a base (task vectors), the base is the
+    reference every member is measured against: fine-tunes of it share its start."""
+    checked = sources if base is None else [base, *sources]
+    labels = None if base is None else [f"{base.path} (base)", *(str(s.path) for s in sources)]
+    warn_if_different_starts(checked, names=labels, stacklevel=3)
+
+
+def _write_torch_file(plan: MergePlan, out: Path, recipe_json: str, *, force: bool,
+                      progress: Callable[[int], None] | None) -> tuple[Path, list[Path], MergeStats]:
+    """Run the plan into a torch state-dict file (``x.pt``): the path, the files written, the statistics."""
+    with AtomicOutput(out, folder=False, force=force) as atomic:
+        sink = TorchFileSink(atomic.file(out.name), [t.out for t in plan.tensors], {RECIPE_KEY: recipe_json})
+        try:
+            stats = run_merge(plan, sink, progress=progress)
+        except BaseException:
+            sink.abort()
+            raise
+        final = atomic.commit()
+    return final, [final], stats
+
+
+def _write_index(atomic: AtomicOutput, out_plan: OutputPlan) -> None:
+    """The shard index of a folder written in several shards."""
+    index = {"metadata": {"total_size": out_plan.nbytes},
+             "weight_map": {t.name: f.name for f in out_plan.files for t in f.tensors}}
+    atomic.file(INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size: int | str,
+                       out_dtype: torch.dtype | None, force: bool,
+                       progress: Callable[[int], None] | None) -> tuple[Path, list[Path], MergeStats]:
+    """Run the plan into one safetensors file, or a model folder (shards, index, config files, model card).
+
+    Returns:
+        The path written, its files and the merge's statistics.
+    """
+    out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
+    with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
+        stats = run_merge(plan, FileSink(out_plan, atomic, meta), progress=progress)
+        extra_files = []
+        if out_plan.folder:
+            extra_files = carry_folder_files((plan.base or plan.sources[0]).path, atomic,
+                                             dtype=_float_dtype(plan, out_dtype))
+            if len(out_plan.files) > 1:
+                _write_index(atomic, out_plan)
+            # The same model card push uploads, once the folder's checkpoint is complete.
+            card = write_card(atomic.file(""), shown_as=str(out))
+            extra_files += [card] if card is not None else []
+        final = atomic.commit()
+    if not out_plan.folder:
+        return final, [final], stats
+    return final, [final / f.name for f in out_plan.files] + [final / p.name for p in extra_files], stats
 
 
 def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLike, method: str = "uniform",
@@ -247,8 +308,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         >>> merge.soup(["ft1/", "ft2/"], base="base/", method="ties", params={"density": 0.5},
         ...            out="ties/")  # doctest: +SKIP
     """
-    if weights is not None and method == "uniform":
-        method = "weighted"
+    method = resolve_method(method, weights)
     kind = output_kind(out)
     out = Path(out)
     with ExitStack() as stack:
@@ -260,48 +320,22 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                          member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
                          base_source=base_source, resolve=resolve)
-        _check_not_an_input(out, sources + ([base_source] if base_source is not None else []))
-        # Members of different starts average to near chance. With a base (task vectors), the base is the
-        # reference every member is measured against: fine-tunes of it share its start.
-        checked = sources if base_source is None else [base_source, *sources]
-        labels = None if base_source is None else [f"{base_source.path} (base)", *(str(s.path) for s in sources)]
-        warn_if_different_starts(checked, names=labels, stacklevel=2)
-        recipe = recipe_of(plan, out_dtype=parse_dtype(dtype), extra=recipe_extra)
+        _check_not_an_input(out, plan.all_sources)
+        _warn_if_different_starts(sources, base_source)
+        out_dtype = parse_dtype(dtype)
+        recipe = recipe_of(plan, out_dtype=out_dtype, extra=recipe_extra)
         recipe_json = json.dumps(recipe, sort_keys=True)
         bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                                        desc=f"{plan.operator.name} merge of {len(sources)}", disable=not progress,
                                        dynamic_ncols=True))
+        update = bar.update if progress else None
         if kind == "torch":
-            with AtomicOutput(out, folder=False, force=force) as atomic:
-                sink = TorchFileSink(atomic.file(out.name), [t.out for t in plan.tensors], {RECIPE_KEY: recipe_json})
-                try:
-                    stats = run_merge(plan, sink, progress=bar.update if progress else None)
-                except BaseException:
-                    sink.abort()
-                    raise
-                final = atomic.commit()
-            return MergeResult(final, [final], stats.tensors, stats.read_bytes, stats.written_bytes, stats.seconds,
-                               recipe, plan.skipped)
-        out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
-        meta = {"format": "pt", **_carried_metadata(plan.base or sources[0]), **(metadata or {}),
-                RECIPE_KEY: recipe_json}
-        with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
-            sink = FileSink(out_plan, atomic, meta)
-            stats = run_merge(plan, sink, progress=bar.update if progress else None)
-            extra_files = []
-            if out_plan.folder:
-                extra_files = carry_folder_files((plan.base or sources[0]).path, atomic,
-                                                 dtype=_float_dtype(plan, parse_dtype(dtype)))
-                if len(out_plan.files) > 1:
-                    index = {"metadata": {"total_size": out_plan.nbytes},
-                             "weight_map": {t.name: f.name for f in out_plan.files for t in f.tensors}}
-                    atomic.file(INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                # The same model card push uploads, once the folder's checkpoint is complete.
-                card = write_card(atomic.file(""), shown_as=str(out))
-                extra_files += [card] if card is not None else []
-            final = atomic.commit()
-        files = ([final / f.name for f in out_plan.files] + [final / p.name for p in extra_files]
-                 if out_plan.folder else [final])
+            final, files, stats = _write_torch_file(plan, out, recipe_json, force=force, progress=update)
+        else:
+            meta = {"format": "pt", **_carried_metadata(plan.base or sources[0]), **(metadata or {}),
+                    RECIPE_KEY: recipe_json}
+            final, files, stats = _write_safetensors(plan, out, meta, shard_size=shard_size, out_dtype=out_dtype,
+                                                     force=force, progress=update)
         return MergeResult(final, files, stats.tensors, stats.read_bytes, stats.written_bytes, stats.seconds,
                            recipe, plan.skipped)
 
@@ -350,7 +384,7 @@ def average(state_dicts: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike
         >>> average([a, b])["w"]
         tensor([0.5000, 0.5000])
     """
-    method = method or ("weighted" if weights is not None else "uniform")
+    method = resolve_method(method, weights)
     with ExitStack() as stack:
         sources = _open_all(state_dicts, stack, None)
         base_source = _open_all([base], stack, None)[0] if base is not None else None
