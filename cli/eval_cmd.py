@@ -50,11 +50,6 @@ def one_line_warnings() -> Iterator[None]:
         yield
 
 
-def show_progress(progress: bool | None) -> bool:
-    """Bars on a terminal unless told otherwise (or ``papa-merge -q``): :func:`cli.util.show_progress`."""
-    return util.show_progress(progress)
-
-
 @click.command("eval", context_settings={"show_default": True})
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--data", default=None, metavar="NAME",
@@ -106,7 +101,7 @@ def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num
         rows = evaluate_checkpoints(list(checkpoints), data=data, model=model, num_classes=num_classes,
                                     in_chans=in_chans, image_size=image_size, split=split, ensemble=ensemble,
                                     batch_size=batch_size, device=device, recompute_bn=recompute_bn,
-                                    progress=show_progress(progress), on_row=on_row)
+                                    progress=util.show_progress(progress), on_row=on_row)
     if sum(r.kind == "member" for r in rows) >= 2:
         for row in summarize_members(rows):
             echo_line(fmt.row(row))

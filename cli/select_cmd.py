@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.eval_cmd import echo_line, model_options, one_line_warnings, show_progress
+from cli.eval_cmd import echo_line, model_options, one_line_warnings
+from cli.util import show_progress
 
 
 @click.command("select", context_settings={"show_default": True})

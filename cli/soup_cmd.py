@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.eval_cmd import echo_line, model_options, one_line_warnings, show_progress
-from cli.util import format_bytes, parse_floats
+from cli.eval_cmd import echo_line, model_options, one_line_warnings
+from cli.util import format_bytes, parse_floats, show_progress
 from merge.io.formats import SAFETENSORS_SUFFIX
 
 

@@ -45,7 +45,6 @@ __all__ = ["LATE_PHASE_PREFIX", "copy_name", "collapse_batchnorm", "collapse_sta
            "late_phase_info"]
 
 LATE_PHASE_PREFIX = "late_phase."
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 CITATION = "von Oswald et al. 2021, Neural networks with late-phase weights; code seijin-kobayashi/late-phase-weights"
 
 

@@ -33,7 +33,7 @@ from merge.io import schemes
 from merge.io.dtypes import can_store, st_to_torch, unsupported_reason
 from merge.io.pickles import check_storages, pickle_error
 # Header parsing and name normalisation need no torch; they live where quick answers (inspect) reach them.
-from merge.io.header import STRIPPED_PREFIXES, strip_prefixes  # noqa: F401 - re-exported
+from merge.io.header import strip_prefixes
 from merge.io.safetensors_format import HeaderEntry, read_checked_header
 from merge.io.formats import (FOLDER_CANDIDATES, INDEX_SUFFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SHARD_RE,
                                WEIGHT_SUFFIXES)
@@ -452,10 +452,3 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (or of a model folder's first shard), without reading tensors."""
     with open_checkpoint(path) as src:
         return dict(src.metadata)
-
-
-def iter_tensors(source: Source) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, in storage order."""
-    for name in source.infos:
-        yield name, source.read(name)
-
