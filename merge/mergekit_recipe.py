@@ -39,7 +39,7 @@ from pathlib import Path
 
 from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 from merge.io.schemes import HF_PREFIX
-from merge.ops import get_operator
+from merge.ops import Operator, get_operator
 
 __all__ = ["Recipe", "load_recipe", "run_recipe", "plan_recipe", "UnsupportedRecipeError", "SUPPORTED_KEYS"]
 
@@ -174,23 +174,10 @@ def _model_ref(raw: object, where: str, folder: Path) -> str:
                                   path=raw)
 
 
-def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = None) -> Recipe:
-    """Parse a mergekit YAML recipe (a file, or its ``text``), refusing what papa-merge does not implement.
-
-    Raises:
-        UnsupportedRecipeError: a field papa-merge does not implement (``slices``, ``modules``, gradient
-            lists, ``tokenizer``, ``tokenizer_source: union``, ``chat_template``, LoRA); ``field`` names it.
-        InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values).
-        UnknownNameError: a method papa-merge does not have (the message lists those it has).
-
-    Example:
-        >>> load_recipe(text="merge_method: linear\\nmodels:\\n  - model: a.safetensors\\n"
-        ...                  "  - model: b.safetensors\\n").method  # doctest: +SKIP
-        'linear'
-    """
+def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> tuple[Mapping, str]:
+    """The recipe's YAML mapping and its text."""
     import yaml
 
-    where = str(path) if path is not None else "recipe"
     if text is None:
         try:
             text = Path(path).read_text()
@@ -202,6 +189,11 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
         raise InvalidArgumentError(f"{where}: not valid YAML ({str(e).splitlines()[0]})", path=path) from None
     if not isinstance(raw, Mapping):
         raise InvalidArgumentError(f"{where}: a recipe is a YAML mapping with merge_method and models", path=path)
+    return raw, text
+
+
+def _check_fields(raw: Mapping, where: str, path: str | os.PathLike | None) -> None:
+    """Refuse the fields papa-merge does not implement, each by name."""
     for key, reason in _REFUSED.items():
         if raw.get(key) is not None:
             raise UnsupportedRecipeError(f"{where}: '{key}' is not supported: {reason}", field=key, path=path)
@@ -213,15 +205,11 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
     if tok is not None and tok != "base":
         raise UnsupportedRecipeError(f"{where}: 'tokenizer_source: {tok}' is not supported (tokenizer merging); "
                                      "use 'tokenizer_source: base'", field="tokenizer_source", path=path)
-    method = raw.get("merge_method")
-    if not isinstance(method, str):
-        raise InvalidArgumentError(f"{where}: 'merge_method' is missing", path=path)
-    op = get_operator(method)
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
-        raise InvalidArgumentError(f"{where}: 'models' must list the models to merge", path=path)
-    folder = Path(path).parent if path is not None else Path(".")
-    base = _model_ref(raw["base_model"], f"{where}: base_model", folder) if raw.get("base_model") else None
+
+
+def _read_models(models: list, base: str | None, where: str, folder: Path, path: str | os.PathLike | None,
+                 ) -> tuple[list[str], list[dict[str, object]], dict[str, object]]:
+    """The members and their parameters; the base's own entry (mergekit lists it among the models) apart."""
     members: list[str] = []
     member_params: list[dict[str, object]] = []
     base_params: dict[str, object] = {}
@@ -241,6 +229,54 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
             continue
         members.append(ref)
         member_params.append(p)
+    return members, member_params, base_params
+
+
+def _spread_params(op: Operator, params: dict[str, object], member_params: list[dict[str, object]],
+                   where: str) -> list[dict[str, object]]:
+    """Each member's parameters: a per-member parameter given globally applies to each member unless the
+    member sets its own; a shared one set on a member is refused (mergekit reads those globally only)."""
+    per_member = {p.name for p in op.params if p.per_member}
+    member_params = [{k: v for k, v in mp.items()} for mp in member_params]
+    for k in [k for k in params if k in per_member]:
+        v = params.pop(k)
+        for mp in member_params:
+            mp.setdefault(k, v)
+    shared = {p.name for p in op.params if not p.per_member}
+    for i, mp in enumerate(member_params):
+        for k in [k for k in mp if k in shared]:
+            raise InvalidArgumentError(f"{where}: models[{i}]: parameter {k!r} of {op.name} is shared by all models; "
+                                       "set it under the global 'parameters'", option=k)
+    return member_params
+
+
+def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = None) -> Recipe:
+    """Parse a mergekit YAML recipe (a file, or its ``text``), refusing what papa-merge does not implement.
+
+    Raises:
+        UnsupportedRecipeError: a field papa-merge does not implement (``slices``, ``modules``, gradient
+            lists, ``tokenizer``, ``tokenizer_source: union``, ``chat_template``, LoRA); ``field`` names it.
+        InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values).
+        UnknownNameError: a method papa-merge does not have (the message lists those it has).
+
+    Example:
+        >>> load_recipe(text="merge_method: linear\\nmodels:\\n  - model: a.safetensors\\n"
+        ...                  "  - model: b.safetensors\\n").method  # doctest: +SKIP
+        'linear'
+    """
+    where = str(path) if path is not None else "recipe"
+    raw, text = _read_yaml(path, text, where)
+    _check_fields(raw, where, path)
+    method = raw.get("merge_method")
+    if not isinstance(method, str):
+        raise InvalidArgumentError(f"{where}: 'merge_method' is missing", path=path)
+    op = get_operator(method)
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        raise InvalidArgumentError(f"{where}: 'models' must list the models to merge", path=path)
+    folder = Path(path).parent if path is not None else Path(".")
+    base = _model_ref(raw["base_model"], f"{where}: base_model", folder) if raw.get("base_model") else None
+    members, member_params, base_params = _read_models(models, base, where, folder, path)
     notes = []
     if base is not None and op.base == "none":
         # mergekit adds the base model to the inputs of a method that has no use for one
@@ -249,19 +285,7 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
         base = None
         notes.append("base_model is one more member of this method, as in mergekit")
     params = _params(raw.get("parameters"), f"{where}: parameters")
-    per_member = {p.name for p in op.params if p.per_member}
-    member_params = [{k: v for k, v in mp.items()} for mp in member_params]
-    # a per-member parameter given globally applies to each member unless the member sets its own
-    for k in [k for k in params if k in per_member]:
-        v = params.pop(k)
-        for mp in member_params:
-            mp.setdefault(k, v)
-    shared = {p.name for p in op.params if not p.per_member}
-    for i, mp in enumerate(member_params):
-        for k in [k for k in mp if k in shared]:
-            # mergekit reads shared parameters from the global scope only
-            raise InvalidArgumentError(f"{where}: models[{i}]: parameter {k!r} of {op.name} is shared by all models; "
-                                       "set it under the global 'parameters'", option=k)
+    member_params = _spread_params(op, params, member_params, where)
     conditional = any(isinstance(v, list) for v in params.values()) or any(
         isinstance(v, list) for mp in member_params for v in mp.values())
     dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
