@@ -40,14 +40,9 @@ OPTION_FLAGS = {
     "rescale": "--rescale/--no-rescale",
     "seed": "--seed",
     "weight": "--weights",
-    "copies": "--late-phase",
-    "start_epoch": "--late-phase-start",
-    "beta": "--subspace-beta",
-    "independent_init": "--independent-init",
-    "warm_start": "--warm-start",
     "eval_limit": "--eval-limit",
-    "every": "--papa-every",
-    "alpha": "--papa-alpha",
+    # Training methods' options: their flags are derived from the registry, with train's one table of names.
+    **train_cmd.FLAG_NAMES,
 }
 
 
@@ -96,8 +91,10 @@ def format_error(e: BaseException) -> tuple[str, int] | None:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
-    """papa-merge's own warnings as one ``warning: ...`` line; other libraries' as Python shows them."""
-    if category.__module__.split(".")[0] == "merge":
+    """papa-merge's own warnings (any MergeWarning) as one ``warning: ...`` line; others as Python shows them."""
+    from merge.errors import MergeWarning
+
+    if issubclass(category, MergeWarning):
         click.echo(f"warning: {message}", err=True)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)

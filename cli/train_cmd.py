@@ -1,8 +1,17 @@
-"""``papa-merge train``: train K diverse members on real data, one safetensors file each, resumable."""
+"""``papa-merge train``: train K diverse members on real data, one safetensors file each, resumable.
+
+The flags of the training methods' own options are not written here: they are derived from the options
+each method declares in the registry (:mod:`merge.train.registry`), with one table of the flags whose
+names differ from the option's (:data:`FLAG_NAMES`). A method added to the registry, with its options,
+is a ``--method`` here without touching this file. ``train --help`` answers without importing torch, so
+it names the method flags only when a method is given: ``train --method papa --help``.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -10,18 +19,149 @@ from cli.util import VERBOSE, say, show_progress
 
 DIVERSITY_CHOICES = ["seed", "order", "augment", "hparams"]
 
+# The one table of method flags whose names are not ``--option-name``: the names users already type.
+FLAG_NAMES = {
+    "every": "--papa-every",
+    "alpha": "--papa-alpha",
+    "copies": "--late-phase",
+    "start_epoch": "--late-phase-start",
+    "beta": "--subspace-beta",
+    "by": "--select-by",
+    "seeds": "--deep-seeds",
+}
+
+
+def method_flag(option: str) -> str:
+    """The flag of a training method's option: ``--papa-every`` for ``every``, ``--warm-start`` for ``warm_start``."""
+    return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
+
+
+def _click_type(param: Any) -> Any:  # noqa: ANN401 - a click type
+    if param.kind is str:
+        return click.Choice(list(param.choices)) if param.choices else str
+    if param.kind is int:
+        return click.IntRange(min=param.low, max=param.high) if (param.low, param.high) != (None, None) else int
+    if param.low is not None or param.high is not None:
+        return click.FloatRange(min=param.low, max=param.high)
+    return float
+
+
+def method_options(methods: Sequence[Any], *, taken: Sequence[str] = ()) -> list[click.Option]:
+    """One click option per option name declared by ``methods`` (an option shared by several methods is one
+    flag), each unset by default so the method's own default applies.
+
+    Raises:
+        RuntimeError: two methods declare one option name with different types, or an option's name is
+            one of the command's own parameters (``taken``): a registry error, caught by the tests.
+    """
+    by_name: dict[str, list[tuple[str, Any]]] = {}
+    for m in methods:
+        for p in m.params:
+            by_name.setdefault(p.name, []).append((m.name, p))
+    options = []
+    for name, decls in by_name.items():
+        kinds = {(p.kind, p.choices) for _, p in decls}
+        if len(kinds) > 1:
+            raise RuntimeError(f"training methods {', '.join(n for n, _ in decls)} declare option {name!r} with "
+                               "different types; give one of them another name")
+        if name in taken:
+            raise RuntimeError(f"training method {decls[0][0]!r} declares option {name!r}, a name `papa-merge "
+                               "train` already uses for its own flag; give the option another name")
+        first = decls[0][1]
+        defaults = {p.describe_default() for _, p in decls}
+        shown = "" if defaults == {"per job"} else (f" [default: {defaults.pop()}]" if len(defaults) == 1 else
+                                                    " [default: " + ", ".join(f"{n} {p.describe_default()}"
+                                                                             for n, p in decls) + "]")
+        helptext = f"--method {'/'.join(n for n, _ in decls)}: {first.help}.{shown}"
+        flag = method_flag(name)
+        if first.kind is bool and first.default is False:
+            opt = click.Option([flag, name], is_flag=True, flag_value=True, default=None, help=helptext)
+        elif first.kind is bool:
+            opt = click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=helptext)
+        else:
+            metavar = "|".join(first.choices) if first.choices else name.upper().split("_")[-1]
+            opt = click.Option([flag, name], type=_click_type(first), default=None, metavar=metavar,
+                               help=helptext)
+        options.append(opt)
+    return options
+
+
+def _given_method(args: Sequence[str]) -> str | None:
+    """The value of ``--method`` among raw arguments, if any (to show that method's flags in ``--help``)."""
+    for i, a in enumerate(args):
+        if a == "--method" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return None
+
+
+_HELP_METHOD = "papa_merge.train.help_method"
+
+
+class TrainCommand(click.Command):
+    """``train`` with the registry's method options as flags, derived when the command is parsed."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --help alone stays fast (no torch): it lists the flags of the method it is asked about, if any.
+        if any(a in ctx.help_option_names for a in args):
+            ctx.meta[_HELP_METHOD] = _given_method(args) or ""
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        shown = ctx.meta.get(_HELP_METHOD)
+        if shown == "":
+            return params
+        from merge.train import TRAINING_METHODS, get_method
+
+        methods = [get_method(shown)] if shown else list(TRAINING_METHODS.values())
+        return [*params[:-1], *method_options(methods, taken=[p.name for p in params]), params[-1]]  # --help last
+
+
+def _list_methods() -> None:
+    """``--list-methods``: each method, its paper, and its options as flags with their defaults."""
+    import textwrap
+
+    from merge.train import get_method, list_methods
+
+    def wrapped(text: str, indent: str, first: str | None = None) -> str:
+        return textwrap.fill(text, width=100, initial_indent=indent if first is None else first,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+    for name in list_methods():
+        m = get_method(name)
+        click.echo(wrapped(f"{name}: {m.summary}", "    ", ""))
+        click.echo(wrapped(m.citation, "    "))
+        for p in m.params:
+            default = p.describe_default()
+            text = p.help + ("" if default == "per job" else f" [default: {default}]")
+            click.echo(wrapped(text, " " * 26, f"    {method_flag(p.name):20s}  "))
+        click.echo("")
+
+
+def _checked(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The method's options, checked; a flag of another method is told with the method it belongs to."""
+    from merge.errors import InvalidArgumentError
+    from merge.train import get_method
+
+    m = get_method(method)
+    try:
+        return m.check_options(options)
+    except InvalidArgumentError as e:
+        if e.option != "method" or not e.choices:
+            raise
+        flags = ", ".join(method_flag(k) for k, v in options.items() if v is not None and k not in m.options)
+        owners = " or ".join(f"--method {c}" for c in e.choices)
+        raise InvalidArgumentError(f"{e.message}: pass {owners} with {flags}") from None
+
 
 def _list(kind: str):  # noqa: ANN202 - a click callback factory
     def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         if not value or ctx.resilient_parsing:
             return
         if kind == "methods":
-            from merge.train import get_method, list_methods
-
-            for name in list_methods():
-                m = get_method(name)
-                opts = f" (options: {', '.join(m.options)})" if m.options else ""
-                click.echo(f"{name:14s} {m.summary}{opts}; {m.citation}")
+            _list_methods()
             ctx.exit(0)
         if kind == "models":
             from merge.models import list_models
@@ -38,7 +178,7 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
     return callback
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=TrainCommand, context_settings={"show_default": True})
 @click.option("--model", "arch", required=True, metavar="ARCH",
               help="small_cnn, timm:<name> (any timm model) or hf:<folder> (e.g. hf:all-minilm-l6-v2-pypi).")
 @click.option("--data", required=True, metavar="DATASET",
@@ -57,30 +197,6 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
                    "late-phase (K copies of BatchNorm and head, collapsed), subspace (a line or simplex; "
                    "writes its endpoints), hyper-ensemble/hyper-deep (random search, greedy selection), ... "
                    "[default: independent; hyper-deep with --pool/--select]")
-@click.option("--pool", type=click.IntRange(min=1), default=None, metavar="K",
-              help="--method hyper-ensemble/hyper-deep: configurations in the random search (replaces --members).")
-@click.option("--select", type=click.IntRange(min=1), default=None, metavar="k",
-              help="--method hyper-ensemble/hyper-deep: distinct members the greedy selection keeps. [default: 3]")
-@click.option("--select-by", type=click.Choice(["nll", "acc"]), default=None,
-              help="--method hyper-ensemble/hyper-deep: what each pick improves on val. [default: nll]")
-@click.option("--deep-seeds", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--method hyper-deep: init seeds each selected configuration is trained with. [default: --select]")
-@click.option("--late-phase", type=click.IntRange(min=2), default=None, metavar="K",
-              help="--method late-phase: K copies of the BatchNorm layers and head, one trained per minibatch, "
-                   "collapsed into each member. [default: 10]")
-@click.option("--late-phase-start", type=click.FloatRange(min=0), default=None, metavar="EPOCH",
-              help="--method late-phase: the epoch the copies are released (T0). [default: 0.6 x epochs]")
-@click.option("--branch-lr-ratio", type=float, default=None, metavar="R",
-              help="--method starsse/sse: each cycle's peak learning rate over the centre's (the paper sweeps "
-                   "0.25 .. 4). [default: 1]")
-@click.option("--branch-epochs-ratio", type=float, default=None, metavar="R",
-              help="--method starsse/sse: each cycle's epochs over the centre's (the paper sweeps 0.5 .. 4). "
-                   "[default: 1]")
-@click.option("--subspace-beta", type=click.FloatRange(min=0), default=None, metavar="BETA",
-              help="--method subspace: weight of the cos^2 penalty between endpoints. [default: 1]")
-@click.option("--bn-batches", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--method subspace: training batches to recompute BatchNorm on at each endpoint. "
-                   "[default: a full pass]")
 @click.option("--epochs", type=float, default=None, help="Epochs per member. [default: 1]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate. [default: 0.05 SGD from scratch, 0.01 "
                                                      "pretrained, 5e-5 AdamW for hf:]")
@@ -101,29 +217,9 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate on at most N val and N test examples (stratified by class, recorded in each member so "
                    "eval, greedy soup and selection reuse the same rows). [default: whole splits]")
-@click.option("--independent-init", is_flag=True,
-              help="Start each member from its own random initialisation (deep ensembles: more diverse "
-                   "predictions, but their weight average is near chance). [default: members share one start: the "
-                   "pretrained weights, --init, or a short warm start]")
-@click.option("--warm-start", type=click.FloatRange(min=0), default=None, metavar="EPOCHS",
-              help="Epochs of the shared start, trained once into OUT/start/ before the members. [default: a "
-                   "quarter of --epochs from scratch, 0 for pretrained models]")
 @click.option("--val-fraction", type=float, default=0.1, help="Share of each class held out for selection.")
 @click.option("--split-seed", type=int, default=0, help="Seed of the train/val/test split (keep it across runs).")
 @click.option("--seed", type=int, default=0, help="Member i trains with seed SEED+i.")
-@click.option("--papa-every", type=click.IntRange(min=1), default=None, help="PAPA: steps between pulls. [default: 10]")
-@click.option("--papa-alpha", type=float, default=None,
-              help="PAPA: share of each member kept at a pull. [default: 0.99, 0.9995 from pretrained]")
-@click.option("--lr-scaling", type=click.Choice(["linear", "none"]), default=None,
-              help="--method papa: scale the pull with the learning rate, 1-a_t = (1-alpha) lr_t/lr_0 (linear), or "
-                   "keep alpha (none). [default: linear]")
-@click.option("--mix-every", type=click.IntRange(min=1), default=None, metavar="E",
-              help="--method papa-all/papa-2: epochs between mixes (never after the last epoch). [default: 5]")
-@click.option("--mix-from-start/--no-mix-from-start", default=None,
-              help="--method papa-all/papa-2: also mix after the first epoch. [default: on]")
-@click.option("--repair-batches", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--method papa-all/papa-2: training batches for REPAIR (BatchNorm reset) after each mix. "
-                   "[default: 5]")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=_list("methods"),
@@ -132,17 +228,11 @@ def _list(kind: str):  # noqa: ANN202 - a click callback factory
               help="List the model architectures and exit.")
 @click.option("--list-datasets", is_flag=True, is_eager=True, expose_value=False, callback=_list("datasets"),
               help="List the datasets and exit.")
-def train(arch: str, data: str, members: int, out: str, diversity: str, method: str, epochs: float | None,
+def train(arch: str, data: str, members: int, out: str, diversity: str, method: str | None, epochs: float | None,
           lr: float | None, batch_size: int | None, optimizer: str | None, weight_decay: float | None,
           label_smoothing: float | None, pretrained: str | None, init: str | None, warmup_epochs: float | None,
-          late_phase: int | None, late_phase_start: float | None, branch_lr_ratio: float | None,
-          branch_epochs_ratio: float | None, subspace_beta: float | None, bn_batches: int | None,
-          image_size: int | None, limit: int | None, eval_limit: int | None, independent_init: bool,
-          warm_start: float | None,
-          val_fraction: float, split_seed: int, seed: int, papa_every: int | None, papa_alpha: float | None,
-          lr_scaling: str | None, mix_every: int | None, mix_from_start: bool | None, repair_batches: int | None,
-          device: str, progress: bool | None, pool: int | None, select: int | None, select_by: str | None,
-          deep_seeds: int | None) -> None:
+          image_size: int | None, limit: int | None, eval_limit: int | None, val_fraction: float, split_seed: int,
+          seed: int, device: str, progress: bool | None, **options: Any) -> None:
     """Train diverse members to merge.
 
     Trains K diverse members of one model on one dataset, each written to OUT/member-NN.safetensors.
@@ -150,6 +240,9 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     Every member records its architecture, data split, recipe and val/test metrics in its metadata,
     so `papa-merge soup`, `papa-merge eval` and greedy soup need nothing else. Rerunning the same
     command resumes: members already written (with the same recipe) are skipped.
+
+    Each method's own options are flags too (--papa-every, --late-phase, ...): `--list-methods`
+    lists every method with its flags and defaults, `--method NAME --help` adds them here.
 
     \b
     Examples:
@@ -167,12 +260,13 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     from merge.train import TrainJob, default_recipe, get_method, member_path, run_method
 
     # --pool/--select are the hyper-deep pipeline's options: they choose its default, run_method dispatches.
-    method = method or ("hyper-deep" if pool is not None or select is not None else "independent")
+    pool = options.get("pool")
+    method = method or ("hyper-deep" if pool is not None or options.get("select") is not None else "independent")
     members = pool if pool is not None else members
-    if independent_init and (init is not None or warm_start):
+    if options.get("independent_init") and (init is not None or options.get("warm_start")):
         raise click.UsageError("--independent-init starts each member from its own initialisation; drop --init "
                                "and --warm-start (or --independent-init)")
-    get_method(method)  # an unknown method fails before any data is loaded
+    options = _checked(method, options)  # an unknown method or option fails before any data is loaded
     resolve_device(device)  # before loading data: a missing GPU costs nothing
     splits = load_dataset(data, seed=split_seed, val_fraction=val_fraction, limit=limit, eval_limit=eval_limit)
     if splits.kind == "image" and not arch.startswith("hf:"):
@@ -194,13 +288,6 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     say(f"base recipe: {json.dumps(base.to_dict(), sort_keys=True)}", level=VERBOSE)
     job = TrainJob(model=spec, data=splits, out_dir=out, members=members, diversity=diversity, base=base, seed=seed,
                    pretrained=pretrained, init=init, device=device, progress=show)
-    # Each method's own options, by the name its registry entry declares; unset ones take the method's default.
-    options = {"every": papa_every, "alpha": papa_alpha, "copies": late_phase, "start_epoch": late_phase_start,
-               "branch_lr_ratio": branch_lr_ratio, "branch_epochs_ratio": branch_epochs_ratio,
-               "beta": subspace_beta, "bn_batches": bn_batches, "lr_scaling": lr_scaling, "mix_every": mix_every,
-               "mix_from_start": mix_from_start, "repair_batches": repair_batches, "pool": pool, "select": select,
-               "by": select_by, "seeds": deep_seeds, "independent_init": independent_init or None,
-               "warm_start": warm_start}
     result = run_method(method, job, **options)
     start = result.report.get("start")
     if start:

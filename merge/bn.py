@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["recompute_bn", "bn_layers", "move_to"]
+__all__ = ["recompute_bn", "bn_layers", "move_to", "inputs_of"]
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -38,8 +38,8 @@ def move_to(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
-def _inputs_of(batch: Any) -> Any:
-    # Loaders of this package yield (inputs, labels); a bare tensor or dict is taken as the inputs.
+def inputs_of(batch: Any) -> Any:
+    """The inputs of a batch: loaders of this package yield (inputs, labels); a bare tensor or dict is the inputs."""
     if isinstance(batch, (list, tuple)):
         return batch[0]
     return batch
@@ -98,7 +98,7 @@ def recompute_bn(model: nn.Module, loader: Iterable[Any], *, num_batches: int | 
             for batch in loader:
                 if num_batches is not None and seen >= num_batches:
                     break
-                inputs = move_to(_inputs_of(batch), device)
+                inputs = move_to(inputs_of(batch), device)
                 if forward is not None:
                     forward(model, inputs)
                 elif isinstance(inputs, dict):

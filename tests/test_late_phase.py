@@ -295,7 +295,9 @@ def test_late_phase_method_in_the_registry_and_the_cli(tmp_path, small_digits):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "cli" / "late-phase" / "member-00.safetensors").exists()
     bad = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "bad"), "--late-phase", "2"])
-    assert bad.exit_code == 2 and "'independent' does not take copies" in bad.output and "--late-phase" in bad.output
+    # The fix names the method the flag belongs to, not the flag the user already passed.
+    assert bad.exit_code == 2 and "'independent' does not take copies" in bad.output, bad.output
+    assert "copies is an option of late-phase: pass --method late-phase with --late-phase" in bad.output
 
 
 def test_late_phase_modules_pick_batchnorm_and_the_head():

@@ -131,7 +131,7 @@ def resolve_hf_folder(ref: str) -> Path:
     return folder
 
 
-def _check_arch(arch: str) -> tuple[str, str]:
+def check_arch(arch: str) -> tuple[str, str]:
     """Split ``arch`` into (family, name) and check the name exists in its family."""
     if not isinstance(arch, str):
         raise UnknownNameError("model", str(arch), list_models())
@@ -169,7 +169,7 @@ def model_spec(arch: str, num_classes: int, *, in_chans: int | None = None, imag
         UnknownNameError: ``arch`` is not a known architecture.
         InvalidArgumentError: ``num_classes`` below 2.
     """
-    family, _ = _check_arch(arch)
+    family, _ = check_arch(arch)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise InvalidArgumentError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     spec: dict[str, Any] = {"arch": arch, "num_classes": int(num_classes), "kwargs": dict(kwargs)}
@@ -210,20 +210,21 @@ def build_model(arch: str, *, num_classes: int, in_chans: int = 3, image_size: i
         >>> m(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    return _build(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size, pretrained=pretrained,
+    return build_architecture(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size, pretrained=pretrained,
                   hf_weights=True, **kwargs)
 
 
-def _build(arch: str, *, num_classes: int, in_chans: int, image_size: int | None, pretrained: str | None,
+def build_architecture(arch: str, *, num_classes: int, in_chans: int, image_size: int | None, pretrained: str | None,
            hf_weights: bool, config_dir: Path | None = None, **kwargs: Any) -> nn.Module:
-    family, name = _check_arch(arch)
+    """The network of ``arch`` (``hf_weights=False``: an ``hf:`` model's architecture from its config only)."""
+    family, name = check_arch(arch)
     if family == "small_cnn":
         model: nn.Module = SmallCNN(num_classes, in_chans=in_chans, **kwargs)
     elif family == "timm":
         import timm
 
         opts = dict(kwargs)
-        if image_size is not None and _timm_takes_img_size(name):
+        if image_size is not None and timm_takes_img_size(name):
             opts.setdefault("img_size", image_size)
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **opts)
     else:
@@ -235,8 +236,8 @@ def _build(arch: str, *, num_classes: int, in_chans: int, image_size: int | None
     return model
 
 
-def _timm_takes_img_size(name: str) -> bool:
-    # Transformers with fixed position embeddings need the size at build time; CNNs take any size.
+def timm_takes_img_size(name: str) -> bool:
+    """Whether timm model ``name`` needs ``img_size`` at build time (fixed position embeddings; CNNs take any)."""
     return any(k in name for k in ("vit", "deit", "swin", "beit", "eva", "mixer", "convit", "cait", "xcit"))
 
 
@@ -374,7 +375,7 @@ def rebuild_model(metadata: Mapping[str, str], *, folder: str | os.PathLike | No
         raise MissingMetadataError(f"the {MODEL_KEY!r} metadata {raw!r} lacks 'arch' or 'num_classes'; it should "
                                    "be the JSON written by papa-merge train") from None
     kwargs = {k: v for k, v in (spec.get("kwargs") or {}).items()}
-    return _build(arch, num_classes=num_classes, in_chans=int(spec.get("in_chans") or 3),
+    return build_architecture(arch, num_classes=num_classes, in_chans=int(spec.get("in_chans") or 3),
                   image_size=spec.get("image_size"), pretrained=None, hf_weights=False,
                   config_dir=Path(folder) if folder is not None else None, **kwargs)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from merge.errors import InvalidArgumentError
-from merge.models.builders import DEFAULT_MAX_LENGTH, _check_arch, resolve_hf_folder
+from merge.models.builders import DEFAULT_MAX_LENGTH, check_arch, resolve_hf_folder
 
 __all__ = ["make_loader", "forward_logits", "to_device", "augment_images", "AUGMENT_KEYS"]
 
@@ -168,7 +168,7 @@ def make_loader(dataset: Dataset, model_meta: Mapping[str, Any] | str, *, batch_
     unknown = set(augment or {}) - set(AUGMENT_KEYS)
     if unknown:
         raise InvalidArgumentError(f"unknown augmentation(s) {sorted(unknown)}; valid: {', '.join(AUGMENT_KEYS)}")
-    family, name = _check_arch(spec["arch"])
+    family, name = check_arch(spec["arch"])
     kind = _dataset_kind(dataset)
     if family == "hf":
         if kind != "text":

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-
-from merge.ops._lazy import lazy_torch
+from typing import TYPE_CHECKING
 
 from merge.errors import InvalidArgumentError
-from merge.ops.registry import Combination, Operator, Resolved
+from merge.ops._lazy import lazy_torch
+
+if TYPE_CHECKING:  # the registry calls apply_whole; at run time this module needs only the objects it is given
+    from merge.ops.registry import Combination, Operator, Resolved
 
 torch = lazy_torch(__name__)
 
@@ -146,9 +148,7 @@ def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | 
     b = base.reshape(-1).to(dtype) if base is not None else None
     with single_thread():
         if op.path == "task":
-            from merge.ops.task import TaskTensor
-
-            tt = TaskTensor(op.task, resolved, tuple(shape), dtype, seed=seed, name=name, method=op.name)
+            tt = op.task.tensor(resolved, tuple(shape), dtype, seed=seed, name=name, method=op.name)
             for kind, members in tt.stat_passes():
                 for i in members:
                     tt.stat_begin(kind, i)

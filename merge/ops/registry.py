@@ -32,81 +32,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from merge.errors import InvalidArgumentError, UnknownNameError
+from merge.params import REQUIRED, Param
 
 __all__ = ["REQUIRED", "Param", "Combination", "Operator", "Resolved", "register", "get_operator",
            "list_operators", "OPERATORS", "ALIASES", "resolve_params", "check_weights", "normalised_weights"]
 
 Path_ = Literal["linear", "gram", "task"]
 BasePolicy = Literal["none", "optional", "required"]
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED = _Required()
-
-
-@dataclass(frozen=True)
-class Param:
-    """One typed operator parameter.
-
-    Attributes:
-        name: as written in recipes and Python (``density``, ``lambda``, ``t``).
-        default: its value when not given, or :data:`REQUIRED`.
-        kind: ``float``, ``int`` or ``bool``.
-        per_member: may differ per member (``weight``); otherwise shared by all.
-        low, high: inclusive bounds of the domain (None: unbounded).
-        help: one line for ``--list-methods`` and errors.
-    """
-
-    name: str
-    default: object
-    kind: type = float
-    per_member: bool = False
-    low: float | None = None
-    high: float | None = None
-    help: str = ""
-
-    def check(self, value: object, *, method: str, member: int | None = None) -> object:
-        """``value`` converted to ``kind`` and checked against the domain.
-
-        Raises:
-            InvalidArgumentError: wrong type or out of the domain; names the parameter (and member).
-        """
-        who = f" of member {member}" if member is not None else ""
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            raise InvalidArgumentError(f"method {method!r}: parameter {self.name}{who} must be true or false, "
-                                       f"got {value!r}", member=member, option=self.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise InvalidArgumentError(f"method {method!r}: parameter {self.name}{who} must be a number, got {value!r}",
-                                       member=member, option=self.name)
-        try:
-            number = float(value)
-        except ValueError:
-            raise InvalidArgumentError(f"method {method!r}: parameter {self.name}{who} must be a number, "
-                                       f"got {value!r}", member=member, option=self.name) from None
-        if not math.isfinite(number):
-            raise InvalidArgumentError(f"method {method!r}: parameter {self.name}{who} must be finite, got {value!r}",
-                                       member=member, option=self.name)
-        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            raise InvalidArgumentError(f"method {method!r}: parameter {self.name}{who} must be in [{lo}, {hi}], "
-                                       f"got {value!r}", member=member, option=self.name)
-        if self.kind is int:
-            if number != int(number):
-                raise InvalidArgumentError(f"method {method!r}: parameter {self.name}{who} must be an integer, "
-                                           f"got {value!r}", member=member, option=self.name)
-            return int(number)
-        return number
 
 
 @dataclass(frozen=True)

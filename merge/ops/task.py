@@ -56,6 +56,11 @@ class TaskSpec:
     normalize: bool
     rescale: bool
 
+    def tensor(self, resolved: Resolved, shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
+               name: str = "", method: str = "") -> TaskTensor:
+        """The :class:`TaskTensor` that merges one tensor of this method (the whole-tensor path asks here)."""
+        return TaskTensor(self, resolved, shape, dtype, seed=seed, name=name, method=method)
+
 
 @dataclass
 class _Member:

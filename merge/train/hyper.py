@@ -43,12 +43,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from merge.engine import resolve_device
+from merge.bn import bn_layers
 from merge.errors import InvalidArgumentError, MismatchError
+from merge.evaluate import CheckpointEvaluator, EvalRow, ensemble_probs, format_table, metrics, metrics_from_probs
+from merge.greedy import greedy_soup_checkpoints, select_checkpoints
+from merge.io.sources import open_checkpoint, read_safetensors_metadata
+from merge.keys import TRAIN_KEY
+from merge.params import Param
+from merge.train.kit import check_resumable, member_path, prepare
 from merge.train.loop import Callback, TrainState
-from merge.train.members import _check_resumable, _job_splits, _resolve_spec, member_path, train_member
-from merge.train.methods import TrainJob, TrainResult, register_method
+from merge.train.members import train_member
 from merge.train.recipe import Recipe, default_recipe, default_search_space, sample_recipes
+from merge.train.registry import TrainJob, TrainResult, register_method
 
 __all__ = ["HyperConfig", "hyper_configs", "set_dropout", "has_dropout", "DropoutRate", "train_hyper_ensemble",
            "train_hyper_deep", "HYPER_CITATION", "DROPOUT_RANGE"]
@@ -189,10 +195,7 @@ def hyper_configs(k: int, *, base: Recipe, seed: int = 0, search_space: Mapping[
 
 
 def _check_config_resumable(path: Path, config: HyperConfig, *, spec: dict, data_spec: dict) -> None:
-    from merge.io.sources import read_safetensors_metadata
-    from merge.keys import TRAIN_KEY
-
-    _check_resumable(path, config.recipe, "independent", spec=spec, data_spec=data_spec)
+    check_resumable(path, config.recipe, "independent", spec=spec, data_spec=data_spec)
     stored = json.loads(read_safetensors_metadata(path).get(TRAIN_KEY, "{}")).get("dropout")
     if stored != config.dropout:
         raise MismatchError(f"{path}: exists but was trained with dropout {stored!r}, not {config.dropout!r}; "
@@ -217,9 +220,6 @@ def _train_configs(job: TrainJob, configs: Sequence[HyperConfig], out_dir: Path,
 
 
 def _config_of(path: Path) -> HyperConfig:
-    from merge.io.sources import read_safetensors_metadata
-    from merge.keys import TRAIN_KEY
-
     stored = json.loads(read_safetensors_metadata(path)[TRAIN_KEY])
     return HyperConfig(Recipe.from_dict(stored), stored.get("dropout"))
 
@@ -231,9 +231,6 @@ def _config_of(path: Path) -> HyperConfig:
 def _stage(job: TrainJob, paths: list[Path], *, name: str, select: int, by: str, recompute_bn: int, ev: Any,
            logits: dict[Path, dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Select from ``paths`` (write the manifest), make the pool's greedy soup, and score both on val and test."""
-    from merge.evaluate import EvalRow, ensemble_probs, metrics, metrics_from_probs
-    from merge.greedy import greedy_soup_checkpoints, select_checkpoints
-
     out_dir = Path(job.out_dir)
     for p in paths:
         if p not in logits:
@@ -271,8 +268,6 @@ class _open:
         self.path = path
 
     def __enter__(self) -> dict[str, torch.Tensor]:
-        from merge.io.sources import open_checkpoint
-
         self.src = open_checkpoint(self.path)
         return self.src.state_dict()
 
@@ -303,9 +298,6 @@ def _retrain(job: TrainJob, configs: Sequence[HyperConfig], pool_paths: Sequence
 
 def _run(job: TrainJob, *, pool: int | None, select: int, seeds: int | None, by: str, recompute_bn: int | None,
          deep: bool) -> TrainResult:
-    from merge.bn import bn_layers
-    from merge.evaluate import CheckpointEvaluator, format_table
-
     if job.diversity not in ("seed", "hparams"):
         raise InvalidArgumentError(f"hyperparameter ensembles draw their own diversity (a random search over "
                                    f"hyperparameters, one seed per configuration); diversity={job.diversity!r} "
@@ -321,9 +313,8 @@ def _run(job: TrainJob, *, pool: int | None, select: int, seeds: int | None, by:
     if by not in ("nll", "acc"):
         raise InvalidArgumentError(f"selection objective must be nll or acc, got {by!r}", option="by",
                                    choices=("nll", "acc"))
-    resolve_device(job.device)
-    splits = _job_splits(job)
-    spec = _resolve_spec(job.model, splits)
+    ready = prepare(job, recipes=False)
+    splits, spec = ready.splits, ready.spec
     ev = CheckpointEvaluator(spec, splits, batch_size=job.eval_batch_size, device=job.device)
     if recompute_bn is None:
         recompute_bn = 20 if bn_layers(ev.model) else 0  # soups of BatchNorm networks need recalibration
@@ -361,10 +352,27 @@ def _run(job: TrainJob, *, pool: int | None, select: int, seeds: int | None, by:
     return TrainResult(paths, outputs, report)
 
 
+_HYPER_PARAMS = (
+    Param("pool", None, int, low=1, help="configurations in the random search (default: the members)"),
+    Param("select", 3, int, low=1, help="distinct members the greedy selection keeps"),
+    # (nll or acc, checked by the method with the selection's own message)
+    Param("by", "nll", str, help="what each pick improves on val: nll (the paper's) or acc"),
+    Param("recompute_bn", None, int, low=0,
+          help="training batches to recalibrate BatchNorm of the greedy soup's candidates (default: 20 for "
+               "BatchNorm networks, else 0)"),
+)
+_HYPER_DEEP_PARAMS = (
+    *_HYPER_PARAMS[:2],
+    # (>= 1, checked by the method with a message that says why)
+    Param("seeds", None, int, help="init seeds each selected configuration is trained with (default: select)"),
+    *_HYPER_PARAMS[2:],
+)
+
+
 @register_method("hyper-ensemble", citation=HYPER_CITATION,
                  summary="random search over a pool of K configurations (pool), then greedy selection with "
                          "replacement by val NLL to k distinct members (select)",
-                 options=("pool", "select", "by", "recompute_bn"))
+                 params=_HYPER_PARAMS)
 def train_hyper_ensemble(job: TrainJob, *, pool: int | None = None, select: int = 3, by: str = "nll",
                          recompute_bn: int | None = None) -> TrainResult:
     """A hyperparameter ensemble: random search, then greedy selection (steps 1 and 2 of the module doc).
@@ -395,7 +403,7 @@ def train_hyper_ensemble(job: TrainJob, *, pool: int | None = None, select: int 
 @register_method("hyper-deep", citation=HYPER_CITATION,
                  summary="hyper-ensemble, then each selected configuration retrained over several init seeds "
                          "(seeds, stratified) and selected again",
-                 options=("pool", "select", "seeds", "by", "recompute_bn"))
+                 params=_HYPER_DEEP_PARAMS)
 def train_hyper_deep(job: TrainJob, *, pool: int | None = None, select: int = 3, seeds: int | None = None,
                      by: str = "nll", recompute_bn: int | None = None) -> TrainResult:
     """A hyper-deep ensemble: steps 1 to 3 of the module doc; reports the hyper-ensemble too.

@@ -54,25 +54,25 @@ from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError
 from merge.io.writer import check_output_free, write_state_dict
 from merge.models import load_weights
-from merge.train.loop import Callback, TrainState, fit, make_optimizer
-from merge.train.members import (
-    _build,
-    _check_recipe_fits,
-    _check_resumable,
-    _job_recipes,
-    _job_splits,
-    _load_init,
-    _metadata,
-    _resolve_spec,
-    _save_member,
-    _resolve_splits,
-    _train_record,
+from merge.params import Param
+from merge.train.kit import (
+    build_member,
+    check_recipe_fits,
+    check_resumable,
     evaluate_model,
+    load_init,
+    member_metadata,
     member_path,
+    prepare,
+    resolve_spec,
+    resolve_splits,
+    save_member,
     train_loader,
+    train_record,
 )
-from merge.train.methods import TrainJob, TrainResult, register_method
+from merge.train.loop import Callback, TrainState, fit, make_optimizer
 from merge.train.recipe import Recipe
+from merge.train.registry import TrainJob, TrainResult, register_method
 
 __all__ = ["late_phase_modules", "late_phase_parameters", "LatePhaseNet", "LatePhaseOptimizer", "LatePhaseSchedule",
            "train_late_phase_member", "late_phase_path", "DEFAULT_COPIES", "DEFAULT_START_FRACTION"]
@@ -394,12 +394,12 @@ def train_late_phase_member(recipe: Recipe, *, model: str | Mapping[str, Any], d
         raise InvalidArgumentError(f"the late phase must start within training: start_epoch {start_epoch} is not in "
                                    f"[0, {recipe.epochs})", option="start_epoch")
     dev = resolve_device(device)
-    splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
-    spec = _resolve_spec(model, splits)
-    _check_recipe_fits(recipe, splits)
-    net = _build(spec, recipe, pretrained, dev)
+    splits = resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
+    spec = resolve_spec(model, splits)
+    check_recipe_fits(recipe, splits)
+    net = build_member(spec, recipe, pretrained, dev)
     if init is not None:
-        _load_init(net, init)
+        load_init(net, init)
     lpn = LatePhaseNet(net, copies=copies).to(dev)
     optimizer = LatePhaseOptimizer(lpn, recipe)
     state = fit([lpn], [train_loader(splits, spec, recipe)], [recipe], num_classes=spec["num_classes"], device=dev,
@@ -411,33 +411,34 @@ def train_late_phase_member(recipe: Recipe, *, model: str | Mapping[str, Any], d
     load_weights(net, collapse_state_dict(raw, info), what="the collapsed late-phase weights")
     scores = evaluate_model(net, splits, spec, device=dev, batch_size=eval_batch_size)
     extra = {"init": None if init is None else str(init)}
-    record = _train_record(recipe, state, method="late-phase", pretrained=pretrained, device=dev,
+    record = train_record(recipe, state, method="late-phase", pretrained=pretrained, device=dev,
                            extra={**extra, "late_phase": info})
-    write_state_dict(raw, late_phase_out, metadata=_metadata(spec, splits, record, scores), force=force)
+    write_state_dict(raw, late_phase_out, metadata=member_metadata(spec, splits, record, scores), force=force)
     record = {**record, "late_phase": {**info, "collapsed": True, "checkpoint": str(late_phase_out)}}
-    out = _save_member(net, out, spec, splits, record, scores, force=force)
+    out = save_member(net, out, spec, splits, record, scores, force=force)
     return out, late_phase_out
 
 
 @register_method("late-phase", citation="von Oswald et al. 2021, Neural networks with late-phase weights; code "
                  "seijin-kobayashi/late-phase-weights",
                  summary="K copies of the BatchNorm layers and head late in training, collapsed into each member",
-                 options=("copies", "start_epoch"))
+                 params=[Param("copies", DEFAULT_COPIES, int, low=2,
+                               help="K copies of the BatchNorm layers and head, one trained per minibatch"),
+                         Param("start_epoch", None, float, low=0.0,
+                               help="the epoch the copies are released, T0 (default: 0.6 x epochs)")])
 def train_late_phase(job: TrainJob, *, copies: int = DEFAULT_COPIES, start_epoch: float | None = None) -> TrainResult:
     """Each member trained alone with late-phase weights; members are the collapsed models.
 
     ``TrainResult.outputs`` maps ``late-phase-NN`` to each member's late-phase checkpoint
     (``OUT/late-phase/member-NN.safetensors``). Members already on disk with the same recipe are kept.
     """
-    recipes = _job_recipes(job)
-    resolve_device(job.device)
-    splits = _job_splits(job)
-    spec = _resolve_spec(job.model, splits)
+    ready = prepare(job)
+    recipes, splits, spec = ready.recipes, ready.splits, ready.spec
     paths, outputs = [], {}
     for i, r in enumerate(recipes):
         p, lp = member_path(job.out_dir, i, arch=spec["arch"]), late_phase_path(job.out_dir, i)
         if p.exists() and lp.exists() and not job.force:
-            _check_resumable(p, r, "late-phase", spec=spec, data_spec=splits.spec)
+            check_resumable(p, r, "late-phase", spec=spec, data_spec=splits.spec)
         else:
             lp.parent.mkdir(parents=True, exist_ok=True)
             train_late_phase_member(r, model=spec, data=splits, out=p, late_phase_out=lp, copies=copies,

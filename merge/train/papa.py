@@ -16,7 +16,7 @@ regularisation, and is kept close to its own average so that the average works a
   on a few training batches, or REPAIR proper for convolutional networks without BatchNorm). Mixes
   happen at the end of epochs ``0, E, 2E, ...`` (epoch 0 as the reference's ``mix_from_start``) and never
   at the end of the last epoch.
-- The final model (:func:`final_model`): the population's average with BatchNorm statistics recomputed
+- The final model (:func:`merge.train.report.final_model`): the population's average with BatchNorm statistics recomputed
   (``papa.safetensors``) and the greedy soup of the members, reported beside the members and their
   prediction ensemble on val and test.
 
@@ -53,17 +53,23 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
-from merge.engine import resolve_device
-from merge.errors import InvalidArgumentError
+from merge.bn import recompute_bn
+from merge.errors import InvalidArgumentError, WeakPullWarning
+from merge.models import make_loader
+from merge.models.loaders import to_device
+from merge.params import Param
 from merge.repair import ChannelStats, channel_stats, repair, repair_targets, statistics_fix
 from merge.train.distributed import PopulationGroup, population_group, rank_device
+from merge.train.kit import member_path, prepare
 from merge.train.loop import Callback, TrainState
-from merge.train.members import _job_recipes, _job_splits, _resolve_spec, train_population
-from merge.train.methods import TrainJob, TrainResult, register_method
+from merge.train.members import train_population
+from merge.train.registry import TrainJob, TrainResult, register_method
+from merge.train.report import final_model
 
 __all__ = ["PAPA", "PopulationMix", "pull_to_average", "mix_population", "draw_pairs", "mix_matrix",
-           "repair_batches", "final_model", "train_papa", "train_papa_all", "train_papa_2", "PAPA_CITATION",
+           "repair_batches", "train_papa", "train_papa_all", "train_papa_2", "PAPA_CITATION",
            "LR_SCALING", "WEAK_PULL", "WeakPullWarning"]
 
 PAPA_CITATION = ("Jolicoeur-Martineau et al., 2024. PopulAtion Parameter Averaging (PAPA). TMLR; code "
@@ -213,10 +219,6 @@ class PAPA(Callback):
 WEAK_PULL = 0.05
 
 
-class WeakPullWarning(UserWarning):
-    """A PAPA run from scratch whose pulls were too weak, over its length, to keep the members averageable."""
-
-
 MIX_MODES = ("all", "pairs")
 
 
@@ -331,8 +333,6 @@ def mix_population(models: Sequence[nn.Module], weights: Tensor, *, batches: Seq
     for ts, child in zip(tensors, children):
         _unflat_into(ts, child)
     # 3. The statistics fix, member by member, on the same batches.
-    from merge.bn import recompute_bn
-
     for i, m in zip(group.indices, models):
         if kind == "batchnorm":
             recompute_bn(m, batches, device=device)
@@ -411,11 +411,6 @@ def repair_batches(splits: Any, spec: Mapping[str, Any], *, batch_size: int, num
     The same batches serve every mix and every member (and every process), so a mix does not depend
     on which process holds which member.
     """
-    from torch.utils.data import Subset
-
-    from merge.models import make_loader
-    from merge.models.loaders import to_device
-
     if num_batches < 1:
         raise InvalidArgumentError(f"repair_batches must be a positive number of batches, got {num_batches}",
                                    option="repair_batches")
@@ -428,88 +423,6 @@ def repair_batches(splits: Any, spec: Mapping[str, Any], *, batch_size: int, num
 
 
 _repair_batches = repair_batches  # the methods' option of the same name shadows it
-
-
-# ------------------------------------------------------------------------------------------------------
-# The final model, as the reference reports it.
-
-
-def final_model(paths: Sequence[str | os.PathLike], *, out_dir: str | os.PathLike, data: Any = None,
-                recompute_bn: int = 20, batch_size: int = 256, device: str | torch.device = "cpu",
-                recipe: Mapping[str, Any] | None = None, greedy: bool = True,
-                average_name: str = "papa.safetensors") -> tuple[dict[str, Path], dict]:
-    """The population's average (BatchNorm recomputed), its greedy soup, and the table that compares them.
-
-    Writes ``out_dir/papa.safetensors``, the uniform average of ``paths`` (a normal checkpoint: model and
-    data metadata, and a recipe listing the members plus ``recipe`` under ``papa``), with BatchNorm
-    statistics recomputed on ``recompute_bn`` training batches, and ``out_dir/greedy.safetensors``, the
-    greedy soup (model soups' rule, every candidate recalibrated and scored on val). Both are rebuilt on
-    every call. Then evaluates, on val and test (accuracy, NLL, ECE): the members (mean, min, max),
-    their prediction ensemble, the average and the greedy soup.
-
-    Args:
-        paths: the members (written by :mod:`merge.train`).
-        out_dir: where the two soups go.
-        data: a dataset name or ``Splits`` (default: from the members' metadata).
-        recompute_bn: training batches for BatchNorm recalibration (ignored for networks without BatchNorm).
-        batch_size, device: evaluation batch size and device.
-        recipe: how the population was trained, recorded in the average's metadata.
-        greedy: also make the greedy soup.
-        average_name: the average's file name (e.g. ``average.safetensors`` for independent members).
-
-    Returns:
-        ``(outputs, report)``: ``{"average": path, "greedy": path}`` and ``{"table", "rows",
-        "greedy_selected", "recompute_bn_batches", "seconds"}``.
-
-    Raises:
-        MissingMetadataError: a member lacks its model (or data) metadata.
-        InvalidArgumentError: no members.
-
-    Example:
-        >>> outputs, report = final_model(paths, out_dir="papa/")  # doctest: +SKIP
-        >>> print(report["table"])  # doctest: +SKIP
-    """
-    from merge.bn import bn_layers
-    from merge.evaluate import (
-        CheckpointEvaluator,
-        evaluate_checkpoints,
-        format_table,
-        recompute_bn_checkpoint,
-        summarize_members,
-    )
-    from merge.greedy import greedy_soup_checkpoints
-    from merge.soups import soup
-
-    if not paths:
-        raise InvalidArgumentError("final_model: no members given")
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    paths = [Path(p) for p in paths]
-    average = soup(paths, out=out_dir / average_name, force=True,
-                   recipe_extra={"papa": dict(recipe or {})}).path
-    ev = CheckpointEvaluator.from_checkpoints([average], data=data, batch_size=batch_size, device=device)
-    n_bn = recompute_bn if bn_layers(ev.model) else 0
-    if n_bn:
-        recompute_bn_checkpoint(average, num_batches=n_bn, evaluator=ev)
-    outputs = {"average": Path(average)}
-    names = [p.stem for p in paths] + [f"average ({average_name})"]
-    selected = None
-    if greedy:
-        result, greedy_path = greedy_soup_checkpoints(paths, out=out_dir / "greedy.safetensors", data=ev.splits,
-                                                      recompute_bn=n_bn, batch_size=batch_size, device=device,
-                                                      force=True)
-        outputs["greedy"] = greedy_path
-        selected = result.selected
-        names.append(f"greedy soup ({len(selected)} of {len(paths)})")
-    rows = evaluate_checkpoints([*paths, *outputs.values()], data=ev.splits, batch_size=batch_size, device=device,
-                                names=names)
-    ordered = [*summarize_members(rows), *(r for r in rows if r.kind == "ensemble"),
-               *(r for r in rows if r.kind == "soup")]
-    report = {"table": format_table(ordered), "rows": [dataclasses.asdict(r) for r in ordered],
-              "members": [dataclasses.asdict(r) for r in rows if r.kind == "member"],
-              "greedy_selected": selected, "recompute_bn_batches": n_bn,
-              "seconds": round(time.perf_counter() - t0, 3)}
-    return outputs, report
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -526,11 +439,9 @@ def _run_population(job: TrainJob, method: str, make_callbacks: Any, record: dic
     if job.init is not None:
         raise InvalidArgumentError(f"a {method} population starts from its members' own initialisations; drop init",
                                    option="init")
-    recipes = _job_recipes(job)
-    device = rank_device(job.device)
-    resolve_device(device)  # a missing GPU fails before the data is loaded
-    splits = _job_splits(job)
-    spec = _resolve_spec(job.model, splits)
+    # A missing GPU fails before the data is loaded; under torchrun each rank takes its own GPU.
+    ready = prepare(job, device=rank_device(job.device))
+    recipes, device, splits, spec = ready.recipes, ready.device, ready.splits, ready.spec
     started = time.perf_counter()
     with population_group(len(recipes), device=device) as group:
         ours = make_callbacks(group, splits, spec, recipes, device)
@@ -541,8 +452,6 @@ def _run_population(job: TrainJob, method: str, make_callbacks: Any, record: dic
                                 force=job.force, indices=group.indices, population=len(recipes))
         trained = time.perf_counter() - started
         group.barrier()  # every member is on disk before rank 0 averages them
-        from merge.train.members import member_path
-
         paths = [member_path(job.out_dir, i, arch=spec["arch"]) for i in range(len(recipes))]
         outputs: dict[str, Path] = {}
         report: dict[str, Any] = {"method": method, "rank": group.rank, "world": group.world,
@@ -559,10 +468,25 @@ def _run_population(job: TrainJob, method: str, make_callbacks: Any, record: dic
     return TrainResult(paths, outputs, report)
 
 
+# The options every population method shares: its final model.
+_FINAL_PARAMS = (
+    Param("final", True, bool, help="write the population's average and greedy soup, and the final table"),
+    Param("final_bn_batches", 20, int, low=1,
+          help="training batches for the BatchNorm recalibration of the final soups"),
+)
+
+
 @register_method("papa", citation=PAPA_CITATION,
                  summary="a population pulled toward its average every k steps (PAPA, gradual), then its "
                          "average and greedy soup",
-                 options=("every", "alpha", "lr_scaling", "final", "final_bn_batches"))
+                 params=[Param("every", 10, int, low=1, help="optimizer steps between pulls"),
+                         Param("alpha", None, float, low=0.0, high=1.0,
+                               help="share of each member kept at a pull (default: 0.99 from scratch, 0.9995 "
+                                    "from pretrained weights)"),
+                         Param("lr_scaling", "linear", str, choices=LR_SCALING,
+                               help="scale the pull with the learning rate, 1-a_t = (1-alpha) lr_t/lr_0 "
+                                    "(linear), or keep alpha (none)"),
+                         *_FINAL_PARAMS])
 def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None, lr_scaling: str = "linear",
                final: bool = True, final_bn_batches: int = 20) -> TrainResult:
     """A PAPA population: members trained together and pulled toward their average every ``every`` steps.
@@ -630,10 +554,15 @@ def _mixing(mode: str, method: str):  # noqa: ANN202 - builds a registered funct
     return run
 
 
-_MIX_OPTIONS = ("mix_every", "mix_from_start", "repair_batches", "final", "final_bn_batches")
+_MIX_PARAMS = (
+    Param("mix_every", 5, int, low=1, help="epochs between mixes (never after the last epoch)"),
+    Param("mix_from_start", True, bool, help="also mix after the first epoch"),
+    Param("repair_batches", 5, int, low=1, help="training batches for REPAIR (BatchNorm reset) after each mix"),
+    *_FINAL_PARAMS,
+)
 
 train_papa_all = register_method(
-    "papa-all", citation=PAPA_CITATION, options=_MIX_OPTIONS,
+    "papa-all", citation=PAPA_CITATION, params=_MIX_PARAMS,
     summary="every E epochs every member becomes the population average, then REPAIR (PAPA-all)",
 )(_mixing("all", "papa-all"))
 train_papa_all.__doc__ = """PAPA-all: every ``mix_every`` epochs every member is replaced by the average, then REPAIR.
@@ -642,7 +571,7 @@ Options: ``mix_every`` (epochs, 5), ``mix_from_start`` (also after epoch 0, True
 ``final``, ``final_bn_batches`` as for ``papa``.
 """
 train_papa_2 = register_method(
-    "papa-2", citation=PAPA_CITATION, options=_MIX_OPTIONS,
+    "papa-2", citation=PAPA_CITATION, params=_MIX_PARAMS,
     summary="every E epochs every member becomes the average of a random pair, then REPAIR (PAPA-2)",
 )(_mixing("pairs", "papa-2"))
 train_papa_2.__doc__ = """PAPA-2: every ``mix_every`` epochs member i becomes the 50/50 average of a random pair, then REPAIR.

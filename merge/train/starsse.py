@@ -37,28 +37,27 @@ from typing import Any
 import torch
 
 from merge.data import Splits
-from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError, MismatchError
 from merge.io.sources import open_checkpoint
 from merge.io.writer import check_output_free
 from merge.keys import TRAIN_KEY
+from merge.params import Param
 from merge.train.distributed import population_group, rank_device
-from merge.train.loop import Callback, fit
-from merge.train.members import (
-    _build,
-    _check_recipe_fits,
-    _check_resumable,
-    _job_splits,
-    _load_init,
-    _resolve_spec,
-    _save_member,
-    _train_record,
+from merge.train.kit import (
+    build_member,
+    check_recipe_fits,
+    check_resumable,
     evaluate_model,
+    load_init,
     member_path,
+    prepare,
+    save_member,
     train_loader,
+    train_record,
 )
-from merge.train.methods import TrainJob, TrainResult, register_method
+from merge.train.loop import Callback, fit
 from merge.train.recipe import Recipe, default_recipe, diverse_recipes
+from merge.train.registry import TrainJob, TrainResult, register_method
 
 __all__ = ["branch_recipes", "train_branches", "LR_RATIOS", "EPOCH_RATIOS"]
 
@@ -118,16 +117,16 @@ def _fine_tune(recipe: Recipe, *, spec: dict, splits: Splits, out: Path, init: s
                progress: bool, callbacks: Sequence[Callback], eval_batch_size: int, force: bool, desc: str) -> Path:
     """One member: from ``init`` (a fresh optimizer, the recipe's schedule) or from the pretrained weights."""
     check_output_free(out, force=force)
-    _check_recipe_fits(recipe, splits)
-    net = _build(spec, recipe, None if init is not None else pretrained, device)
+    check_recipe_fits(recipe, splits)
+    net = build_member(spec, recipe, None if init is not None else pretrained, device)
     if init is not None:
-        _load_init(net, init)  # every tensor, BatchNorm statistics included
+        load_init(net, init)  # every tensor, BatchNorm statistics included
     state = fit([net], [train_loader(splits, spec, recipe)], [recipe], num_classes=spec["num_classes"], device=device,
                 callbacks=callbacks, progress=progress, desc=desc)
     scores = evaluate_model(net, splits, spec, device=device, batch_size=eval_batch_size)
-    record = _train_record(recipe, state, method=method, pretrained=pretrained, device=device,
+    record = train_record(recipe, state, method=method, pretrained=pretrained, device=device,
                            extra={"init": None if init is None else str(init), **extra})
-    return _save_member(net, out, spec, splits, record, scores, force=force)
+    return save_member(net, out, spec, splits, record, scores, force=force)
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -177,9 +176,8 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
     centre_recipe = _given_centre_recipe(job.init, fallback) if job.init is not None else fallback
     recipes = branch_recipes(centre_recipe, job.members, lr_ratio=branch_lr_ratio, epochs_ratio=branch_epochs_ratio,
                              seed=job.seed, diversity=job.diversity)
-    resolve_device(job.device)
-    splits = _job_splits(job)
-    spec = _resolve_spec(job.model, splits)
+    ready = prepare(job, recipes=False)
+    splits, spec = ready.splits, ready.spec
     paths = [member_path(job.out_dir, i, arch=spec["arch"]) for i in range(job.members)]
     if job.init is not None:  # a given centre keeps its form (one file, or a model folder)
         paths[0] = Path(job.out_dir) / (Path(paths[0]).stem + (".safetensors" if Path(job.init).is_file() else ""))
@@ -196,7 +194,7 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
                     raise MismatchError(f"{p}: exists but is not the given centre {job.init}; choose another output "
                                         "folder or delete the file", path=p)
             else:
-                _check_resumable(p, recipes[i], method, spec=spec, data_spec=splits.spec)
+                check_resumable(p, recipes[i], method, spec=spec, data_spec=splits.spec)
             return
         if i == 0 and job.init is not None:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +227,14 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
     return TrainResult(paths, {}, report)
 
 
-@register_method("starsse", citation=CITATION, options=("branch_lr_ratio", "branch_epochs_ratio"),
+_BRANCH_PARAMS = (
+    Param("branch_lr_ratio", 1.0, low=0.0,
+          help="each cycle's peak learning rate over the centre's (the paper sweeps 0.25 .. 4)"),
+    Param("branch_epochs_ratio", 1.0, low=0.0, help="each cycle's epochs over the centre's (the paper sweeps 0.5 .. 4)"),
+)
+
+
+@register_method("starsse", citation=CITATION, params=_BRANCH_PARAMS,
                  summary="fine-tune a centre (member 0), then K-1 cycles each started from it: a star")
 def train_starsse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_ratio: float = 1.0) -> TrainResult:
     """StarSSE: every cycle starts from the centre with a fresh optimizer and a cosine from the peak learning rate."""
@@ -237,7 +242,7 @@ def train_starsse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_
 
 
 @register_method("sse", citation=CITATION + " (SSE: Huang et al. 2017, Snapshot Ensembles)",
-                 options=("branch_lr_ratio", "branch_epochs_ratio"),
+                 params=_BRANCH_PARAMS,
                  summary="fine-tune a centre (member 0), then K-1 cycles each started from the last: a chain")
 def train_sse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_ratio: float = 1.0) -> TrainResult:
     """SSE: each cycle starts where the previous one ended, with a fresh optimizer and a cosine from the peak."""

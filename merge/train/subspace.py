@@ -47,21 +47,23 @@ from merge.bn import bn_layers
 from merge.data import Splits
 from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError
+from merge.evaluate import CheckpointEvaluator
 from merge.io.writer import check_output_free
-from merge.train.loop import Callback, TrainState, fit
-from merge.train.members import (
-    _build,
-    _check_recipe_fits,
-    _resolve_spec,
-    _resolve_splits,
-    _save_member,
-    _train_record,
+from merge.params import Param
+from merge.train.kit import (
+    build_member,
+    check_recipe_fits,
     evaluate_model,
     member_path,
+    resolve_spec,
+    resolve_splits,
+    save_member,
     train_loader,
+    train_record,
 )
-from merge.train.methods import TrainJob, TrainResult, register_method
+from merge.train.loop import Callback, TrainState, fit
 from merge.train.recipe import Recipe, default_recipe
+from merge.train.registry import TrainJob, TrainResult, register_method
 
 __all__ = ["Subspace", "SubspaceLine", "SubspacePenalty", "train_subspace", "penalty_weight_names",
            "global_cos2", "full_pass_batches", "END_SEED_OFFSET"]
@@ -275,21 +277,19 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
         OutputExistsError: an endpoint exists and ``force`` is False.
         InvalidArgumentError: fewer than 2 points, or a negative ``beta``.
     """
-    from merge.evaluate import CheckpointEvaluator
-
     if points < 2:
         raise InvalidArgumentError(f"a subspace needs at least 2 endpoints, got {points}", option="members",
                                    choices=(2,))
     out_dir = Path(out_dir)
     dev = resolve_device(device)
-    splits = _resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
-    spec = _resolve_spec(model, splits)
+    splits = resolve_splits(data, limit=limit, split_seed=split_seed, val_fraction=val_fraction)
+    spec = resolve_spec(model, splits)
     paths = [member_path(out_dir, i, arch=spec["arch"]) for i in range(points)]
     for p in paths:
         check_output_free(p, force=force)
-    _check_recipe_fits(recipe, splits)
+    check_recipe_fits(recipe, splits)
     seeds = [recipe.seed + i * END_SEED_OFFSET for i in range(points)]
-    nets = [_build(spec, dataclasses.replace(recipe, seed=s), None, dev) for s in seeds]
+    nets = [build_member(spec, dataclasses.replace(recipe, seed=s), None, dev) for s in seeds]
     # The endpoints are trained as one subspace (every point on it is trained to be good), so they share a
     # start: one fingerprint of all their initialisations, the record soups use to tell them from strangers.
     start = {"kind": "population", "sha256": _inits_sha256(nets), "members": points, "method": "subspace"}
@@ -308,16 +308,19 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
         info = {"kind": sub.kind, "points": points, "endpoint": i, "beta": beta, "cos2": cos2, "seeds": seeds,
                 "bn_recomputed": {"batches": nb, "batch_size": eval_batch_size, "split": "train",
                                   "seed": ev.bn_seed} if has_bn else None}
-        record = _train_record(recipe, state, method="subspace", pretrained=None, device=dev,
+        record = train_record(recipe, state, method="subspace", pretrained=None, device=dev,
                                extra={"subspace": info, "start": start})
-        written.append(_save_member(net, p, spec, splits, record, scores, force=force))
+        written.append(save_member(net, p, spec, splits, record, scores, force=force))
     return written
 
 
 @register_method("subspace", citation="Wortsman et al. 2021, Learning Neural Network Subspaces; code "
                  "apple/learning-subspaces",
                  summary="a line (2 members) or simplex (3+) of networks in one run; writes its endpoints",
-                 options=("beta", "bn_batches"))
+                 params=[Param("beta", 1.0, low=0.0, help="weight of the cos^2 penalty between endpoints"),
+                         Param("bn_batches", None, int, low=1,
+                               help="training batches to recompute BatchNorm on at each endpoint (default: a full "
+                                    "pass)")])
 def train_subspace_method(job: TrainJob, *, beta: float = 1.0, bn_batches: int | None = None) -> TrainResult:
     """The registry's entry: one subspace from scratch, its endpoints written as members 0 .. n-1."""
     if job.members < 2 or job.pretrained or job.init:
