@@ -33,7 +33,7 @@ from torch import nn
 
 from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE
 from merge.io.writer import AtomicOutput, write_state_dict
-from merge.models.builders import _check_arch, _timm_takes_img_size, resolve_hf_folder
+from merge.models.builders import build_architecture, check_arch, resolve_hf_folder, timm_takes_img_size
 
 __all__ = ["member_form", "write_member", "library_files", "hf_config", "timm_config", "TOKENIZER_FILES"]
 
@@ -52,7 +52,7 @@ def member_form(arch: str) -> str:
         >>> member_form("timm:resnet18"), member_form("small_cnn")
         ('folder', 'file')
     """
-    family, _ = _check_arch(arch)
+    family, _ = check_arch(arch)
     return "file" if family == "small_cnn" else "folder"
 
 
@@ -78,7 +78,7 @@ def hf_config(spec: Mapping[str, Any], classes: Sequence[str] | None = None, *,
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    _, ref = _check_arch(spec["arch"])
+    _, ref = check_arch(spec["arch"])
     n = int(spec["num_classes"])
     names = [str(c) for c in classes] if classes is not None and len(classes) == n else [f"LABEL_{i}" for i in range(n)]
     opts = {k: v for k, v in (spec.get("kwargs") or {}).items() if k != "max_length"}
@@ -98,7 +98,7 @@ def hf_config(spec: Mapping[str, Any], classes: Sequence[str] | None = None, *,
 
 def _tokenizer_files(spec: Mapping[str, Any]) -> dict[str, bytes]:
     """The base model's tokenizer files, with ``model_max_length`` set to the length the member was trained with."""
-    _, ref = _check_arch(spec["arch"])
+    _, ref = check_arch(spec["arch"])
     folder = resolve_hf_folder(ref)
     max_length = (spec.get("kwargs") or {}).get("max_length")
     files = {}
@@ -146,22 +146,20 @@ def timm_config(spec: Mapping[str, Any], classes: Sequence[str] | None = None, *
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    _, name = _check_arch(spec["arch"])
+    _, name = check_arch(spec["arch"])
     n = int(spec["num_classes"])
     chans = int(spec.get("in_chans") or 3)
     pre = dict((data_spec or {}).get("preprocessing") or {})
     size = spec.get("image_size") or pre.get("image_size")
     if model is None:
-        from merge.models.builders import _build
-
         kwargs = dict(spec.get("kwargs") or {})
-        model = _build(spec["arch"], num_classes=n, in_chans=chans, image_size=size, pretrained=None,
+        model = build_architecture(spec["arch"], num_classes=n, in_chans=chans, image_size=size, pretrained=None,
                        hf_weights=False, **kwargs)
     source = dict(getattr(model, "pretrained_cfg", {}) or {})
     model_args: dict[str, Any] = {k: v for k, v in (spec.get("kwargs") or {}).items()
                                   if not k.endswith("drop_rate") and k != "drop_path_rate"}
     model_args.update(num_classes=n, in_chans=chans)
-    if size and _timm_takes_img_size(name):
+    if size and timm_takes_img_size(name):
         model_args["img_size"] = int(size)
     input_size = [chans, int(size), int(size)] if size else [chans, *list(source.get("input_size", (3, 224, 224)))[1:]]
     pretrained_cfg = {
@@ -194,7 +192,7 @@ def library_files(spec: Mapping[str, Any], *, classes: Sequence[str] | None = No
                   data_spec: Mapping[str, Any] | None = None, model: nn.Module | None = None,
                   dtype: torch.dtype = torch.float32) -> dict[str, bytes]:
     """The files beside ``model.safetensors`` that make a member load with its library (empty for small_cnn)."""
-    family, _ = _check_arch(spec["arch"])
+    family, _ = check_arch(spec["arch"])
     if family == "hf":
         files = {"config.json": _dump(hf_config(spec, classes, dtype=dtype))}
         files.update(_tokenizer_files(spec))
