@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from merge.errors import DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError
+from merge.errors import DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError, NonFiniteWarning
 from merge.io.dtypes import dtype_name, is_float
 from merge.io.sources import Source, TensorInfo
 from merge.io.writer import Sink
@@ -54,10 +54,6 @@ GPU_CHUNK_BYTES = 64 << 20
 GRAM_TILE = 8
 # Elements per chunk of the Gram pass on a GPU (a tile of GRAM_TILE + 2 float64 rows: 320 MB of device memory).
 GPU_GRAM_CHUNK = 1 << 22
-
-
-class NonFiniteWarning(UserWarning):
-    """A member holds NaN or infinite values in a tensor that was merged."""
 
 
 class NonFiniteError(MergeError, ValueError):
@@ -122,10 +118,6 @@ class MergePlan:
         return sum(t.out.nbytes for t in self.tensors)
 
     @property
-    def pool_bytes(self) -> int:
-        return max((k.max_read_bytes() for k in self.kernels()), default=1)
-
-    @property
     def buffer_bytes(self) -> int:
         """Peak working memory the loop allocates: the reader's pool and the largest kernel's buffers."""
         ks = self.kernels()
@@ -173,9 +165,134 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _check_arguments(op: Operator, n: int, base: Source | None, on_mismatch: str) -> None:
+    """What a plan needs before any tensor is looked at: a known mismatch policy, the member count, the base."""
+    if on_mismatch not in ON_MISMATCH:
+        raise InvalidArgumentError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}",
+                                   option="on_mismatch", choices=ON_MISMATCH)
+    if n < op.min_members:
+        raise InvalidArgumentError(f"method {op.name!r} needs at least {op.min_members} member(s) besides the base, "
+                                   f"got {n}", option="members")
+    if op.max_members is not None and n > op.max_members:
+        raise InvalidArgumentError(f"method {op.name!r} takes at most {op.max_members} member(s) besides the base, "
+                                   f"got {n}", option="members")
+    if op.base == "required" and base is None:
+        raise InvalidArgumentError(f"method {op.name!r} needs a base model (the checkpoint the members were "
+                                   "fine-tuned from)", option="base")
+    if op.base == "none" and base is not None:
+        raise InvalidArgumentError(f"method {op.name!r} takes no base model; list it as a member instead",
+                                   option="base")
+
+
+def _takes_weights(op: Operator) -> bool:
+    return any(p.name == "weight" for p in op.params)
+
+
+def _operator_params(op: Operator, weights: Sequence[float] | None,
+                     params: Mapping[str, object] | None) -> dict[str, object]:
+    """The operator's parameters, the weights among them as ``weight`` (``uniform`` ignores weights)."""
+    given = dict(params or {})
+    if weights is not None:
+        given["weight"] = list(weights)
+    if "weight" in given and not _takes_weights(op):
+        if op.name != "uniform":
+            raise InvalidArgumentError(f"method {op.name!r} takes no weights", option="weights")
+        given.pop("weight")
+    return given
+
+
+def _params_by_tensor(op: Operator, n: int, default: Resolved, weights: Sequence[float] | None,
+                      resolve: Callable[[str], tuple[Mapping[str, object], Sequence[Mapping[str, object]] | None]]
+                      | None) -> Callable[[str], Resolved]:
+    """``name -> resolved parameters``: the plan's own, or a recipe's for that tensor name."""
+    if resolve is None:
+        return lambda name: default
+
+    def resolved(name: str) -> Resolved:
+        p, mp = resolve(name)
+        return resolve_params(op, n, {**p, **({"weight": list(weights)} if weights else {})}, mp)
+
+    return resolved
+
+
+def _tensor_names(first: Source, everyone: Sequence[Source]) -> list[str]:
+    """Every tensor name: ``first``'s in its storage order, then those only the other sources hold."""
+    names = list(first.infos)
+    seen = set(names)
+    for src in everyone:
+        for name in src.infos:
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+    return names
+
+
+def _plan_tensor(name: str, infos: Sequence[TensorInfo | None], *, copy_from: int, dtype: torch.dtype | None,
+                 params_of: Callable[[str], Resolved]) -> TensorPlan | None:
+    """The plan of one tensor, or None when the sources disagree on it (missing, shape or dtype)."""
+    if any(i is None for i in infos) or len({(i.shape, i.dtype) for i in infos}) != 1:
+        return None
+    info = infos[copy_from]
+    if not is_float(info.dtype):  # integer buffers (num_batches_tracked), bools: copied, never averaged
+        return TensorPlan(name, "copy", (info.dtype,), info, None, copy_from)
+    out = TensorInfo(name, dtype or info.dtype, info.shape)
+    return TensorPlan(name, "reduce", tuple(i.dtype for i in infos), out, params_of(name))
+
+
+@dataclass
+class _TensorPlans:
+    """Every output tensor's plan, and the names left out by the mismatch policy."""
+
+    tensors: list[TensorPlan] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # with on_mismatch="error": reported, nothing planned
+    skipped: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+
+
+def _plan_tensors(everyone: Sequence[Source], *, copy_from: int, dtype: torch.dtype | None, on_mismatch: str,
+                  params_of: Callable[[str], Resolved]) -> _TensorPlans:
+    """Plan every tensor name; a mismatched one is reported, skipped or copied from ``copy_from`` per ``on_mismatch``."""
+    plans = _TensorPlans()
+    for name in _tensor_names(everyone[copy_from], everyone):
+        infos = [src.infos.get(name) for src in everyone]
+        tp = _plan_tensor(name, infos, copy_from=copy_from, dtype=dtype, params_of=params_of)
+        if tp is not None:
+            plans.tensors.append(tp)
+        elif on_mismatch == "error":
+            plans.mismatched.append(name)
+        elif on_mismatch == "first" and infos[copy_from] is not None:
+            info = infos[copy_from]
+            plans.copied.append(name)
+            out = TensorInfo(name, dtype or info.dtype, info.shape) if is_float(info.dtype) else info
+            plans.tensors.append(TensorPlan(name, "copy", (info.dtype,), out, None, copy_from))
+        else:
+            plans.skipped.append(name)
+    return plans
+
+
 def _describe(src: Source, name: str) -> str:
     info = src.infos.get(name)
     return "missing" if info is None else f"{list(info.shape)} {dtype_name(info.dtype)}"
+
+
+def _mismatch_error(bad: Sequence[str], everyone: Sequence[Source], n: int) -> MismatchError:
+    """Each offending tensor (the first 20) with every member's (and the base's) shape and dtype."""
+    shown = bad[:20]
+    labels = [f"[{i}]" if i < n else "[base]" for i in range(len(everyone))]
+    lines = [f"  {name}: " + "; ".join(f"{lab} {_describe(s, name)}" for lab, s in zip(labels, everyone))
+             for name in shown]
+    more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+    return MismatchError(f"members disagree on {len(bad)} tensor(s) (name: [member] shape dtype):\n"
+                         + "\n".join(lines) + more
+                         + "\nfix the inputs, or drop those tensors (skip) or take member 0's (first)",
+                         tensor=bad[0], option="on_mismatch", choices=("skip", "first"))
+
+
+def _chunk_elems(chunk_bytes: int | None, device: torch.device, accumulate: torch.dtype) -> int:
+    """Accumulator elements per chunk (see DEFAULT_CHUNK_BYTES and GPU_CHUNK_BYTES)."""
+    if chunk_bytes is None:
+        chunk_bytes = GPU_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
+    return max(1, chunk_bytes // accumulate.itemsize)
 
 
 def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequence[float] | None = None,
@@ -204,88 +321,23 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
             message lists each offending tensor with every member's shape and dtype.
         InvalidArgumentError: a bad parameter, a missing base, or a member count the operator refuses.
     """
-    if on_mismatch not in ON_MISMATCH:
-        raise InvalidArgumentError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}",
-                                   option="on_mismatch", choices=ON_MISMATCH)
-    n = len(sources)
-    op = operator
-    if n < op.min_members:
-        raise InvalidArgumentError(f"method {op.name!r} needs at least {op.min_members} member(s) besides the base, "
-                                   f"got {n}", option="members")
-    if op.max_members is not None and n > op.max_members:
-        raise InvalidArgumentError(f"method {op.name!r} takes at most {op.max_members} member(s) besides the base, "
-                                   f"got {n}", option="members")
-    if op.base == "required" and base is None:
-        raise InvalidArgumentError(f"method {op.name!r} needs a base model (the checkpoint the members were "
-                                   "fine-tuned from)", option="base")
-    if op.base == "none" and base is not None:
-        raise InvalidArgumentError(f"method {op.name!r} takes no base model; list it as a member instead",
-                                   option="base")
-    given = dict(params or {})
-    if weights is not None:
-        given["weight"] = list(weights)
-    if "weight" in given and not any(p.name == "weight" for p in op.params):
-        if op.name == "uniform":
-            given.pop("weight")
-        else:
-            raise InvalidArgumentError(f"method {op.name!r} takes no weights", option="weights")
+    op, n = operator, len(sources)
+    _check_arguments(op, n, base, on_mismatch)
+    given = _operator_params(op, weights, params)
     default_resolved = resolve_params(op, n, given, member_params)
     everyone = list(sources) + ([base] if base is not None else [])
-    first = everyone[-1] if base is not None else sources[0]
-    names = list(first.infos)
-    seen = set(names)
-    for src in everyone:
-        for name in src.infos:
-            if name not in seen:
-                seen.add(name)
-                names.append(name)
-    tensors: list[TensorPlan] = []
-    bad: list[str] = []
-    skipped: list[str] = []
-    copied: list[str] = []
-    copy_from = n if base is not None else 0
-    for name in names:
-        infos = [src.infos.get(name) for src in everyone]
-        ok = all(i is not None for i in infos) and len({(i.shape, i.dtype) for i in infos}) == 1
-        if ok:
-            info = infos[copy_from]
-            if is_float(info.dtype):
-                resolved = default_resolved
-                if resolve is not None:
-                    p, mp = resolve(name)
-                    resolved = resolve_params(op, n, {**p, **({"weight": list(weights)} if weights else {})}, mp)
-                out = TensorInfo(name, dtype or info.dtype, info.shape)
-                tensors.append(TensorPlan(name, "reduce", tuple(i.dtype for i in infos), out, resolved))
-            else:  # integer buffers (num_batches_tracked), bools: copied, never averaged
-                tensors.append(TensorPlan(name, "copy", (info.dtype,), info, None, copy_from))
-            continue
-        if on_mismatch == "error":
-            bad.append(name)
-        elif on_mismatch == "first" and infos[copy_from] is not None:
-            info = infos[copy_from]
-            copied.append(name)
-            out = TensorInfo(name, dtype or info.dtype, info.shape) if is_float(info.dtype) else info
-            tensors.append(TensorPlan(name, "copy", (info.dtype,), out, None, copy_from))
-        else:
-            skipped.append(name)
-    if bad:
-        shown = bad[:20]
-        labels = [f"[{i}]" for i in range(n)] + (["[base]"] if base is not None else [])
-        lines = [f"  {name}: " + "; ".join(f"{lab} {_describe(s, name)}" for lab, s in zip(labels, everyone))
-                 for name in shown]
-        more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
-        raise MismatchError(f"members disagree on {len(bad)} tensor(s) (name: [member] shape dtype):\n"
-                            + "\n".join(lines) + more
-                            + "\nfix the inputs, or drop those tensors (skip) or take member 0's (first)",
-                            tensor=bad[0], option="on_mismatch", choices=("skip", "first"))
-    if not tensors:
+    copy_from = n if base is not None else 0  # copies come from the base when there is one
+    plans = _plan_tensors(everyone, copy_from=copy_from, dtype=dtype, on_mismatch=on_mismatch,
+                          params_of=_params_by_tensor(op, n, default_resolved, weights, resolve))
+    if plans.mismatched:
+        raise _mismatch_error(plans.mismatched, everyone, n)
+    if not plans.tensors:
         raise MismatchError("the members share no tensor: nothing to merge")
-    if chunk_bytes is None:
-        chunk_bytes = GPU_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
     combination = op.combine(default_resolved) if op.path == "linear" else None
-    plan = MergePlan(list(sources), op, list(default_resolved.member("weight")) if any(
-        p.name == "weight" for p in op.params) else [1.0] * n, tensors, accumulate, device,
-        max(1, chunk_bytes // accumulate.itemsize), base, given, int(seed), bool(strict), skipped, copied, combination)
+    member_weights = list(default_resolved.member("weight")) if _takes_weights(op) else [1.0] * n
+    plan = MergePlan(list(sources), op, member_weights, plans.tensors, accumulate, device,
+                     _chunk_elems(chunk_bytes, device, accumulate), base, given, int(seed), bool(strict),
+                     plans.skipped, plans.copied, combination)
     plan.kernels()  # every per-tensor check (e.g. DELLA's epsilon against each density) before any output
     return plan
 
