@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned together: timm imports torchvision, and other pairs fail to import here.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart test test-fast test-quickstart bench clean
 
 $(VENV)/.installed: pyproject.toml requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,16 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(BIN)/papa-merge quickstart
 
+# Tests and merge/'s doctests (pyproject.toml). test: everything but the `full` run (CI); test-fast: not the `slow`
+# training runs either (the daily run); test-quickstart: the whole default quickstart on MNIST, checked.
 test: setup
 	$(BIN)/python -m pytest
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+test-quickstart: setup
+	$(BIN)/python -m pytest --run-full -m full
 
 bench: setup
 	$(BIN)/python benchmarks/bench_soup.py

@@ -51,3 +51,21 @@ def hub(hub_server, monkeypatch, tmp_path):
     yield hub_server
     hub_server.upload_mode = "lfs"
 # --- end of Hugging Face Hub tests block ---------------------------------------------------------------
+
+
+# --- Test tiers (issue 23 item 4): `slow` is left out of `make test-fast`, `full` out of `make test` ------------
+# The markers are declared in pyproject.toml. A `full` test runs the product at its default size (the whole
+# default quickstart: minutes on a quiet machine, up to an hour on a loaded one): `make test-quickstart`.
+def pytest_addoption(parser):
+    parser.addoption("--run-full", action="store_true", default=False,
+                     help="also run the tests marked full (the product at its default size; make test-quickstart)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-full"):
+        return
+    skip = pytest.mark.skip(reason="runs the product at its default size: make test-quickstart (pytest --run-full)")
+    for item in items:
+        if item.get_closest_marker("full") is not None:
+            item.add_marker(skip)
+# --- end of test tiers block ---------------------------------------------------------------------------------

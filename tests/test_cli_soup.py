@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -112,6 +113,7 @@ def test_output_forms_and_refused_suffixes(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (tmp_path / "llama-3.1" / "model.safetensors").exists(), res.output
 
 
+@pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")  # the factory's members share no start
 def test_method_linear_and_task_methods_from_the_cli(tmp_path: Path) -> None:
     paths, sds = save_members(tmp_path, 3)
     res = CliRunner().invoke(cli, ["soup", *map(str, paths[:2]), "--method", "linear", "--weights", "3,1",

@@ -224,6 +224,7 @@ def test_data_name_reuses_the_members_split_seed(members: list[Path]) -> None:
     assert np.array_equal(ev.splits.val.indices, digits_splits().val.indices)
 
 
+@pytest.mark.filterwarnings("ignore::merge.errors.DefaultSplitWarning")  # data="digits" for a checkpoint without a split
 def test_checkpoint_without_metadata_is_a_clear_error(members: list[Path], tmp_path: Path) -> None:
     bare = write_state_dict(merge.open_checkpoint(members[0]).state_dict(), tmp_path / "bare.safetensors")
     with pytest.raises(MissingMetadataError, match=r"bare.safetensors: has no 'papa_merge.model' metadata"):

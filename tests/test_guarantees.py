@@ -34,6 +34,9 @@ from cli.main import cli
 from merge.io.atomic import MANIFEST, AtomicOutput, _HOST, is_papa_output
 from tests.ckpt_factory import member_state, save_members
 
+# The factory's random members share no start: averaging them warns, as it should; no test here checks that.
+pytestmark = pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -122,6 +122,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     return out, res
 
 
+@pytest.mark.slow  # the whole hyper-deep pipeline (the `run` fixture): pool, selection, retrained seeds
 def test_train_pool_select_runs_the_hyper_deep_pipeline(run) -> None:
     out, res = run
     assert res.exit_code == 0, res.output
@@ -171,6 +172,7 @@ def test_train_pool_select_runs_the_hyper_deep_pipeline(run) -> None:
         assert any(ln.startswith(f"{name}: greedy soup of") for ln in res.output.splitlines())
 
 
+@pytest.mark.slow  # reruns the whole hyper-deep pipeline of the `run` fixture
 def test_rerun_resumes_and_options_are_checked(run, tmp_path: Path) -> None:
     out, res = run
     assert res.exit_code == 0, res.output
@@ -200,6 +202,7 @@ def test_rerun_resumes_and_options_are_checked(run, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+@pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")  # a pool is one seed per configuration
 def test_a_pool_of_a_network_with_dropout_draws_it(tmp_path: Path) -> None:
     # timm's EfficientNet applies dropout from drop_rate: the search draws it, the member records it.
     job = TrainJob(model="timm:test_efficientnet", data="digits", out_dir=tmp_path, members=3, limit=128,

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 import merge
 from merge.hub import pull, push
 
-pytestmark = pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")]  # members from two seeds
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")

@@ -57,6 +57,7 @@ def test_unknown_architectures_list_valid_names():
         model_spec("small_cnn", 1)
 
 
+@pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")  # two members built from two seeds
 def test_rebuild_and_load_member_round_trip(tmp_path, digits):
     spec = model_spec("small_cnn", 10, in_chans=1, image_size=8, width=8)
     torch.manual_seed(0)

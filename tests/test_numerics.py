@@ -17,6 +17,9 @@ from cli.main import cli
 from merge.engine import NonFiniteError, NonFiniteWarning
 from tests.ckpt_factory import accumulation_bound, reference, save_members, ulp
 
+# The factory's random members share no start: averaging them warns, as it should; no test here checks that.
+pytestmark = pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")
+
 
 @pytest.mark.parametrize("w", [[1e-46, 1e-46], [3e38, 3e38], [1e39, 1e39], [1e308, 1e308], [1e-320, 1e-320]])
 def test_extreme_equal_weights_give_the_uniform_soup(tmp_path: Path, w: list[float]) -> None:

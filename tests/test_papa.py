@@ -268,6 +268,7 @@ def test_methods_are_registered_with_their_options():
         run_method("papa", job, mix_every=2)
 
 
+@pytest.mark.slow  # the whole PAPA pipeline: population, average with BatchNorm recomputed, greedy soup, table
 def test_papa_run_writes_members_the_average_the_greedy_soup_and_one_table(tmp_path, small_digits):
     job = TrainJob(model="small_cnn", data=small_digits, out_dir=tmp_path, members=3, diversity="augment",
                    base=Recipe(epochs=1, batch_size=32, lr=0.05), progress=False)
@@ -314,6 +315,7 @@ def test_a_pull_strong_enough_for_the_run_gives_no_warning(tmp_path, small_digit
     assert 0 < shrink < WEAK_PULL
 
 
+@pytest.mark.slow  # the whole PAPA-2 pipeline through the CLI
 def test_cli_trains_papa_2_and_prints_the_table(tmp_path):
     from cli.main import cli
 

@@ -25,6 +25,7 @@ def _row(output: str, name: str) -> list[str]:
     return line[len(name):].split()[-6:]
 
 
+@pytest.mark.slow  # the whole quickstart (start, members, soups, PAPA comparison, resume) at a reduced size
 def test_quickstart_command_on_digits(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     args = ["quickstart", "--data", "digits", "--members", "3", "--limit", "600", "--epochs", "2",
@@ -77,6 +78,7 @@ def test_quickstart_rejects_one_member(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "1 is not in the range x>=2" in res.output
 
 
+@pytest.mark.slow  # the whole quickstart again, through the example script in a subprocess
 def test_example_script_runs_at_a_tiny_size(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--data", "digits",
@@ -90,6 +92,20 @@ def test_example_script_runs_at_a_tiny_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_quickstart_on_mnist_at_a_reduced_size(tmp_path: Path) -> None:
+    """The README's command on MNIST with fewer members and images (the default size is the `full` test below)."""
+    with one_thread():
+        res = CliRunner().invoke(cli, ["quickstart", "--members", "2", "--limit", "6000", "--no-papa",
+                                       "--out", str(tmp_path / "qs")])
+    assert res.exit_code == 0, res.output
+    members_min = float(_row(res.output, "members min (2)")[0].rstrip("%"))
+    greedy = float(_row(res.output, "greedy soup (")[0].rstrip("%"))
+    assert members_min > 85.0  # MNIST members that learned something (about 91% at this size)
+    assert greedy >= members_min
+
+
+@pytest.mark.slow
+@pytest.mark.full  # the default size: minutes on a quiet machine, up to an hour on a loaded one (make test-quickstart)
 def test_quickstart_on_mnist_defaults(tmp_path: Path) -> None:
     """The README's command at its default size on MNIST: real members, real soups."""
     res = CliRunner().invoke(cli, ["quickstart", "--out", str(tmp_path / "qs")])

@@ -116,6 +116,7 @@ def ensemble_probs(logits: Sequence[Tensor], *, weights: Sequence[float] | None 
         InvalidArgumentError: no members, members with different shapes, or bad weights.
 
     Example:
+        >>> import math
         >>> ensemble_probs([torch.zeros(1, 2), torch.tensor([[0.0, math.log(3)]])])
         tensor([[0.3750, 0.6250]], dtype=torch.float64)
     """
