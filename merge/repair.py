@@ -156,7 +156,7 @@ def _statistics_pass(model: nn.Module, *, reset_bn: bool) -> Iterator[None]:
         ok = True
     finally:
         model.train(was_training)
-        for m, (momentum, mean, var, count) in zip(layers, saved):
+        for m, (momentum, mean, var, count) in zip(layers, saved, strict=True):
             m.momentum = momentum
             if not (ok and reset_bn):
                 m.running_mean.copy_(mean)
@@ -214,7 +214,7 @@ def channel_stats(model: nn.Module, batches: Sequence[Any], *, device: str | tor
     layers = repair_layers(model) if layers is None else list(layers)
     sums = [[None, None] for _ in layers]
 
-    def hook(i: int):  # noqa: ANN202 - a forward hook factory
+    def hook(i: int):
         def fn(_m: nn.Module, _inp: Any, out: Tensor) -> None:
             mean, _biased, unbiased = _batch_moments(out)
             s = sums[i]
@@ -248,8 +248,8 @@ def repair_targets(parents: Sequence[ChannelStats], weights: Sequence[float]) ->
         raise InvalidArgumentError(f"repair_targets: parents have different numbers of layers {sorted(n_layers)}")
     out = []
     for layer in range(n_layers.pop()):
-        mean = sum(float(w) * p[layer][0].double() for p, w in zip(parents, weights))
-        std = sum(float(w) * p[layer][1].double() for p, w in zip(parents, weights))
+        mean = sum(float(w) * p[layer][0].double() for p, w in zip(parents, weights, strict=True))
+        std = sum(float(w) * p[layer][1].double() for p, w in zip(parents, weights, strict=True))
         out.append((mean.float(), std.float()))
     return out
 
@@ -300,13 +300,13 @@ def repair(model: nn.Module, targets: ChannelStats, batches: Sequence[Any], *, e
     if len(targets) != len(layers):
         raise InvalidArgumentError(f"repair: {len(targets)} targets for {len(layers)} convolutions; measure the "
                                    "targets on networks of the same architecture")
-    for (mean, std), m in zip(targets, layers):
+    for (mean, std), m in zip(targets, layers, strict=True):
         if mean.shape != (m.out_channels,) or std.shape != (m.out_channels,):
             raise InvalidArgumentError(f"repair: a target of shape {tuple(mean.shape)} for a layer of "
                                        f"{m.out_channels} channels")
     sums = [[0.0, 0.0] for _ in layers]
 
-    def hook(i: int):  # noqa: ANN202 - a forward hook factory
+    def hook(i: int):
         goal_mean, goal_std = targets[i]
 
         def fn(_m: nn.Module, _inp: Any, out: Tensor) -> Tensor:
@@ -328,7 +328,7 @@ def repair(model: nn.Module, targets: ChannelStats, batches: Sequence[Any], *, e
         for h in handles:
             h.remove()
     n = len(batches)
-    for (goal_mean, goal_std), m, (s_mean, s_var) in zip(targets, layers, sums):
+    for (goal_mean, goal_std), m, (s_mean, s_var) in zip(targets, layers, sums, strict=True):
         run_mean, run_var = s_mean / n, s_var / n
         s = goal_std.double().to(run_var.device) / (run_var + eps).sqrt()
         w = m.weight

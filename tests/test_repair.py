@@ -52,7 +52,7 @@ def test_channel_stats_match_a_float64_reference():
     got = channel_stats(net, xs)
     want = reference_stats(net, xs)
     assert len(got) == len(want) == 3
-    for (gm, gs), (wm, ws) in zip(got, want):
+    for (gm, gs), (wm, ws) in zip(got, want, strict=True):
         torch.testing.assert_close(gm.double(), wm, atol=1e-5, rtol=0)
         torch.testing.assert_close(gs.double(), ws, atol=1e-5, rtol=1e-5)
 
@@ -63,16 +63,16 @@ def test_repair_restores_each_channels_statistics_to_the_target(w):
     target = repair_targets([channel_stats(a, xs), channel_stats(b, xs)], [w, 1 - w])
     # The goal is the weighted average of the parents' statistics, per channel.
     ra, rb = reference_stats(a, xs), reference_stats(b, xs)
-    for (tm, ts), (am, as_), (bm, bs) in zip(target, ra, rb):
+    for (tm, ts), (am, as_), (bm, bs) in zip(target, ra, rb, strict=True):
         torch.testing.assert_close(tm.double(), w * am + (1 - w) * bm, atol=1e-5, rtol=0)
         torch.testing.assert_close(ts.double(), w * as_ + (1 - w) * bs, atol=1e-5, rtol=1e-5)
     child = averaged(a, b, w)
     before = reference_stats(child, xs)
     # Averaging independent networks collapses the variance of the deeper layers (what REPAIR fixes).
-    assert min(float((s / t.double()).min()) for (_, s), (_, t) in zip(before[1:], target[1:])) < 0.7
+    assert min(float((s / t.double()).min()) for (_, s), (_, t) in zip(before[1:], target[1:], strict=True)) < 0.7
     repair(child, target, xs)
     after = reference_stats(child, xs)
-    for (m, s), (tm, ts) in zip(after, target):
+    for (m, s), (tm, ts) in zip(after, target, strict=True):
         ratio = s / ts.double()
         assert float((ratio - 1).abs().max()) < 0.01, ratio
         assert float(((m - tm.double()).abs() / ts.double()).max()) < 0.01
@@ -136,7 +136,7 @@ def tracked_stats(model: nn.Module, names: list[str], xs: list[torch.Tensor], *,
     modules = dict(net.named_modules())
     seen: dict[str, list] = {n: [] for n in names}
 
-    def keep(n: str):  # noqa: ANN202 - a forward hook factory
+    def keep(n: str):
         return lambda _m, inp, out: seen[n].append((inp[0] if inputs else out).detach().double())
 
     handles = [modules[n].register_forward_hook(keep(n)) for n in names]
@@ -218,7 +218,7 @@ def test_repair_on_a_batchnorm_network_corrects_the_convolutions_that_feed_no_ba
     goal = {n: (w * sa[n][0] + (1 - w) * sb[n][0], w * sa[n][1] + (1 - w) * sb[n][1]) for n in free}
     bn_before = {k: v.clone() for k, v in a.state_dict().items() if "running" in k or "num_batches" in k}
     measured = repair_targets([channel_stats(a, xs), channel_stats(b, xs)], [w, 1 - w])
-    for (gm, gs), n in zip(measured, free):
+    for (gm, gs), n in zip(measured, free, strict=True):
         torch.testing.assert_close(gm.double(), goal[n][0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(gs.double(), goal[n][1], atol=1e-4, rtol=1e-4)
     # Measuring a parent leaves its BatchNorm statistics as they were.
