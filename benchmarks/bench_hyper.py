@@ -134,12 +134,15 @@ def fmt(values: list[float], pct: bool = False) -> str:
 
 def table(results: dict[int, dict[str, tuple[dict[str, float], int]]]) -> str:
     seeds = sorted(results)
-    lines = ["| model | test acc % | test NLL | test ECE | distinct members (per seed) |", "|---|---|---|---|---|"]
+    lines = ["| model | test acc % (mean ± sd, ddof 0) | test NLL | test ECE | distinct members (per seed) | "
+             "test acc % per seed | test NLL per seed |", "|---|---|---|---|---|---|---|"]
     for row in ROWS:
         ms = [results[s][row][0] for s in seeds]
         counts = ",".join(str(results[s][row][1]) for s in seeds)
+        accs = ", ".join(f"{100 * m['acc']:.2f}" for m in ms)
+        nlls = ", ".join(f"{m['nll']:.4f}" for m in ms)
         lines.append(f"| {row} | {fmt([m['acc'] for m in ms], pct=True)} | {fmt([m['nll'] for m in ms])} | "
-                     f"{fmt([m['ece'] for m in ms])} | {counts} |")
+                     f"{fmt([m['ece'] for m in ms])} | {counts} | {accs} | {nlls} |")
     return "\n".join(lines)
 
 
