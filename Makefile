@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned together: timm imports torchvision, and other pairs fail to import here.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup quickstart test test-fast test-quickstart bench clean
+.PHONY: setup quickstart test test-fast test-quickstart lint bench clean
 
 $(VENV)/.installed: pyproject.toml requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: setup
 
 test-quickstart: setup
 	$(BIN)/python -m pytest --run-full -m full
+
+# ruff's rules are in pyproject.toml (tests/ and benchmarks/ allow longer lines: their ruff.toml).
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python benchmarks/bench_soup.py

@@ -15,7 +15,7 @@ MODEL_HELP = ("Architecture of checkpoints that record none (e.g. a timm state d
               "small_cnn, timm:<name> or hf:<folder>. [default: from the checkpoints' metadata]")
 
 
-def model_options(f):  # noqa: ANN001, ANN201 - a click decorator
+def model_options(f):  # a click decorator
     """``--model``, ``--num-classes``, ``--in-chans``, ``--image-size``: what a checkpoint trained elsewhere is."""
     for opt in reversed([
         click.option("--model", "model", default=None, metavar="ARCH", help=MODEL_HELP),
@@ -41,7 +41,7 @@ def echo_line(text: str) -> None:
 def one_line_warnings() -> Iterator[None]:
     """Library warnings (e.g. "the checkpoints record no data split") as one ``warning: ...`` line on stderr."""
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' hook
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # warnings' hook
         click.echo(f"warning: {message}", err=True)
 
     with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num
     fmt = TableFormatter.for_names([*checkpoints, "members mean (00)", "ensemble of 00 members"], splits)
     started = []
 
-    def on_row(row) -> None:  # noqa: ANN001 - an EvalRow
+    def on_row(row) -> None:  # an EvalRow
         if not started:
             echo_line(f"metrics {scoring_label(recompute_bn, batch_size)}:")
             echo_line(fmt.header())

@@ -58,7 +58,8 @@ def recipe_line(recipe: dict) -> str:
 
     members = recipe_members(recipe)
     listed = ", ".join(f"{name} {weight:.4g}" for name, weight in members)
-    return f"{recipe.get('method', 'merged')} merge of {len(members)} member{'s' if len(members) != 1 else ''}: {listed}"
+    return (f"{recipe.get('method', 'merged')} merge of {len(members)} "
+            f"member{'s' if len(members) != 1 else ''}: {listed}")
 
 
 def _metadata_lines(key: str, value: object) -> list[str]:

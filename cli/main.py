@@ -104,7 +104,7 @@ _python_showwarning = warnings.showwarning
 
 
 class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
+    def invoke(self, ctx: click.Context):  # click's signature
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
@@ -118,7 +118,7 @@ class _Group(click.Group):
                 click.echo(f"error: stopped by {signal.Signals(e.signum).name}; the unfinished output was removed "
                            "and nothing else was changed", err=True)
             raise
-        except Exception as e:  # noqa: BLE001 - every error ends as one line unless debugging
+        except Exception as e:  # every error ends as one line unless debugging
             if os.environ.get("PAPA_MERGE_DEBUG") or isinstance(e, (click.exceptions.ClickException,
                                                                      click.exceptions.Exit,
                                                                      click.exceptions.Abort)):

@@ -13,7 +13,8 @@ from cli.util import show_progress
 @click.option("-k", "--size", required=True, type=click.IntRange(min=1),
               help="Distinct members to select (the ensemble size).")
 @click.option("--by", default="nll", type=click.Choice(["nll", "acc"]),
-              help="What each pick improves on val: NLL of the averaged probabilities (the paper's choice) or accuracy.")
+              help="What each pick improves on val: NLL of the averaged probabilities (the paper's choice) or "
+                   "accuracy.")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="The manifest (.json) to write: members with their weights (pick counts).")
 @click.option("--data", default=None, metavar="NAME",

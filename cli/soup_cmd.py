@@ -109,8 +109,8 @@ def print_plan(plan, out: str) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 @click.option("--greedy", is_flag=True,
               help="Greedy soup (model soups): sort members by val accuracy, start from the best, keep each other "
-                   "member only if the average with it scores strictly better on val. Needs papa_merge metadata (or --model "
-                   "and --data).")
+                   "member only if the average with it scores strictly better on val. Needs papa_merge metadata "
+                   "(or --model and --data).")
 @click.option("--data", default=None, metavar="NAME",
               help="Dataset for --greedy/--recompute-bn of members that record none (mnist, digits, ...); members "
                    "that record theirs always use their own split. [default: from the members' metadata]")

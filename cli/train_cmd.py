@@ -36,7 +36,7 @@ def method_flag(option: str) -> str:
     return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
 
 
-def _click_type(param: Any) -> Any:  # noqa: ANN401 - a click type
+def _click_type(param: Any) -> Any:  # a click type
     if param.kind is str:
         return click.Choice(list(param.choices)) if param.choices else str
     if param.kind is int:
@@ -156,7 +156,7 @@ def _checked(method: str, options: dict[str, Any]) -> dict[str, Any]:
         raise InvalidArgumentError(f"{e.message}: pass {owners} with {flags}") from None
 
 
-def _list(kind: str):  # noqa: ANN202 - a click callback factory
+def _list(kind: str):  # a click callback factory
     def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         if not value or ctx.resilient_parsing:
             return
@@ -257,7 +257,7 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     from merge.engine import resolve_device
     from merge.models import METRICS_KEY, TRAIN_KEY, model_spec
     from merge.io.sources import read_safetensors_metadata
-    from merge.train import TrainJob, default_recipe, get_method, member_path, run_method
+    from merge.train import TrainJob, default_recipe, member_path, run_method
 
     # --pool/--select are the hyper-deep pipeline's options: they choose its default, run_method dispatches.
     pool = options.get("pool")

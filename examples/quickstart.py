@@ -1,4 +1,5 @@
-"""Train diverse members, merge them (uniform and greedy soup, BatchNorm recalibrated), compare on held-out data; then PAPA.
+"""Train diverse members, merge them (uniform and greedy soup, BatchNorm recalibrated), compare on held-out data;
+then PAPA.
 
 Run from the repository root (a few minutes on 2 CPU cores; the same as `papa-merge quickstart`):
 
@@ -16,7 +17,7 @@ from merge.evaluate import evaluate_checkpoints, format_table, recompute_bn_chec
 from merge.greedy import greedy_soup_checkpoints
 from merge.train import TrainJob, run_method, train_members
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--data", default="mnist")
 parser.add_argument("--members", type=int, default=4)
 parser.add_argument("--limit", type=int, default=20000)

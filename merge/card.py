@@ -29,7 +29,8 @@ __all__ = ["model_card", "write_card", "is_generated_card", "recipe_members", "w
 
 _SOUP_METHODS = {"uniform", "weighted", "greedy", "papa", "average"}
 _MARKER = "<!-- papa-merge model card, sha256:{} (an edited card is pushed as is) -->"
-_MARKER_RE = re.compile(r"\n<!-- papa-merge model card, sha256:([0-9a-f]{64}) \(an edited card is pushed as is\) -->\n?$")
+_MARKER_RE = re.compile(r"\n<!-- papa-merge model card, sha256:([0-9a-f]{64}) "
+                        r"\(an edited card is pushed as is\) -->\n?$")
 
 
 def weight_file_name(path: str | os.PathLike) -> str:
@@ -185,7 +186,8 @@ def _what_it_is(f: _Facts) -> list[str]:
 
 
 def recipe_members(recipe: dict) -> list[tuple[str, float]]:
-    """Each member of a recorded recipe as ``(name, weight)``: its file name (or ``hf://`` source), weights summing to 1.
+    """Each member of a recorded recipe as ``(name, weight)``: its file name (or ``hf://`` source), weights summing
+    to 1.
 
     Example:
         >>> recipe_members({"members": [{"path": "/r/a.safetensors"}, {"path": "b/"}], "weights": [3, 1]})
@@ -219,7 +221,8 @@ def _recipe_section(f: _Facts) -> list[str]:
         lines.append(f"| {i} | `{label}` | {'Hub' if s.startswith(HF_PREFIX) else 'local file'}"
                      f"{f' (sha256 {digest}...)' if digest else ''} | {w / total:.4g} |")
     lines += ["", f"- method: `{recipe.get('method')}`",
-              f"- output dtype: `{recipe.get('dtype', 'as input')}`, accumulated in `{recipe.get('accumulate', 'float32')}`"]
+              f"- output dtype: `{recipe.get('dtype', 'as input')}`, "
+              f"accumulated in `{recipe.get('accumulate', 'float32')}`"]
     if recipe.get("skipped"):
         lines.append(f"- skipped tensors: {', '.join(f'`{s}`' for s in recipe['skipped'][:20])}")
     if recipe.get("copied_from_first"):
@@ -270,7 +273,8 @@ def _usage(f: _Facts, repo_id: str | None, shown_as: str) -> list[str]:
     lines = ["## Usage", ""]
     if f.library == "transformers" and f.folder:
         if f.pipeline_tag == "text-classification":
-            lines += ["```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline",
+            lines += ["```python",
+                      "from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline",
                       "", f"model = AutoModelForSequenceClassification.from_pretrained({where!r})",
                       f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
                       f"classifier = pipeline('text-classification', model={where!r})", "```"]

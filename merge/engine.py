@@ -40,7 +40,7 @@ from merge.io.writer import Sink
 from merge.ops import Combination, Operator, Resolved, resolve_params
 from merge.ops.apply import UNIT, compute_dtype, fold_combination, gram_update, gram_vectors
 from merge.ops.task import TaskTensor
-from merge.reader import POOL_BUFFERS, ChunkReader, Read
+from merge.reader import CPU, POOL_BUFFERS, ChunkReader, Read
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "run_merge", "resolve_device", "Sink", "MemorySink",
            "ON_MISMATCH", "NonFiniteWarning", "NonFiniteError", "MergeStats"]
@@ -251,7 +251,8 @@ class _TensorPlans:
 
 def _plan_tensors(everyone: Sequence[Source], *, copy_from: int, dtype: torch.dtype | None, on_mismatch: str,
                   params_of: Callable[[str], Resolved]) -> _TensorPlans:
-    """Plan every tensor name; a mismatched one is reported, skipped or copied from ``copy_from`` per ``on_mismatch``."""
+    """Plan every tensor name; a mismatched one is reported, skipped or copied from ``copy_from`` per
+    ``on_mismatch``."""
     plans = _TensorPlans()
     for name in _tensor_names(everyone[copy_from], everyone):
         infos = [src.infos.get(name) for src in everyone]
@@ -299,9 +300,10 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
                params: Mapping[str, object] | None = None,
                member_params: Sequence[Mapping[str, object] | None] | None = None,
                base: Source | None = None, seed: int = 0, dtype: torch.dtype | None = None,
-               accumulate: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
+               accumulate: torch.dtype = torch.float32, device: torch.device = CPU,
                on_mismatch: str = "error", chunk_bytes: int | None = None, strict: bool = False,
-               resolve: Callable[[str], tuple[Mapping[str, object], Sequence[Mapping[str, object]] | None]] | None = None,
+               resolve: Callable[[str], tuple[Mapping[str, object],
+                                              Sequence[Mapping[str, object]] | None]] | None = None,
                ) -> MergePlan:
     """Validate the members (and base) against each other and decide every output tensor.
 

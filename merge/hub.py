@@ -165,7 +165,7 @@ def _first_line(e: BaseException) -> str:
 
 
 # --- downloads -----------------------------------------------------------------------------------------
-def _api(endpoint: str | None, token: str | bool | None):  # noqa: ANN202 - HfApi, imported lazily
+def _api(endpoint: str | None, token: str | bool | None):  # HfApi, imported lazily
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=endpoint, token=token, library_name="papa-merge", library_version=_version())
@@ -196,7 +196,7 @@ def _weight_files(files: Sequence[str], folder: str = "") -> list[str]:
                   and f.endswith(WEIGHT_SUFFIXES))
 
 
-def _read_index(api, ref: HubReference, sha: str, index: str, endpoint: str | None) -> list[str]:  # noqa: ANN001
+def _read_index(api, ref: HubReference, sha: str, index: str, endpoint: str | None) -> list[str]:
     """The shard files a ``*.index.json`` lists (downloaded into the cache first)."""
     from huggingface_hub import hf_hub_download
 
@@ -207,7 +207,8 @@ def _read_index(api, ref: HubReference, sha: str, index: str, endpoint: str | No
         weight_map = json.loads(Path(local).read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointFormatError(f"{ref}: {index} is not a valid shard index (needs a 'weight_map' object)") from None
+        raise CheckpointFormatError(f"{ref}: {index} is not a valid shard index "
+                                    "(needs a 'weight_map' object)") from None
     folder = str(PurePosixPath(index).parent)
     return [s if folder == "." else f"{folder}/{s}" for s in shards]
 
@@ -220,7 +221,7 @@ def _check_shards(ref: HubReference, index: str, shards: Sequence[str], files: S
                                       "the upload is incomplete, push the missing shards")
 
 
-def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str],  # noqa: ANN001
+def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str],
                            endpoint: str | None) -> tuple[list[str], str | None]:
     """Which files a checkpoint needs, and the path inside the snapshot to open (None: the folder itself)."""
     path = (ref.path or "").strip("/")
@@ -251,7 +252,8 @@ def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str
         raise CheckpointNotFoundError(f"{ref}: no weight files ({', '.join(FOLDER_CANDIDATES[:2])}, *.safetensors, "
                                       f"*.bin) in {ref.repo_id}@{ref.revision or 'main'}; files: {_listing(files)}")
     raise CheckpointFormatError(f"{ref}: holds {len(weights)} weight files ({_listing(weights)}); name one, "
-                                f"e.g. {HF_PREFIX}{ref.repo_id}{'@' + ref.revision if ref.revision else ''}/{weights[0]}")
+                                f"e.g. {HF_PREFIX}{ref.repo_id}"
+                                f"{'@' + ref.revision if ref.revision else ''}/{weights[0]}")
 
 
 def _listing(files: Sequence[str], n: int = 8) -> str:
@@ -259,7 +261,7 @@ def _listing(files: Sequence[str], n: int = 8) -> str:
     return shown + (f", ... ({len(files)} in all)" if len(files) > n else "") if files else "none"
 
 
-def _download(api, ref: HubReference, sha: str, names: Sequence[str], endpoint: str | None) -> Path:  # noqa: ANN001
+def _download(api, ref: HubReference, sha: str, names: Sequence[str], endpoint: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = [glob.escape(n) for n in names]
@@ -270,7 +272,7 @@ def _download(api, ref: HubReference, sha: str, names: Sequence[str], endpoint: 
     return Path(folder)
 
 
-def _repo_files(api, ref: HubReference, endpoint: str | None) -> tuple[str, list[str]]:  # noqa: ANN001
+def _repo_files(api, ref: HubReference, endpoint: str | None) -> tuple[str, list[str]]:
     """The commit sha the reference points at, and the files there."""
     with _hub_errors(ref, endpoint=endpoint):
         info = api.model_info(ref.repo_id, revision=ref.revision)
@@ -437,7 +439,7 @@ def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str]
     return _copy_out(folder, names, out, force=force or empty_dir)
 
 
-def _indexes_of(api, ref: HubReference, sha: str, names: Sequence[str], files: Sequence[str],  # noqa: ANN001
+def _indexes_of(api, ref: HubReference, sha: str, names: Sequence[str], files: Sequence[str],
                 endpoint: str | None) -> list[str]:
     """The shard indexes that list any of ``names``: shards without their index do not open as a checkpoint."""
     chosen = set(names)
@@ -639,7 +641,8 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
     folder = _folder_of(name) if path.is_file() else name
     card_name = CARD_FILE  # one card per repo, at its top, whatever folder the checkpoint lands in
     own_card = path / CARD_FILE if path.is_dir() else None
-    keep_card = own_card is not None and own_card.is_file() and not is_generated_card(own_card.read_text(errors="replace"))
+    keep_card = (own_card is not None and own_card.is_file()
+                 and not is_generated_card(own_card.read_text(errors="replace")))
     weights_name = name if path.is_file() else None
     # Read the checkpoint (and build its card) before any request: a bad file costs nothing remote.
     card = None if keep_card else model_card(path, repo_id=ref.repo_id, weights_name=weights_name)

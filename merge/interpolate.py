@@ -94,7 +94,8 @@ def midpoint(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, alph
         MissingMetadataError: a checkpoint lacks the model (or data) metadata.
 
     Example:
-        >>> midpoint(["line/member-00.safetensors", "line/member-01.safetensors"], out="mid.safetensors")  # doctest: +SKIP
+        >>> midpoint(["line/member-00.safetensors", "line/member-01.safetensors"],
+        ...          out="mid.safetensors")  # doctest: +SKIP
     """
     if len(paths) < 2:
         raise InvalidArgumentError(f"a point between checkpoints needs at least 2 of them, got {len(paths)}")
@@ -287,7 +288,8 @@ def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    bn = f"BatchNorm recomputed at each point on {curve.bn_batches} training batches" if curve.bn_batches else "no BatchNorm"
+    bn = (f"BatchNorm recomputed at each point on {curve.bn_batches} training batches" if curve.bn_batches
+          else "no BatchNorm")
     fig.suptitle(title or f"{Path(curve.a).name} -> {Path(curve.b).name} ({bn})", fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

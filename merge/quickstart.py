@@ -116,7 +116,8 @@ def run_quickstart(*, members: int = 4, epochs: float = 1.0, limit: int | None =
         >>> print(r.table())  # doctest: +SKIP
     """
     if members < 2:
-        raise InvalidArgumentError(f"the quickstart compares members with their soups; use at least 2 members, got {members}")
+        raise InvalidArgumentError(f"the quickstart compares members with their soups; use at least 2 members, "
+                                   f"got {members}")
     say = log or (lambda _line: None)
     t0 = time.perf_counter()
     out = Path(out)
@@ -168,7 +169,8 @@ def _papa_comparison(splits: Any, spec: dict, base: Any, *, members: int, seed: 
                for i, combo in enumerate(papa_grid(members, seed=seed))]
     rows: list[EvalRow] = []
     for label, method, options in (("independent", "independent", {"independent_init": True}),
-                                   ("PAPA", "papa", {"every": every, "alpha": alpha, "final_bn_batches": recompute_bn})):
+                                   ("PAPA", "papa", {"every": every, "alpha": alpha,
+                                                     "final_bn_batches": recompute_bn})):
         say(f"training {members} members from scratch, {label} (each its own init and regularisation) into "
             f"{out / method}")
         job = TrainJob(model=spec, data=splits, out_dir=out / method, members=members, recipes=recipes, seed=seed,

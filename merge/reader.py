@@ -22,9 +22,10 @@ import torch
 
 from merge.io.sources import Source
 
-__all__ = ["Read", "Chunk", "ChunkReader", "POOL_BUFFERS"]
+__all__ = ["Read", "Chunk", "ChunkReader", "POOL_BUFFERS", "CPU"]
 
 POOL_BUFFERS = 4
+CPU = torch.device("cpu")  # the default device, made once (a call in a default argument is easy to misread)
 _DONE = object()
 
 
@@ -73,7 +74,7 @@ class ChunkReader:
     """
 
     def __init__(self, sources: Sequence[Source], reads: Iterable[Read], *, buffer_bytes: int,
-                 device: torch.device = torch.device("cpu"), buffers: int = POOL_BUFFERS,
+                 device: torch.device = CPU, buffers: int = POOL_BUFFERS,
                  progress: Callable[[int], None] | None = None):
         self.sources, self.device, self.progress = list(sources), device, progress
         self.cuda = device.type == "cuda"

@@ -13,11 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Set before huggingface_hub is imported (it reads these on import): a throwaway HF_HOME so no test reads
 # the user's token or cache, no token from the environment, and an endpoint nobody listens on, so a test
 # that forgets the local server fails instead of reaching the real Hub.
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import atexit
+import shutil
+import tempfile
 
-import pytest  # noqa: E402
+import pytest
 
 _HF_HOME = tempfile.mkdtemp(prefix="papa-merge-test-hf-home-")
 atexit.register(shutil.rmtree, _HF_HOME, True)

@@ -234,7 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "TestHub/1.0"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
 
     # --- plumbing --------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = e.code
             self._json(e.body or {"error": e.message}, e.status, headers)
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch  # noqa: N815 - http.server naming
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch  # http.server naming
 
     # --- routing ---------------------------------------------------------------------------------
     def _route(self, body: bytes) -> None:

@@ -37,7 +37,7 @@ def _cli_then_modules(*args: str) -> str:
 
 def _heavy(out: str) -> list[str]:
     line = next(x for x in out.splitlines() if x.startswith("HEAVY "))
-    return eval(line.removeprefix("HEAVY "))  # noqa: S307 - our own printed list
+    return eval(line.removeprefix("HEAVY "))  # our own printed list
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["-V"], ["soup", "--help"], ["train", "--help"],

@@ -101,8 +101,8 @@ def test_every_warning_is_a_merge_warning_and_a_user_warning() -> None:
 def test_the_cli_prints_a_merge_warning_as_one_line_and_others_as_python_does() -> None:
     @click.command("warn-twice")
     def warn_twice() -> None:
-        warnings.warn("the members come from different starts", DifferentStartsWarning)
-        warnings.warn("another library's warning", UserWarning)
+        warnings.warn("the members come from different starts", DifferentStartsWarning, stacklevel=1)
+        warnings.warn("another library's warning", UserWarning, stacklevel=1)
 
     cli.add_command(warn_twice)
     try:

@@ -113,7 +113,7 @@ def test_nothing_under_the_final_name_after_an_error(tmp_path: Path, monkeypatch
 
     real, calls = sources.SafetensorsSource.read_into, {"n": 0}
 
-    def flaky(self, name, offset, out):  # noqa: ANN001, ANN202
+    def flaky(self, name, offset, out):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk unplugged")
@@ -180,7 +180,7 @@ def test_a_signal_during_the_final_rename_is_deferred(tmp_path: Path) -> None:
     real = os.replace
     calls = []
 
-    def replace(a, b):  # noqa: ANN001, ANN202
+    def replace(a, b):
         calls.append((a, b))
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives between the old folder moving aside and the new one in

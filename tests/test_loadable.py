@@ -29,7 +29,7 @@ from merge.evaluate import predict
 from merge.keys import DATA_KEY, MODEL_KEY
 from merge.models import build_model, load_member, make_loader, model_spec
 from merge.models.export import member_form, write_member
-from merge.train import Recipe, member_path, train_member, train_members
+from merge.train import Recipe, member_path, train_members
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:the members come from")]  # random test members share no start
@@ -221,7 +221,7 @@ def test_timm_soups_load_with_timm_alone(timm_members, tmp_path):
     single = merge.soup(paths, out=tmp_path / "soup.safetensors").path
     code = re.search(r"```python\n(.*?)```", model_card(single), re.S).group(1)
     scope: dict = {}
-    exec(code, scope)  # noqa: S102 - the card's own snippet, which must work
+    exec(code, scope)  # the card's own snippet, which must work
     torch.testing.assert_close(_timm_logits(scope["model"], digits.test), _evaluator_logits(single, digits.test),
                                rtol=1e-5, atol=1e-5)
 
@@ -255,7 +255,7 @@ def test_small_cnn_members_and_soups_load_with_load_member(tmp_path):
     code = re.search(r"```python\n(.*?)```", model_card(soup), re.S).group(1)
     assert f"model, metadata = load_member({str(soup)!r})" in code
     scope: dict = {}
-    exec(code, scope)  # noqa: S102
+    exec(code, scope)
     assert torch.equal(scope["model"].state_dict()[w], model.state_dict()[w])
 
 

@@ -93,7 +93,7 @@ def test_a_full_disk_names_the_output(tmp_path: Path, monkeypatch, out: str) -> 
     monkeypatch.setattr(writer.os, "write", full)
     real_write = zipfile._ZipWriteFile.write
 
-    def zip_full(self, data):  # noqa: ANN001, ANN202 - zipfile writes through a Python file object
+    def zip_full(self, data):  # zipfile writes through a Python file object
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(zipfile._ZipWriteFile, "write", zip_full)

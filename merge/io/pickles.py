@@ -188,7 +188,7 @@ def _storages_of(f: object) -> list[tuple[str, str, int]]:
     return u.storages
 
 
-def _check_crc(z: zipfile.ZipFile, name: str, damaged) -> None:  # noqa: ANN001
+def _check_crc(z: zipfile.ZipFile, name: str, damaged) -> None:
     """Read a record through zipfile, which checks its CRC-32 (a memory-mapped torch.load never does)."""
     try:
         with z.open(name) as f:

@@ -164,7 +164,8 @@ class SafetensorsSource(Source):
             info = TensorInfo(strip_prefixes(e.name) if normalise else e.name, self._torch_dtype(e), e.shape)
             if info.name in self.infos:
                 raise CheckpointFormatError(f"{self.path}: two tensors are named {info.name!r} once "
-                                            "'module.'/'_orig_mod.' prefixes are stripped", path=self.path, tensor=info.name)
+                                            "'module.'/'_orig_mod.' prefixes are stripped", path=self.path,
+                                            tensor=info.name)
             self.infos[info.name] = info
             self._offsets[info.name] = self._data_start + e.begin
 
@@ -219,7 +220,8 @@ class StateDictSource(Source):
             if not isinstance(t, torch.Tensor):
                 continue  # step counters, config dicts and such are not weights
             if not isinstance(key, str):
-                raise CheckpointFormatError(f"{self.path}: holds a tensor under the key {key!r} (a {type(key).__name__}), "
+                raise CheckpointFormatError(f"{self.path}: holds a tensor under the key {key!r} "
+                                            f"(a {type(key).__name__}), "
                                             "not a name; a state dict maps tensor names (strings) to tensors",
                                             path=self.path)
             problem = _unstorable(t)
@@ -356,7 +358,7 @@ class ShardedSource(Source):
                     self.metadata = dict(shard.metadata)
             wanted = {strip_prefixes(k) if normalise else k: v for k, v in weight_map.items()}
             check_shards_match(index_path, wanted, {n: list(sh.infos) for n, sh in self._shards.items()})
-            for shard_name, shard in self._shards.items():
+            for shard in self._shards.values():
                 for name, info in shard.infos.items():
                     self.infos[name] = info
                     self._owner[name] = shard

@@ -146,7 +146,8 @@ class SafetensorsWriter:
             self._advance()
         expected = self._tensors[self._i].name if self._i < len(self._tensors) else None
         if name != expected or len(data) > self._left:
-            raise RuntimeError(f"writer got {len(data)} bytes of {name!r} but expected {self._left} more of {expected!r}")
+            raise RuntimeError(f"writer got {len(data)} bytes of {name!r} but expected {self._left} more of "
+                               f"{expected!r}")
         self._write(data)
         self._left -= len(data)
 

@@ -210,8 +210,8 @@ def build_model(arch: str, *, num_classes: int, in_chans: int = 3, image_size: i
         >>> m(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    return build_architecture(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size, pretrained=pretrained,
-                  hf_weights=True, **kwargs)
+    return build_architecture(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                              pretrained=pretrained, hf_weights=True, **kwargs)
 
 
 def build_architecture(arch: str, *, num_classes: int, in_chans: int, image_size: int | None, pretrained: str | None,

@@ -17,7 +17,8 @@ single ``.safetensors`` files and load with :func:`merge.models.load_member`.
 
 Example:
     >>> from merge.models.export import write_member
-    >>> write_member(net.state_dict(), "ckpts/member-00", spec=spec, metadata=meta, classes=splits.classes)  # doctest: +SKIP
+    >>> write_member(net.state_dict(), "ckpts/member-00", spec=spec, metadata=meta,
+    ...              classes=splits.classes)  # doctest: +SKIP
 """
 
 from __future__ import annotations

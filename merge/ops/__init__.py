@@ -35,9 +35,9 @@ from merge.ops.registry import (
     register,
     resolve_params,
 )
-from merge.ops import linear as _linear  # noqa: F401,E402 - registers uniform, weighted
-from merge.ops import task as _task  # noqa: F401,E402 - registers the task-vector methods
-from merge.ops import sphere as _sphere  # noqa: F401,E402 - registers slerp, multislerp, karcher, model_stock
+from merge.ops import linear as _linear  # noqa: F401 - registers uniform, weighted
+from merge.ops import task as _task  # noqa: F401 - registers the task-vector methods
+from merge.ops import sphere as _sphere  # noqa: F401 - registers slerp, multislerp, karcher, model_stock
 
 __all__ = ["Operator", "Param", "Combination", "Resolved", "REQUIRED", "register", "get_operator", "list_operators",
            "OPERATORS", "ALIASES", "resolve_params", "check_weights", "normalised_weights"]

@@ -66,16 +66,6 @@ class Combination:
     delta: bool = False
     note: str = ""
 
-    def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {"coefficients": self.coefficients}
-        if self.delta:
-            d["delta"] = True
-        elif self.base_coefficient:
-            d["base_coefficient"] = self.base_coefficient
-        if self.note:
-            d["note"] = self.note
-        return d
-
 
 @dataclass(frozen=True)
 class Operator:

@@ -91,7 +91,7 @@ def _dropout_targets(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]
     layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     # timm classifiers apply dropout functionally from a ``drop_rate`` attribute (ResNets, EfficientNets).
     attrs = [m for m in model.modules() if isinstance(getattr(m, "drop_rate", None), (int, float))
-             and not isinstance(getattr(m, "drop_rate"), bool)]
+             and not isinstance(m.drop_rate, bool)]
     return layers, attrs
 
 
@@ -217,11 +217,6 @@ def _train_configs(job: TrainJob, configs: Sequence[HyperConfig], out_dir: Path,
                          desc=f"{stage} {i + 1}/{len(configs)}")
         paths.append(p)
     return paths
-
-
-def _config_of(path: Path) -> HyperConfig:
-    stored = json.loads(read_safetensors_metadata(path)[TRAIN_KEY])
-    return HyperConfig(Recipe.from_dict(stored), stored.get("dropout"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def train_independent(job: TrainJob, *, independent_init: bool = False, warm_sta
     if not independent_init:
         init_seed = job.seed
         if warm_start is None:
-            warm_start = 0.0 if pretrained or job.init is not None else WARM_START_FRACTION * max(r.epochs for r in recipes)
+            warm_start = (0.0 if pretrained or job.init is not None
+                          else WARM_START_FRACTION * max(r.epochs for r in recipes))
         if warm_start > 0:
             base = job.base or (job.recipes[0] if job.recipes else default_recipe(job.arch, pretrained=pretrained))
             init = outputs["start"] = _warm_start(job, spec, splits, base, warm_start)

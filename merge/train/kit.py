@@ -143,7 +143,7 @@ def prepare(job: TrainJob, *, recipes: bool = True, device: str | torch.device |
     return Prepared(dev, splits, resolve_spec(job.model, splits), planned)
 
 
-def train_loader(splits: Splits, spec: Mapping[str, Any], recipe: Recipe):  # noqa: ANN201 - a DataLoader
+def train_loader(splits: Splits, spec: Mapping[str, Any], recipe: Recipe):  # a DataLoader
     """The shuffled training loader of one member: its batch size, data order and (images) augmentations."""
     return make_loader(splits.train, spec, batch_size=recipe.batch_size, shuffle=True, seed=recipe.data_seed,
                        augment=recipe.augment if splits.kind == "image" else None, drop_last=True)
@@ -253,7 +253,8 @@ def check_resumable(path: Path, recipe: Recipe, method: str, *, spec: dict | Non
     for key, want, what in ((MODEL_KEY, spec, "model"), (DATA_KEY, data_spec, "data")):
         if want is not None and key in meta and json.loads(meta[key]) != json.loads(json.dumps(want)):
             raise MismatchError(f"{path}: exists but was trained with another {what} ({meta[key]} vs "
-                                f"{json.dumps(want, sort_keys=True)}); choose another output folder or delete the file", path=path)
+                                f"{json.dumps(want, sort_keys=True)}); choose another output folder or delete "
+                                "the file", path=path)
     try:
         stored = json.loads(meta[TRAIN_KEY])
         old = Recipe.from_dict(stored)

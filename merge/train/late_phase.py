@@ -250,7 +250,8 @@ class LatePhaseNet(nn.Module):
             return self.net(*args, **kwargs)
 
     def late_phase_state_dict(self) -> dict[str, Tensor]:
-        """The checkpoint's tensors: shared ones under their plain names, copies as ``late_phase.{k}.{module}.{tensor}``."""
+        """The checkpoint's tensors: shared ones under their plain names, copies as
+        ``late_phase.{k}.{module}.{tensor}``."""
         prefixes = tuple(f"{n}." for n in self.names)
         out = {k: v for k, v in self.net.state_dict().items() if not k.startswith(prefixes)}
         for k in range(self.k):
@@ -306,7 +307,7 @@ class LatePhaseOptimizer(torch.optim.Optimizer):
             self.shared.zero_grad(set_to_none=set_to_none)  # 3. accumulate the shared gradient over one cycle
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # noqa: ARG002 - no closure: each part steps on its own gradient
+    def step(self, closure: Any = None) -> None:  # no closure: each part steps on its own gradient
         m = self.model
         if not m.released:
             self.shared.step()
@@ -349,7 +350,8 @@ class LatePhaseSchedule(Callback):
 
 
 def late_phase_path(out_dir: str | os.PathLike, index: int) -> Path:
-    """Where member ``index``'s late-phase checkpoint (its K copies) is written: ``OUT/late-phase/member-NN.safetensors``."""
+    """Where member ``index``'s late-phase checkpoint (its K copies) is written:
+    ``OUT/late-phase/member-NN.safetensors``."""
     return Path(out_dir) / "late-phase" / f"member-{index:02d}.safetensors"
 
 

@@ -16,8 +16,8 @@ regularisation, and is kept close to its own average so that the average works a
   on a few training batches, or REPAIR proper for convolutional networks without BatchNorm). Mixes
   happen at the end of epochs ``0, E, 2E, ...`` (epoch 0 as the reference's ``mix_from_start``) and never
   at the end of the last epoch.
-- The final model (:func:`merge.train.report.final_model`): the population's average with BatchNorm statistics recomputed
-  (``papa.safetensors``) and the greedy soup of the members, reported beside the members and their
+- The final model (:func:`merge.train.report.final_model`): the population's average with BatchNorm statistics
+  recomputed (``papa.safetensors``) and the greedy soup of the members, reported beside the members and their
   prediction ensemble on val and test.
 
 Deliberate differences from the reference code, each a decision:
@@ -40,10 +40,8 @@ Deliberate differences from the reference code, each a decision:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -116,7 +114,7 @@ def pull_to_average(models: Sequence[nn.Module], alpha: float, *, buffers: bool 
         >>> a, b = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
         >>> _ = a.weight.data.fill_(0.0), b.weight.data.fill_(1.0)
         >>> pull_to_average([a, b], 0.9)
-        >>> round(float(a.weight), 4), round(float(b.weight), 4)
+        >>> round(a.weight.item(), 4), round(b.weight.item(), 4)
         (0.05, 0.95)
     """
     _check_alpha(alpha)
@@ -531,7 +529,7 @@ def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None, lr
     return result
 
 
-def _mixing(mode: str, method: str):  # noqa: ANN202 - builds a registered function
+def _mixing(mode: str, method: str):  # builds a registered function
     def run(job: TrainJob, *, mix_every: int = 5, mix_from_start: bool = True, repair_batches: int = 5,
             final: bool = True, final_bn_batches: int = 20) -> TrainResult:
         if job.members < 2:
@@ -574,7 +572,8 @@ train_papa_2 = register_method(
     "papa-2", citation=PAPA_CITATION, params=_MIX_PARAMS,
     summary="every E epochs every member becomes the average of a random pair, then REPAIR (PAPA-2)",
 )(_mixing("pairs", "papa-2"))
-train_papa_2.__doc__ = """PAPA-2: every ``mix_every`` epochs member i becomes the 50/50 average of a random pair, then REPAIR.
+train_papa_2.__doc__ = """PAPA-2: every ``mix_every`` epochs member i becomes the 50/50 average of a random pair,
+then REPAIR.
 
 Options as for ``papa-all``.
 """

@@ -100,7 +100,7 @@ class TrainResult:
     outputs: dict[str, Path] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
-    def __iter__(self):  # noqa: ANN204 - so ``a, b = run_method(...)`` and ``list(result)`` give the members
+    def __iter__(self):  # so ``a, b = run_method(...)`` and ``list(result)`` give the members
         return iter(self.paths)
 
     def __len__(self) -> int:

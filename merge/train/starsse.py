@@ -230,7 +230,8 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
 _BRANCH_PARAMS = (
     Param("branch_lr_ratio", 1.0, low=0.0,
           help="each cycle's peak learning rate over the centre's (the paper sweeps 0.25 .. 4)"),
-    Param("branch_epochs_ratio", 1.0, low=0.0, help="each cycle's epochs over the centre's (the paper sweeps 0.5 .. 4)"),
+    Param("branch_epochs_ratio", 1.0, low=0.0,
+          help="each cycle's epochs over the centre's (the paper sweeps 0.5 .. 4)"),
 )
 
 
