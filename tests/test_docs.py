@@ -210,7 +210,7 @@ def _run_python(block: Block) -> None:
     if "norun" in block.tags:
         return
     namespace = {"__name__": "__docs__"}
-    exec(code, namespace)  # noqa: S102 - the documentation's own examples
+    exec(code, namespace)  # the documentation's own examples
 
 
 @pytest.mark.slow
