@@ -109,6 +109,12 @@ class _Group(click.Group):
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader stopped reading (`papa-merge inspect x | head -1`): what it wanted was printed.
+            # Later writes (and the interpreter's final flush) go nowhere instead of raising again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(0)
         except SystemExit as e:
             from merge.io.atomic import Terminated
 

@@ -89,10 +89,15 @@ def state_dict_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def checkpoint_sha256(path: str | os.PathLike, *, key: str | None = None) -> str:
     """:func:`state_dict_sha256` of a checkpoint on disk, read one tensor at a time."""
-    h = hashlib.sha256()
     with open_checkpoint(path, key=key) as src:
-        for name in sorted(src.infos):
-            _hash_tensor(h, name, src.read(name))
+        return source_sha256(src)
+
+
+def source_sha256(src: Source) -> str:
+    """:func:`state_dict_sha256` of an open checkpoint, read one tensor at a time."""
+    h = hashlib.sha256()
+    for name in sorted(src.infos):
+        _hash_tensor(h, name, src.read(name))
     return h.hexdigest()
 
 
@@ -202,7 +207,7 @@ def _short(sha: str | None) -> str:
 
 
 def check_starts(members: Sequence[str | os.PathLike | Source], *, names: Sequence[str] | None = None,
-                 threshold: float = INDEPENDENT_DISTANCE) -> StartCheck:
+                 threshold: float = INDEPENDENT_DISTANCE, base: bool = False) -> StartCheck:
     """Do a soup's members share a start? From their metadata, or else from their weights.
 
     Members whose ``papa_merge.train`` metadata records a start are grouped by its fingerprint. Each
@@ -213,6 +218,9 @@ def check_starts(members: Sequence[str | os.PathLike | Source], *, names: Sequen
         members: checkpoint paths or open :class:`~merge.io.sources.Source` s (a soup's members).
         names: how to call them in the message (default: their paths).
         threshold: the relative distance above which two members count as independently trained.
+        base: ``members[0]`` is the base of a task-vector merge. Members trained onward from it record the
+            sha256 of its weights as their start (a shared warm start is itself such a checkpoint), so
+            when the base's own record differs from theirs, its weights are hashed and compared too.
 
     Returns:
         A :class:`StartCheck`; ``check.shared`` is False and ``check.message`` names the members when
@@ -226,6 +234,11 @@ def check_starts(members: Sequence[str | os.PathLike | Source], *, names: Sequen
         sources = [m if isinstance(m, Source) else stack.enter_context(open_checkpoint(m)) for m in members]
         labels = [str(n) for n in names] if names is not None else [str(s.path) for s in sources]
         starts = [(start_of(s.metadata) or {}).get("sha256") for s in sources]
+        others = {sha for sha in starts[1:] if sha is not None}
+        if base and sources and others and starts[0] not in others:
+            own = source_sha256(sources[0])  # read once, only when the records alone disagree
+            if own in others:
+                starts[0] = own
         check = StartCheck(labels, starts)
         if len(sources) < 2:
             return check
@@ -286,13 +299,13 @@ def _message(check: StartCheck, far: list[int], threshold: float) -> str:
 
 
 def warn_if_different_starts(members: Sequence[str | os.PathLike | Source], *,
-                             names: Sequence[str] | None = None, stacklevel: int = 1) -> StartCheck:
+                             names: Sequence[str] | None = None, stacklevel: int = 1, base: bool = False) -> StartCheck:
     """:func:`check_starts`, issuing a :class:`DifferentStartsWarning` with its message when starts differ.
 
     ``stacklevel`` counts as :func:`warnings.warn` does, from the function that calls this one (1: its line;
     :func:`merge.soup` passes 2, so the warning points at the line that called the soup).
     """
-    check = check_starts(members, names=names)
+    check = check_starts(members, names=names, base=base)
     if check.message:
         warnings.warn(check.message, DifferentStartsWarning, stacklevel=stacklevel + 1)
     return check

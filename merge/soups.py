@@ -198,7 +198,7 @@ def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) ->
     reference every member is measured against: fine-tunes of it share its start."""
     checked = sources if base is None else [base, *sources]
     labels = None if base is None else [f"{base.path} (base)", *(str(s.path) for s in sources)]
-    warn_if_different_starts(checked, names=labels, stacklevel=3)
+    warn_if_different_starts(checked, names=labels, stacklevel=3, base=base is not None)
 
 
 def _write_torch_file(plan: MergePlan, out: Path, recipe_json: str, *, force: bool,

@@ -206,3 +206,20 @@ def test_shell_completion_script_and_completions():
     res = _run("from cli.main import main\nmain()",
                env={"_PAPA_MERGE_COMPLETE": "bash_complete", "COMP_WORDS": "papa-merge so", "COMP_CWORD": "1"})
     assert res.returncode == 0 and "plain,soup" in res.stdout.splitlines()
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
+    # `papa-merge inspect x | head -1`: head closes the pipe; papa-merge stops quietly, exit 0.
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"layer{i}.weight": torch.zeros(2) for i in range(2000)}, str(path))
+    code = (f"import sys\nfrom cli.main import main\nsys.argv = ['papa-merge', '-v', 'inspect', {str(path)!r}]\n"
+            "main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line
+    _, err = proc.communicate(timeout=120)
+    assert first and proc.returncode == 0, (proc.returncode, err.decode())
+    assert b"Broken pipe" not in err and b"Traceback" not in err, err.decode()

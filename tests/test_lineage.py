@@ -294,3 +294,19 @@ def test_with_a_base_members_are_measured_against_the_base(tmp_path):
     with pytest.warns(DifferentStartsWarning, match=rf"{base} \(base\), .*a\.safetensors.*; no recorded start: {stranger} "
                                                      r"\(relative weight distance [0-9.]+ to .*base\.safetensors \(base\)"):
         merge.soup([a, stranger], base=base, method="task_arithmetic", out=tmp_path / "task2.safetensors")
+
+
+def test_a_base_that_is_the_members_warm_start_is_their_start(tmp_path):
+    # The warm start records its own initialisation as its start; the members record the warm start's weights.
+    start_sd = _net(0)
+    base = _member(tmp_path / "start.safetensors", start_sd, "9" * 64)
+    members = [_member(tmp_path / f"m{i}.safetensors", _net(0, 1.0 + 0.01 * (i + 1)), state_dict_sha256(start_sd))
+               for i in range(2)]
+    assert not check_starts([base, *members]).shared  # by the records alone, two starts
+    check = check_starts([base, *members], base=True)
+    assert check.shared and check.groups == [[0, 1, 2]] and check.starts[0] == state_dict_sha256(start_sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge.soup(members, base=base, method="ties", out=tmp_path / "ties.safetensors")
+    other = _member(tmp_path / "other.safetensors", _net(3), "9" * 64)  # a base the members did not start from
+    assert not check_starts([other, *members], base=True).shared
