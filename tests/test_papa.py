@@ -360,3 +360,11 @@ def test_pull_mix_and_repair_on_cuda_equal_cpu():
     for a, b in zip(results["cpu"], results["cuda"]):
         for k in a:
             torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4)
+
+
+def test_a_weak_pull_warning_advises_what_this_run_has_not_tried(tmp_path, small_digits):
+    job = TrainJob(model="small_cnn", data=small_digits, out_dir=tmp_path, members=2, diversity="augment",
+                   base=Recipe(epochs=1, batch_size=32, lr=0.05), progress=False)
+    with pytest.warns(WeakPullWarning, match=r"every 1 steps, alpha 0\.95\).*: pull harder \(an alpha below 0\.95\) or "
+                                             r"train for more steps$"):
+        run_method("papa", job, every=1, alpha=0.95, final=False)

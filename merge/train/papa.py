@@ -521,11 +521,13 @@ def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None, lr
                              final=final, final_bn_batches=final_bn_batches)
     shrink = callback.summary()["pull_shrink"]
     if shrink > WEAK_PULL and job.pretrained is None and job.init is None and callback.group.is_main:
+        # The fix that applies to this run: pull every step first; already there, a smaller alpha or more steps.
+        fix = ("for a short run, pull every step with a smaller alpha (every=1, alpha=0.95)"
+               if every > 1 or alpha > 0.95 else f"pull harder (an alpha below {alpha:g}) or train for more steps")
         warnings.warn(f"PAPA's pulls shrank the members' distance to their average only to x{shrink:.2g} over this "
                       f"run ({callback.pulls} pulls, every {every} steps, alpha {alpha:g}); members from their own "
                       "initialisations need far more to average (the paper's 300 epochs reach about e^-100), so their "
-                      "average may fail: for a short run, pull every step with a smaller alpha (every=1, alpha=0.95)",
-                      WeakPullWarning, stacklevel=2)
+                      f"average may fail: {fix}", WeakPullWarning, stacklevel=2)
     return result
 
 
