@@ -206,11 +206,23 @@ def _run_bash(block: Block, folder: Path, env: dict[str, str]) -> None:
 
 
 def _run_python(block: Block) -> None:
+    from merge.ops import OPERATORS
+    from merge.train import TRAINING_METHODS
+
     code = compile(block.code, block.where, "exec")
     if "norun" in block.tags:
         return
     namespace = {"__name__": "__docs__"}
-    exec(code, namespace)  # the documentation's own examples
+    # A page may register a method or operator of its own (docs/training.md does): the registries are
+    # restored afterwards, so later tests in this process see only the project's own.
+    methods, operators = dict(TRAINING_METHODS), dict(OPERATORS)
+    try:
+        exec(code, namespace)  # the documentation's own examples
+    finally:
+        TRAINING_METHODS.clear()
+        TRAINING_METHODS.update(methods)
+        OPERATORS.clear()
+        OPERATORS.update(operators)
 
 
 @pytest.mark.slow
