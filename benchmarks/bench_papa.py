@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -46,10 +45,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 from merge.data import load_dataset  # noqa: E402
 from merge.train import Recipe, TrainJob, final_model, papa_grid, run_method  # noqa: E402
+from benchlib import machine  # noqa: E402
 
 METHODS = {
     "independent": ("independent", {"independent_init": True}),
@@ -285,6 +284,7 @@ def main() -> None:
                         "rebuilt from the members on disk")
     p.add_argument("--reuse-log", type=Path, default=None,
                    help="with --reuse: the log of the run that trained them, for the seconds column")
+    p.add_argument("--note", default="", help="a sentence for the results file (e.g. how the members were trained)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "papa")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "bench_papa.md")
     args = p.parse_args()
@@ -298,13 +298,19 @@ def main() -> None:
         for m in re.finditer(r"^(mnist|tweets) seed (\d+) (.+?): members .*\(([\d.]+)s\)$", args.reuse_log.read_text(),
                              re.M):
             REUSED_SECONDS[(m.group(1), int(m.group(2)), m.group(3))] = float(m.group(4))
-    command = "python benchmarks/bench_papa.py " + " ".join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if "--note" in argv:  # the note is printed on its own
+        i = argv.index("--note")
+        argv = argv[:i] + argv[i + 2:]
+    command = "python benchmarks/bench_papa.py " + " ".join(argv)
     lines = ["# bench_papa: PAPA vs independent members at the same budget", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads. Command: `{command.strip()}` (under `flock /tmp/papa-cpu.lock`).",
+             f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start. Command: "
+             f"`{command.strip()}` (under `flock /tmp/papa-cpu.lock`).",
              f"Seeds {args.seeds}; test split (MNIST {args.eval_limit}, tweets {args.tweets_eval_limit} examples, "
              "stratified); mean ± sample sd over seeds; members' [min, max] averaged over seeds; seconds per run "
              "(training and final model).", ""]
+    if args.note:
+        lines += [args.note, ""]
     if args.reuse:
         lines += ["With `--reuse`: runs whose members were on disk were not trained again; their average, greedy soup "
                   "and table were rebuilt from those members (the same calls a run makes after training), their "
