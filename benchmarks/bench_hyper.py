@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import merge  # noqa: F401 - registers the hf:// scheme, as the CLI does
+import merge  # registers the hf:// scheme, as the CLI does
 from merge.data import SplitDataset, load_dataset
 from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs
 from merge.greedy import greedy_soup_checkpoints
@@ -44,7 +44,7 @@ from merge.models import model_spec
 from merge.keys import METRICS_KEY
 from merge.train import Recipe, TrainJob, default_recipe, run_method, train_member
 from merge.train.hyper import RETRAIN_SEED_OFFSET
-from benchlib import machine  # noqa: E402
+from benchlib import machine
 
 ROWS = ["best single member (val nll)", "deep ensemble, default configuration", "deep ensemble, best configuration",
         "hyper-ensemble", "hyper-deep ensemble", "greedy soup of the deep-ensemble pool, default configuration",
@@ -73,7 +73,7 @@ def shrink(split: SplitDataset, n: int, seed: int) -> SplitDataset:
 
 
 def one_seed(seed: int, regime: str, args: argparse.Namespace, splits, spec: dict, out: Path,
-             log) -> dict[str, tuple[dict[str, float], int]]:  # noqa: ANN001
+             log) -> dict[str, tuple[dict[str, float], int]]:
     """All rows for one seed: {row: (test metrics, distinct members)}."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing reused from an earlier configuration
     base = default_recipe("small_cnn", epochs=args.epochs)

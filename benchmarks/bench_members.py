@@ -25,19 +25,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import merge  # noqa: E402
-from merge.data import SplitDataset, load_dataset  # noqa: E402
-from merge.evaluate import EvalRow, evaluate_checkpoints, format_table, summarize_members  # noqa: E402
-from merge.greedy import greedy_soup_checkpoints  # noqa: E402
-from merge.models import model_spec  # noqa: E402
-from merge.quickstart import run_quickstart  # noqa: E402
-from merge.train import default_recipe, train_members  # noqa: E402
-from benchlib import machine  # noqa: E402
+import merge
+from merge.data import SplitDataset, load_dataset
+from merge.evaluate import EvalRow, evaluate_checkpoints, format_table, summarize_members
+from merge.greedy import greedy_soup_checkpoints
+from merge.models import model_spec
+from merge.quickstart import run_quickstart
+from merge.train import default_recipe, train_members
+from benchlib import machine
 
 
 def shrink(split: SplitDataset, n: int, seed: int) -> SplitDataset:

@@ -42,14 +42,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import merge  # noqa: E402
-from merge.data import load_dataset  # noqa: E402
-from merge.evaluate import evaluate_checkpoints  # noqa: E402
-from merge.greedy import greedy_soup_checkpoints  # noqa: E402
-from merge.interpolate import interpolate, midpoint, write_curve  # noqa: E402
-from merge.models import METRICS_KEY, model_spec  # noqa: E402
-from merge.train import Recipe, TrainJob, default_recipe, run_method  # noqa: E402
-from benchlib import machine  # noqa: E402
+import merge
+from merge.data import load_dataset
+from merge.evaluate import evaluate_checkpoints
+from merge.greedy import greedy_soup_checkpoints
+from merge.interpolate import interpolate, midpoint, write_curve
+from merge.models import METRICS_KEY, model_spec
+from merge.train import Recipe, TrainJob, default_recipe, run_method
+from benchlib import machine
 
 RESULTS = Path("benchmarks/results")
 RUNS = RESULTS / "bench_methods_runs.json"

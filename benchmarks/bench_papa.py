@@ -209,10 +209,11 @@ def mean_sd(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 def table(results: dict, metric: str) -> list[str]:
     acc = metric == "acc"
     scale, digits = (100.0, 1) if acc else (1.0, 3)
-    lines = [f"| method | members mean [min, max] | ensemble | average (BN recomputed) | greedy soup | pull shrink | "
-             f"seconds |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | members mean [min, max] | ensemble | average (BN recomputed) | greedy soup | pull shrink | "
+             "seconds |", "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        col = lambda kind: [r["rows"][kind][metric] for r in runs]  # noqa: E731
+        def col(kind: str, runs: list = runs) -> list[float]:
+            return [r["rows"][kind][metric] for r in runs]
         lo = statistics.mean(col("members min")) * scale
         hi = statistics.mean(col("members max")) * scale
         shrink = [r["pull_shrink"] for r in runs if r["pull_shrink"] is not None]

@@ -33,12 +33,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import merge  # noqa: E402
-from merge.evaluate import evaluate_checkpoints, recompute_bn_checkpoint  # noqa: E402
-from merge.io.sources import open_checkpoint  # noqa: E402
-from merge.lineage import INDEPENDENT_DISTANCE, relative_distance  # noqa: E402
-from merge.train import Recipe, default_recipe, train_members  # noqa: E402
-from benchlib import machine  # noqa: E402
+import merge
+from merge.evaluate import evaluate_checkpoints, recompute_bn_checkpoint
+from merge.io.sources import open_checkpoint
+from merge.lineage import INDEPENDENT_DISTANCE, relative_distance
+from merge.train import Recipe, default_recipe, train_members
+from benchlib import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_start.md"
 

@@ -177,7 +177,7 @@ def main() -> None:
     table: list[str] = []
     _print = builtins.print
 
-    def print(*a, **k):  # noqa: A001 - every line of the table also goes to benchmarks/results/bench_soup.md
+    def print(*a, **k):  # shadows print: every line of the table also goes to benchmarks/results/bench_soup.md
         table.append(" ".join(str(x) for x in a))
         _print(*a, **k)
 
