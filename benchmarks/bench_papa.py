@@ -217,12 +217,12 @@ def table(results: dict, metric: str) -> list[str]:
         lo = statistics.mean(col("members min")) * scale
         hi = statistics.mean(col("members max")) * scale
         shrink = [r["pull_shrink"] for r in runs if r["pull_shrink"] is not None]
+        secs = [r["seconds"] for r in runs if r["seconds"] is not None]
         lines.append(f"| {name} | {mean_sd(col('members mean'), scale, digits)} [{lo:.{digits}f}, {hi:.{digits}f}] | "
                      f"{mean_sd(col('ensemble'), scale, digits)} | {mean_sd(col('average'), scale, digits)} | "
                      f"{mean_sd(col('greedy'), scale, digits)} | "
                      f"{f'{statistics.mean(shrink):.3g}' if shrink else '-'} | "
-                     f"{statistics.mean(secs):.0f} |" if (secs := [r['seconds'] for r in runs if r['seconds'] is not None])
-                     else "- |")
+                     f"{f'{statistics.mean(secs):.0f}' if secs else '-'} |")
     return lines
 
 
