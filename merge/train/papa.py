@@ -25,8 +25,8 @@ Deliberate differences from the reference code, each a decision:
 - The pull is ``torch._foreach_lerp_`` toward one float32 running mean (timm's EMA does the same), not a
   state-dict rebuild; integer buffers are not averaged (the reference averages and truncates
   ``num_batches_tracked``).
-- REPAIR after a mix: on BatchNorm networks only the BatchNorm reset (see :mod:`merge.repair`: REPAIR of a
-  convolution feeding a BatchNorm is undone by the reset); the reset batches are the same unaugmented
+- REPAIR after a mix (:mod:`merge.repair`): convolutions that feed a BatchNorm are left as mixed and only
+  the BatchNorm is reset (REPAIR of such a convolution is undone by the reset); the reset batches are the same unaugmented
   training batches for every member (the reference forwards each member's own mixup-transformed
   batches), so PAPA-all leaves every member identical.
 - PAPA-2 draws its K pairs uniformly among all K(K-1)/2 pairs, as the reference's comment says ("select
