@@ -26,8 +26,9 @@ Deliberate differences from the reference code, each a decision:
   state-dict rebuild; integer buffers are not averaged (the reference averages and truncates
   ``num_batches_tracked``).
 - REPAIR after a mix (:mod:`merge.repair`): convolutions that feed a BatchNorm are left as mixed and only
-  the BatchNorm is reset (REPAIR of such a convolution is undone by the reset); the reset batches are the same unaugmented
-  training batches for every member (the reference forwards each member's own mixup-transformed
+  the BatchNorm is reset (REPAIR of such a convolution is undone by the reset); convolutions that feed no
+  BatchNorm are REPAIRed in the same pass. The reset batches are the same unaugmented training batches for
+  every member (the reference forwards each member's own mixup-transformed
   batches), so PAPA-all leaves every member identical.
 - PAPA-2 draws its K pairs uniformly among all K(K-1)/2 pairs, as the reference's comment says ("select
   n_pop random pairs"); its code indexes ``randperm(n_pop)`` into the lexicographic list of pairs, so it only
