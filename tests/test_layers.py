@@ -1,7 +1,7 @@
 """The architecture shows in the imports: each layer imports only those below it (STYLE.md, rule 1).
 
-Read statically with ``ast`` (imports inside functions included), so a lazy import cannot hide a cycle.
-Imports under ``if TYPE_CHECKING:`` are annotations only, never run, and are not counted.
+Read statically with ``ast`` (imports inside functions, and under ``if TYPE_CHECKING:``, included), so
+neither a lazy import nor a type-only one can hide a cycle.
 """
 
 from __future__ import annotations
@@ -24,22 +24,9 @@ ALLOWED = {
 }
 
 
-def _type_checking_only(tree: ast.AST) -> set[int]:
-    """ids of the import nodes under ``if TYPE_CHECKING:`` (never executed)."""
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
-            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    return skip
-
-
 def _imports(path: Path) -> set[str]:
     found = set()
-    tree = ast.parse(path.read_text(), str(path))
-    skip = _type_checking_only(tree)
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
 from merge.errors import InvalidArgumentError
 from merge.ops._lazy import lazy_torch
-
-if TYPE_CHECKING:  # the registry calls apply_whole; at run time this module needs only the objects it is given
-    from merge.ops.registry import Combination, Operator, Resolved
+from merge.ops.registry import Combination, Operator, Resolved, set_whole_tensor
 
 torch = lazy_torch(__name__)
 
@@ -165,3 +161,6 @@ def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | 
         acc = torch.empty_like(xs[0])
         tmp = torch.empty_like(xs[0])
         return fold_combination(comb, lambda i: xs[i], b, acc, tmp).reshape(shape)
+
+
+set_whole_tensor(apply_whole)  # Operator.__call__ applies this

@@ -128,12 +128,23 @@ class Operator:
             name: the tensor's name (keys the random masks).
             **params: parameter values (a scalar, or one value per member for per-member ones).
         """
-        from merge.ops.apply import apply_whole
-
+        if _WHOLE_TENSOR is None:  # merge.ops (and so merge.ops.apply) is imported with any of its modules
+            raise RuntimeError("merge.ops.apply, which defines operators on whole tensors, is not imported")
         if weights is not None:
             params = {**params, "weight": list(weights)}
         resolved = resolve_params(self, len(tensors), params)
-        return apply_whole(self, list(tensors), base, resolved, seed=seed, name=name)
+        return _WHOLE_TENSOR(self, list(tensors), base, resolved, seed=seed, name=name)
+
+
+# The whole-tensor definition (merge.ops.apply.apply_whole) needs this module's types, so it installs itself
+# here when imported rather than being imported from here: the imports run one way, apply -> registry.
+_WHOLE_TENSOR: Callable[..., object] | None = None
+
+
+def set_whole_tensor(fn: Callable[..., object]) -> None:
+    """Install the function :meth:`Operator.__call__` applies (``merge.ops.apply`` calls this on import)."""
+    global _WHOLE_TENSOR
+    _WHOLE_TENSOR = fn
 
 
 OPERATORS: dict[str, Operator] = {}
