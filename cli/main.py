@@ -46,15 +46,53 @@ OPTION_FLAGS = {
 }
 
 
-def cli_fix(option: str, choices: tuple) -> str:
-    """``pass --on-mismatch skip|first``: the fix a library error names, spelled as a flag."""
+def cli_fix(option: str, choices: tuple, *, flags: frozenset[str] | None = None, command: str | None = None) -> str:
+    """``pass --on-mismatch skip|first``: the fix a library error names, spelled as a flag.
+
+    ``flags`` are the options of the command that failed (None: unknown, every flag is assumed to exist). A fix
+    whose flag that command lacks is not offered as a flag: ``run`` reads its options from the recipe, so it is
+    told to fix the recipe; other commands get no hint rather than a flag they would refuse.
+    """
     flag = OPTION_FLAGS.get(option, "--" + option.replace("_", "-"))
     values = [str(c) for c in choices if c is not None and c is not True]
+    if flags is not None and not any(f in flags for f in _spellings(flag)):
+        if command == "run":
+            return f"set {option}: {'|'.join(values)} in the recipe" if values else f"set {option} in the recipe"
+        if "--param" in flags and _is_operator_param(option):
+            return f"pass --param {option}={'|'.join(values) or 'VALUE'}"
+        return ""
     return f"pass {flag} {'|'.join(values)}" if values else f"pass {flag}"
 
 
+def _spellings(flag: str) -> list[str]:
+    """``-o/--out`` -> ``["-o", "--out"]``; ``--normalize/--no-normalize`` -> both."""
+    return [f for f in flag.split("/") if f]
+
+
+def _is_operator_param(name: str) -> bool:
+    from merge.ops import get_operator, list_operators
+
+    return any(p.name == name for op in list_operators() for p in get_operator(op).params)
+
+
+def _command_flags() -> tuple[frozenset[str] | None, str | None]:
+    """The option strings of the subcommand being run (None when unknown, e.g. an error outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    name = ctx.invoked_subcommand if ctx is not None else None
+    command = cli.commands.get(name) if name else None
+    if command is None:
+        return None, name
+    flags = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+    return frozenset(flags), name
+
+
 def _merge_error(e: BaseException) -> tuple[str, int]:
-    return e.format(cli_fix), e.exit_code  # type: ignore[attr-defined]
+    flags, command = _command_flags()
+
+    def spell(option: str, choices: tuple) -> str:
+        return cli_fix(option, choices, flags=flags, command=command)
+
+    return e.format(spell), e.exit_code  # type: ignore[attr-defined]
 
 
 def _memory_error(e: BaseException) -> tuple[str, int]:
@@ -115,6 +153,11 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(0)
+        except KeyboardInterrupt:
+            # Ctrl-C: outputs being written were removed while the interrupt unwound; exit as shells expect.
+            click.echo("\nerror: interrupted; the unfinished output was removed and nothing else was changed",
+                       err=True)
+            ctx.exit(130)
         except SystemExit as e:
             from merge.io.atomic import Terminated
 

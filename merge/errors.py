@@ -68,10 +68,9 @@ class MergeError(Exception):
         self.option, self.choices = option, tuple(choices)
 
     def format(self, spell: Callable[[str, tuple], str] = python_fix) -> str:
-        """The message, then the option that fixes it as ``spell(option, choices)`` spells it."""
-        if not self.option:
-            return self.message
-        return f"{self.message} ({spell(self.option, self.choices)})"
+        """The message, then the option that fixes it as ``spell(option, choices)`` spells it (if it spells one)."""
+        fix = spell(self.option, self.choices) if self.option else ""
+        return f"{self.message} ({fix})" if fix else self.message
 
     def __str__(self) -> str:
         return self.format()

@@ -223,3 +223,53 @@ def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert first and proc.returncode == 0, (proc.returncode, err.decode())
     assert b"Broken pipe" not in err and b"Traceback" not in err, err.decode()
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch):
+    # Shells and schedulers read 130 as "interrupted by SIGINT"; click's own Abort would exit 1 with "Aborted!".
+    import merge
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "soup", interrupted)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    result = CliRunner().invoke(cli, ["soup", str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 130, result.output
+    assert "Aborted" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: interrupted;")
+
+
+@pytest.fixture
+def three_members(tmp_path):
+    for i in range(3):
+        save_file({"w": torch.full((4, 4), float(i))}, str(tmp_path / f"m{i}.safetensors"))
+    return [str(tmp_path / f"m{i}.safetensors") for i in range(3)]
+
+
+@pytest.mark.parametrize("extra, told, not_told", [
+    # An operator parameter without a flag of its own: the fix is soup's --param, never a made-up --max-iter.
+    (["--method", "karcher", "--param", "max_iter=-1"], "(pass --param max_iter=VALUE)", "--max-iter"),
+    # Too many members for slerp: no --members flag exists on soup, so no flag is offered.
+    (["--method", "slerp", "--base", "BASE"], "takes at most 1 member", "--members"),
+    # An unknown parameter: the fix is to drop it, which the message says by listing the valid ones.
+    (["--method", "ties", "--base", "BASE", "--param", "filter_wise=true"], "its parameters: density", "(pass"),
+])
+def test_error_hints_name_only_flags_the_command_has(tmp_path, three_members, extra, told, not_told):
+    extra = [three_members[0] if x == "BASE" else x for x in extra]
+    result = CliRunner().invoke(cli, ["soup", *three_members, *extra, "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and told in line and not_told not in line, line
+
+
+def test_recipe_errors_point_into_the_recipe_not_at_flags(tmp_path, three_members):
+    # `run` takes no --weights: a bad weight in a recipe is fixed in the recipe.
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: linear\nmodels:\n"
+                      f"  - model: {three_members[0]}\n    parameters: {{weight: -1}}\n"
+                      f"  - model: {three_members[1]}\n    parameters: {{weight: 1}}\n")
+    result = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code in (1, 2), result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "--weights" not in line and "--weight" not in line, line

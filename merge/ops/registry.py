@@ -237,8 +237,8 @@ def resolve_params(op: Operator, n_members: int, given: Mapping[str, object] | N
         unknown += [k for k in (m or {}) if k not in valid]
     if unknown:
         names = ", ".join(sorted(valid)) or "none"
-        raise InvalidArgumentError(f"method {op.name!r} has no parameter {unknown[0]!r}; its parameters: {names}",
-                                   option=unknown[0])
+        # No ``option``: the fix is to drop or rename the parameter, not to set it.
+        raise InvalidArgumentError(f"method {op.name!r} has no parameter {unknown[0]!r}; its parameters: {names}")
     shared: dict[str, object] = {}
     members: list[dict[str, object]] = [{} for _ in range(n_members)]
     for p in op.params:
