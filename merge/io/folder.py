@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
+import warnings
+from pathlib import Path, PurePosixPath
 
 import torch
 
+from merge.errors import MergeWarning
 from merge.io.dtypes import dtype_name
 from merge.io.formats import CARD_FILE, INDEX_FILE, INDEX_SUFFIX, PICKLE_INDEX_FILE, WEIGHT_SUFFIXES
 from merge.io.writer import AtomicOutput
 
-__all__ = ["carry_folder_files", "set_config_dtype", "NOT_CARRIED", "CONFIG_DTYPE_KEYS"]
+__all__ = ["carry_folder_files", "set_config_dtype", "module_folders", "NOT_CARRIED", "CONFIG_DTYPE_KEYS"]
 
 # Files of a model folder that are weights (not carried over) or are regenerated (README.md: the soup's own card).
 NOT_CARRIED = {CARD_FILE, ".gitattributes", INDEX_FILE, PICKLE_INDEX_FILE}
@@ -52,12 +54,18 @@ def carry_folder_files(folder: Path, atomic: AtomicOutput, *, dtype: torch.dtype
         dtype: the output's floating dtype; written into a transformers ``config.json``
             (:func:`set_config_dtype`) so a bfloat16 soup loads as bfloat16 with ``dtype="auto"``.
 
+    A sentence-transformers folder also gets the module subfolders its ``modules.json`` names (``1_Pooling/``,
+    ``2_Normalize/``, ...), without which ``SentenceTransformer(out)`` cannot build the model. Other subfolders
+    (``onnx/``, ``openvino/`` exports of the original weights) are not carried: they would not hold the soup.
+    A module's own weights (``2_Dense/model.safetensors``) are copied from ``folder`` with a warning, since only
+    the main checkpoint is merged.
+
     Returns:
         The files written into the output.
     """
     if not folder.is_dir():
         return []
-    copied = []
+    copied = _carry_modules(folder, atomic)
     for f in sorted(folder.iterdir()):
         if not f.is_file() or f.name in NOT_CARRIED or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(INDEX_SUFFIX):
             continue
@@ -73,4 +81,54 @@ def carry_folder_files(folder: Path, atomic: AtomicOutput, *, dtype: torch.dtype
                 continue
         shutil.copyfile(f, dst)
         copied.append(dst)
+    return copied
+
+
+def module_folders(folder: Path) -> list[str]:
+    """The subfolders a sentence-transformers ``modules.json`` loads modules from (none for other folders).
+
+    Only relative paths inside ``folder`` count; the main module (path ``""``) is the folder itself.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "modules.json").write_text('[{"path": ""}, {"path": "1_Pooling"}, {"path": "../x"}]')
+        >>> module_folders(d)
+        ['1_Pooling']
+    """
+    try:
+        entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+    found = []
+    for entry in entries if isinstance(entries, list) else ():
+        sub = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(sub, str) or not sub.strip("/"):
+            continue
+        parts = PurePosixPath(sub).parts
+        if sub.startswith("/") or ".." in parts or any(p.startswith(".") for p in parts):
+            continue
+        found.append(PurePosixPath(*parts).as_posix())
+    return found
+
+
+def _carry_modules(folder: Path, atomic: AtomicOutput) -> list[Path]:
+    """Copy the sentence-transformers module subfolders of ``folder`` into the output, file by file."""
+    copied: list[Path] = []
+    for sub in module_folders(folder):
+        src = folder / sub
+        atomic.file(sub).mkdir(parents=True, exist_ok=True)  # even a module with no files (2_Normalize)
+        if not src.is_dir():
+            continue  # on the Hub, where empty folders cannot exist
+        for f in sorted(src.rglob("*")):
+            rel = f.relative_to(folder).as_posix()
+            if f.is_dir():
+                atomic.file(rel).mkdir(parents=True, exist_ok=True)
+                continue
+            if f.suffix in WEIGHT_SUFFIXES:
+                warnings.warn(f"{rel}: a sentence-transformers module's own weights, outside the merged checkpoint; "
+                              f"copied unmerged from {folder}", MergeWarning, stacklevel=3)
+            dst = atomic.file(rel)
+            shutil.copyfile(f, dst)
+            copied.append(dst)
     return copied
