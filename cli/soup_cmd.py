@@ -63,7 +63,38 @@ def collect_params(given: dict) -> dict:
     return params
 
 
-def print_plan(plan, out: str) -> None:
+def _existing(out: str, force: bool) -> str:
+    """`` (exists: ...)``: what the real run would do about an output already there (empty when there is none)."""
+    from pathlib import Path
+
+    from merge.errors import OutputExistsError
+    from merge.io.atomic import check_output_free
+
+    path = Path(out)
+    if not (path.exists() or path.is_symlink()):
+        return ""
+    try:
+        check_output_free(path, force=force)
+    except OutputExistsError as e:
+        why = "pass --force to replace it" if not force else e.message.split("; ")[0].removeprefix(f"{path}: ")
+        return f" (exists: the run would be refused; {why})"
+    return " (exists: a previous papa-merge output, replaced once the new one is complete)"
+
+
+def check_local_members(paths: tuple[str, ...] | list[str]) -> None:
+    """A missing local member is told before torch is imported (seconds on a slow disk); hf:// ones are left to
+    the library, which fetches them."""
+    from pathlib import Path
+
+    from merge.errors import CheckpointNotFoundError
+    from merge.io.schemes import HF_PREFIX
+
+    for p in paths:
+        if not str(p).startswith(HF_PREFIX) and not (Path(p).exists() or Path(p).is_symlink()):
+            raise CheckpointNotFoundError(f"{p}: no such file or folder", path=p)
+
+
+def print_plan(plan, out: str, force: bool = False) -> None:
     """``--dry-run``: what the merge will read, write and hold, before reading any tensor."""
     op = plan.operator
     reduced = sum(t.action == "reduce" for t in plan.tensors)
@@ -79,7 +110,7 @@ def print_plan(plan, out: str) -> None:
     click.echo(f"tensors:        {len(plan.tensors)} ({reduced} {verb}, {len(plan.tensors) - reduced} copied"
                f" from {'the base' if plan.base is not None else 'member 0'}, {len(plan.skipped)} skipped)")
     click.echo(f"reads:          {format_bytes(plan.read_bytes)} (every pass counted)")
-    click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}")
+    click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}{_existing(out, force)}")
     click.echo(f"peak memory:    {format_bytes(plan.buffer_bytes)} of working buffers for {op.name} "
                "(independent of member count)")
 
@@ -144,6 +175,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
     """
+    check_local_members([*members, *([base] if base else [])])
     import merge
 
     recipe_extra = None
@@ -179,7 +211,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         plan = merge.plan_soup(list(members), method=method, weights=w, base=base, params=params, seed=seed,
                                dtype=dtype, accumulate=accumulate, device=device, on_mismatch=on_mismatch, key=key,
                                strict=strict)
-        print_plan(plan, out)
+        print_plan(plan, out, force)
         return
     show = show_progress(progress)
     with one_line_warnings():
@@ -195,16 +227,37 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         click.echo(f"recomputed BatchNorm statistics on {recompute_bn} training batches of {batch_size}")
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
-               f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read) from {len(members)} members: "
-               + _members_and_weights(members, result.recipe))
+               f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read): "
+               + describe_merge(members, result.recipe, base=base))
 
 
-def _members_and_weights(members: tuple[str, ...], recipe: dict) -> str:
-    """``a.safetensors x0.75, b.safetensors x0.25``: each member as the user named it, with its share of the soup."""
+def describe_merge(members: tuple[str, ...], recipe: dict, *, base: str | None = None) -> str:
+    """``ties of 2 members on base base/ (density 0.5): ft1/ x0.5, ft2/ x0.5``: the recipe in one phrase.
+
+    The method, the base, the parameters given, then each member as the user named it with its weight's share.
+
+    Example:
+        >>> recipe = {"method": "slerp", "parameters": {"t": 0.3}, "members": [{"path": "b/"}], "weights": [1]}
+        >>> describe_merge(("b/",), recipe, base="a/")
+        'slerp of 1 member on base a/ (t 0.3): b/ x1'
+    """
     from merge.card import recipe_members
 
     shares = [w for _, w in recipe_members(recipe)]
-    return ", ".join(f"{m} x{w:.4g}" for m, w in zip(members, shares))
+    params = recipe.get("parameters") or {}
+    n = len(members)
+    what = f"{recipe.get('method', 'uniform')} of {n} member{'s' if n != 1 else ''}"
+    if base is not None:
+        what += f" on base {base}"
+    if params:
+        what += " (" + ", ".join(f"{k} {_short(v)}" for k, v in sorted(params.items())) + ")"
+    return what + ": " + ", ".join(f"{m} x{w:.4g}" for m, w in zip(members, shares))
+
+
+def _short(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | None, dry_run: bool,

@@ -27,6 +27,7 @@ from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from merge.io.torch_writer import TorchFileSink
+from merge.io.atomic import check_output_free
 from merge.io.writer import AtomicOutput, FileSink, OutputPlan, parse_size, plan_output
 from merge.ops import check_weights, get_operator
 
@@ -66,6 +67,22 @@ def _check_not_an_input(out: Path, sources: Sequence[Source]) -> None:
             if q == out_r or q.is_relative_to(out_r):
                 raise SameInputOutputError(f"output {out} would overwrite member {i} ({src.path}); "
                                            "write the soup somewhere else")
+
+
+def _refuse_existing_output_early(out: Path, inputs: Sequence[object], *, force: bool) -> None:
+    """An existing output is refused before any member is opened, so hf:// members are not downloaded first.
+
+    An output that is also an input is left to :func:`_check_not_an_input`, which says so.
+    """
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    out_r = out.resolve()
+    for m in inputs:
+        if isinstance(m, (str, os.PathLike)) and not str(m).startswith(schemes.HF_PREFIX):
+            p = Path(m).resolve()
+            if p == out_r or p.is_relative_to(out_r):
+                return
+    check_output_free(out, force=False)
 
 
 def _member_record(src: Source) -> dict:
@@ -311,6 +328,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
     method = resolve_method(method, weights)
     kind = output_kind(out)
     out = Path(out)
+    _refuse_existing_output_early(out, [*members, *([base] if base is not None else [])], force=force)
     with ExitStack() as stack:
         resolve_device(device)
         get_operator(method)

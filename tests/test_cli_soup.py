@@ -29,7 +29,7 @@ def test_soup_writes_the_weighted_average(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out), "--weights", "0.5,0.3,0.2",
                                    "--accumulate", "float64", "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.startswith(f"wrote {out} (9 tensors") and "from 3 members" in res.stdout
+    assert res.stdout.startswith(f"wrote {out} (9 tensors") and "weighted of 3 members" in res.stdout
     got = load_file(str(out))
     ref = reference(sds, [0.5, 0.3, 0.2])
     assert torch.allclose(got["classifier.weight"].double(), torch.from_numpy(ref["classifier.weight"]),
@@ -139,3 +139,63 @@ def test_method_linear_and_task_methods_from_the_cli(tmp_path: Path) -> None:
                                    str(paths[2]), "-o", str(tmp_path / "k.safetensors"), "--dry-run"])
     assert res.exit_code == 0 and "method:         karcher (gram path; parameters {'max_iter': '3'})" in res.output
     assert "peak memory:" in res.output and "for karcher (independent of member count)" in res.output
+
+
+def test_the_last_line_names_method_base_and_parameters(tmp_path: Path) -> None:
+    paths, _ = save_members(tmp_path, 3)
+    a, b, base = map(str, paths)
+    res = CliRunner().invoke(cli, ["soup", a, b, "--method", "ties", "--base", base, "--density", "0.5",
+                                   "-o", str(tmp_path / "t.safetensors")])
+    assert res.exit_code == 0, res.output
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.endswith(f": ties of 2 members on base {base} (density 0.5): {a} x0.5, {b} x0.5"), last
+    res = CliRunner().invoke(cli, ["soup", a, "--method", "slerp", "--base", base, "--t", "0.3",
+                                   "-o", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().endswith(f": slerp of 1 member on base {base} (t 0.3): {a} x1"), res.stdout
+
+
+def test_dry_run_says_whether_the_output_exists(tmp_path: Path) -> None:
+    paths, _ = save_members(tmp_path, 2)
+    members = list(map(str, paths))
+    out = tmp_path / "soup.safetensors"
+    runner = CliRunner()
+
+    def writes(*extra: str) -> str:
+        res = runner.invoke(cli, ["soup", *members, "-o", str(out), "--dry-run", *extra])
+        assert res.exit_code == 0, res.output
+        return next(ln for ln in res.stdout.splitlines() if ln.startswith("writes:"))
+
+    assert writes().endswith(f"to {out}")
+    assert runner.invoke(cli, ["soup", *members, "-o", str(out)]).exit_code == 0
+    assert writes().endswith("(exists: the run would be refused; pass --force to replace it)")
+    assert writes("--force").endswith("(exists: a previous papa-merge output, replaced once the new one is complete)")
+    out.write_bytes(b"the user's own file")
+    assert "did not write" in writes("--force")
+    assert out.read_bytes() == b"the user's own file"
+
+
+def test_an_existing_output_is_refused_before_hub_members_are_fetched(tmp_path: Path, monkeypatch) -> None:
+    # With the Hub offline, fetching hf://... would fail; the output check must come first and name the output.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"x")
+    res = CliRunner().invoke(cli, ["soup", "hf://nobody/nothing", "hf://nobody/else", "-o", str(out)])
+    assert res.exit_code == 1 and f"error: {out}: already exists" in res.output, res.output
+    import merge
+
+    with pytest.raises(merge.errors.OutputExistsError):
+        merge.soup(["hf://nobody/nothing"], out=out)
+
+
+def test_a_missing_member_is_told_before_torch_is_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cli.main import cli\n"
+            f"try:\n    cli(['soup', {str(tmp_path / 'nope.safetensors')!r}, '-o', {str(tmp_path / 'o.safetensors')!r}])\n"
+            "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert "EXIT 1 False" in proc.stdout, (proc.stdout, proc.stderr)
+    assert f"error: {tmp_path / 'nope.safetensors'}: no such file or folder" in proc.stderr
