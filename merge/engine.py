@@ -19,8 +19,11 @@ members or on the size of the model.
 
 NaN and infinity: a chunk whose sum is not finite makes the engine look, once the tensor is done,
 for the member that holds a NaN or an infinity; it is reported as a :class:`NonFiniteWarning`
-naming the member and the tensor (``strict=True``: a :class:`NonFiniteError`). A non-finite result
-from finite members (an overflow) is always an error.
+naming the member and the tensor (``strict=True``: a :class:`NonFiniteError`). ``linear`` and
+``task`` operators carry such values into the elements they touch; ``gram`` operators take norms
+and angles of whole tensors, so the whole output tensor is NaN (and the warning says so). A
+non-finite result from finite members (an overflow) is always an error: in the accumulator, and at
+the cast to the output dtype (a float16 or bfloat16 output of values beyond its range).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from merge.io.dtypes import dtype_name, is_float
 from merge.io.sources import Source, TensorInfo
 from merge.io.writer import Sink
 from merge.ops import Combination, Operator, Resolved, resolve_params
-from merge.ops.apply import UNIT, compute_dtype, fold_combination, gram_update, gram_vectors
+from merge.ops.apply import (UNIT, check_combination, coefficient_option, combination_from_gram, compute_dtype,
+                             fold_combination, gram_update, gram_vectors)
 from merge.ops.task import TaskTensor
 from merge.reader import CPU, POOL_BUFFERS, ChunkReader, Read
 
@@ -405,6 +409,8 @@ class _Kernel:
         self.chunk = min(max(1, plan.chunk_elems), max(1, self.numel))
         self.suspect = False     # a statistic or an output chunk was not finite: look for the member
         self.overflow = False    # the output itself was not finite
+        self.cast_overflow: float | None = None  # largest |value| of a finite result the output dtype turned to inf
+        self.whole = False       # a gram operator saw a non-finite member: the whole tensor is NaN
 
     def dt(self, source: int) -> torch.dtype:
         return self.tp.in_dtypes[source] if source < len(self.tp.in_dtypes) else self.tp.in_dtypes[0]
@@ -425,7 +431,8 @@ class _Kernel:
         raise NotImplementedError
 
     def _emit(self, io: _IO, acc: torch.Tensor, out_buf: dict) -> None:
-        if not _finite(acc):
+        finite = _finite(acc)
+        if not finite:
             self.suspect = self.overflow = True
         res = acc
         if self.tp.out.dtype != acc.dtype:
@@ -434,7 +441,16 @@ class _Kernel:
                 ob = out_buf["out"] = torch.empty(self.chunk, dtype=self.tp.out.dtype, device=acc.device)
             res = ob[: acc.numel()]
             res.copy_(acc)
+            if finite:
+                self._check_cast(acc, res)
         io.emit(self.name, res)
+
+    def _check_cast(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Note a finite chunk that the cast to the output dtype overflowed (float16 past 65504)."""
+        if after.numel() and not bool(torch.isfinite(after).all()):
+            big = float(before.abs().max())
+            self.suspect = True
+            self.cast_overflow = max(self.cast_overflow or 0.0, big)
 
 
 class _CopyKernel(_Kernel):
@@ -451,7 +467,10 @@ class _CopyKernel(_Kernel):
             c = io.take(self.tp.copy_from, self.name, start, count)
             x = c.tensor
             if self.tp.out.dtype != x.dtype:  # a mismatched float tensor taken from one source and cast to dtype
-                x = x.to(self.tp.out.dtype)
+                y = x.to(self.tp.out.dtype)
+                if _finite(x):
+                    self._check_cast(x, y)
+                x = y
             io.emit(self.name, x)
             c.release()
 
@@ -462,6 +481,8 @@ class _LinearKernel(_Kernel):
     def __init__(self, plan: MergePlan, tp: TensorPlan, comb: Combination | None = None):
         super().__init__(plan, tp)
         self.comb = comb
+        if comb is not None:
+            check_combination(comb, self.dtype, method=plan.operator.name, option=coefficient_option(plan.operator))
 
     def work_bytes(self) -> int:
         return self.chunk * (3 * self.dtype.itemsize + self.tp.out.dtype.itemsize)
@@ -578,10 +599,11 @@ class _GramKernel(_LinearKernel):
     def run(self, io: _IO) -> None:
         gram = self._gram(io)
         if not bool(torch.isfinite(gram).all()):
-            self.suspect = True
-            gram = torch.nan_to_num(gram)
+            self.suspect = self.whole = True
+        op = self.plan.operator
         try:
-            comb = self.plan.operator.from_gram(gram, self.tp.resolved, self.plan.base is not None)
+            comb = combination_from_gram(op, gram, self.tp.resolved, self.plan.base is not None, self.n)
+            check_combination(comb, self.dtype, method=op.name, option=coefficient_option(op))
         except MergeError as e:
             e.tensor = e.tensor or self.name
             e.message = f"tensor {self.name!r}: {e.message}"
@@ -727,16 +749,32 @@ def _scan_nonfinite(plan: MergePlan, name: str) -> list[int]:
 def _check_nonfinite(plan: MergePlan, kernel: _Kernel, found: list) -> None:
     bad = _scan_nonfinite(plan, kernel.name)
     n = len(plan.sources)
+    method = plan.operator.name
     for i in bad:
         who = "the base" if i == n else f"member {i}"
         src = plan.all_sources[i]
-        msg = (f"{who} ({src.path}) holds NaN or infinite values in tensor {kernel.name!r}; the merge carries "
-               "them into the result")
+        found_msg = f"{who} ({src.path}) holds NaN or infinite values in tensor {kernel.name!r}"
         if plan.strict:
-            raise NonFiniteError(msg.replace("; the merge carries them into the result", ""),
-                                 path=src.path, tensor=kernel.name, member=i if i < n else None)
+            raise NonFiniteError(found_msg, path=src.path, tensor=kernel.name, member=i if i < n else None)
+        if kernel.whole:
+            msg = (f"{found_msg}; {method} takes norms and angles of whole tensors, so the whole output tensor "
+                   f"{kernel.name!r} is NaN")
+        else:
+            msg = f"{found_msg}; the merge carries them into the result"
         found.append(("base" if i == n else i, kernel.name))
         warnings.warn(NonFiniteWarning(msg), stacklevel=3)
+    if kernel.cast_overflow is not None:
+        out = kernel.tp.out.dtype
+        wider = "float64" if out == torch.float32 else "float32"
+        name = dtype_name(out)
+        raise NonFiniteError(f"tensor {kernel.name!r}: the result reaches {kernel.cast_overflow:.6g}, beyond the "
+                             f"largest {name} ({torch.finfo(out).max:.6g}), so writing it as {name} would give "
+                             "infinity although every member is finite; write a wider dtype",
+                             tensor=kernel.name, option="dtype", choices=(wider,))
+    if not bad and kernel.whole:
+        raise NonFiniteError(f"tensor {kernel.name!r}: the members' dot products overflow float64 although every "
+                             f"member is finite, so {method} has no angle to take; scale the members down",
+                             tensor=kernel.name)
     if not bad and kernel.overflow:
         raise NonFiniteError(f"tensor {kernel.name!r}: the result overflowed {dtype_name(kernel.dtype)} although every "
                              "member is finite; lower the weights (or merge in float64)", tensor=kernel.name,

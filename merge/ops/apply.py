@@ -7,8 +7,10 @@ each element: the tests check they agree bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+
 from merge.errors import InvalidArgumentError
 from merge.ops._lazy import lazy_torch
 from merge.ops.registry import Combination, Operator, Resolved, set_whole_tensor
@@ -16,7 +18,7 @@ from merge.ops.registry import Combination, Operator, Resolved, set_whole_tensor
 torch = lazy_torch(__name__)
 
 __all__ = ["fold_combination", "gram_update", "gram_vectors", "apply_whole", "UNIT", "single_thread",
-           "compute_dtype"]
+           "compute_dtype", "combination_from_gram", "check_combination", "coefficient_option"]
 
 # Statistics (Gram partial sums, L1 sums) are taken per unit of UNIT elements and added in order.
 UNIT = 1 << 16
@@ -37,6 +39,12 @@ def compute_dtype(*dtypes: torch.dtype, accumulate: torch.dtype | None = None) -
     """float64 when asked for (``accumulate``; default float32) or when any input is float64 (so 1e-300
     stays 1e-300), else float32."""
     return torch.float64 if accumulate == torch.float64 or torch.float64 in dtypes else torch.float32
+
+
+def coefficient_option(op: Operator) -> str | None:
+    """The parameter a coefficient out of range comes from: slerp's ``t``, or the members' weights."""
+    names = {p.name for p in op.params}
+    return "t" if "t" in names else "weights" if "weight" in names else None
 
 
 def fold_combination(comb: Combination, member: Callable[[int], torch.Tensor], base: torch.Tensor | None,
@@ -73,6 +81,38 @@ def fold_combination(comb: Combination, member: Callable[[int], torch.Tensor], b
         else:
             acc.add_(base, alpha=comb.base_coefficient)
     return acc
+
+
+def check_combination(comb: Combination, dtype: torch.dtype, *, method: str, option: str | None = None) -> None:
+    """Refuse coefficients the accumulator cannot hold (``weight 1e39`` without normalising, slerp ``t = 1e308``).
+
+    torch multiplies a float32 chunk by a Python float converted to float32: a coefficient beyond its
+    range has no float32 value. NaN coefficients (:func:`combination_from_gram`) pass: they are meant.
+
+    Raises:
+        InvalidArgumentError: a coefficient is infinite or beyond the largest finite value of ``dtype``.
+    """
+    top = torch.finfo(dtype).max
+    for c in (*comb.coefficients, comb.base_coefficient):
+        if math.isinf(c) or abs(c) > top:
+            name = str(dtype).removeprefix("torch.")
+            raise InvalidArgumentError(f"method {method!r}: coefficient {c:.4g} is beyond the range of the {name} "
+                                       f"accumulator (largest {top:.4g}); use smaller values", option=option)
+
+
+def combination_from_gram(op: Operator, gram: torch.Tensor, resolved: Resolved, has_base: bool,
+                          n: int) -> Combination:
+    """The coefficients of a ``gram`` operator over ``n`` members, from the float64 Gram matrix.
+
+    A NaN or an infinity in one member (or dot products that overflow float64) leaves no norm or
+    angle to take, and those of every element depend on them: the whole output tensor is NaN, rather
+    than a result silently computed from the other members.
+    """
+    if not bool(torch.isfinite(gram).all()):
+        nan = float("nan")
+        return Combination([nan] * n, base_coefficient=nan if has_base else 0.0,
+                           note="non-finite Gram matrix: the whole tensor is NaN")
+    return op.from_gram(gram, resolved, has_base)
 
 
 def gram_vectors(op: Operator, has_base: bool) -> str:
@@ -157,7 +197,8 @@ def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | 
         if op.path == "linear":
             comb = op.combine(resolved)
         else:
-            comb = op.from_gram(gram_of(op, tensors, base), resolved, base is not None)
+            comb = combination_from_gram(op, gram_of(op, tensors, base), resolved, base is not None, len(tensors))
+        check_combination(comb, dtype, method=op.name, option=coefficient_option(op))
         acc = torch.empty_like(xs[0])
         tmp = torch.empty_like(xs[0])
         return fold_combination(comb, lambda i: xs[i], b, acc, tmp).reshape(shape)

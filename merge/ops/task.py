@@ -120,6 +120,7 @@ class TaskTensor:
                 else:
                     m.band = Band(n, r0, r1)
             self.members.append(m)
+        self._check_range(method)
         # as mergekit sums them: the weights in the compute dtype
         self._weight_sum = torch.tensor([m.weight for m in self.members], dtype=dtype).sum().item()
         # DELLA ranks magnitudes within each row (dim 1 of the tensor seen as [rows, row, rest]).
@@ -134,6 +135,21 @@ class TaskTensor:
             self.unit = max(1, self.row_len * self.rest)
         else:
             self.unit = UNIT
+
+    def _check_range(self, method: str) -> None:
+        """Refuse weights and lambda the compute dtype cannot hold: the weights (and the sums of them that
+        normalise, in that dtype) multiply every chunk as they are given."""
+        top = torch.finfo(self.dtype).max
+        name = str(self.dtype).removeprefix("torch.")
+        total = sum(abs(m.weight) for m in self.members)  # float64: inf when it overflows, refused below
+        if not total <= top:
+            shown = ", ".join(f"{m.weight:g}" for m in self.members[:4]) + (", ..." if len(self.members) > 4 else "")
+            raise InvalidArgumentError(f"method {method!r}: the weights ({shown}) add up beyond the range of the "
+                                       f"{name} accumulator (largest {top:.4g}); a task merge uses them as given: "
+                                       "scale them down", option="weight")
+        if not abs(self.lam) <= top:
+            raise InvalidArgumentError(f"method {method!r}: lambda {self.lam:.4g} is beyond the range of the {name} "
+                                       f"accumulator (largest {top:.4g}); use a smaller value", option="lambda")
 
     # ---- the schedule ----------------------------------------------------------------------------------
 

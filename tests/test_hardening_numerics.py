@@ -1,0 +1,161 @@
+"""Hardening, round two (issue 25 items 1, 4, 6, 11, 13, 14; issue 26 item 7): numerics at the output dtype,
+non-finite members on the Gram path, coefficients beyond float32, outputs that cannot be written as asked."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import merge
+from cli.main import cli
+from merge.engine import NonFiniteError, NonFiniteWarning
+
+pytestmark = pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")
+
+
+def _save(path: Path, **tensors: torch.Tensor) -> Path:
+    save_file(tensors, str(path))
+    return path
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# ---- item 1: an overflow at the cast to the output dtype is an error ------------------------------------------
+
+def test_float16_output_of_values_beyond_its_range_is_an_error(tmp_path: Path) -> None:
+    big = _save(tmp_path / "big.safetensors", x=torch.full((4,), 1e6))
+    out = tmp_path / "o.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # finite members: no NaN warning, an error
+        with pytest.raises(NonFiniteError, match=r"tensor 'x': the result reaches 1e\+06, beyond the largest float16 "
+                                                 r"\(65504\)") as e:
+            merge.soup([big, big], dtype="float16", out=out)
+    assert (e.value.tensor, e.value.option, e.value.choices) == ("x", "dtype", ("float32",))
+    assert not out.exists()
+    res = _run("soup", big, big, "--dtype", "float16", "-o", out)
+    assert res.exit_code == 1 and "pass --dtype float32" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+    # the same values written as float32 are exact
+    assert load_file(str(merge.soup([big, big], out=tmp_path / "f32.safetensors").path))["x"].tolist() == [1e6] * 4
+
+
+def test_float16_task_arithmetic_past_65504_is_an_error(tmp_path: Path) -> None:
+    half = torch.float16
+    base = _save(tmp_path / "base.safetensors", x=torch.zeros(4, dtype=half))
+    a = _save(tmp_path / "a.safetensors", x=torch.full((4,), 1e4, dtype=half))
+    b = _save(tmp_path / "b.safetensors", x=torch.full((4,), 3e4, dtype=half))
+    out = tmp_path / "o.safetensors"
+    res = _run("soup", a, b, "--base", base, "--method", "task_arithmetic", "--lambda", "3", "-o", out)
+    assert res.exit_code == 1, res.output
+    assert "the result reaches 120000, beyond the largest float16" in res.output and not out.exists()
+    # lambda 1 stays in range: 4e4, written exactly
+    merge.soup([a, b], base=base, method="task_arithmetic", out=out)
+    assert load_file(str(out))["x"].tolist() == [4e4] * 4
+
+
+def test_bfloat16_and_float32_outputs_of_float64_members_check_the_cast(tmp_path: Path) -> None:
+    a = _save(tmp_path / "a.safetensors", x=torch.tensor([1e300, 1.0], dtype=torch.float64))
+    with pytest.raises(NonFiniteError, match="beyond the largest float32") as e:
+        merge.soup([a, a], dtype="float32", out=tmp_path / "o.safetensors")
+    assert e.value.choices == ("float64",)
+    with pytest.raises(NonFiniteError, match="beyond the largest bfloat16"):
+        merge.soup([a, a], dtype="bfloat16", out=tmp_path / "o.safetensors")
+
+
+def test_a_nan_member_in_a_float16_output_stays_a_warning(tmp_path: Path) -> None:
+    x = torch.ones(4)
+    x[1] = float("nan")
+    a = _save(tmp_path / "a.safetensors", x=x)
+    b = _save(tmp_path / "b.safetensors", x=torch.ones(4))
+    with pytest.warns(NonFiniteWarning, match="member 0"):
+        got = merge.average([load_file(str(a)), load_file(str(b))], dtype="float16")["x"]
+    assert torch.isnan(got[1]) and got[[0, 2, 3]].tolist() == [1.0, 1.0, 1.0]
+
+
+# ---- item 4: a non-finite member on the Gram path makes the whole tensor NaN -----------------------------------
+
+def _nan_set(tmp_path: Path) -> tuple[Path, Path, Path]:
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 16, generator=g), "b": torch.randn(16, generator=g)}
+    f1 = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    fn = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    fn["w"][3, 3] = float("nan")
+    return (_save(tmp_path / "base.safetensors", **base), _save(tmp_path / "f1.safetensors", **f1),
+            _save(tmp_path / "f_nan.safetensors", **fn))
+
+
+@pytest.mark.parametrize("method,with_base,members", [("karcher", False, 2), ("multislerp", False, 2),
+                                                      ("multislerp", True, 2), ("model_stock", True, 2),
+                                                      ("slerp", True, 1)])
+def test_a_nan_element_on_the_gram_path_makes_the_whole_tensor_nan(tmp_path: Path, method: str, with_base: bool,
+                                                                   members: int) -> None:
+    base, f1, fn = _nan_set(tmp_path)
+    paths = [f1, fn][-members:]
+    params = {"t": 0.3} if method == "slerp" else None
+    who = f"member {members - 1}"
+    with pytest.warns(NonFiniteWarning, match=rf"{who} \(.*f_nan.safetensors\) holds NaN or infinite values in "
+                                              rf"tensor 'w'; {method} takes norms and angles of whole tensors, so the "
+                                              r"whole output tensor 'w' is NaN") as rec:
+        res = merge.soup(paths, base=base if with_base else None, method=method, params=params,
+                         out=tmp_path / "o.safetensors")
+    assert len([r for r in rec if r.category is NonFiniteWarning]) == 1
+    got = load_file(str(res.path))
+    assert torch.isnan(got["w"]).all()
+    assert torch.isfinite(got["b"]).all()  # the other tensor is untouched
+    # the whole-tensor definition agrees
+    op = merge.ops.get_operator(method)
+    tensors = [load_file(str(p))["w"] for p in paths]
+    whole = op(tensors, base=load_file(str(base))["w"] if with_base else None, **(params or {}))
+    assert torch.isnan(whole).all()
+    with pytest.raises(NonFiniteError, match="member .* holds NaN"):
+        merge.soup(paths, base=base if with_base else None, method=method, params=params, strict=True,
+                   out=tmp_path / "strict.safetensors")
+
+
+def test_a_nan_in_the_base_of_slerp_makes_the_tensor_nan_and_says_so(tmp_path: Path) -> None:
+    base, f1, fn = _nan_set(tmp_path)
+    res = _run("soup", f1, "--base", fn, "--method", "slerp", "--t", "0.5", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 0, res.output
+    assert "the base (" in res.output and "the whole output tensor 'w' is NaN" in res.output
+    assert torch.isnan(load_file(str(tmp_path / "o.safetensors"))["w"]).all()
+
+
+# ---- item 6: coefficients beyond the accumulator --------------------------------------------------------------
+
+def test_weights_beyond_float32_without_normalising_are_refused(tmp_path: Path) -> None:
+    base, f1, _ = _nan_set(tmp_path)
+    f2 = tmp_path / "f2.safetensors"
+    _save(f2, **{k: v * 1.01 for k, v in load_file(str(f1)).items()})
+    with pytest.raises(merge.InvalidArgumentError, match=r"method 'weighted': coefficient 1e\+39 is beyond the range "
+                                                         r"of the float32 accumulator") as e:
+        merge.soup([f1, f2], weights=[1e39, 1e39], params={"normalize": False}, out=tmp_path / "o.safetensors")
+    assert e.value.option == "weights"
+    res = _run("soup", f1, f2, "--weights", "1e39,1e39", "--no-normalize", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 2 and "pass --weights" in res.output and "bug" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = _run("soup", f1, "--base", base, "--method", "slerp", "--t", "1e308", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 2 and "method 'slerp': coefficient" in res.output and "pass --t" in res.output
+    for method in ("ties", "della", "task_arithmetic"):
+        for extra in ([], ["--no-normalize"]):
+            res = _run("soup", f1, f2, "--base", base, "--method", method, "--weights", "1e308,1e308", *extra,
+                       "-o", tmp_path / "o.safetensors")
+            assert res.exit_code == 2, (method, res.output)
+            assert f"method '{method}': the weights (1e+308, 1e+308) add up beyond the range of the float32" in res.output
+            assert "pass --weights" in res.output
+    res = _run("soup", f1, f2, "--base", base, "--method", "ties", "--lambda", "1e300", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 2 and "lambda 1e+300 is beyond" in res.output and "pass --lambda" in res.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_coefficients_that_fit_float64_accumulators_meet_the_cast_check(tmp_path: Path) -> None:
+    _, f1, _ = _nan_set(tmp_path)
+    a = load_file(str(f1))
+    with pytest.raises(NonFiniteError, match="beyond the largest float32"):
+        merge.average([a, a], weights=[3e38, 3e38], params={"normalize": False}, accumulate="float64")
