@@ -12,6 +12,7 @@ import warnings
 
 import click
 
+from cli.help import format_command_sections
 from cli.util import QUIET, VERBOSITY_KEY
 from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, run_cmd, select_cmd, soup_cmd, train_cmd
 
@@ -142,6 +143,9 @@ _python_showwarning = warnings.showwarning
 
 
 class _Group(click.Group):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        format_command_sections(self, ctx, formatter)  # by what they do, not alphabetically
+
     def invoke(self, ctx: click.Context):  # click's signature
         try:
             with warnings.catch_warnings():

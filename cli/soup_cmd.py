@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import click
 
+from cli.help import SectionedCommand
 from cli.eval_cmd import echo_line, model_options, one_line_warnings
 from cli.util import format_bytes, parse_floats, show_progress
 from merge.io.formats import SAFETENSORS_SUFFIX
@@ -24,13 +27,14 @@ def method_options(fn):
                           "task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp, model_stock."),
         click.option("--density", default=None, callback=_floats_or_list, metavar="D[,D2,...]",
                      help="Fraction of each task vector kept (ties, dare_*, breadcrumbs*, della*); one value, or one "
-                          "per member."),
-        click.option("--lambda", "lambda_", default=None, type=float, help="Scale of the merged task vector."),
-        click.option("--t", "t", default=None, type=float, help="slerp: 0 = base, 1 = member."),
+                          "per member. [default: 1, keep all]"),
+        click.option("--lambda", "lambda_", default=None, type=float,
+                     help="Scale of the merged task vector (task methods). [default: 1]"),
+        click.option("--t", "t", default=None, type=float, help="slerp: 0 = base, 1 = member. [required by slerp]"),
         click.option("--gamma", default=None, callback=_floats_or_list, metavar="G[,G2,...]",
-                     help="breadcrumbs: fraction of the largest magnitudes dropped."),
+                     help="breadcrumbs: fraction of the largest magnitudes dropped. [default: 0.01]"),
         click.option("--epsilon", default=None, callback=_floats_or_list, metavar="E[,E2,...]",
-                     help="della: spread of keep probabilities around the density."),
+                     help="della: spread of keep probabilities around the density. [default: 0.15]"),
         click.option("--normalize/--no-normalize", default=None,
                      help="Divide by the sum of the (agreeing) weights. [default: per method]"),
         click.option("--rescale/--no-rescale", default=None,
@@ -61,6 +65,17 @@ def collect_params(given: dict) -> dict:
         elif value is not None:
             params[names.get(key, key)] = value
     return params
+
+
+SOUP_SECTIONS = (
+    ("Members and output", ("out", "weights", "weights_from", "base", "force", "dry_run", "dtype", "shard_size",
+                            "on_mismatch", "key")),
+    ("Merge method (see --list-methods)", ("method", "list_methods", "density", "lambda_", "t", "gamma", "epsilon",
+                                           "normalize", "rescale", "param", "seed", "strict")),
+    ("Greedy soup and BatchNorm (evaluate on data)", ("greedy", "data", "recompute_bn", "batch_size", "model",
+                                                      "num_classes", "in_chans", "image_size")),
+    ("Compute", ("accumulate", "device", "progress")),
+)
 
 
 def _existing(out: str, force: bool) -> str:
@@ -115,7 +130,7 @@ def print_plan(plan, out: str, force: bool = False) -> None:
                "(independent of member count)")
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=SectionedCommand, context_settings={"show_default": True}, sections=SOUP_SECTIONS)
 @click.argument("members", nargs=-1, required=False)
 @click.option("-o", "--out", required=True, type=click.Path(),
               help="Output: NAME.safetensors (one file), NAME.pt/.pth/.bin (a torch state-dict file), or a path "
@@ -214,17 +229,23 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         print_plan(plan, out, force)
         return
     show = show_progress(progress)
-    with one_line_warnings():
-        result = merge.soup(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
-                            dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
-                            on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
-                            strict=strict)
+    write = merge.soup
     if recompute_bn:
-        from merge.evaluate import recompute_bn_checkpoint
+        import functools
 
-        recompute_bn_checkpoint(result.path, num_batches=recompute_bn, data=data, batch_size=batch_size, device=device,
-                                progress=show)
-        click.echo(f"recomputed BatchNorm statistics on {recompute_bn} training batches of {batch_size}")
+        from merge.evaluate.checkpoints import soup_recompute_bn
+
+        # Architecture and data checked first; the statistics recomputed on the temporary, before the rename.
+        write = functools.partial(soup_recompute_bn, recompute_bn=recompute_bn, data=data, batch_size=batch_size)
+    with one_line_warnings():
+        result = write(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
+                       dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
+                       on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
+                       strict=strict)
+    if recompute_bn:
+        used = result.recipe.get("bn_recomputed", {}).get("batches", recompute_bn)  # fewer if the split is smaller
+        click.echo(f"recomputed BatchNorm statistics on {used} training batch{'es' if used != 1 else ''} of "
+                   f"{batch_size}")
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
                f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read): "
@@ -313,8 +334,12 @@ def _list(ctx: click.Context, value: bool) -> None:
     ctx.exit(0)
 
 
+_LIST_WIDTH = 100
+
+
 def list_methods() -> None:
-    """``--list-methods``: one row per operator, with a header and unambiguous columns."""
+    """``--list-methods``: one block per operator (name, streaming path, base; then its parameters and citation),
+    no line wider than a terminal."""
     from merge.ops import ALIASES, OPERATORS
 
     rows = []
@@ -324,10 +349,18 @@ def list_methods() -> None:
         shown = name + (f" (alias {', '.join(aliases)})" if aliases else "")
         params = ", ".join(f"{p.name}{'*' if p.per_member else ''}" for p in op.params) or "-"
         rows.append((shown, op.path, op.base, params, op.citation))
-    head = ("METHOD", "STREAMING PATH", "BASE MODEL", "PARAMETERS (* per member)", "CITATION")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    for r in [head, *rows]:
-        click.echo("  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4])
-    click.echo("\nstreaming path: linear = one pass folding members; gram = a pass for norms and angles, then a "
-               "linear pass; task = passes for each member's thresholds, then one pass folding task vectors. "
-               "Peak memory does not grow with the number of members (see --dry-run).")
+    head = ("METHOD", "STREAMING PATH", "BASE MODEL")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    click.echo("  ".join(f"{head[i]:<{widths[i]}}" for i in range(3)).rstrip())
+    for r in rows:
+        click.echo("  ".join(f"{r[i]:<{widths[i]}}" for i in range(3)).rstrip())
+        for text in (f"parameters: {r[3]}", r[4]):  # indented lines: citations run to 150 characters
+            for line in textwrap.wrap(text, width=_LIST_WIDTH, initial_indent="    ", subsequent_indent="      "):
+                click.echo(line)
+    click.echo()
+    click.echo("* per member: one value for all members, or one per member.")
+    click.echo()
+    click.echo(textwrap.fill("streaming path: linear = one pass folding members; gram = a pass for norms and angles, "
+                             "then a linear pass; task = passes for each member's thresholds, then one pass folding "
+                             "task vectors. Peak memory does not grow with the number of members (see --dry-run).",
+                             width=_LIST_WIDTH))

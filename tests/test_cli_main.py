@@ -153,7 +153,7 @@ def test_every_command_has_a_short_complete_summary():
     long = {n: c.help.splitlines()[0] for n, c in _commands().items() if len(c.help.splitlines()[0]) > 40}
     assert not long, f"first help lines over 40 characters (cut in `papa-merge --help`): {long}"
     res = CliRunner().invoke(cli, ["--help"], prog_name="papa-merge", terminal_width=80)
-    listed = res.output[res.output.index("Commands:"):]
+    listed = res.output[res.output.index("Merge commands:"):]
     for name, command in _commands().items():
         first = command.help.splitlines()[0].strip()
         assert first.endswith("."), (name, first)

@@ -53,14 +53,31 @@ def test_list_methods_has_a_header_and_one_row_per_operator() -> None:
 
     res = CliRunner().invoke(cli, ["soup", "--list-methods"])
     lines = res.output.splitlines()
-    assert res.exit_code == 0 and lines[0].split() == ["METHOD", "STREAMING", "PATH", "BASE", "MODEL", "PARAMETERS",
-                                                       "(*", "per", "member)", "CITATION"]
-    rows = {line.split()[0]: line for line in lines[1: 1 + len(OPERATORS)]}
+    assert res.exit_code == 0 and lines[0].split() == ["METHOD", "STREAMING", "PATH", "BASE", "MODEL"]
+    assert max(map(len, lines)) <= 100  # fits a terminal: citations go on their own lines
+    rows = {line.split()[0]: i for i, line in enumerate(lines) if line and not line.startswith(" ")
+            and line.split()[0] in OPERATORS}
     assert sorted(rows) == sorted(OPERATORS)
-    assert rows["weighted"].startswith("weighted (alias linear)")
-    assert rows["ties"].split()[1:3] == ["task", "required"] and "density*" in rows["ties"]
-    assert rows["slerp"].split()[1:4] == ["gram", "required", "t"] and "Shoemake 1985" in rows["slerp"]
-    assert rows["uniform"].split()[1:4] == ["linear", "none", "-"]
+
+    def row(name: str) -> str:
+        return lines[rows[name]]
+
+    def below(name: str) -> list[str]:  # the indented lines under the row: parameters, then the citation
+        i = rows[name] + 1
+        found: list[str] = []
+        while i < len(lines) and lines[i].startswith("    "):
+            if lines[i].startswith("      "):
+                found[-1] += " " + lines[i].strip()
+            else:
+                found.append(lines[i].strip())
+            i += 1
+        return found
+
+    assert row("weighted").startswith("weighted (alias linear)")
+    assert row("ties").split()[1:] == ["task", "required"] and "density*" in below("ties")[0]
+    assert row("slerp").split()[1:] == ["gram", "required"] and below("slerp")[0] == "parameters: t"
+    assert row("uniform").split()[1:] == ["linear", "none"] and below("uniform")[0] == "parameters: -"
+    assert below("ties")[1] == OPERATORS["ties"].citation and "Shoemake 1985" in below("slerp")[1]
 
 
 def test_inspect_reports_counts_and_recipe(tmp_path: Path) -> None:
@@ -199,3 +216,23 @@ def test_a_missing_member_is_told_before_torch_is_imported(tmp_path: Path) -> No
                           text=True, timeout=120)
     assert "EXIT 1 False" in proc.stdout, (proc.stdout, proc.stderr)
     assert f"error: {tmp_path / 'nope.safetensors'}: no such file or folder" in proc.stderr
+
+
+def test_soup_help_groups_its_options_and_the_top_level_groups_commands() -> None:
+    res = CliRunner().invoke(cli, ["soup", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    text = res.output
+    heads = ["Members and output:", "Merge method (see --list-methods):",
+             "Greedy soup and BatchNorm (evaluate on data):", "Compute:"]
+    at = [text.index(h) for h in heads]
+    assert at == sorted(at)
+    # Each option sits in its section: --density among the method's, --recompute-bn among the evaluation's.
+    assert at[1] < text.index("\n  --density") < at[2] < text.index("\n  --recompute-bn") < at[3]
+    assert "[MEMBERS]...\n" not in text.split("Other options:")[-1]  # arguments are in the usage line only
+    assert "[default: 1, keep all]" in text and "[required by slerp]" in text
+    top = CliRunner().invoke(cli, ["--help"]).output
+    sections = ["Merge commands:", "Train commands:", "Evaluate commands:", "Hugging Face Hub commands:"]
+    assert [top.index(s) for s in sections] == sorted(top.index(s) for s in sections)
+    assert top.index("Merge commands:") < top.index("  soup ") < top.index("Train commands:") < top.index("  train ")
+    listed = {line.split()[0] for line in top.split("Merge commands:")[1].splitlines() if line.startswith("  ")}
+    assert listed == set(cli.commands)  # every command appears once, in some section
