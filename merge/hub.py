@@ -23,12 +23,14 @@ never modified: a generated model card travels in the commit, not in the user's 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -90,10 +92,88 @@ def _shown_endpoint(endpoint: str | None) -> str:
     return constants.ENDPOINT
 
 
-def _is_connection_error(e: BaseException) -> bool:
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ConnectionError",
-                         "ReadTimeout", "RemoteProtocolError", "OfflineModeIsEnabled"})
+_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ConnectionError",
+                   "ReadTimeout", "WriteTimeout", "PoolTimeout", "RemoteProtocolError", "ReadError", "WriteError",
+                   "TimeoutError", "BrokenPipeError", "ConnectionResetError", "IncompleteRead"}
+
+
+def _network_cause(e: BaseException) -> BaseException | None:
+    """The connection failure behind ``e``: itself, or one it was raised from (an upload wraps it in a RuntimeError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen and len(seen) < 20:
+        seen.add(id(cur))
+        if {c.__name__ for c in type(cur).__mro__} & _NETWORK_ERRORS:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _is_timeout(e: BaseException) -> bool:
+    return any(c.__name__ in ("TimeoutException", "TimeoutError") for c in type(e).__mro__)
+
+
+# --- timeouts --------------------------------------------------------------------------------------------
+# huggingface_hub's shared HTTP client has no timeout of its own, and several calls (model_info, create_repo,
+# create_commit, ...) pass none: a Hub that accepts the connection and never answers would hang them forever.
+_ETAG_VAR, _DOWNLOAD_VAR = "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"
+_COMMIT_FACTOR = 6  # a commit is answered only once the Hub has stored its files: give it longer
+
+
+def _seconds(var: str) -> float:
+    """``HF_HUB_ETAG_TIMEOUT`` or ``HF_HUB_DOWNLOAD_TIMEOUT`` as set now (huggingface_hub reads them on import)."""
+    from huggingface_hub import constants
+
+    fallback = float(getattr(constants, var, None) or 10)
+    raw = os.environ.get(var, "").strip()
+    try:
+        value = float(raw) if raw else fallback
+    except ValueError:
+        return fallback
+    return value if 0 < value < float("inf") else fallback
+
+
+@contextlib.contextmanager
+def _bounded(*, commit: bool = False) -> Iterator[None]:
+    """Bound every request of huggingface_hub's shared client in here (connect: the etag timeout; read and write:
+    the download timeout, longer for a commit), unless the user gave the client timeouts of their own."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    before = session.timeout
+    users_own = any(getattr(before, k, None) is not None for k in ("connect", "read", "write", "pool"))
+    if users_own and id(before) not in _OURS:
+        yield
+        return
+    read = _seconds(_DOWNLOAD_VAR) * (_COMMIT_FACTOR if commit else 1)
+    session.timeout = type(before)(read, connect=_seconds(_ETAG_VAR))
+    ours = session.timeout  # the client keeps its own copy
+    _OURS.add(id(ours))
+    try:
+        yield
+    finally:
+        session.timeout = before
+        _OURS.discard(id(ours))
+
+
+_OURS: set[int] = set()  # the timeouts _bounded set (a nested _bounded may replace them)
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool | None) -> Iterator[None]:
+    """huggingface_hub's progress bars: ``show`` None draws them only when stderr is a terminal (in a log
+    written by nohup, Slurm or ``| tee`` they are noise); False never. ``HF_HUB_DISABLE_PROGRESS_BARS`` wins."""
+    import importlib
+
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")
+    if show is None:
+        show = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    forced_on = getattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None) is False
+    if show or forced_on or bars.are_progress_bars_disabled():
+        yield
+        return
+    with bars.disable_progress_bars():
+        yield
 
 
 @contextlib.contextmanager
@@ -114,7 +194,8 @@ def _hub_errors(ref: HubReference, *, endpoint: str | None, action: str = "downl
     repo = f"{HF_PREFIX}{ref.repo_id}"
     rev = ref.revision or "main"
     try:
-        yield
+        with _bounded():
+            yield
     except MergeError:
         raise
     except RevisionNotFoundError:
@@ -133,6 +214,9 @@ def _hub_errors(ref: HubReference, *, endpoint: str | None, action: str = "downl
         raise HubError(f"{repo}: HF_HUB_OFFLINE is set and the files are not in the local cache; unset "
                        "HF_HUB_OFFLINE (or set it to 0) to download them") from None
     except LocalEntryNotFoundError as e:
+        cause = _network_cause(e)
+        if cause is not None:
+            raise _network_error(repo, where, action, cause) from None
         raise HubError(f"{repo}@{rev}: cannot reach {where} and the files are not in the local cache "
                        f"({_first_line(e)}); check the connection and HF_ENDPOINT") from None
     except EntryNotFoundError:
@@ -153,10 +237,24 @@ def _hub_errors(ref: HubReference, *, endpoint: str | None, action: str = "downl
             raise InvalidArgumentError(f"{repo}: {_first_line(e)}") from None
         raise
     except Exception as e:
-        if _is_connection_error(e):
-            raise HubError(f"{repo}: cannot reach {where} ({type(e).__name__}: {_first_line(e)}); check the "
-                           "connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files") from None
+        cause = _network_cause(e)
+        if cause is not None:
+            raise _network_error(repo, where, action, cause) from None
         raise
+
+
+def _network_error(repo: str, where: str, action: str, cause: BaseException) -> HubError:
+    """One line for a Hub that cannot be reached, stopped answering, or dropped the connection."""
+    if _is_timeout(cause):
+        return HubError(f"{repo}: {where} did not answer in time during the {action} ({type(cause).__name__}; "
+                        f"{_ETAG_VAR}={_seconds(_ETAG_VAR):g} s to connect, {_DOWNLOAD_VAR}="
+                        f"{_seconds(_DOWNLOAD_VAR):g} s per read); check the connection and HF_ENDPOINT, or raise "
+                        "those limits")
+    if action == "push":
+        return HubError(f"{repo}: the connection to {where} was lost during the upload ({type(cause).__name__}: "
+                        f"{_first_line(cause)}); nothing was committed, push again")
+    return HubError(f"{repo}: cannot reach {where} ({type(cause).__name__}: {_first_line(cause)}); check the "
+                    "connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files")
 
 
 def _first_line(e: BaseException) -> str:
@@ -200,35 +298,45 @@ def _read_index(api, ref: HubReference, sha: str, index: str, endpoint: str | No
     """The shard files a ``*.index.json`` lists (downloaded into the cache first)."""
     from huggingface_hub import hf_hub_download
 
+    from merge.io.shards import read_weight_map
+
     with _hub_errors(ref, endpoint=endpoint, filename=index):
         local = hf_hub_download(ref.repo_id, index, revision=sha, endpoint=endpoint, token=api.token,
-                                library_name="papa-merge", library_version=_version())
-    try:
-        weight_map = json.loads(Path(local).read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointFormatError(f"{ref}: {index} is not a valid shard index "
-                                    "(needs a 'weight_map' object)") from None
+                                library_name="papa-merge", library_version=_version(),
+                                etag_timeout=_seconds(_ETAG_VAR))
+    try:  # the local reader's rules: an index papa-merge would refuse on disk is refused on the Hub too
+        shards = sorted(set(read_weight_map(Path(local)).values()))
+    except CheckpointFormatError as e:
+        detail = str(e).removeprefix(f"{local}: ")
+        raise CheckpointFormatError(f"{ref}: {index}: {detail}; the repo's shard index is broken, fix it on the "
+                                    "Hub (or pull other files with include)", path=f"{ref}/{index}",
+                                    tensor=e.tensor) from None
     folder = str(PurePosixPath(index).parent)
     return [s if folder == "." else f"{folder}/{s}" for s in shards]
 
 
-def _check_shards(ref: HubReference, index: str, shards: Sequence[str], files: Sequence[str]) -> None:
+def _check_shards(ref: HubReference, index: str, shards: Sequence[str], files: Sequence[str],
+                  excluded: Sequence[str] = ()) -> None:
     missing = [s for s in shards if s not in files]
+    if missing and all(s in excluded for s in missing):
+        raise InvalidArgumentError(f"{ref}: exclude leaves out {_listing(missing, 3)}, listed by {index}; a sharded "
+                                   "checkpoint needs all its shards, exclude fewer files", option="exclude")
     if missing:
         raise CheckpointNotFoundError(f"{ref}: {index} lists {len(missing)} shard(s) missing from "
                                       f"{ref.repo_id}@{ref.revision or 'main'}: {_listing(missing, 3)}; "
                                       "the upload is incomplete, push the missing shards")
 
 
-def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str],
-                           endpoint: str | None) -> tuple[list[str], str | None]:
-    """Which files a checkpoint needs, and the path inside the snapshot to open (None: the folder itself)."""
+def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str], endpoint: str | None,
+                           excluded: Sequence[str] = ()) -> tuple[list[str], str | None]:
+    """Which files a checkpoint needs, and the path inside the snapshot to open (None: the folder itself).
+
+    ``excluded``: repo files the caller left out of ``files`` (a shard among them is refused by name)."""
     path = (ref.path or "").strip("/")
     if path and path in files:  # one file: itself, or an index and its shards
         if path.endswith(INDEX_SUFFIX):
             shards = _read_index(api, ref, sha, path, endpoint)
-            _check_shards(ref, path, shards, files)
+            _check_shards(ref, path, shards, files, excluded)
             return [path, *shards], path
         return [path], path
     if path and not any(f.startswith(path + "/") for f in files):
@@ -242,7 +350,7 @@ def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str
             weights = [name]
             if name.endswith(INDEX_SUFFIX):
                 shards = _read_index(api, ref, sha, name, endpoint)
-                _check_shards(ref, name, shards, files)
+                _check_shards(ref, name, shards, files, excluded)
                 weights += shards
             return weights + configs, path or None
     weights = _weight_files(files, path)
@@ -251,9 +359,13 @@ def _plan_checkpoint_files(api, ref: HubReference, sha: str, files: Sequence[str
     if not weights:
         raise CheckpointNotFoundError(f"{ref}: no weight files ({', '.join(FOLDER_CANDIDATES[:2])}, *.safetensors, "
                                       f"*.bin) in {ref.repo_id}@{ref.revision or 'main'}; files: {_listing(files)}")
-    raise CheckpointFormatError(f"{ref}: holds {len(weights)} weight files ({_listing(weights)}); name one, "
+    raise _SeveralCheckpoints(f"{ref}: holds {len(weights)} weight files ({_listing(weights)}); name one, "
                                 f"e.g. {HF_PREFIX}{ref.repo_id}"
                                 f"{'@' + ref.revision if ref.revision else ''}/{weights[0]}")
+
+
+class _SeveralCheckpoints(CheckpointFormatError):
+    """A repo (or folder) holding several checkpoint files side by side and none named."""
 
 
 def _listing(files: Sequence[str], n: int = 8) -> str:
@@ -267,7 +379,8 @@ def _download(api, ref: HubReference, sha: str, names: Sequence[str], endpoint: 
     patterns = [glob.escape(n) for n in names]
     with _hub_errors(ref, endpoint=endpoint):
         folder = snapshot_download(ref.repo_id, revision=sha, allow_patterns=patterns, endpoint=endpoint,
-                                   token=api.token, library_name="papa-merge", library_version=_version())
+                                   token=api.token, library_name="papa-merge", library_version=_version(),
+                                   etag_timeout=_seconds(_ETAG_VAR))
     _remember_revision(ref, sha)
     return Path(folder)
 
@@ -275,7 +388,7 @@ def _download(api, ref: HubReference, sha: str, names: Sequence[str], endpoint: 
 def _repo_files(api, ref: HubReference, endpoint: str | None) -> tuple[str, list[str]]:
     """The commit sha the reference points at, and the files there."""
     with _hub_errors(ref, endpoint=endpoint):
-        info = api.model_info(ref.repo_id, revision=ref.revision)
+        info = api.model_info(ref.repo_id, revision=ref.revision, timeout=_seconds(_DOWNLOAD_VAR))
     return str(info.sha), [s.rfilename for s in (info.siblings or [])]
 
 
@@ -362,19 +475,20 @@ def resolve_reference(ref: str, *, endpoint: str | None = None, token: str | boo
     return folder / target if target else folder
 
 
-def _patterns(include: str | Sequence[str] | None) -> list[str] | None:
+def _patterns(include: str | Sequence[str] | None, *, what: str = "include") -> list[str] | None:
     if include is None:
         return None
     items = [include] if isinstance(include, str) else list(include)
     out = [p.strip() for item in items for p in item.split(",") if p.strip()]
     if not out:
-        raise InvalidArgumentError("include patterns are empty; pass e.g. '*.safetensors' or '*'")
+        raise InvalidArgumentError(f"{what} patterns are empty; pass e.g. '*.safetensors' or '*'", option=what)
     return out
 
 
 def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str] | None = None,
-         out: str | os.PathLike | None = None, endpoint: str | None = None, token: str | bool | None = None,
-         force: bool = False) -> Path:
+         exclude: str | Sequence[str] | None = None, out: str | os.PathLike | None = None,
+         endpoint: str | None = None, token: str | bool | None = None, force: bool = False,
+         progress: bool | None = None) -> Path:
     """Download a checkpoint (or chosen files) from the Hub, through huggingface_hub's cache.
 
     Without ``include``, only what the checkpoint needs is fetched (as :func:`resolve_reference`),
@@ -387,17 +501,24 @@ def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str]
         include: glob patterns (``"*.safetensors"``, a list, or comma-separated) of files to fetch.
             Weight shards always bring the shard index that lists them (a sharded checkpoint does
             not open without it).
+        exclude: glob patterns of files not to fetch (applied after ``include``); a shard its index
+            lists cannot be excluded (the checkpoint would not open).
         out: copy the files into this new folder (default: return the cache's snapshot folder).
             The copy is written under a temporary name and renamed when complete.
         endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
         token: a token, or False for none (default: ``HF_TOKEN`` or the saved login).
         force: replace an existing, non-empty ``out`` (only once the new copy is complete).
+        progress: draw huggingface_hub's progress bars (default: only when stderr is a terminal).
+
+    Every request is bounded in time: ``HF_HUB_ETAG_TIMEOUT`` seconds to connect and
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds per read (read when called; both default to 10).
 
     Returns:
         The local folder holding the files.
 
     Raises:
         CheckpointNotFoundError: the repo, revision or file does not exist, or no file matches ``include``.
+        CheckpointFormatError: the repo's shard index is malformed (the local reader's rules).
         OutputExistsError: ``out`` exists and is not empty, and ``force`` is False.
         HubError: the Hub cannot be reached or refused the request.
         InvalidArgumentError: ``repo`` is not a repo id, or two different revisions were given.
@@ -413,30 +534,62 @@ def pull(repo: str, *, revision: str | None = None, include: str | Sequence[str]
     r = HubReference(r.repo_id, revision or r.revision)
     endpoint = _endpoint(endpoint)
     patterns = _patterns(include)
+    excluded = _patterns(exclude, what="exclude")
+    empty_dir = False
     if out is not None:
         from merge.io.writer import check_output_free
 
         out = Path(out)
         empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
         check_output_free(out, force=force or empty_dir)
-    api = _api(endpoint, token)
-    sha, files = _repo_files(api, r, endpoint)
-    if patterns is None:
+    with _progress_bars(progress):
+        api = _api(endpoint, token)
+        sha, files = _repo_files(api, r, endpoint)
+        names = _pull_plan(api, r, sha, files, endpoint, patterns, excluded)
         try:
-            names, _ = _plan_checkpoint_files(api, r, sha, files, endpoint)
-        except CheckpointFormatError:  # several checkpoints side by side (members of a soup): take them all
-            names = _weight_files(files) + _config_files(files)
-        names += [f for f in (CARD_FILE,) if f in files]
-    else:
-        names = [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns) and f != ".gitattributes"]
-        if not names:
-            raise CheckpointNotFoundError(f"{r}: no file matches {', '.join(map(repr, patterns))} in "
-                                          f"{r.repo_id}@{r.revision or 'main'}; files: {_listing(files)}")
-        names += _indexes_of(api, r, sha, names, files, endpoint)
-    folder = _download(api, r, sha, names, endpoint)
+            folder = _download(api, r, sha, names, endpoint)
+        except OSError as e:
+            if out is not None and e.errno == errno.ENOSPC and not isinstance(e, MergeError):
+                raise OSError(errno.ENOSPC, e.strerror or "No space left on device",
+                              f"{out}: while downloading into huggingface_hub's cache, {_cache_storage(r.repo_id)}"
+                              ) from None
+            raise
     if out is None:
         return folder
     return _copy_out(folder, names, out, force=force or empty_dir)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """A repo path against glob patterns: the whole path, or its file name (``*.bin`` excludes ``sub/x.bin``)."""
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(PurePosixPath(name).name, p) for p in patterns)
+
+
+def _pull_plan(api, r: HubReference, sha: str, files: Sequence[str], endpoint: str | None,
+               patterns: list[str] | None, excluded: list[str] | None) -> list[str]:
+    """The repo files a pull fetches: the checkpoint's (or those ``patterns`` match), less ``excluded``."""
+    candidates = [f for f in files if not (excluded and _matches(f, excluded))]
+    left_out = sorted(set(files) - set(candidates))
+    if patterns is None:
+        try:
+            names, _ = _plan_checkpoint_files(api, r, sha, candidates, endpoint, left_out)
+        except _SeveralCheckpoints:  # several checkpoints side by side (members of a soup): take them all
+            names = _weight_files(candidates) + _config_files(candidates)
+        names += [f for f in (CARD_FILE,) if f in candidates]
+    else:
+        names = [f for f in candidates if any(fnmatch.fnmatch(f, p) for p in patterns) and f != ".gitattributes"]
+        if not names:
+            raise CheckpointNotFoundError(f"{r}: no file matches {', '.join(map(repr, patterns))}"
+                                          f"{' (less the excluded)' if excluded else ''} in "
+                                          f"{r.repo_id}@{r.revision or 'main'}; files: {_listing(files)}")
+        names += _indexes_of(api, r, sha, names, candidates, endpoint)
+    if excluded:
+        for index in [n for n in names if n.endswith(INDEX_SUFFIX)]:
+            lost = [s for s in _read_index(api, r, sha, index, endpoint) if s not in names and s in files]
+            if lost:
+                raise InvalidArgumentError(f"{r}: exclude leaves out {_listing(lost, 3)}, listed by {index}; a "
+                                           "sharded checkpoint needs all its shards, exclude fewer files",
+                                           option="exclude")
+    return names
 
 
 def _indexes_of(api, ref: HubReference, sha: str, names: Sequence[str], files: Sequence[str],
@@ -506,6 +659,8 @@ class PushResult:
         uploaded: the paths in the repo written by the commit (README.md included).
         deleted: the stale weight files and shard indexes the commit deleted.
         checkpoint: the path in the repo that opens as the pushed checkpoint ("" for the repo itself).
+        dry_run: nothing was sent: ``uploaded`` is what the push would upload (the URLs are empty, and
+            ``deleted`` is empty: which stale files to delete is read from the Hub only when pushing).
     """
 
     url: str
@@ -514,23 +669,52 @@ class PushResult:
     uploaded: list[str]
     deleted: list[str]
     checkpoint: str
+    dry_run: bool = False
 
     def __str__(self) -> str:
         return self.url
 
 
-def _local_files(path: Path, name_in_repo: str) -> list[tuple[str, Path]]:
-    """(path in repo, local path) for a file or every non-hidden file under a folder (placed under ``name_in_repo``)."""
+def _local_files(path: Path, name_in_repo: str, exclude: Sequence[str] | None = None) -> list[tuple[str, Path]]:
+    """(path in repo, local path) for a file or every non-hidden file under a folder (placed under ``name_in_repo``).
+
+    Raises:
+        CheckpointFormatError: a symlink in the folder points outside it (and outside huggingface_hub's
+            cache, where a pulled snapshot's links lead): its target would be published.
+    """
     if path.is_file():
         return [(name_in_repo, path)]
     prefix = name_in_repo + "/" if name_in_repo else ""
+    roots = [path.resolve(), _hub_cache_root()]
     out = []
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue  # .git, .cache/huggingface, a soup's in-progress .tmp output
-        out.append((prefix + rel.as_posix(), p))
-    return out
+    seen_dirs: set[Path] = set()
+    for top, dirs, names in os.walk(path, followlinks=True):
+        here = Path(top)
+        real_top = here.resolve()
+        if real_top in seen_dirs:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen_dirs.add(real_top)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache/huggingface, a .tmp output
+        for entry in sorted(names):
+            p = here / entry
+            rel = p.relative_to(path)
+            if entry.startswith(".") or not p.is_file() or (exclude and _matches(rel.as_posix(), exclude)):
+                continue
+            if not any(p.resolve().is_relative_to(root) for root in roots):
+                link = next((q for q in (path.joinpath(*rel.parts[:i + 1]) for i in range(len(rel.parts)))
+                             if q.is_symlink()), p)
+                raise CheckpointFormatError(f"{link}: is a symlink to {os.readlink(link)}, outside {path}; push would "
+                                            "publish what it points to: copy the file into the folder, or remove "
+                                            "the link", path=link)
+            out.append((prefix + rel.as_posix(), p))
+    return sorted(out)
+
+
+def _hub_cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()
 
 
 def _in_repo_name(path: Path, path_in_repo: str | None, keep_existing: bool) -> str:
@@ -572,7 +756,8 @@ def _checkpoint_listing(names: Sequence[str], folder: str) -> list[str]:
 def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, endpoint: str | None = None, token: str | bool | None = None,
          commit_message: str | None = None, path_in_repo: str | None = None,
-         keep_existing: bool = False) -> PushResult:
+         keep_existing: bool = False, exclude: str | Sequence[str] | None = None, dry_run: bool = False,
+         progress: bool | None = None) -> PushResult:
     """Upload a checkpoint (file or model folder) so the repo revision holds exactly it, with a model card.
 
     Creates the repo if needed (``private`` applies only then) and the branch ``revision`` (from main)
@@ -600,6 +785,15 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
             or a folder's folder (default: ``model.safetensors``, or the top of the repo for a folder).
         keep_existing: keep the other checkpoints of the revision beside this one (nothing is
             deleted; a file keeps its own name); the card lists every checkpoint the revision holds.
+        exclude: glob patterns of a folder's files not to upload (matched against the path inside the
+            folder and the file name); the files the checkpoint reads cannot be excluded.
+        dry_run: check everything and say what would be uploaded, without any request to the Hub.
+        progress: draw huggingface_hub's progress bars (default: only when stderr is a terminal).
+
+    Symlinks inside the folder may point into it or into huggingface_hub's cache (a pulled snapshot's
+    files are links to its blobs); one pointing anywhere else is refused, naming the link, because its
+    target would be published. Every request is bounded in time (``HF_HUB_ETAG_TIMEOUT`` to connect,
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` per read, six times that for the commit's answer).
 
     Returns:
         A :class:`PushResult` (``str(result)`` is the commit or pull request URL; ``deleted`` lists the
@@ -607,9 +801,9 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
-        CheckpointFormatError: ``path`` is not a readable checkpoint.
-        InvalidArgumentError: bad repo id or ``path_in_repo``, or ``create_pr`` with a ``revision`` other
-            than main.
+        CheckpointFormatError: ``path`` is not a readable checkpoint, or a symlink in it leads out of it.
+        InvalidArgumentError: bad repo id or ``path_in_repo``, ``create_pr`` with a ``revision`` other
+            than main, or ``exclude`` matching the checkpoint's own files.
         HubError: the Hub cannot be reached or refused the upload.
 
     Example:
@@ -635,9 +829,13 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
         raise CheckpointNotFoundError(f"{path}: no such file or folder; pass the checkpoint (a .safetensors file "
                                       "or a model folder) to push", path=path)
     name = _in_repo_name(path, path_in_repo, keep_existing)
-    files = _local_files(path, name)
+    excluded = _patterns(exclude, what="exclude")
+    files = _local_files(path, name, excluded)
     if not files:
-        raise CheckpointNotFoundError(f"{path}: the folder is empty; nothing to push", path=path)
+        left = " once the excluded files are left out" if excluded else ""
+        raise CheckpointNotFoundError(f"{path}: the folder is empty{left}; nothing to push", path=path)
+    if excluded and path.is_dir():
+        _check_not_excluded(path, {p.resolve() for _, p in files}, excluded)
     folder = _folder_of(name) if path.is_file() else name
     card_name = CARD_FILE  # one card per repo, at its top, whatever folder the checkpoint lands in
     own_card = path / CARD_FILE if path.is_dir() else None
@@ -646,9 +844,13 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
     weights_name = name if path.is_file() else None
     # Read the checkpoint (and build its card) before any request: a bad file costs nothing remote.
     card = None if keep_card else model_card(path, repo_id=ref.repo_id, weights_name=weights_name)
+    if dry_run:
+        names = {n for n, _ in files} | ({CARD_FILE} if card is not None else set())
+        return PushResult(url="", commit_url="", pr_url=None, uploaded=sorted(names), deleted=[], checkpoint=name,
+                          dry_run=True)
     endpoint = _endpoint(endpoint)
     api = _api(endpoint, token)
-    with _hub_errors(ref, endpoint=endpoint, action="push"):
+    with _progress_bars(progress), _hub_errors(ref, endpoint=endpoint, action="push"):
         api.create_repo(ref.repo_id, private=private, exist_ok=True)
         if revision not in (None, "main") and not revision.startswith("refs/"):
             api.create_branch(ref.repo_id, branch=revision, exist_ok=True)
@@ -667,12 +869,26 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
         summary = _recipe_summary(path)
         message = commit_message or f"Upload {summary or path.name} with papa-merge"
         description = ("Deleted stale weight files: " + ", ".join(deleted)) if deleted else None
-        info = api.create_commit(ref.repo_id, operations=ops, commit_message=message, revision=revision,
-                                 create_pr=create_pr, commit_description=description)
+        with _bounded(commit=True):
+            info = api.create_commit(ref.repo_id, operations=ops, commit_message=message, revision=revision,
+                                     create_pr=create_pr, commit_description=description)
     uploaded = sorted({op.path_in_repo for op in ops if isinstance(op, CommitOperationAdd)})
     pr_url = str(info.pr_url) if create_pr and info.pr_url else None
     return PushResult(url=pr_url or str(info.commit_url), commit_url=str(info.commit_url), pr_url=pr_url,
                       uploaded=uploaded, deleted=sorted(deleted), checkpoint=name)
+
+
+def _check_not_excluded(folder: Path, kept: set[Path], excluded: Sequence[str]) -> None:
+    """Refuse an ``exclude`` that leaves out a file the folder's checkpoint reads (its weights or shard index)."""
+    from merge.io.sources import open_checkpoint
+
+    with open_checkpoint(folder) as src:
+        needed = [*src.files, *([src.index_path] if getattr(src, "index_path", None) else [])]
+    lost = [p for p in needed if Path(p).resolve() not in kept]
+    if lost:
+        raise InvalidArgumentError(f"{folder}: exclude {', '.join(map(repr, excluded))} leaves out "
+                                   f"{_listing([Path(p).name for p in lost], 3)}, which the checkpoint reads; "
+                                   "exclude fewer files", path=folder, option="exclude")
 
 
 def _recipe_summary(path: Path) -> str | None:

@@ -14,6 +14,8 @@ Usage::
     server.upload_mode = "regular"        # or "lfs": what /preupload answers for binary files
     server.forbidden_orgs.add("acme")     # creating repos under acme/ answers 403
     server.requests                       # [(method, path), ...] for assertions
+    server.hang = True                    # accept every connection, read the request, never answer
+    server.drop_uploads = True            # read part of an upload's body (LFS PUT or commit), then drop the line
 
 Repos live in memory; file contents live in ``root/blobs/<sha256>``.
 """
@@ -21,10 +23,12 @@ Repos live in memory; file contents live in ``root/blobs/<sha256>``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -97,6 +101,9 @@ class HubServer:
         self.upload_mode = upload_mode
         self.forbidden_orgs: set[str] = set()  # namespaces where creating repos answers 403, as for a stranger
         self.requests: list[tuple[str, str]] = []
+        self.hang = False  # a Hub that accepts connections and never answers
+        self.drop_uploads = False  # a connection lost in the middle of an upload
+        self._released = threading.Event()  # set by stop(): hung handlers return
         self.lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -113,6 +120,7 @@ class HubServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> HubServer:
+        self._released.clear()
         handler = type("Handler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
@@ -121,6 +129,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self._released.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -277,6 +286,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self.hub.requests.append((self.command, self.path))
+        if self.hub.hang:
+            self.hub._released.wait(600)
+            self.close_connection = True
+            return
+        if self.hub.drop_uploads and self._is_upload():
+            return self._drop()
         body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
         try:
             self._route(body)
@@ -285,6 +300,21 @@ class _Handler(BaseHTTPRequestHandler):
             if e.code:
                 headers["X-Error-Code"] = e.code
             self._json(e.body or {"error": e.message}, e.status, headers)
+
+    def _is_upload(self) -> bool:
+        path = urlsplit(self.path).path
+        return (self.command == "PUT" and path.startswith("/lfs-upload/")) or (
+            self.command == "POST" and "/commit/" in path)
+
+    def _drop(self) -> None:
+        """Read a little of the body, then close the socket without an answer (a connection lost mid-upload)."""
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            self.rfile.read(min(n, 64))
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch  # http.server naming
 
