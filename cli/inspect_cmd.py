@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.util import format_bytes
+from cli.util import format_bytes, verbosity
 
 
 @click.command()
@@ -14,10 +14,13 @@ from cli.util import format_bytes
 @click.option("--key", default=None, help="Wrapper key of pickled training checkpoints (e.g. ema).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--top", default=5, show_default=True, help="How many of the largest tensors to list.")
-def inspect(checkpoint: str, key: str | None, as_json: bool, top: int) -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Every metadata record in full (the recipe with each member's record, training records).")
+def inspect(checkpoint: str, key: str | None, as_json: bool, top: int, verbose: bool) -> None:
     """Show what a checkpoint holds.
 
-    Summarises CHECKPOINT: tensor count, parameters, dtypes, size, and metadata (the recorded recipe).
+    Summarises CHECKPOINT: tensor count, parameters, dtypes, size, and metadata (the recorded recipe,
+    one line per record; --verbose or --json for every record in full).
 
     \b
     Example:
@@ -47,8 +50,9 @@ def inspect(checkpoint: str, key: str | None, as_json: bool, top: int) -> None:
         click.echo(f"  recipe:     {recipe_line(recipe)}")
     if s.metadata:
         click.echo("  metadata:")
+        whole = verbose or verbosity() > 0
         for k, v in s.metadata.items():
-            for line in _metadata_lines(k, v):
+            for line in _metadata_lines(k, v, whole=whole):
                 click.echo(line)
 
 
@@ -62,9 +66,15 @@ def recipe_line(recipe: dict) -> str:
             f"member{'s' if len(members) != 1 else ''}: {listed}")
 
 
-def _metadata_lines(key: str, value: object) -> list[str]:
-    """One metadata entry in full (never cut): one line when short, else pretty-printed JSON under its key."""
+def _metadata_lines(key: str, value: object, *, whole: bool = True) -> list[str]:
+    """One metadata entry: one line when short; a long record in full as pretty-printed JSON under its key
+    (``whole``), or else one line naming its fields (never a cut value, which would read as the value)."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     if isinstance(value, str) or len(text) <= 100:
         return [f"    {key}: {text}"]
+    if not whole:
+        fields = sorted(value) if isinstance(value, dict) else []
+        what = (f"{len(fields)} fields: {', '.join(fields)}" if fields
+                else f"a {type(value).__name__} of {len(value) if isinstance(value, list) else '?'} entries")
+        return [f"    {key}: {{{what}}} (in full with --verbose or --json)"]
     return [f"    {key}:"] + ["      " + line for line in json.dumps(value, indent=2, sort_keys=True).splitlines()]

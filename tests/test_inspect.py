@@ -44,9 +44,9 @@ def test_soup_line_lists_members_and_weights_and_inspect_shows_the_full_recipe(t
     final = r.stdout.strip().splitlines()[-1]
     shares = [w / sum(weights) for w in weights]
     assert final.startswith(f"wrote {out} (2 tensors, ")
-    assert final.endswith("from 6 members: " + ", ".join(f"{p} x{s:.4g}" for p, s in zip(paths, shares)))
+    assert final.endswith("weighted of 6 members: " + ", ".join(f"{p} x{s:.4g}" for p, s in zip(paths, shares)))
 
-    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    r = CliRunner().invoke(cli, ["inspect", str(out), "--verbose"])
 
     assert r.exit_code == 0, r.output
     with safe_open(str(out), "pt") as f:
@@ -69,3 +69,21 @@ def test_inspect_json_keeps_the_recipe_whole(tmp_path):
     with safe_open(str(out), "pt") as f:
         recorded = json.loads(f.metadata()[RECIPE_KEY])
     assert json.loads(r.stdout)["metadata"][RECIPE_KEY] == recorded
+
+
+def test_inspect_is_short_by_default_and_whole_with_verbose(tmp_path):
+    paths = _members(tmp_path, 4)
+    out = tmp_path / "soup.safetensors"
+    assert CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out)]).exit_code == 0
+    short = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert short.exit_code == 0, short.output
+    lines = short.stdout.splitlines()
+    assert len(lines) <= 16, short.stdout
+    assert f"  recipe:     uniform merge of 4 members: {', '.join(f'{p.name} 0.25' for p in paths)}" in lines
+    # The long record is named with its fields and where to see it whole; short entries stay whole.
+    line = next(ln for ln in lines if ln.startswith(f"    {RECIPE_KEY}: "))
+    assert "method" in line and "members" in line and line.endswith("(in full with --verbose or --json)")
+    assert "    format: pt" in lines
+    verbose = CliRunner().invoke(cli, ["-v", "inspect", str(out)]).stdout  # the group's -v counts too
+    assert verbose == CliRunner().invoke(cli, ["inspect", str(out), "--verbose"]).stdout
+    assert len(verbose.splitlines()) > 40 and json.loads(_block(verbose.splitlines(), RECIPE_KEY))["method"] == "uniform"
