@@ -149,7 +149,9 @@ def test_recipe_metadata_is_recorded(tmp_path: Path) -> None:
     import hashlib
     raw = paths[0].read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    assert recipe["members"][0]["header_sha256"] == hashlib.sha256(raw[8:8 + n]).hexdigest()
+    # The header's hash, named for what it is: the layout (names, dtypes, shapes, metadata), not the weights.
+    assert recipe["members"][0]["layout_sha256"] == hashlib.sha256(raw[8:8 + n]).hexdigest()
+    assert "header_sha256" not in recipe["members"][0]
 
 
 def test_sharded_folder_in_and_out(tmp_path: Path) -> None:

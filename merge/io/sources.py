@@ -191,8 +191,10 @@ class SafetensorsSource(Source):
         return [self.file]
 
     def fingerprint(self) -> dict[str, object]:
+        # ``layout_sha256`` hashes the header (names, dtypes, shapes, offsets, metadata), not the weights: two
+        # members of one architecture saved alike share it. Hashing the weights would cost a second full read.
         return {"path": str(self.path), "format": "safetensors", "size": self._file_size,
-                "header_sha256": self._header_sha256}
+                "layout_sha256": self._header_sha256}
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -380,7 +382,7 @@ class ShardedSource(Source):
         shards = {n: s.fingerprint() for n, s in self._shards.items()}
         return {"path": str(self.path), "format": "sharded", "index": self.index_path.name,
                 "size": sum(int(f.get("size", 0)) for f in shards.values()),
-                "shards": {n: f.get("header_sha256") or f.get("sha256") for n, f in shards.items()}}
+                "shards": {n: f.get("layout_sha256") or f.get("sha256") for n, f in shards.items()}}
 
     def close(self) -> None:
         for shard in self._shards.values():
