@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from collections.abc import Iterator
 
@@ -31,10 +30,8 @@ def model_options(f):  # a click decorator
 
 
 def echo_line(text: str) -> None:
-    """Print a result line now, above any progress bar (bars live on stderr, results on stdout)."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(text, file=sys.stdout)
+    """Print a result line now, above any progress bar (bars live on stderr, results on stdout), flushed."""
+    util.echo_result(text)
 
 
 @contextlib.contextmanager

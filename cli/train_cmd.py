@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cli.util import VERBOSE, say, show_progress
+from cli.util import VERBOSE, echo_result, percent, say, show_progress
 
 DIVERSITY_CHOICES = ["seed", "order", "augment", "hparams"]
 
@@ -286,8 +286,21 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
     say(f"training {members} {arch} member(s) on {data} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test, {splits.num_classes} classes), diversity={diversity}, method={method}")
     say(f"base recipe: {json.dumps(base.to_dict(), sort_keys=True)}", level=VERBOSE)
+    shown: set[int] = set()
+
+    def member_line(i: int, p: Path, kept: bool) -> None:
+        # Each member's line as soon as it is on disk (flushed: a log shows it while the run goes on).
+        meta = read_safetensors_metadata(p)
+        scores = json.loads(meta.get(METRICS_KEY, "{}"))
+        secs = json.loads(meta.get(TRAIN_KEY, "{}")).get("seconds")
+        status = ("kept (already there)" if kept else f"trained in {secs:.1f}s" if secs is not None else "written")
+        cells = "  ".join(f"{split} acc {percent(scores[split]['acc'])} nll {scores[split]['nll']:.4f}"
+                          for split in ("val", "test") if split in scores)
+        echo_result(f"{Path(p)}  {cells}  {status}")
+        shown.add(i)
+
     job = TrainJob(model=spec, data=splits, out_dir=out, members=members, diversity=diversity, base=base, seed=seed,
-                   pretrained=pretrained, init=init, device=device, progress=show)
+                   pretrained=pretrained, init=init, device=device, progress=show, on_member=member_line)
     result = run_method(method, job, **options)
     start = result.report.get("start")
     if start:
@@ -295,17 +308,12 @@ def train(arch: str, data: str, members: int, out: str, diversity: str, method: 
         say(f"members share one start ({start['kind']}{where}, sha256 {start['sha256'][:12]}), so they average well")
     if result.report.get("rank", 0) != 0:
         return  # under torchrun, rank 0 reports for the whole population
-    paths = result.paths
-    for i, p in enumerate(paths):
-        meta = read_safetensors_metadata(p)
-        scores = json.loads(meta.get(METRICS_KEY, "{}"))
-        secs = json.loads(meta.get(TRAIN_KEY, "{}")).get("seconds")
-        status = ("kept (already there)" if i in existing else
-                  f"trained in {secs:.1f}s" if secs is not None else "written")
-        cells = "  ".join(f"{split} acc {scores[split]['acc']:.4f} nll {scores[split]['nll']:.4f}"
-                          for split in ("val", "test") if split in scores)
-        click.echo(f"{Path(p)}  {cells}  {status}")
+    for i, p in enumerate(result.paths):
+        if i not in shown:  # a method that wrote them all at once
+            member_line(i, p, i in existing)
     if result.report.get("table"):
-        # A population method's final model: members, their ensemble and the soups on val and test.
+        # The method's final model: members, their ensemble and the soups on val and test.
+        caption = result.report.get("caption")
         written = ", ".join(str(p) for p in result.outputs.values())
-        click.echo(f"\n{result.report['table']}\n({written})")
+        echo_result("\n" + (caption + "\n" if caption else "") + result.report["table"] + (f"\n({written})" if written
+                                                                                           else ""))

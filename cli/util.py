@@ -57,3 +57,21 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def echo_result(text: str) -> None:
+    """Print a result line on stdout now: above any progress bar (bars live on stderr) and flushed.
+
+    Python buffers stdout in blocks when it is not a terminal (``nohup``, Slurm, ``| tee``), so a result
+    printed with a plain write could show only when the buffer fills or the run ends; every result line
+    of ``train``, ``quickstart`` and ``eval`` goes through here and reaches the log as it is printed.
+    """
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def percent(fraction: float) -> str:
+    """An accuracy as the tables print it: ``0.9578`` -> ``95.78%``."""
+    return f"{100 * fraction:.2f}%"

@@ -365,8 +365,10 @@ def test_cli_train_and_resume(tmp_path):
             "--limit", "200", "--epochs", "1", "--batch-size", "32", "--no-progress"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    # The members and, in start/, the shared warm start they were trained onward from (issue 12).
-    assert sorted(p.name for p in out.iterdir()) == ["member-00.safetensors", "member-01.safetensors", "start"]
+    # The members and, in start/, the shared warm start they were trained onward from (issue 12); then the final
+    # table's soups and its recorded evaluation (issue 26).
+    assert sorted(p.name for p in out.iterdir()) == ["average.eval.json", "average.safetensors", "greedy.safetensors",
+                                                     "member-00.safetensors", "member-01.safetensors", "start"]
     assert sorted(p.name for p in (out / "start").iterdir()) == ["member-00.safetensors"]
     assert r.output.count("trained in") == 2
     again = CliRunner().invoke(cli, args[:6] + ["3"] + args[7:])

@@ -203,18 +203,20 @@ def _check_config_resumable(path: Path, config: HyperConfig, *, spec: dict, data
 
 
 def _train_configs(job: TrainJob, configs: Sequence[HyperConfig], out_dir: Path, *, spec: dict, splits: Any,
-                   stage: str, labels: Sequence[str]) -> list[Path]:
+                   stage: str, labels: Sequence[str], offset: int = 0) -> list[Path]:
     paths = []
     for i, (cfg, label) in enumerate(zip(configs, labels)):
         p = member_path(out_dir, i, arch=spec["arch"])  # a folder its library loads for timm:/hf:, else a file
         if p.exists() and not job.force:
             _check_config_resumable(p, cfg, spec=spec, data_spec=splits.spec)
+            job.member_done(offset + i, p, kept=True)
         else:
             record = {"stage": stage, "config": label}
             train_member(cfg.recipe, model=spec, data=splits, out=p, pretrained=job.pretrained, device=job.device,
                          progress=job.progress, callbacks=[*job.callbacks, DropoutRate(cfg.dropout, record)],
                          eval_batch_size=job.eval_batch_size, init=job.init, force=job.force,
                          desc=f"{stage} {i + 1}/{len(configs)}")
+            job.member_done(offset + i, p)
         paths.append(p)
     return paths
 
@@ -285,7 +287,7 @@ def _retrain(job: TrainJob, configs: Sequence[HyperConfig], pool_paths: Sequence
                                                                                      data_seed=s)))
             labels.append(f"config {c}, seed {s}")
     new = _train_configs(job, retrain, Path(job.out_dir) / "hyper-deep", spec=spec, splits=splits, stage="hyper-deep",
-                         labels=labels)
+                         labels=labels, offset=len(pool_paths))
     per = seeds - 1
     deep_pool = [p for k, c in enumerate(selected) for p in [pool_paths[c], *new[k * per:(k + 1) * per]]]
     return new, deep_pool

@@ -35,6 +35,7 @@ from merge.train.kit import (
 from merge.train.members import train_member
 from merge.train.recipe import Recipe, default_recipe
 from merge.train.registry import TrainJob, TrainResult, register_method
+from merge.train.report import FINAL_PARAM, finish_run
 
 __all__ = ["train_independent", "WARM_START_FRACTION"]
 
@@ -97,8 +98,10 @@ def _same_start_before_records(meta: Mapping[str, str], expected: dict) -> bool:
                                     "diverse predictions, but their weight average is near chance)"),
                          Param("warm_start", None, float,  # >= 0, checked below with the unit
                                help="epochs of the shared start, trained once into OUT/start/ before the members "
-                                    "(default: a quarter of the epochs from scratch, 0 for pretrained models)")])
-def train_independent(job: TrainJob, *, independent_init: bool = False, warm_start: float | None = None) -> TrainResult:
+                                    "(default: a quarter of the epochs from scratch, 0 for pretrained models)"),
+                         FINAL_PARAM])
+def train_independent(job: TrainJob, *, independent_init: bool = False, warm_start: float | None = None,
+                      final: bool = True) -> TrainResult:
     """Members trained one after another, each alone; members already on disk (same recipe and start) are kept.
 
     Members meant for merging share a start, as model soups fine-tune one pretrained model: by default each
@@ -115,10 +118,12 @@ def train_independent(job: TrainJob, *, independent_init: bool = False, warm_sta
             average is near chance.
         warm_start: epochs of the shared warm start (default: a quarter of the members' epochs from
             scratch, none for pretrained models; 0: the members share only the initialisation).
+        final: end with the final table (:func:`merge.train.report.finish_run`): the members, their
+            ensemble, and (members of one start) their average ``average.safetensors`` and greedy soup.
 
     Returns:
         The members' paths; ``outputs["start"]`` is the warm start's when one was trained, and
-        ``report["start"]`` the recorded start (kind and sha256).
+        ``report["start"]`` the recorded start (kind and sha256); with ``final``, the soups and the table.
 
     Raises:
         InvalidArgumentError: ``independent_init`` with ``init`` or ``warm_start``, or a negative ``warm_start``.
@@ -150,14 +155,22 @@ def train_independent(job: TrainJob, *, independent_init: bool = False, warm_sta
             if init_seed is not None and expected is None:
                 expected = _planned_start(spec, r, job, init, init_seed, kind)
             _check_same_start(p, expected)
+            job.member_done(i, p, kept=True)
         else:
             train_member(r, model=spec, data=splits, out=p, pretrained=job.pretrained, device=job.device,
                          progress=job.progress, callbacks=job.callbacks, eval_batch_size=job.eval_batch_size,
                          init=init, desc=f"member {i + 1}/{len(recipes)}", force=job.force, init_seed=init_seed,
                          start_kind=kind)
+            job.member_done(i, p)
         paths.append(p)
     start = None if independent_init else start_of(read_safetensors_metadata(paths[0]))
-    return TrainResult(paths, outputs, {"start": start} if start else {})
+    result = TrainResult(paths, outputs, {"start": start} if start else {})
+    how = ("each member from its own initialisation (no soups: their weight average is near chance; they make an "
+           "ensemble of predictions)" if independent_init else
+           f"members trained one by one from one shared start ({(start or {}).get('kind', 'shared')})")
+    return finish_run(result, job, final=final and len(paths) >= 2, caption=f"independent: {how}",
+                      average=False if independent_init else None,
+                      average_label="uniform soup (average.safetensors)")
 
 
 def _planned_start(spec: dict, recipe: Recipe, job: TrainJob, init: str | os.PathLike | None, init_seed: int,

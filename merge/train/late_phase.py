@@ -73,6 +73,7 @@ from merge.train.kit import (
 from merge.train.loop import Callback, TrainState, fit, make_optimizer
 from merge.train.recipe import Recipe
 from merge.train.registry import TrainJob, TrainResult, register_method
+from merge.train.report import FINAL_PARAM, finish_run
 
 __all__ = ["late_phase_modules", "late_phase_parameters", "LatePhaseNet", "LatePhaseOptimizer", "LatePhaseSchedule",
            "train_late_phase_member", "late_phase_path", "DEFAULT_COPIES", "DEFAULT_START_FRACTION"]
@@ -427,12 +428,16 @@ def train_late_phase_member(recipe: Recipe, *, model: str | Mapping[str, Any], d
                  params=[Param("copies", DEFAULT_COPIES, int, low=2,
                                help="K copies of the BatchNorm layers and head, one trained per minibatch"),
                          Param("start_epoch", None, float, low=0.0,
-                               help="the epoch the copies are released, T0 (default: 0.6 x epochs)")])
-def train_late_phase(job: TrainJob, *, copies: int = DEFAULT_COPIES, start_epoch: float | None = None) -> TrainResult:
+                               help="the epoch the copies are released, T0 (default: 0.6 x epochs)"),
+                         FINAL_PARAM])
+def train_late_phase(job: TrainJob, *, copies: int = DEFAULT_COPIES, start_epoch: float | None = None,
+                     final: bool = True) -> TrainResult:
     """Each member trained alone with late-phase weights; members are the collapsed models.
 
     ``TrainResult.outputs`` maps ``late-phase-NN`` to each member's late-phase checkpoint
     (``OUT/late-phase/member-NN.safetensors``). Members already on disk with the same recipe are kept.
+    With ``final``, the run ends with the table of the collapsed members, their ensemble and, when they
+    share a start, their average and greedy soup (:func:`merge.train.report.finish_run`).
     """
     ready = prepare(job)
     recipes, splits, spec = ready.recipes, ready.splits, ready.spec
@@ -441,6 +446,7 @@ def train_late_phase(job: TrainJob, *, copies: int = DEFAULT_COPIES, start_epoch
         p, lp = member_path(job.out_dir, i, arch=spec["arch"]), late_phase_path(job.out_dir, i)
         if p.exists() and lp.exists() and not job.force:
             check_resumable(p, r, "late-phase", spec=spec, data_spec=splits.spec)
+            job.member_done(i, p, kept=True)
         else:
             lp.parent.mkdir(parents=True, exist_ok=True)
             train_late_phase_member(r, model=spec, data=splits, out=p, late_phase_out=lp, copies=copies,
@@ -448,6 +454,13 @@ def train_late_phase(job: TrainJob, *, copies: int = DEFAULT_COPIES, start_epoch
                                     device=job.device, progress=job.progress, callbacks=job.callbacks,
                                     eval_batch_size=job.eval_batch_size, force=job.force,
                                     desc=f"late-phase member {i + 1}/{len(recipes)}")
+            job.member_done(i, p)
         paths.append(p)
         outputs[f"late-phase-{i:02d}"] = lp
-    return TrainResult(paths, outputs, {"copies": copies, "start_epoch": start_epoch})
+    result = TrainResult(paths, outputs, {"copies": copies, "start_epoch": start_epoch})
+    t0 = start_epoch if start_epoch is not None else DEFAULT_START_FRACTION * recipes[0].epochs
+    caption = (f"late-phase: each member trained alone, with {copies} copies of its BatchNorm layers and head from "
+               f"epoch {t0:g}, then collapsed into one model (the member's row)")
+    return finish_run(result, job, final=final and len(paths) >= 2, caption=caption,
+                      names=[f"{p.stem} (collapsed)" for p in paths], members_label="collapsed members",
+                      average_label="uniform soup (average.safetensors)")

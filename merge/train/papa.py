@@ -65,7 +65,7 @@ from merge.train.kit import member_path, prepare
 from merge.train.loop import Callback, TrainState
 from merge.train.members import train_population
 from merge.train.registry import TrainJob, TrainResult, register_method
-from merge.train.report import final_model
+from merge.train.report import final_model, warn_weak_members
 
 __all__ = ["PAPA", "PopulationMix", "pull_to_average", "mix_population", "draw_pairs", "mix_matrix",
            "repair_batches", "train_papa", "train_papa_all", "train_papa_2", "PAPA_CITATION",
@@ -450,6 +450,8 @@ def _run_population(job: TrainJob, method: str, make_callbacks: Any, record: dic
                                 progress=job.progress and group.is_main, eval_batch_size=job.eval_batch_size,
                                 force=job.force, indices=group.indices, population=len(recipes))
         trained = time.perf_counter() - started
+        for i, p in zip(group.indices, mine):
+            job.member_done(i, p)
         group.barrier()  # every member is on disk before rank 0 averages them
         paths = [member_path(job.out_dir, i, arch=spec["arch"]) for i in range(len(recipes))]
         outputs: dict[str, Path] = {}
@@ -463,6 +465,10 @@ def _run_population(job: TrainJob, method: str, make_callbacks: Any, record: dic
                                                                        "world": group.world})
             report.update(final_report)
             report["members"] = final_report["members"]
+            report["caption"] = (f"{method}: {len(paths)} members trained together as one population, then their "
+                                 f"average and greedy soup\nmetrics: {final_report['scoring']}")
+        if group.is_main:
+            warn_weak_members(paths, stacklevel=4)
         group.barrier()  # the other ranks return once the population's outputs exist
     return TrainResult(paths, outputs, report)
 

@@ -60,6 +60,8 @@ class TrainJob:
         eval_batch_size: batch size of the val/test evaluation.
         callbacks: extra hooks around each step (e.g. late-phase weights).
         force: replace existing members.
+        on_member: called with ``(index, path, kept)`` as soon as each member is on disk (``kept``: it was
+            there already), so a caller can print each member's line while the run goes on.
     """
 
     model: str | Mapping[str, Any]
@@ -80,10 +82,16 @@ class TrainJob:
     eval_batch_size: int = 256
     callbacks: Sequence[Callback] = ()
     force: bool = False
+    on_member: Callable[[int, Path, bool], None] | None = None
 
     @property
     def arch(self) -> str:
         return self.model if isinstance(self.model, str) else str(self.model.get("arch", ""))
+
+    def member_done(self, index: int, path: str | os.PathLike, *, kept: bool = False) -> None:
+        """Tell :attr:`on_member` that member ``index`` is on disk (trained now, or ``kept`` from an earlier run)."""
+        if self.on_member is not None:
+            self.on_member(index, Path(path), kept)
 
 
 @dataclass
@@ -239,7 +247,8 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
                   eval_limit: int | None = None, **options: Any) -> list[Path]:
     """Train ``k`` diverse members into ``out_dir`` with a registered training method.
 
-    A shortcut for :func:`run_method` that returns the members' paths.
+    A shortcut for :func:`run_method` that returns the members' paths: the method's final soups and table
+    are not made unless asked for (``final=True``).
 
     Args:
         k: number of members.
@@ -272,6 +281,8 @@ def train_members(k: int, *, model: str | Mapping[str, Any], data: str | Splits,
     Example:
         >>> train_members(3, model="small_cnn", data="digits", out_dir="ckpts/")  # doctest: +SKIP
     """
+    if "final" in get_method(method).options:
+        options.setdefault("final", False)  # only the paths are returned
     get_method(method).check_options(options)  # before the data is loaded
     if eval_limit is not None:
         if isinstance(data, Splits):

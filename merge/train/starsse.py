@@ -58,6 +58,7 @@ from merge.train.kit import (
 from merge.train.loop import Callback, fit
 from merge.train.recipe import Recipe, default_recipe, diverse_recipes
 from merge.train.registry import TrainJob, TrainResult, register_method
+from merge.train.report import FINAL_PARAM, finish_run
 
 __all__ = ["branch_recipes", "train_branches", "LR_RATIOS", "EPOCH_RATIOS"]
 
@@ -148,7 +149,7 @@ def _given_centre_recipe(path: str | os.PathLike, fallback: Recipe) -> Recipe:
 
 
 def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
-                   branch_epochs_ratio: float = 1.0) -> TrainResult:
+                   branch_epochs_ratio: float = 1.0, final: bool = True) -> TrainResult:
     """Train a StarSSE (``star=True``) or SSE run: the centre as member 0, then K - 1 cycles.
 
     Args:
@@ -158,9 +159,13 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
         star: cycles start from the centre (StarSSE) or from the previous cycle (SSE).
         branch_lr_ratio: a cycle's peak learning rate over the centre's.
         branch_epochs_ratio: a cycle's epochs over the centre's.
+        final: end with the final table (:func:`merge.train.report.finish_run`): each member (the centre
+            and its cycles), their ensemble, their average and greedy soup; a centre far below its cycles
+            is named in a :class:`~merge.train.report.WeakMemberWarning`.
 
     Returns:
-        The members (centre first); ``report`` holds the method, ratios and each member's start.
+        The members (centre first); ``report`` holds the method, ratios and each member's start, and with
+        ``final`` the table; ``outputs`` the soups.
 
     Raises:
         InvalidArgumentError: fewer than 2 members, bad ratios, more than one recipe given.
@@ -195,6 +200,7 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
                                         "folder or delete the file", path=p)
             else:
                 check_resumable(p, recipes[i], method, spec=spec, data_spec=splits.spec)
+            job.member_done(i, p, kept=True)
             return
         if i == 0 and job.init is not None:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -202,12 +208,14 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
                 shutil.copytree(job.init, p)  # the given centre is member 0, as it is
             else:
                 shutil.copyfile(job.init, p)
+            job.member_done(i, p)
             return
         role = {"role": "centre" if i == 0 else "cycle", "cycle": i, **common}
         _fine_tune(recipes[i], spec=spec, splits=splits, out=p, init=starts[i], pretrained=job.pretrained,
                    method=method, extra={method: role}, device=dev, progress=job.progress, callbacks=job.callbacks,
                    eval_batch_size=job.eval_batch_size, force=job.force,
                    desc=f"{method} {'centre' if i == 0 else f'cycle {i}/{job.members - 1}'}")
+        job.member_done(i, p)
 
     # Star cycles are independent: under torchrun each process trains its block of them (after the
     # centre). An SSE chain is sequential, so its first process trains it all.
@@ -223,8 +231,20 @@ def train_branches(job: TrainJob, *, star: bool, branch_lr_ratio: float = 1.0,
             for i in range(1, job.members):
                 member(i, dev)
         group.barrier()
+        main = group.is_main
     report = {"method": method, **common, "starts": starts, "centre_recipe": centre_recipe.to_dict()}
-    return TrainResult(paths, {}, report)
+    result = TrainResult(paths, {}, report)
+    if not main:
+        return result
+    cycle = recipes[1]
+    names = [f"{p.stem} (centre)" if i == 0 else f"{p.stem} (cycle {i})" for i, p in enumerate(paths)]
+    caption = (f"{method}: {paths[0].stem} is the centre ({'given' if job.init is not None else 'fine-tuned'}, "
+               f"{centre_recipe.epochs:g} epoch(s) at lr {centre_recipe.lr:g}); each cycle: {cycle.epochs:g} "
+               f"epoch(s) from peak lr {cycle.lr:g}, started from {'the centre' if star else 'the previous cycle'}")
+    return finish_run(result, job, final=final, names=names, with_members=True, caption=caption, average=True,
+                      average_label="uniform soup (average.safetensors)",
+                      fixes={0: "train the centre longer (more epochs; a cycle's epochs are a ratio of the "
+                                "centre's), or give a trained centre as init"})
 
 
 _BRANCH_PARAMS = (
@@ -232,19 +252,24 @@ _BRANCH_PARAMS = (
           help="each cycle's peak learning rate over the centre's (the paper sweeps 0.25 .. 4)"),
     Param("branch_epochs_ratio", 1.0, low=0.0,
           help="each cycle's epochs over the centre's (the paper sweeps 0.5 .. 4)"),
+    FINAL_PARAM,
 )
 
 
 @register_method("starsse", citation=CITATION, params=_BRANCH_PARAMS,
                  summary="fine-tune a centre (member 0), then K-1 cycles each started from it: a star")
-def train_starsse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_ratio: float = 1.0) -> TrainResult:
+def train_starsse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_ratio: float = 1.0,
+                  final: bool = True) -> TrainResult:
     """StarSSE: every cycle starts from the centre with a fresh optimizer and a cosine from the peak learning rate."""
-    return train_branches(job, star=True, branch_lr_ratio=branch_lr_ratio, branch_epochs_ratio=branch_epochs_ratio)
+    return train_branches(job, star=True, branch_lr_ratio=branch_lr_ratio, branch_epochs_ratio=branch_epochs_ratio,
+                          final=final)
 
 
 @register_method("sse", citation=CITATION + " (SSE: Huang et al. 2017, Snapshot Ensembles)",
                  params=_BRANCH_PARAMS,
                  summary="fine-tune a centre (member 0), then K-1 cycles each started from the last: a chain")
-def train_sse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_ratio: float = 1.0) -> TrainResult:
+def train_sse(job: TrainJob, *, branch_lr_ratio: float = 1.0, branch_epochs_ratio: float = 1.0,
+              final: bool = True) -> TrainResult:
     """SSE: each cycle starts where the previous one ended, with a fresh optimizer and a cosine from the peak."""
-    return train_branches(job, star=False, branch_lr_ratio=branch_lr_ratio, branch_epochs_ratio=branch_epochs_ratio)
+    return train_branches(job, star=False, branch_lr_ratio=branch_lr_ratio, branch_epochs_ratio=branch_epochs_ratio,
+                          final=final)

@@ -48,7 +48,9 @@ from merge.data import Splits
 from merge.engine import resolve_device
 from merge.errors import InvalidArgumentError
 from merge.evaluate import CheckpointEvaluator
+from merge.io.sources import read_safetensors_metadata
 from merge.io.writer import check_output_free
+from merge.keys import TRAIN_KEY
 from merge.params import Param
 from merge.train.kit import (
     build_member,
@@ -64,6 +66,7 @@ from merge.train.kit import (
 from merge.train.loop import Callback, TrainState, fit
 from merge.train.recipe import Recipe, default_recipe
 from merge.train.registry import TrainJob, TrainResult, register_method
+from merge.train.report import FINAL_PARAM, finish_run
 
 __all__ = ["Subspace", "SubspaceLine", "SubspacePenalty", "train_subspace", "penalty_weight_names",
            "global_cos2", "full_pass_batches", "END_SEED_OFFSET"]
@@ -320,9 +323,16 @@ def train_subspace(recipe: Recipe, *, model: str | Mapping[str, Any], data: str 
                  params=[Param("beta", 1.0, low=0.0, help="weight of the cos^2 penalty between endpoints"),
                          Param("bn_batches", None, int, low=1,
                                help="training batches to recompute BatchNorm on at each endpoint (default: a full "
-                                    "pass)")])
-def train_subspace_method(job: TrainJob, *, beta: float = 1.0, bn_batches: int | None = None) -> TrainResult:
-    """The registry's entry: one subspace from scratch, its endpoints written as members 0 .. n-1."""
+                                    "pass)"),
+                         FINAL_PARAM])
+def train_subspace_method(job: TrainJob, *, beta: float = 1.0, bn_batches: int | None = None,
+                          final: bool = True) -> TrainResult:
+    """The registry's entry: one subspace from scratch, its endpoints written as members 0 .. n-1.
+
+    With ``final``, the run ends with the table of the endpoints, their ensemble and the subspace's centre
+    (the midpoint of a line: the endpoints' average, BatchNorm recomputed as at each endpoint), written
+    to ``midpoint.safetensors`` (a line) or ``centre.safetensors`` (a simplex).
+    """
     if job.members < 2 or job.pretrained or job.init:
         raise InvalidArgumentError("a subspace is trained from scratch and writes its endpoints (2: a line, 3 or "
                                    "more: a simplex); ask for at least 2 members and no pretrained weights or init",
@@ -333,4 +343,15 @@ def train_subspace_method(job: TrainJob, *, beta: float = 1.0, bn_batches: int |
                            bn_batches=bn_batches, device=job.device, progress=job.progress, callbacks=job.callbacks,
                            limit=job.limit, split_seed=job.split_seed, val_fraction=job.val_fraction,
                            eval_batch_size=job.eval_batch_size, force=job.force)
-    return TrainResult(paths)
+    for i, p in enumerate(paths):
+        job.member_done(i, p)
+    info = json.loads(read_safetensors_metadata(paths[0]).get(TRAIN_KEY, "{}")).get("subspace") or {}
+    nb = (info.get("bn_recomputed") or {}).get("batches", 0)
+    centre = "midpoint" if len(paths) == 2 else "centre"
+    shape = "line" if len(paths) == 2 else "simplex"
+    caption = (f"subspace: a {shape} of networks trained in one run (beta {beta:g}); its {len(paths)} endpoints "
+               f"and its {centre}, each with BatchNorm recomputed there")
+    return finish_run(TrainResult(paths), job, final=final, caption=caption, average=True, greedy=False,
+                      names=[f"{p.stem} (endpoint {i})" for i, p in enumerate(paths)], members_label="endpoints",
+                      average_name=f"{centre}.safetensors", average_label=f"{centre} ({centre}.safetensors)",
+                      recompute_bn=nb)
