@@ -389,13 +389,20 @@ def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield start, min(chunk, numel - start)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()``, also for the float8 dtypes torch has no isfinite of."""
+    if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
 def _finite(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is finite (a sum first: the exact check only when it is not)."""
     if not t.numel():
         return True
-    if math.isfinite(float(t.sum())):
+    if t.dtype.itemsize > 1 and math.isfinite(float(t.sum())):
         return True
-    return bool(torch.isfinite(t).all())
+    return _all_finite(t)
 
 
 class _Kernel:
@@ -447,8 +454,16 @@ class _Kernel:
 
     def _check_cast(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """Note a finite chunk that the cast to the output dtype overflowed (float16 past 65504)."""
-        if after.numel() and not bool(torch.isfinite(after).all()):
+        if not after.numel():
+            return
+        if after.dtype.itemsize == 1:  # float8: torch saturates float8_e4m3fn at 448 instead of overflowing
             big = float(before.abs().max())
+            fi = torch.finfo(after.dtype)
+            bad = big >= fi.max + fi.eps * 2.0 ** math.floor(math.log2(fi.max)) / 2 or not _all_finite(after)
+        else:
+            bad = not _all_finite(after)
+            big = float(before.abs().max()) if bad else 0.0
+        if bad:
             self.suspect = True
             self.cast_overflow = max(self.cast_overflow or 0.0, big)
 
@@ -740,7 +755,7 @@ def _scan_nonfinite(plan: MergePlan, name: str) -> list[int]:
             count = min(step, info.numel - start)
             view = buf[: count * info.dtype.itemsize]
             src.read_into(name, start * info.dtype.itemsize, memoryview(view.numpy()))
-            if not bool(torch.isfinite(view.view(info.dtype)).all()):
+            if not _all_finite(view.view(info.dtype)):
                 bad.append(i)
                 break
     return bad
@@ -769,7 +784,7 @@ def _check_nonfinite(plan: MergePlan, kernel: _Kernel, found: list) -> None:
         name = dtype_name(out)
         raise NonFiniteError(f"tensor {kernel.name!r}: the result reaches {kernel.cast_overflow:.6g}, beyond the "
                              f"largest {name} ({torch.finfo(out).max:.6g}), so writing it as {name} would give "
-                             "infinity although every member is finite; write a wider dtype",
+                             "infinity (or its largest value) although every member is finite; write a wider dtype",
                              tensor=kernel.name, option="dtype", choices=(wider,))
     if not bad and kernel.whole:
         raise NonFiniteError(f"tensor {kernel.name!r}: the members' dot products overflow float64 although every "

@@ -159,3 +159,41 @@ def test_coefficients_that_fit_float64_accumulators_meet_the_cast_check(tmp_path
     a = load_file(str(f1))
     with pytest.raises(NonFiniteError, match="beyond the largest float32"):
         merge.average([a, a], weights=[3e38, 3e38], params={"normalize": False}, accumulate="float64")
+
+
+# ---- item 6: torch-file outputs of every dtype safetensors holds ------------------------------------------------
+
+_NEWER = ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "uint16", "uint32", "uint64", "complex64"]
+
+
+@pytest.mark.parametrize("name", [n for n in _NEWER if hasattr(torch, n)])
+def test_torch_file_outputs_hold_newer_dtypes_as_torch_save_does(tmp_path: Path, name: str) -> None:
+    dtype = getattr(torch, name)
+    v = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    x = torch.complex(v, -v).to(dtype) if dtype.is_complex else v.to(dtype)
+    a = _save(tmp_path / "a.safetensors", x=x, w=torch.ones(3))
+    b = _save(tmp_path / "b.safetensors", x=x, w=torch.zeros(3))
+    res = _run("soup", a, b, "-o", tmp_path / "o.pth")
+    assert res.exit_code == 0, res.output
+    got = torch.load(tmp_path / "o.pth", weights_only=True)
+    assert got["x"].dtype == dtype and got["x"].shape == (4,)
+    # identical members: the merge returns them bit for bit, copied or averaged
+    assert got["x"].view(torch.uint8).tolist() == x.view(torch.uint8).tolist()
+    assert got["w"].tolist() == [0.5] * 3
+    mapped = torch.load(tmp_path / "o.pth", weights_only=True, mmap=True)
+    assert mapped["x"].view(torch.uint8).tolist() == x.view(torch.uint8).tolist()
+    merge.soup([a, b], out=tmp_path / "o.safetensors")
+    assert load_file(str(tmp_path / "o.safetensors"))["x"].view(torch.uint8).tolist() == x.view(torch.uint8).tolist()
+
+
+@pytest.mark.parametrize("name,top,ok,over", [("float8_e4m3fn", 448, 0.02, 0.04), ("float8_e5m2", 57344, 0.05, 0.08)])
+def test_float8_results_past_their_range_are_an_error(tmp_path: Path, name: str, top: float, ok: float,
+                                                      over: float) -> None:
+    # past the last rounding boundary (max + half a step: 464, 61440) a float8 has no value: torch writes inf
+    # (e5m2) or saturates at 448 (e4m3fn); below it the result rounds to the largest finite value, as casts round
+    dtype = getattr(torch, name)
+    a = _save(tmp_path / "a.safetensors", x=torch.tensor([top, 1.0]).to(dtype))
+    got = merge.soup([a, a], weights=[1, ok], params={"normalize": False}, out=tmp_path / "ok.safetensors")
+    assert load_file(str(got.path))["x"].float().tolist() == [top, 1.0]
+    with pytest.raises(NonFiniteError, match=rf"beyond the largest {name} \({top}\), so writing it as {name} "):
+        merge.soup([a, a], weights=[1, over], params={"normalize": False}, out=tmp_path / "o.safetensors")

@@ -10,7 +10,9 @@ the model's size. Records are aligned to 64 bytes as torch aligns them (so ``tor
 mmap=True)`` works), entries carry a fixed timestamp (reruns are bit-identical), and the zip's
 CRC-32 of each record is computed as it streams (about 0.3 GB/s on one core here: the cost of a
 file that zip tools also accept). The pickle holds only ``torch._utils._rebuild_tensor_v2``,
-storage classes and ``collections.OrderedDict``, all allowed by ``torch.load(weights_only=True)``.
+storage classes and ``collections.OrderedDict``, all allowed by ``torch.load(weights_only=True)``;
+dtypes without a legacy storage class (float8, uint16/32/64, complex) are pickled as ``torch.save``
+pickles them: ``_rebuild_tensor_v3`` over an untyped (byte) storage, with the dtype.
 
 The merge recipe goes into a record ``extra/<key>`` that ``torch.load`` ignores (a state dict
 must hold only tensors to load with ``load_state_dict``).
@@ -48,6 +50,11 @@ class _Storage:
     def __init__(self, dtype: torch.dtype, key: str, numel: int):
         self.dtype, self.key, self.numel = dtype, key, numel
 
+    @property
+    def typed(self) -> bool:
+        """Whether the dtype has a legacy storage class (else: an untyped storage and ``_rebuild_tensor_v3``)."""
+        return self.dtype in _STORAGE_NAMES
+
 
 class _Tensor:
     """Pickles as torch pickles a contiguous tensor: ``_rebuild_tensor_v2(storage, 0, size, stride, ...)``."""
@@ -60,17 +67,19 @@ class _Tensor:
         for d in reversed(self.shape):
             stride.append(acc)
             acc *= d
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+        args = (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict())
+        if self.storage.typed:
+            return torch._utils._rebuild_tensor_v2, args
+        return torch._utils._rebuild_tensor_v3, (*args, self.storage.dtype)
 
 
 class _Pickler(pickle.Pickler):
     def persistent_id(self, obj: object):
         if isinstance(obj, _Storage):
-            name = _STORAGE_NAMES.get(obj.dtype)
-            if name is None:
-                raise ValueError(f"dtype {obj.dtype} cannot be written to a torch file")
-            return ("storage", getattr(torch, name), obj.key, "cpu", obj.numel)
+            if obj.typed:
+                return ("storage", getattr(torch, _STORAGE_NAMES[obj.dtype]), obj.key, "cpu", obj.numel)
+            # as torch.save writes any dtype: an untyped storage counted in bytes
+            return ("storage", torch.UntypedStorage, obj.key, "cpu", obj.numel * obj.dtype.itemsize)
         return None
 
 
