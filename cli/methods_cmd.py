@@ -20,7 +20,9 @@ def _alphas(value: str | None) -> list[float] | None:
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The plain model (.safetensors).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def collapse(checkpoint: str, out: str, force: bool) -> None:
+@click.option("--strict", is_flag=True,
+              help="Refuse a copy holding NaN or infinity, or a negative running variance. [default: a warning]")
+def collapse(checkpoint: str, out: str, force: bool, strict: bool) -> None:
     """Collapse late-phase weight copies.
 
     Turns a late-phase checkpoint's K copies into one plain model.
@@ -37,7 +39,7 @@ def collapse(checkpoint: str, out: str, force: bool) -> None:
     from merge.collapse import collapse_checkpoint, late_phase_info
     from merge.io.sources import read_safetensors_metadata
 
-    path = collapse_checkpoint(checkpoint, out=out, force=force)
+    path = collapse_checkpoint(checkpoint, out=out, force=force, strict=strict)
     info = late_phase_info(read_safetensors_metadata(checkpoint), path=checkpoint)
     kinds = [m["kind"] for m in info["modules"].values()]
     click.echo(f"{path}: {info['copies']} copies of {kinds.count('batchnorm')} BatchNorm layer(s) and "
@@ -96,25 +98,28 @@ def midpoint(checkpoints: tuple[str, ...], out: str, alpha: float | None, data: 
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Evaluation batch size.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the curve as JSON.")
+@click.option("--force", is_flag=True, help="Replace an earlier curve (its plot and table) papa-merge wrote.")
 def interpolate(a: str, b: str, out: str, data: str | None, points: int, alphas: str | None, bn_batches: int | None,
-                split: str, batch_size: int, device: str, as_json: bool) -> None:
+                split: str, batch_size: int, device: str, as_json: bool, force: bool) -> None:
     """Score points on a line between models.
 
     Accuracy and NLL along the line between checkpoints A and B, BatchNorm recomputed at every point.
 
     Writes the curve as a PNG (OUT) and a markdown table (OUT with .md), with the endpoints' prediction
-    ensemble as the reference line, and prints the table.
+    ensemble as the reference line, and prints the table. Existing files are refused (--force replaces
+    only an earlier curve papa-merge wrote).
 
     \b
     Example:
       papa-merge interpolate line/member-00.safetensors line/member-01.safetensors -o line.png --points 11
     """
-    from merge.interpolate import interpolate as run, write_curve
+    from merge.interpolate import check_curve_outputs, interpolate as run, write_curve
 
     splits = ("val", "test") if split == "both" else (split,)
+    check_curve_outputs(out, force=force)  # before the evaluation: the plot and the table beside it
     curve = run(a, b, data=data, alphas=_alphas(alphas), points=points, bn_batches=bn_batches, splits=splits,
                 batch_size=batch_size, device=device)
-    png, table = write_curve(curve, out)
+    png, table = write_curve(curve, out, force=force)
     click.echo(curve.table())
     click.echo(f"wrote {png} and {table}")
     if as_json:

@@ -27,7 +27,9 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.errors import InvalidArgumentError, MismatchError, MissingMetadataError, SameInputOutputError
+from merge.engine import NonFiniteError
+from merge.errors import CheckpointFormatError, InvalidArgumentError, MismatchError, MissingMetadataError, \
+    NonFiniteWarning, SameInputOutputError
 from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.sources import open_checkpoint
 from merge.io.writer import write_state_dict
@@ -69,7 +73,7 @@ def collapse_batchnorm(weights: Sequence[Tensor], biases: Sequence[Tensor], mean
         ``{"weight", "bias", "running_mean", "running_var"}`` in the dtype of ``weights[0]``.
 
     Raises:
-        InvalidArgumentError: no copies, or copies of different lengths.
+        InvalidArgumentError: no copies, copies of different lengths, or ``eps`` not a positive number.
 
     Example:
         >>> out = collapse_batchnorm([torch.tensor([2.0])], [torch.tensor([1.0])], [torch.tensor([3.0])],
@@ -81,6 +85,8 @@ def collapse_batchnorm(weights: Sequence[Tensor], biases: Sequence[Tensor], mean
     if n == 0 or not (len(biases) == len(means) == len(variances) == n):
         raise InvalidArgumentError(f"collapse_batchnorm needs the same number (>0) of weights, biases, means and "
                                    f"variances; got {len(weights)}, {len(biases)}, {len(means)}, {len(variances)}")
+    if not _positive_number(eps):
+        raise InvalidArgumentError(f"collapse_batchnorm: eps must be a positive number, got {eps!r}")
     dtype = weights[0].dtype
     scale = torch.zeros_like(weights[0], dtype=torch.float64)
     shift = torch.zeros_like(scale)
@@ -94,31 +100,86 @@ def collapse_batchnorm(weights: Sequence[Tensor], biases: Sequence[Tensor], mean
             "running_var": torch.full_like(scale, 1.0 - eps).to(variances[0].dtype)}
 
 
+def _positive_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def late_phase_info(metadata: Mapping[str, str], *, path: object = None) -> dict[str, Any]:
-    """The ``late_phase`` entry of a checkpoint's ``papa_merge.train`` metadata.
+    """The ``late_phase`` entry of a checkpoint's ``papa_merge.train`` metadata, checked field by field.
 
     Raises:
         MissingMetadataError: the checkpoint was not written by late-phase training.
+        CheckpointFormatError: a field holds an impossible value (``copies`` not a positive integer, a
+            BatchNorm ``eps`` not a positive number, an unknown module kind); the message names the field.
     """
+    where = path or "the checkpoint"
     try:
         info = json.loads(metadata[TRAIN_KEY])["late_phase"]
-        int(info["copies"]), dict(info["modules"])
-    except (KeyError, ValueError, TypeError):
-        raise MissingMetadataError(f"{path or 'the checkpoint'}: not a late-phase checkpoint (its {TRAIN_KEY!r} "
+        info["copies"], dict(info["modules"])
+    except (KeyError, ValueError, TypeError, RecursionError):
+        raise MissingMetadataError(f"{where}: not a late-phase checkpoint (its {TRAIN_KEY!r} "
                                    "metadata has no 'late_phase' entry with 'copies' and 'modules'); train it with "
                                    "method 'late-phase'", path=path) from None
     if info.get("collapsed"):
-        raise InvalidArgumentError(f"{path or 'the checkpoint'}: is already collapsed (a plain model); collapse the "
+        raise InvalidArgumentError(f"{where}: is already collapsed (a plain model); collapse the "
                                    "late-phase checkpoint it came from (the late-phase/ folder of the run)", path=path)
+
+    def impossible(field: str, value: object, want: str) -> CheckpointFormatError:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        return CheckpointFormatError(f"{where}: its late-phase metadata field {field!r} is {shown}, but must be "
+                                     f"{want}; the checkpoint was not written by late-phase training as it is (or "
+                                     "was edited): collapse the checkpoint the run wrote", path=path)
+
+    copies = info["copies"]
+    if not (isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1):
+        raise impossible("copies", copies, "a positive whole number (the K copies of each late-phase layer)")
+    for name, spec in dict(info["modules"]).items():
+        if not isinstance(spec, Mapping):
+            raise impossible(f"modules.{name}", spec, 'an entry {"kind": "batchnorm" | "linear", ...}')
+        kind = spec.get("kind")
+        if kind not in ("batchnorm", "linear"):
+            raise impossible(f"modules.{name}.kind", kind, "'batchnorm' or 'linear'")
+        if kind == "batchnorm" and not _positive_number(spec.get("eps")):
+            raise impossible(f"modules.{name}.eps", spec.get("eps"), "a positive number (BatchNorm's epsilon)")
     return info
 
 
-def collapse_state_dict(tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> dict[str, Tensor]:
+def _check_finite(module: str, tensor: str, copies: Sequence[Tensor], *, strict: bool, path: object) -> None:
+    """Warn (``strict``: refuse) when a copy holds NaN or infinity: the collapse carries it into the plain model."""
+    for k, t in enumerate(copies):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            msg = (f"{path or 'the checkpoint'}: copy {k} of {module}.{tensor} holds NaN or infinite values "
+                   f"({copy_name(k, module, tensor)}); the collapse carries them into {module} of the plain model")
+            if strict:
+                raise NonFiniteError(msg.split("; ")[0], path=path, tensor=copy_name(k, module, tensor))
+            warnings.warn(NonFiniteWarning(msg), stacklevel=4)
+
+
+def _check_variances(module: str, variances: Sequence[Tensor], eps: float, *, strict: bool, path: object) -> None:
+    """Warn (``strict``: refuse) on running variances with ``var + eps <= 0``: no BatchNorm divides by their root."""
+    for k, v in enumerate(variances):
+        bad = int((v.double() + eps <= 0).sum())
+        if bad:
+            msg = (f"{path or 'the checkpoint'}: copy {k} of {module}.running_var holds {bad} negative "
+                   f"variance{'s' if bad > 1 else ''} ({copy_name(k, module, 'running_var')}); the collapsed "
+                   f"{module} is NaN in {'those channels' if bad > 1 else 'that channel'}")
+            if strict:
+                raise NonFiniteError(msg.split("; ")[0], path=path, tensor=copy_name(k, module, "running_var"))
+            warnings.warn(NonFiniteWarning(msg), stacklevel=4)
+
+
+def collapse_state_dict(tensors: Mapping[str, Tensor], info: Mapping[str, Any], *, strict: bool = False,
+                        path: object = None) -> dict[str, Tensor]:
     """The plain state dict of a late-phase state dict: shared tensors kept, each module's K copies collapsed.
+
+    A copy holding NaN or infinity, or a running variance with ``var + eps <= 0``, makes the collapsed
+    module NaN where it is: a :class:`NonFiniteWarning` names the copy (``strict``: a :class:`NonFiniteError`).
 
     Args:
         tensors: shared tensors under their plain names and ``late_phase.{k}.{module}.{tensor}`` copies.
         info: ``{"copies": K, "modules": {name: {"kind": "batchnorm" | "linear", "eps": float}}}``.
+        strict: refuse non-finite copies and impossible variances instead of warning.
+        path: the checkpoint, named in warnings and errors.
 
     Returns:
         A new state dict with the original architecture's names (shared tensors first, in their order,
@@ -126,9 +187,15 @@ def collapse_state_dict(tensors: Mapping[str, Tensor], info: Mapping[str, Any]) 
 
     Raises:
         MismatchError: a copy is missing, copies disagree in shape, or a module kind is unknown.
+        NonFiniteError: ``strict`` and a copy holds NaN/infinity or a negative variance; or every copy is
+            finite and the collapsed tensor overflows its dtype.
     """
     k = int(info["copies"])
     modules: Mapping[str, Mapping[str, Any]] = info["modules"]
+    held = sum(1 for name in tensors if name.startswith(LATE_PHASE_PREFIX))
+    if modules and k > held:  # before listing k names of copies that cannot all be there
+        raise MismatchError(f"late-phase metadata records {k} copies of {len(modules)} module(s), but the checkpoint "
+                            f"holds {held} late-phase tensors; it is incomplete or its metadata is wrong")
     out = {name: t for name, t in tensors.items() if not name.startswith(LATE_PHASE_PREFIX)}
 
     def copies(module: str, tensor: str, *, needed: bool = True) -> list[Tensor] | None:
@@ -149,8 +216,12 @@ def collapse_state_dict(tensors: Mapping[str, Tensor], info: Mapping[str, Any]) 
         kind = spec.get("kind")
         if kind == "batchnorm":
             c = {t: copies(module, t) for t in ("weight", "bias", "running_mean", "running_var")}
-            collapsed = collapse_batchnorm(c["weight"], c["bias"], c["running_mean"], c["running_var"],
-                                           eps=float(spec["eps"]))
+            eps = float(spec["eps"])
+            for t, group in c.items():
+                _check_finite(module, t, group, strict=strict, path=path)
+            _check_variances(module, c["running_var"], eps, strict=strict, path=path)
+            collapsed = collapse_batchnorm(c["weight"], c["bias"], c["running_mean"], c["running_var"], eps=eps)
+            _check_overflow(module, c, collapsed, eps)
             for t, v in collapsed.items():
                 out[f"{module}.{t}"] = v
             count = copies(module, "num_batches_tracked", needed=False)
@@ -160,14 +231,32 @@ def collapse_state_dict(tensors: Mapping[str, Tensor], info: Mapping[str, Any]) 
             for t in ("weight", "bias"):
                 c = copies(module, t, needed=t == "weight")
                 if c is not None:
+                    _check_finite(module, t, c, strict=strict, path=path)
                     out[f"{module}.{t}"] = (torch.stack([x.double() for x in c]).mean(0)).to(c[0].dtype)
+                    _check_overflow(module, {t: c}, {t: out[f"{module}.{t}"]}, None)
         else:
             raise MismatchError(f"late-phase module {module} has unknown kind {kind!r}; expected batchnorm or linear",
                                 tensor=module)
     return out
 
 
-def collapse_checkpoint(path: str | os.PathLike, *, out: str | os.PathLike, force: bool = False) -> Path:
+def _check_overflow(module: str, copies: Mapping[str, Sequence[Tensor]], collapsed: Mapping[str, Tensor],
+                    eps: float | None) -> None:
+    """Finite copies whose collapse is not finite overflowed the dtype: always an error, as for soups."""
+    if not all(bool(torch.isfinite(t).all()) for group in copies.values() for t in group if t.is_floating_point()):
+        return  # already warned about (or refused): the non-finite values are the copies' own
+    if eps is not None and any(bool((v.double() + eps <= 0).any()) for v in copies["running_var"]):
+        return
+    for t, v in collapsed.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"{module}.{t}: the collapse overflowed {str(v.dtype).removeprefix('torch.')} "
+                                 "although every copy is finite (a BatchNorm scale gamma / sqrt(var + eps) beyond "
+                                 "the dtype's range); the checkpoint cannot be collapsed in its dtype",
+                                 tensor=f"{module}.{t}")
+
+
+def collapse_checkpoint(path: str | os.PathLike, *, out: str | os.PathLike, force: bool = False,
+                        strict: bool = False) -> Path:
     """Write the plain model of a late-phase checkpoint (``papa-merge collapse``).
 
     The output keeps the checkpoint's ``papa_merge.model`` and ``papa_merge.data`` (so it evaluates like
@@ -178,13 +267,17 @@ def collapse_checkpoint(path: str | os.PathLike, *, out: str | os.PathLike, forc
         path: a late-phase checkpoint written by method ``late-phase`` (``OUT/late-phase/member-NN.safetensors``).
         out: the ``.safetensors`` file to write.
         force: replace an existing ``out``.
+        strict: refuse a copy holding NaN/infinity or a negative running variance (default: a
+            :class:`NonFiniteWarning` naming it; the collapsed model is NaN there).
 
     Returns:
         The path written.
 
     Raises:
         MissingMetadataError: ``path`` is not a late-phase checkpoint.
+        CheckpointFormatError: its late-phase metadata holds an impossible value (named).
         MismatchError: copies missing or inconsistent.
+        NonFiniteError: ``strict`` and a copy is not finite; or the collapse overflowed.
         OutputExistsError: ``out`` exists and ``force`` is False.
         SameInputOutputError: ``out`` is ``path``.
 
@@ -203,7 +296,7 @@ def collapse_checkpoint(path: str | os.PathLike, *, out: str | os.PathLike, forc
         info = late_phase_info(meta, path=path)
         tensors = src.state_dict()
         fingerprint = src.fingerprint()
-    plain = collapse_state_dict(tensors, info)
+    plain = collapse_state_dict(tensors, info, strict=strict, path=path)
     train = json.loads(meta[TRAIN_KEY])
     train["late_phase"] = {**info, "collapsed": True}
     meta[TRAIN_KEY] = json.dumps(train, sort_keys=True)

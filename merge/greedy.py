@@ -410,11 +410,11 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
     """
     import json
 
-    from merge.evaluate import CheckpointEvaluator, recompute_bn_checkpoint, scoring_label
+    from merge.evaluate import CheckpointEvaluator, scoring_label
+    from merge.evaluate.checkpoints import soup_recompute_bn
     from merge.io.sources import open_checkpoint
     from merge.io.writer import check_output_free
     from merge.keys import DATA_KEY, MODEL_KEY
-    from merge.soups import soup
 
     if not paths:
         raise InvalidArgumentError("greedy soup: no members given; pass at least one checkpoint")
@@ -429,7 +429,8 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
                                               device=device, progress=progress)
     what = "val acc" if metric == "acc" else "val -nll"
     member_label = f"{what}, {scoring_label(0, batch_size)}"
-    soup_label = f"{what}, {scoring_label(recompute_bn, batch_size)}"
+    # Labelled with the batches actually used: fewer than asked when the training split holds fewer.
+    soup_label = f"{what}, {scoring_label(ev.bn_batches(recompute_bn), batch_size)}"
     score_member = ev.scorer(split="val", metric=metric, recompute_bn=0)
     score_soup = ev.scorer(split="val", metric=metric, recompute_bn=recompute_bn)
     bar = None
@@ -462,17 +463,18 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
         if bar is not None:
             bar.close()
     record = result.record([str(p) for p in paths])
-    record["recompute_bn_batches"] = recompute_bn if len(result.selected) > 1 else 0
+    record["recompute_bn_batches"] = ev.bn_batches(recompute_bn) if len(result.selected) > 1 else 0
     # The soup evaluates like its members: it records the architecture and split it was scored with.
     meta = {MODEL_KEY: json.dumps(ev.model_meta, sort_keys=True)}
     if getattr(ev.splits, "spec", None):
         meta[DATA_KEY] = json.dumps(ev.splits.spec, sort_keys=True)
-    # The recorded recipe's members are exactly the kept ones: merge.soup over the selected paths.
-    written = soup([paths[i] for i in result.selected], out=out, force=force, metadata=meta,
-                   recipe_extra={"greedy": record}).path
-    if recompute_bn and len(result.selected) > 1:
-        # The soup on disk must be the model that was scored: same weights, same recalibrated statistics.
-        recompute_bn_checkpoint(written, num_batches=recompute_bn, state_dict=result.state_dict, evaluator=ev)
+    # The recorded recipe's members are exactly the kept ones: merge.soup over the selected paths. The soup on
+    # disk is the model that was scored (same weights, same recalibrated statistics), recalibrated before it
+    # appears under its name.
+    many = len(result.selected) > 1
+    written = soup_recompute_bn([paths[i] for i in result.selected], out=out, recompute_bn=recompute_bn if many else 0,
+                                evaluator=ev, state_dict=result.state_dict, force=force, metadata=meta,
+                                recipe_extra={"greedy": record}).path
     return result, Path(written)
 
 

@@ -31,15 +31,17 @@ import torch
 from torch import Tensor
 
 from merge.bn import bn_layers
-from merge.errors import InvalidArgumentError
-from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs, predict, \
-    recompute_bn_checkpoint
+from merge.errors import InvalidArgumentError, OutputExistsError
+from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs, predict
+from merge.evaluate.checkpoints import evaluator_for, soup_recompute_bn
 from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.sources import open_checkpoint
-from merge.soups import average, soup
+from merge.io.atomic import AtomicOutput, check_output_free, check_output_name
+from merge.keys import version
+from merge.soups import average
 
-__all__ = ["midpoint", "interpolate", "plot_curve", "write_curve", "InterpolationCurve", "CurvePoint",
-           "line_weights", "default_bn_batches"]
+__all__ = ["midpoint", "interpolate", "plot_curve", "write_curve", "check_curve_outputs", "curve_outputs",
+           "is_curve_output", "InterpolationCurve", "CurvePoint", "line_weights", "default_bn_batches"]
 
 SPLITS = ("val", "test")
 
@@ -109,11 +111,15 @@ def midpoint(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, alph
     if out.suffix != SAFETENSORS_SUFFIX:
         raise InvalidArgumentError(f"{out}: a point is written as one .safetensors file; end the path in .safetensors",
                                    option="out")
-    ev = CheckpointEvaluator.from_checkpoints(list(paths), data=data, batch_size=batch_size, device=device)
+    check_output_free(out, force=force)  # before the data is loaded
+    ev = evaluator_for(list(paths), purpose="a point with its BatchNorm statistics recomputed",
+                       instead="average them with merge.soup (papa-merge soup), which needs no architecture",
+                       data=data, batch_size=batch_size, device=device)
     point = {"coefficients": weights or [1.0 / len(paths)] * len(paths), "alpha": alpha}
-    soup(list(paths), out=out, weights=weights, force=force, recipe_extra={"subspace_point": point})
-    if _has_bn(ev):
-        recompute_bn_checkpoint(out, num_batches=bn_batches or default_bn_batches(ev), evaluator=ev)
+    # The statistics are recomputed on the temporary output: nothing appears under ``out`` until they are.
+    nb = (bn_batches or default_bn_batches(ev)) if _has_bn(ev) else 0
+    soup_recompute_bn(list(paths), out=out, recompute_bn=nb, evaluator=ev, device=device, weights=weights,
+                      force=force, recipe_extra={"subspace_point": point})
     return out
 
 
@@ -133,7 +139,8 @@ class InterpolationCurve:
         a, b: the endpoints (alpha 0 and 1).
         points: in increasing alpha.
         ensemble: the endpoints' prediction ensemble (each with its statistics recomputed), per split.
-        bn_batches: training batches the statistics were recomputed on at each point (0: no BatchNorm).
+        bn_batches: training batches the statistics were recomputed on at each point (0: no BatchNorm); those
+            used, fewer than asked when the training split holds fewer.
         batch_size: of evaluation and recomputation.
     """
 
@@ -228,8 +235,12 @@ def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None,
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise InvalidArgumentError(f"splits must be among {', '.join(SPLITS)}; got {list(splits)}", option="splits")
-    ev = CheckpointEvaluator.from_checkpoints([a, b], data=data, batch_size=batch_size, device=device)
-    nb = (bn_batches or default_bn_batches(ev)) if _has_bn(ev) else 0
+    ev = evaluator_for([a, b], purpose="the curve (the model is rebuilt and evaluated at each point)",
+                       instead="there is no curve of checkpoints trained elsewhere; evaluate each with "
+                               "merge.evaluate_checkpoints (papa-merge eval), which can be told the architecture",
+                       data=data, batch_size=batch_size, device=device)
+    # The batches actually used (and labelled): fewer than asked when the training split holds fewer.
+    nb = ev.bn_batches(bn_batches or default_bn_batches(ev)) if _has_bn(ev) else 0
     with open_checkpoint(a) as sa, open_checkpoint(b) as sb:
         sds = [sa.state_dict(), sb.state_dict()]
 
@@ -259,11 +270,98 @@ def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None,
     return InterpolationCurve(str(a), str(b), curve_points, ens, nb, batch_size)
 
 
-def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str | None = None) -> Path:
+# A curve's files say that papa-merge wrote them, so that ``force`` replaces them and nothing else: the PNG
+# in its Software text chunk, the table in its first line (an HTML comment, invisible once rendered).
+_SOFTWARE = "papa-merge interpolate"
+_TABLE_MARK = "<!-- written by papa-merge interpolate"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_software(path: Path) -> str | None:
+    """The value of a PNG's ``Software`` text chunk (read chunk by chunk up to the image data), or None."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return None
+            for _ in range(64):
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return None
+                data = f.read(length)
+                f.seek(4, os.SEEK_CUR)  # the CRC
+                if kind == b"tEXt" and b"\0" in data:
+                    key, value = data.split(b"\0", 1)
+                    if key == b"Software":
+                        return value.decode("latin-1")
+    except OSError:
+        return None
+    return None
+
+
+def is_curve_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a plot or table :func:`write_curve` wrote (what ``force`` may replace)."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return (_png_software(path) or "").startswith(_SOFTWARE)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline(200).startswith(_TABLE_MARK)
+    except OSError:
+        return False
+
+
+def curve_outputs(out: str | os.PathLike) -> tuple[Path, Path]:
+    """``(png, table)``: the plot ``out`` and the markdown table beside it (same name, ``.md``).
+
+    Raises:
+        InvalidArgumentError: ``out`` does not end in ``.png``.
+    """
+    out = check_output_name(out)
+    if out.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"{out}: the plot is a PNG; end the path in .png", path=out, option="out")
+    return out, out.with_suffix(".md")
+
+
+def check_curve_outputs(out: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
+    """Refuse existing outputs of :func:`write_curve`, naming them, before the (long) evaluation.
+
+    Returns:
+        ``(png, table)``.
+
+    Raises:
+        OutputExistsError: the plot or the table exists and ``force`` is False, or it exists and papa-merge
+            did not write it (``force`` replaces only an earlier curve, never e.g. a README.md beside it).
+        InvalidArgumentError: ``out`` does not end in ``.png``.
+    """
+    png, table = curve_outputs(out)
+    there = [p for p in (png, table) if p.exists() or p.is_symlink()]
+    names = " and ".join(str(p) for p in there)
+    if there and not force:
+        verb = "exist" if len(there) > 1 else "exists"
+        raise OutputExistsError(f"{names}: already {verb} (the curve writes the plot and the table beside it); "
+                                "choose another output, or replace them", path=there[0], option="force",
+                                choices=(True,))
+    foreign = [p for p in there if p.is_symlink() or not p.is_file() or not is_curve_output(p)]
+    if foreign:
+        names = " and ".join(str(p) for p in foreign)
+        raise OutputExistsError(f"{names}: already exists and papa-merge did not write it; force replaces only an "
+                                "earlier curve of papa-merge interpolate, so it is left as it is: move it away or "
+                                "choose another output", path=foreign[0])
+    return png, table
+
+
+def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str | None = None,
+               force: bool = False) -> Path:
     """Draw accuracy and NLL against alpha (one line per split; the endpoints' ensemble dashed) to a PNG.
+
+    The file is written atomically; its ``Software`` text chunk says papa-merge wrote it.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install matplotlib``).
+        OutputExistsError: ``out`` exists and ``force`` is False, or papa-merge did not write it.
     """
     try:
         import matplotlib
@@ -273,6 +371,7 @@ def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str 
     except ImportError as e:
         raise ImportError("plotting the interpolation curve needs matplotlib; pip install matplotlib") from e
     out = Path(out)
+    check_output_free(out, force=force, ours=is_curve_output)
     xs = [p.alpha for p in curve.points]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
     colours = {"val": "tab:blue", "test": "tab:orange"}
@@ -291,22 +390,38 @@ def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str 
     bn = (f"BatchNorm recomputed at each point on {curve.bn_batches} training batches" if curve.bn_batches
           else "no BatchNorm")
     fig.suptitle(title or f"{Path(curve.a).name} -> {Path(curve.b).name} ({bn})", fontsize=10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    try:
+        with AtomicOutput(out, folder=False, force=force, ours=is_curve_output) as atomic:
+            # The temporary's name has no .png suffix: the format is named, not guessed from it.
+            fig.savefig(atomic.file(out.name), dpi=110, format="png",
+                        metadata={"Software": f"{_SOFTWARE} ({version()})"})
+            return atomic.commit()
+    finally:
+        plt.close(fig)
 
 
-def write_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str | None = None) -> tuple[Path, Path]:
-    """Write the PNG to ``out`` and the markdown table beside it (same name, ``.md``).
+def write_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str | None = None,
+                force: bool = False) -> tuple[Path, Path]:
+    """Write the PNG to ``out`` and the markdown table beside it (same name, ``.md``), each atomically.
+
+    Both are checked before either is written (:func:`check_curve_outputs`).
+
+    Args:
+        curve: from :func:`interpolate`.
+        out: the plot, a ``.png`` path.
+        title: the plot's title (default: the endpoints and the BatchNorm recomputation).
+        force: replace an earlier curve papa-merge wrote (never a file it did not write).
 
     Returns:
         ``(png, table)``.
+
+    Raises:
+        OutputExistsError, InvalidArgumentError: as :func:`check_curve_outputs`.
     """
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise InvalidArgumentError(f"{out}: the plot is a PNG; end the path in .png", option="out")
-    png = plot_curve(curve, out, title=title)
-    table = out.with_suffix(".md")
-    table.write_text(curve.table() + "\n")
+    png, table = check_curve_outputs(out, force=force)
+    png = plot_curve(curve, png, title=title, force=force)
+    with AtomicOutput(table, folder=False, force=force, ours=is_curve_output) as atomic:
+        text = f"{_TABLE_MARK}: {Path(curve.a).name} -> {Path(curve.b).name} -->\n{curve.table()}\n"
+        atomic.file(table.name).write_text(text, encoding="utf-8")
+        table = atomic.commit()
     return png, table

@@ -7,6 +7,7 @@ rewrites a soup with BatchNorm statistics recomputed on the members' training da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,16 +25,19 @@ from merge import bn
 from merge.data import load_dataset, load_dataset_from_spec
 from merge.data.datasets import canonical_dataset_name
 from merge.engine import resolve_device
-from merge.errors import DefaultSplitWarning, InvalidArgumentError, MismatchError, MissingMetadataError
+from merge.errors import DefaultSplitWarning, InvalidArgumentError, MergeError, MismatchError, MissingMetadataError, \
+    SameInputOutputError
 from merge.evaluate.inference import StateDictScore, load_into, predict
 from merge.evaluate.measures import metrics
+from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.sources import open_checkpoint, read_safetensors_metadata
-from merge.io.writer import write_state_dict
+from merge.io.writer import AtomicOutput, check_output_free, write_state_dict
 from merge.keys import DATA_KEY, MODEL_KEY, RECIPE_KEY
 from merge.models import forward_logits, make_loader, model_spec, rebuild_model
+from merge.soups import MergeResult, soup
 
-__all__ = ["checkpoint_metadata", "resolve_eval_data", "eval_model_spec", "CheckpointEvaluator",
-           "recompute_bn_checkpoint"]
+__all__ = ["checkpoint_metadata", "resolve_eval_data", "eval_model_spec", "CheckpointEvaluator", "evaluator_for",
+           "recompute_bn_checkpoint", "soup_recompute_bn"]
 
 
 def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True,
@@ -237,6 +241,10 @@ class CheckpointEvaluator:
             self._loaders[key] = make_loader(subset, self.model_meta, batch_size=self.batch_size)
         return self._loaders[key]
 
+    def bn_batches(self, num_batches: int) -> int:
+        """How many batches :meth:`bn_loader` yields for ``num_batches``: fewer when the training split is smaller."""
+        return min(num_batches, len(self.bn_loader(num_batches))) if num_batches > 0 else 0
+
     def model_with(self, state_dict: Mapping[str, Tensor], *, recompute_bn: int = 0) -> nn.Module:
         """The evaluator's model holding ``state_dict``, BatchNorm recalibrated on ``recompute_bn`` train batches."""
         load_into(self.model, state_dict)
@@ -271,6 +279,42 @@ class CheckpointEvaluator:
         return score
 
 
+def evaluator_for(paths: Sequence[str | os.PathLike], *, purpose: str, instead: str, option: str | None = None,
+                  choices: tuple = (), data: Any = None, batch_size: int = 256, device: str | torch.device = "cpu",
+                  progress: bool = False) -> CheckpointEvaluator:
+    """:meth:`CheckpointEvaluator.from_checkpoints` for operations that take no ``model``.
+
+    Such an operation cannot be told the architecture, so a checkpoint that records none is refused
+    with what to do instead (``instead``) and the option of that operation that avoids the need
+    (``option``, ``choices``), never the ``model`` option it does not have.
+
+    Args:
+        paths: the checkpoints (one architecture and split).
+        purpose: what needs the model and data, for the message (``"BatchNorm recomputation"``).
+        instead: what the caller can do instead, for the message.
+        option, choices: the caller's own option that avoids the need, if it has one.
+        data, batch_size, device, progress: as in :meth:`CheckpointEvaluator.from_checkpoints`.
+
+    Raises:
+        MissingMetadataError: a checkpoint records no architecture, or none records its data and ``data`` is None.
+        MismatchError, InvalidArgumentError: as :meth:`CheckpointEvaluator.from_checkpoints`.
+    """
+    try:
+        return CheckpointEvaluator.from_checkpoints(paths, data=data, batch_size=batch_size, device=device,
+                                                    progress=progress)
+    except MissingMetadataError as e:
+        if e.option == "model":
+            raise MissingMetadataError(f"{e.path}: has no {MODEL_KEY!r} metadata (the architecture to rebuild the "
+                                       f"model), which {purpose} needs; only checkpoints written by papa-merge train "
+                                       f"(merge.train) record it: {instead}", path=e.path, option=option,
+                                       choices=choices) from None
+        if e.option == "data":
+            raise MissingMetadataError(f"{e.path}: has no {DATA_KEY!r} metadata (the dataset and split seed to "
+                                       f"rebuild the data), which {purpose} needs; name the dataset", path=e.path,
+                                       option="data") from None
+        raise
+
+
 def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: Any = None, batch_size: int = 256,
                             device: str | torch.device = "cpu", state_dict: Mapping[str, Tensor] | None = None,
                             evaluator: CheckpointEvaluator | None = None, progress: bool = False) -> Path:
@@ -279,7 +323,9 @@ def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: 
     The model and the data are rebuilt from the checkpoint's metadata (``data`` overrides the data);
     the statistics come from :meth:`CheckpointEvaluator.bn_loader` (``num_batches`` fixed, seeded,
     unaugmented training batches). The weights are unchanged, the file is replaced atomically, and the
-    recorded recipe gains ``bn_recomputed: {"batches", "batch_size", "split"}``.
+    recorded recipe gains ``bn_recomputed: {"batches", "batch_size", "split"}`` (``batches``: those used,
+    fewer than ``num_batches`` when the training split holds fewer). To write a soup whose statistics are
+    recomputed before it appears under its name, use :func:`soup_recompute_bn`.
 
     Args:
         path: a ``.safetensors`` checkpoint with ``papa_merge.model`` (and ``papa_merge.data``) metadata.
@@ -316,10 +362,94 @@ def recompute_bn_checkpoint(path: str | os.PathLike, *, num_batches: int, data: 
     new = model.state_dict()
     if RECIPE_KEY in meta:
         recipe = json.loads(meta[RECIPE_KEY])
-        recipe["bn_recomputed"] = {"batches": num_batches, "batch_size": ev.batch_size, "split": "train",
-                                   "seed": ev.bn_seed}
+        # The batches the statistics were computed on: fewer than asked when the training split is smaller.
+        recipe["bn_recomputed"] = {"batches": ev.bn_batches(num_batches), "batch_size": ev.batch_size,
+                                   "split": "train", "seed": ev.bn_seed}
         meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
     meta.pop("format", None)
     # Same tensor names and order as the file; only BatchNorm buffers differ from what was there.
     write_state_dict({k: new[k] if k in new else state_dict[k] for k in state_dict}, path, metadata=meta, force=True)
     return path
+
+
+def _check_not_a_member(out: Path, paths: Sequence[Any]) -> None:
+    """Refuse an output that is, or lies inside, a member: replacing it would delete what the soup reads."""
+    out_r = out.resolve()
+    for i, p in enumerate(paths):
+        if isinstance(p, (str, os.PathLike)) and Path(p).exists():
+            q = Path(p).resolve()
+            if q == out_r or q.is_relative_to(out_r):
+                raise SameInputOutputError(f"output {out} would overwrite member {i} ({p}); write the soup somewhere "
+                                           "else", path=out, member=i)
+
+
+def soup_recompute_bn(members: Sequence[str | os.PathLike], *, out: str | os.PathLike, recompute_bn: int,
+                      data: Any = None, batch_size: int = 256, device: str | torch.device = "cpu",
+                      force: bool = False, progress: bool = False, evaluator: CheckpointEvaluator | None = None,
+                      state_dict: Mapping[str, Tensor] | None = None, **soup_options: Any) -> MergeResult:
+    """:func:`merge.soup` with BatchNorm statistics recomputed before the soup appears under its name.
+
+    The architecture and the data are checked first (nothing is written when they are missing or
+    ``data`` names another dataset); the soup is written to a temporary file, its statistics are
+    recomputed there (:func:`recompute_bn_checkpoint`), and only the complete file is renamed to
+    ``out``. An error, Ctrl-C or SIGTERM on the way leaves nothing under ``out`` (and an existing
+    ``out`` as it was).
+
+    Args:
+        members: checkpoint paths, as :func:`merge.soup` takes them.
+        out: the soup's ``.safetensors`` path.
+        recompute_bn: training batches of ``batch_size`` to recompute the statistics on (0: a plain soup).
+        data: a dataset name for members that record none.
+        batch_size, device: of the recomputation (``device`` is also the soup's).
+        force: replace an existing ``out`` papa-merge wrote (only once the new one is complete).
+        progress: progress bars (the merge, the pass over the batches).
+        evaluator: reuse this evaluator (its model, data and recalibration subset).
+        state_dict: the soup's tensors, if already in memory (greedy soup's kept average).
+        soup_options: the other options of :func:`merge.soup` (``weights``, ``method``, ``metadata``, ...).
+
+    Returns:
+        The :class:`merge.soups.MergeResult` of the soup at ``out``; its recipe records ``bn_recomputed``.
+
+    Raises:
+        MissingMetadataError: the soup's metadata (its base's, else its first member's) records no
+            architecture, or no data and ``data`` is None.
+        InvalidArgumentError: ``out`` is not a ``.safetensors`` file, ``recompute_bn`` is negative, or
+            ``data`` names another dataset than the members'.
+        OutputExistsError, SameInputOutputError: as :func:`merge.soup`.
+
+    Example:
+        >>> soup_recompute_bn(["a.safetensors", "b.safetensors"], out="soup.safetensors",
+        ...                   recompute_bn=20)  # doctest: +SKIP
+    """
+    out = Path(out)
+    if recompute_bn < 0:
+        raise InvalidArgumentError(f"recompute_bn must be a number of batches (0: off), got {recompute_bn}",
+                                   option="recompute_bn")
+    if not recompute_bn:
+        return soup(members, out=out, device=device, force=force, progress=progress, **soup_options)
+    if out.suffix != SAFETENSORS_SUFFIX:
+        raise InvalidArgumentError(f"{out}: BatchNorm recomputation writes a single .safetensors file; end the path "
+                                   "in .safetensors", path=out, option="out")
+    check_output_free(out, force=force)  # before the data is loaded, not after the merge
+    _check_not_a_member(out, [*members, soup_options.get("base")])
+    base = soup_options.get("base")
+    # The soup's metadata (architecture, data) is its base's, else its first member's: check that one.
+    ev = evaluator or evaluator_for(
+        [base if base is not None else members[0]], purpose="BatchNorm recomputation",
+        instead="soup them without recomputing BatchNorm, or recompute it from Python on a model you build "
+                "(merge.bn.recompute_bn)", option="recompute_bn", choices=(0,), data=data, batch_size=batch_size,
+        device=device, progress=progress)
+    with AtomicOutput(out, folder=False, force=force) as final, AtomicOutput(out, folder=True, force=force) as work:
+        inner = work.file(out.name)
+        try:
+            result = soup(members, out=inner, device=device, progress=progress, **soup_options)
+            recompute_bn_checkpoint(inner, num_batches=recompute_bn, evaluator=ev, state_dict=state_dict)
+            os.replace(inner, final.file(out.name))
+        except OSError as e:
+            if e.errno is not None and not isinstance(e, MergeError) and str(e.filename or "").startswith(
+                    str(work.tmp)):
+                e.filename = str(out)  # the temporary's name means nothing to the user
+            raise
+        path = final.commit()
+    recipe = json.loads(read_safetensors_metadata(path).get(RECIPE_KEY, "{}"))
+    return dataclasses.replace(result, path=path, files=[path], recipe=recipe or result.recipe)

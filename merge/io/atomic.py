@@ -27,7 +27,7 @@ import socket
 import threading
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from merge.errors import InvalidArgumentError, MergeError, OutputExistsError
@@ -131,8 +131,11 @@ def _not_ours(path: Path) -> str | None:
     return f"holds files with no record that papa-merge wrote them (no {MANIFEST}): {shown}"
 
 
-def check_output_free(path: Path, *, force: bool) -> None:
+def check_output_free(path: Path, *, force: bool, ours: Callable[[Path], bool] | None = None) -> None:
     """Refuse an existing output, unless ``force`` and papa-merge wrote it.
+
+    ``ours`` recognises a file papa-merge wrote that is not a checkpoint (a plot, a table); without it only
+    checkpoints and recorded folders are recognised.
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is False, or it exists and is not a papa-merge output.
@@ -143,6 +146,8 @@ def check_output_free(path: Path, *, force: bool) -> None:
         raise OutputExistsError(f"{path}: already exists; choose another output, or replace it", path=path,
                                 option="force", choices=(True,))
     why = _not_ours(path)
+    if why is not None and ours is not None and path.is_file() and not path.is_symlink() and ours(path):
+        why = None
     if why is not None:
         raise OutputExistsError(f"{path}: already exists and {why}; force replaces only a previous papa-merge output, "
                                 "so it is left as it is: move it away or choose another output", path=path)
@@ -272,6 +277,7 @@ class AtomicOutput:
         path: the final output path.
         folder: whether the output is a folder.
         force: replace an existing output papa-merge wrote (it is removed only after the new one is complete).
+        ours: recognises a file papa-merge wrote that is not a checkpoint (see :func:`check_output_free`).
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is False, or it is not a papa-merge output.
@@ -283,11 +289,13 @@ class AtomicOutput:
         ...     atomic.commit()
     """
 
-    def __init__(self, path: str | os.PathLike, *, folder: bool, force: bool = False):
+    def __init__(self, path: str | os.PathLike, *, folder: bool, force: bool = False,
+                 ours: Callable[[Path], bool] | None = None):
         self.path = check_output_name(path)
         self.folder = folder
         self.force = force
-        check_output_free(self.path, force=force)
+        self.ours = ours
+        check_output_free(self.path, force=force, ours=ours)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path.parent)
         self.tmp = self.path.parent / self._hidden("tmp")
@@ -309,7 +317,7 @@ class AtomicOutput:
 
     def commit(self) -> Path:
         """Move the complete output into place (replacing an old papa-merge output only if forced)."""
-        check_output_free(self.path, force=self.force)
+        check_output_free(self.path, force=self.force, ours=self.ours)
         if self.folder:
             _write_manifest(self.tmp)
         old = None
