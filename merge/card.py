@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from merge.io import schemes
-from merge.io.formats import CARD_FILE, INDEX_SUFFIX, PICKLE_FILE, SAFETENSORS_SUFFIX, SINGLE_FILE
+from merge.io.formats import CARD_FILE, INDEX_SUFFIX, PICKLE_FILE, SAFETENSORS_SUFFIX, SINGLE_FILE, WEIGHT_SUFFIXES
 from merge.io.schemes import HF_PREFIX, is_repo_id
 from merge.keys import DATA_KEY, METRICS_KEY, MODEL_KEY, RECIPE_KEY
 
@@ -120,9 +120,7 @@ def _facts(path: Path, weights_name: str | None, name: str | None = None) -> _Fa
                config=config, recipe=recipe if isinstance(recipe, dict) else {},
                metrics=_json_meta(meta, METRICS_KEY), model_spec=spec if isinstance(spec, dict) else None,
                data_spec=data if isinstance(data, dict) else None, weight_files=weight_files)
-    for m in f.recipe.get("members") or []:
-        p = str(m.get("source") or m.get("path", "?")) if isinstance(m, dict) else str(m)
-        f.sources.append(p if p.startswith(HF_PREFIX) else (schemes.describe(p) or p))
+    f.sources += [_source_of(m) for m in f.recipe.get("members") or []]
     arch = str((f.model_spec or {}).get("arch", ""))
     architectures = config.get("architectures") or []
     if "model_type" in config or architectures:
@@ -205,6 +203,25 @@ def recipe_members(recipe: dict) -> list[tuple[str, float]]:
     return out
 
 
+def _member_row(label: str, m: object, source: str, weight: str) -> str:
+    """One row of the recipe table: the member's public name, where it came from, its weight."""
+    # A file's content hash where the recipe has one (pickles); a safetensors header hash is not one.
+    digest = str(m.get("sha256") or "")[:12] if isinstance(m, dict) else ""
+    if source.startswith(HF_PREFIX):
+        name, kind = source, "Hub"
+    else:
+        name = PurePosixPath(source.replace(os.sep, "/").rstrip("/")).name or source
+        fmt = m.get("format") if isinstance(m, dict) else None
+        folder = fmt == "sharded" or not name.endswith(WEIGHT_SUFFIXES)
+        kind = "local folder" if folder else "local file"
+    return f"| {label} | `{name}` | {kind}{f' (sha256 {digest}...)' if digest else ''} | {weight} |"
+
+
+def _source_of(m: object) -> str:
+    p = str(m.get("source") or m.get("path", "?")) if isinstance(m, dict) else str(m)
+    return p if p.startswith(HF_PREFIX) else (schemes.describe(p) or p)
+
+
 def _recipe_section(f: _Facts) -> list[str]:
     recipe = f.recipe
     if not recipe:
@@ -215,13 +232,18 @@ def _recipe_section(f: _Facts) -> list[str]:
     lines = ["## Recipe", "", "| # | member | source | weight |", "|---|---|---|---|"]
     for i, (m, s) in enumerate(zip(members, f.sources)):
         w = float(weights[i]) if i < len(weights) else 1.0
-        # A file's content hash where the recipe has one (pickles); a safetensors header hash is not one.
-        digest = str(m.get("sha256") or "")[:12] if isinstance(m, dict) else ""
-        label = s if s.startswith(HF_PREFIX) else PurePosixPath(s.replace(os.sep, "/")).name
-        lines.append(f"| {i} | `{label}` | {'Hub' if s.startswith(HF_PREFIX) else 'local file'}"
-                     f"{f' (sha256 {digest}...)' if digest else ''} | {w / total:.4g} |")
-    lines += ["", f"- method: `{recipe.get('method')}`",
-              f"- output dtype: `{recipe.get('dtype', 'as input')}`, "
+        lines.append(_member_row(str(i), m, s, f"{w / total:.4g}"))
+    if recipe.get("base"):
+        lines.append(_member_row("base", recipe["base"], _source_of(recipe["base"]), "(base)"))
+    lines += ["", f"- method: `{recipe.get('method')}`"]
+    params = recipe.get("parameters")
+    if isinstance(params, dict) and params:
+        lines.append("- parameters: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(params.items())))
+    if "coefficients" in recipe:
+        lines.append(f"- coefficients: `{json.dumps(recipe['coefficients'])}`")
+    if "seed" in recipe:
+        lines.append(f"- seed: `{recipe['seed']}`")
+    lines += [f"- output dtype: `{recipe.get('dtype', 'as input')}`, "
               f"accumulated in `{recipe.get('accumulate', 'float32')}`"]
     if recipe.get("skipped"):
         lines.append(f"- skipped tensors: {', '.join(f'`{s}`' for s in recipe['skipped'][:20])}")
@@ -302,6 +324,12 @@ def _usage(f: _Facts, repo_id: str | None, shown_as: str) -> list[str]:
             lines += ["```python", "from merge.models import load_member  # pip install papa-merge", "",
                       f"model, metadata = load_member({ref!r})  # the network, in eval mode, with these weights",
                       "```"]
+        elif fname.endswith(INDEX_SUFFIX):  # a sharded folder: every shard its index lists
+            lines += _sharded_snippet(fname, repo_id, shown_as)
+        elif not fname.endswith(SAFETENSORS_SUFFIX):
+            lines += ["```python", "import torch", *imports, "",
+                      f"state_dict = torch.load({file_expr}, weights_only=True)",
+                      "model.load_state_dict(state_dict)  # your model's architecture", "```"]
         else:
             lines += ["```python", *imports, "from safetensors.torch import load_file", "",
                       f"state_dict = load_file({file_expr})",
@@ -309,6 +337,25 @@ def _usage(f: _Facts, repo_id: str | None, shown_as: str) -> list[str]:
     ref = f"hf://{repo_id}" if repo_id else shown_as
     lines += ["", f"Or merge it further: `papa-merge soup {ref} ... -o soup.safetensors`."]
     return lines
+
+
+def _sharded_snippet(index: str, repo_id: str | None, shown_as: str) -> list[str]:
+    """Loading a sharded checkpoint without papa-merge: the index names the shard of every tensor."""
+    if repo_id:
+        head = ["from huggingface_hub import snapshot_download", "",
+                f"folder = Path(snapshot_download({repo_id!r}))"]
+    else:
+        head = ["", f"folder = Path({shown_as!r})"]
+    if index.endswith(SAFETENSORS_SUFFIX + INDEX_SUFFIX):
+        imports, load = ["from safetensors.torch import load_file"], "load_file(folder / shard)"
+    else:
+        imports, load = ["import torch"], "torch.load(folder / shard, weights_only=True)"
+    return ["```python", "import json", "from pathlib import Path", "", *imports, *head,
+            f"index = json.loads((folder / {index!r}).read_text())",
+            "state_dict = {}",
+            "for shard in sorted(set(index['weight_map'].values())):",
+            f"    state_dict.update({load})",
+            "model.load_state_dict(state_dict)  # your model's architecture", "```"]
 
 
 def _checkpoints_section(checkpoints: Sequence[str], repo_id: str | None) -> list[str]:
@@ -351,7 +398,7 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, weights_n
         ---
     """
     path = Path(path)
-    shown = shown_as or str(path)
+    shown = schemes.public_name(shown_as or str(path))  # a card is published: no absolute local path in it
     f = _facts(path, weights_name, name=Path(shown_as).name if shown_as else None)
     sections = [[f"# {repo_id or f.name}", "", *_what_it_is(f)], _recipe_section(f), _metrics_section(f)]
     if checkpoints and len(checkpoints) > 1:
@@ -359,9 +406,21 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, weights_n
     sections.append(_usage(f, repo_id, shown))
     if f.recipe:
         sections.append(["<details><summary>Full recipe (<code>papa_merge.recipe</code> metadata)</summary>", "",
-                         "```json", json.dumps(f.recipe, indent=2, sort_keys=True), "```", "", "</details>"])
+                         "```json", json.dumps(_public(f.recipe), indent=2, sort_keys=True), "```", "",
+                         "</details>"])
     body = "\n\n".join("\n".join(s) for s in sections if s)
     return _sign(_front_matter(f, repo_id) + "\n" + body + "\n")
+
+
+def _public(value: object) -> object:
+    """The recipe as a card shows it: every absolute local path replaced by its public name (hf://..., relative)."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and len(value) < 4096 and "\n" not in value and os.path.isabs(value):
+        return schemes.public_name(value)
+    return value
 
 
 def write_card(folder: str | os.PathLike, *, shown_as: str | None = None) -> Path | None:

@@ -27,7 +27,7 @@ from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from merge.io.torch_writer import TorchFileSink
-from merge.io.atomic import check_output_free
+from merge.io.atomic import check_output_free, check_output_name
 from merge.io.writer import AtomicOutput, FileSink, OutputPlan, parse_size, plan_output
 from merge.ops import check_weights, get_operator
 
@@ -58,15 +58,27 @@ class MergeResult:
         return self.read_bytes / self.seconds / 1e9 if self.seconds else float("inf")
 
 
-def _check_not_an_input(out: Path, sources: Sequence[Source]) -> None:
-    """Refuse an output that is, or whose replacement would delete, a file a member reads."""
+def _check_not_an_input(out: Path, sources: Sequence[Source], n_members: int | None = None) -> None:
+    """Refuse an output that is an input, holds one (its replacement would delete it), or lies inside an input
+    folder (members, then the base: ``sources[n_members:]``)."""
     out_r = out.resolve()
+    n = len(sources) if n_members is None else n_members
     for i, src in enumerate(sources):
+        who = f"member {i}" if i < n else "the base"
         for f in [src.path, *src.files]:
             q = f.resolve()
-            if q == out_r or q.is_relative_to(out_r):
-                raise SameInputOutputError(f"output {out} would overwrite member {i} ({src.path}); "
-                                           "write the soup somewhere else")
+            if q == out_r:
+                raise SameInputOutputError(f"output {out} would overwrite {who} ({src.path}); write the soup "
+                                           "somewhere else",
+                                           path=out, member=i if i < n else None)
+            if q.is_relative_to(out_r):
+                raise SameInputOutputError(f"output {out} is a folder that holds {who} ({src.path}): replacing it "
+                                           "would delete it; write the soup to a new path", path=out,
+                                           member=i if i < n else None)
+        folder = src.path.resolve()
+        if folder.is_dir() and out_r.is_relative_to(folder):
+            raise SameInputOutputError(f"output {out} lies inside the folder of {who} ({src.path}); write the soup "
+                                       "outside it", path=out, member=i if i < n else None)
 
 
 def _refuse_existing_output_early(out: Path, inputs: Sequence[object], *, force: bool) -> None:
@@ -88,8 +100,8 @@ def _refuse_existing_output_early(out: Path, inputs: Sequence[object], *, force:
 def _member_record(src: Source) -> dict:
     fp = src.fingerprint()
     source = schemes.describe(src.path)
-    if source:
-        fp["source"] = source
+    if source:  # a Hub member is recorded as hf://org/name@sha, not by its cache folder (a published local path)
+        fp["source"] = fp["path"] = source
     train = src.metadata.get(TRAIN_KEY)
     if train:
         try:
@@ -141,6 +153,7 @@ def output_kind(out: str | os.PathLike) -> str:
     p = Path(out)
     if str(out) == "":
         raise InvalidArgumentError("the output path is empty; write one of: " + "; ".join(OUTPUT_FORMS), option="out")
+    check_output_name(out)  # '/', '.', '..': no name to write under
     suffix = p.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX and not p.is_dir():
         return "safetensors"
@@ -338,7 +351,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                          member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
                          base_source=base_source, resolve=resolve)
-        _check_not_an_input(out, plan.all_sources)
+        _check_not_an_input(out, plan.all_sources, len(plan.sources))
         _warn_if_different_starts(sources, base_source)
         out_dtype = parse_dtype(dtype)
         recipe = recipe_of(plan, out_dtype=out_dtype, extra=recipe_extra)

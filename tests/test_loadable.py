@@ -170,8 +170,8 @@ def test_folder_soup_card_is_the_push_card(tmp_path, hf_members):
     assert is_generated_card(text)
     assert text == model_card(out, shown_as=str(out))
     assert "library_name: transformers" in text and "pipeline_tag: text-classification" in text
-    assert "# soup" in text and "| 0 | `member-00` | local file | 0.75 |" in text
-    assert f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})" in text
+    assert "# soup" in text and "| 0 | `member-00` | local folder | 0.75 |" in text
+    assert "AutoModelForSequenceClassification.from_pretrained('soup')" in text and str(tmp_path) not in text
     assert not is_generated_card(text.replace("# soup", "# my soup"))  # an edit is the user's card
 
 

@@ -21,8 +21,8 @@ from urllib.parse import unquote
 
 from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 
-__all__ = ["Scheme", "register_scheme", "split_scheme", "resolve", "describe", "registered_schemes", "HF_PREFIX",
-           "HubReference", "parse_hub_reference", "is_repo_id"]
+__all__ = ["Scheme", "register_scheme", "split_scheme", "resolve", "describe", "public_name", "registered_schemes",
+           "HF_PREFIX", "HubReference", "parse_hub_reference", "is_repo_id"]
 
 _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 HF_PREFIX = "hf://"
@@ -94,6 +94,33 @@ def describe(path: str | os.PathLike) -> str | None:
             if ref:
                 return ref
     return None
+
+
+def public_name(path: str | os.PathLike, *, start: str | os.PathLike | None = None) -> str:
+    """How a local checkpoint is named where others read it (a model card, a published recipe): never an absolute path.
+
+    The reference it was fetched from (``hf://org/name@sha[/file]`` for a file in huggingface_hub's cache);
+    else a relative path as given; else the path relative to ``start`` (default: the working folder) when
+    inside it; else its bare name. No home or cache folder shows.
+
+    Example:
+        >>> public_name("runs/a.safetensors"), public_name("/data/u/runs/b.safetensors", start="/data/u")
+        ('runs/a.safetensors', 'runs/b.safetensors')
+        >>> public_name("/home/u/soup/")
+        'soup'
+    """
+    text = os.fspath(path)
+    ref = describe(text)
+    if ref:
+        return ref
+    p = Path(text)
+    if not (p.is_absolute() or text.startswith(("~", "\\"))):
+        return p.as_posix()
+    try:
+        rel = Path(os.path.abspath(os.path.expanduser(text))).relative_to(os.path.abspath(start or os.getcwd()))
+    except ValueError:
+        rel = None
+    return rel.as_posix() if rel is not None and rel.parts else (p.name or text.rstrip("/\\").rsplit("/", 1)[-1])
 
 
 # --- Hub references: pure parsing (the network code that fetches them is merge.hub's) ------------------
