@@ -116,8 +116,9 @@ def interpolate(a: str, b: str, out: str, data: str | None, points: int, alphas:
     from merge.interpolate import check_curve_outputs, interpolate as run, write_curve
 
     splits = ("val", "test") if split == "both" else (split,)
+    grid = _alphas(alphas)
     check_curve_outputs(out, force=force)  # before the evaluation: the plot and the table beside it
-    curve = run(a, b, data=data, alphas=_alphas(alphas), points=points, bn_batches=bn_batches, splits=splits,
+    curve = run(a, b, data=data, alphas=grid, points=points, bn_batches=bn_batches, splits=splits,
                 batch_size=batch_size, device=device)
     png, table = write_curve(curve, out, force=force)
     click.echo(curve.table())

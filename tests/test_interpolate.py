@@ -109,8 +109,10 @@ def test_cli_midpoint_and_interpolate_write_the_point_the_table_and_the_plot(end
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = png.with_suffix(".md").read_text().splitlines()
-    assert table[0] == "| alpha | test acc | test NLL |" and len(table) == 2 + 3 + 1
-    assert table[2].startswith("| 0.00 | ") and table[-1].startswith("| ensemble of the endpoints | ")
+    # First line: the mark by which a later --force knows papa-merge wrote it (an HTML comment, not rendered).
+    assert table[0] == "<!-- written by papa-merge interpolate: member-00.safetensors -> member-01.safetensors -->"
+    assert table[1] == "| alpha | test acc | test NLL |" and len(table) == 1 + 2 + 3 + 1
+    assert table[3].startswith("| 0.00 | ") and table[-1].startswith("| ensemble of the endpoints | ")
     curve = json.loads(r.output.strip().splitlines()[-1])
     assert [p["alpha"] for p in curve["points"]] == [0.0, 0.5, 1.0] and curve["bn_batches"] == BN
     bad = CliRunner().invoke(cli, ["midpoint", str(a), str(b), str(a), "--alpha", "0.5", "-o",
