@@ -174,15 +174,16 @@ def _check_arguments(op: Operator, n: int, base: Source | None, on_mismatch: str
     if on_mismatch not in ON_MISMATCH:
         raise InvalidArgumentError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}",
                                    option="on_mismatch", choices=ON_MISMATCH)
+    # The base first: slerp given two members and no base lacks a base, not a member too many.
+    if op.base == "required" and base is None:
+        raise InvalidArgumentError(f"method {op.name!r} needs a base model (the checkpoint the members were "
+                                   "fine-tuned from)", option="base")
     if n < op.min_members:
         raise InvalidArgumentError(f"method {op.name!r} needs at least {op.min_members} member(s) besides the base, "
                                    f"got {n}", option="members")
     if op.max_members is not None and n > op.max_members:
         raise InvalidArgumentError(f"method {op.name!r} takes at most {op.max_members} member(s) besides the base, "
                                    f"got {n}", option="members")
-    if op.base == "required" and base is None:
-        raise InvalidArgumentError(f"method {op.name!r} needs a base model (the checkpoint the members were "
-                                   "fine-tuned from)", option="base")
     if op.base == "none" and base is not None:
         raise InvalidArgumentError(f"method {op.name!r} takes no base model; list it as a member instead",
                                    option="base")

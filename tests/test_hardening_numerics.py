@@ -197,3 +197,49 @@ def test_float8_results_past_their_range_are_an_error(tmp_path: Path, name: str,
     assert load_file(str(got.path))["x"].float().tolist() == [top, 1.0]
     with pytest.raises(NonFiniteError, match=rf"beyond the largest {name} \({top}\), so writing it as {name} "):
         merge.soup([a, a], weights=[1, over], params={"normalize": False}, out=tmp_path / "o.safetensors")
+
+
+# ---- item 11 and 14: outputs that are, hold or lie inside an input; '/' -------------------------------------------
+
+def _folder_member(tmp_path: Path) -> tuple[Path, Path]:
+    fold = tmp_path / "fold"
+    fold.mkdir()
+    save_file({"w": torch.ones(3)}, str(fold / "model.safetensors"))
+    return fold, _save(tmp_path / "f2.safetensors", w=torch.zeros(3))
+
+
+def test_an_output_inside_an_input_folder_is_refused(tmp_path: Path) -> None:
+    fold, f2 = _folder_member(tmp_path)
+    for out in (fold / "sub", fold / "sub" / "deeper.safetensors", fold / "o.safetensors"):
+        with pytest.raises(merge.SameInputOutputError, match=rf"output {out} lies inside the folder of member 0 "
+                                                             rf"\({fold}\); write the soup outside it") as e:
+            merge.soup([fold, f2], out=out)
+        assert e.value.member == 0
+    with pytest.raises(merge.SameInputOutputError, match="inside the folder of the base"):
+        merge.soup([f2], base=fold, method="task_arithmetic", out=fold / "sub")
+    res = _run("soup", fold, f2, "-o", fold / "sub")
+    assert res.exit_code == 1 and res.output == (f"error: output {fold / 'sub'} lies inside the folder of member 0 "
+                                                 f"({fold}); write the soup outside it\n")
+    assert sorted(p.name for p in fold.iterdir()) == ["model.safetensors"]
+    # beside the folder is fine, and so is a file member's own folder
+    merge.soup([fold, f2], out=tmp_path / "beside")
+    merge.soup([f2, f2], out=tmp_path / "o.safetensors")
+
+
+def test_the_root_is_no_output(tmp_path: Path) -> None:
+    _, f2 = _folder_member(tmp_path)
+    res = _run("soup", f2, f2, "-o", "/")
+    assert res.exit_code == 2 and res.output == ("error: output '/' names no file or folder; give a name such as "
+                                                 "soup.safetensors or soup/ (pass -o/--out)\n")
+    with pytest.raises(merge.InvalidArgumentError, match="names no file or folder"):
+        merge.soup([f2], out="/")
+
+
+def test_slerp_without_a_base_says_it_needs_one(tmp_path: Path) -> None:
+    _, f1, f2 = _nan_set(tmp_path)
+    res = _run("soup", f1, f2, "--method", "slerp", "--t", "0.5", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 2 and res.output.startswith("error: method 'slerp' needs a base model") and "at most" not in res.output
+    assert "pass --base" in res.output
+    with pytest.raises(merge.InvalidArgumentError, match="at most 1 member") as e:
+        merge.soup([f1, f2], base=f1, method="slerp", params={"t": 0.5}, out=tmp_path / "o.safetensors")
+    assert e.value.option == "members"

@@ -121,7 +121,8 @@ def test_output_equal_to_an_input_is_refused(tmp_path: Path, members: list[Path]
     assert members[0].read_bytes() == before
     # a folder output that would replace the folder holding the members is refused too
     code, out = run(["soup", *map(str, members), "-o", str(tmp_path), "--force"])
-    assert code == 1 and "would overwrite member 0" in out and members[1].exists()
+    assert code == 1 and out == (f"error: output {tmp_path} is a folder that holds member 0 ({members[0]}): replacing "
+                                 "it would delete it; write the soup to a new path\n") and members[1].exists()
 
 
 def test_existing_output_needs_force(tmp_path: Path, members: list[Path]) -> None:
