@@ -166,7 +166,9 @@ def _progress_bars(show: bool | None) -> Iterator[None]:
     import importlib
 
     bars = importlib.import_module("huggingface_hub.utils.tqdm")
-    if show is None:
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("1", "true", "yes", "on"):
+        show = False  # as set now (huggingface_hub reads it on import): ``papa-merge -q`` sets it
+    elif show is None:
         show = bool(getattr(sys.stderr, "isatty", lambda: False)())
     forced_on = getattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None) is False
     if show or forced_on or bars.are_progress_bars_disabled():
@@ -468,10 +470,11 @@ def resolve_reference(ref: str, *, endpoint: str | None = None, token: str | boo
             raise HubError(f"{r}: HF_HUB_OFFLINE is set and this revision is not in the local cache; unset "
                            "HF_HUB_OFFLINE (or set it to 0) to download it")
         return folder / r.path if r.path else folder
-    api = _api(endpoint, token)
-    sha, files = _repo_files(api, r, endpoint)
-    names, target = _plan_checkpoint_files(api, r, sha, files, endpoint)
-    folder = _download(api, r, sha, names, endpoint)
+    with _progress_bars(None):
+        api = _api(endpoint, token)
+        sha, files = _repo_files(api, r, endpoint)
+        names, target = _plan_checkpoint_files(api, r, sha, files, endpoint)
+        folder = _download(api, r, sha, names, endpoint)
     return folder / target if target else folder
 
 

@@ -283,9 +283,26 @@ def test_no_progress_bars_in_a_log(hub, tmp_path):
     assert r.exit_code == 0 and r.stderr == "", r.stderr
     r = CliRunner().invoke(cli, ["push", str(d), repo])
     assert r.exit_code == 0 and r.stderr == "", r.stderr
+    r = CliRunner().invoke(cli, ["soup", f"hf://{repo}", f"hf://{repo}", "-o", str(tmp_path / "s.safetensors")])
+    assert r.exit_code == 0 and "it/s" not in r.stderr and "B/s" not in r.stderr, r.stderr
     from huggingface_hub.utils import are_progress_bars_disabled
 
     assert not are_progress_bars_disabled()  # put back for the caller
+
+
+def test_progress_bars_follow_the_environment_as_set_now(monkeypatch, capsys):
+    import merge.hub as hub_mod
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with hub_mod._progress_bars(True):
+        assert are_progress_bars_disabled()
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    with hub_mod._progress_bars(False):
+        assert are_progress_bars_disabled()
+    with hub_mod._progress_bars(True):
+        assert not are_progress_bars_disabled()
+    assert not are_progress_bars_disabled()
 
 
 def test_pull_out_on_a_full_disk_names_the_output(hub, tmp_path, monkeypatch):
