@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.util import say, show_progress
+from cli.util import echo_result, say, show_progress
 
 
 @click.command(context_settings={"show_default": True})
@@ -30,7 +30,8 @@ def quickstart(members: int, epochs: float, limit: int, out: str, seed: int, dat
                recompute_bn: int, device: str, members_table: bool, papa: bool) -> None:
     """Train, merge and compare, end to end.
 
-    Trains diverse small CNNs on MNIST, makes the uniform and greedy soups, and compares them.
+    Trains diverse small CNNs on MNIST (a seeded subsample of 20,000 of its training images by default,
+    --limit; val and test whole), makes the uniform and greedy soups, and compares them.
 
     Prints members (mean, min, max), their prediction ensemble, the uniform soup and the greedy
     soup (both with BatchNorm statistics recomputed), on val and test; then (--papa) the same for
@@ -41,11 +42,17 @@ def quickstart(members: int, epochs: float, limit: int, out: str, seed: int, dat
       papa-merge quickstart
       papa-merge quickstart --members 6 --epochs 2 --out runs/qs6
     """
-    from merge.quickstart import run_quickstart
+    from merge.evaluate import format_table
+    from merge.quickstart import PAPA_TITLE, run_quickstart
+
+    def on_rows(part: str, rows: list) -> None:  # each table as soon as it is known, flushed
+        if part == "papa":
+            echo_result(f"\n{PAPA_TITLE}\n{format_table(rows)}")
+        else:
+            echo_result(format_table(rows if members_table else [r for r in rows if r.kind != "member"]))
 
     result = run_quickstart(members=members, epochs=epochs, limit=limit, out=out, seed=seed, data=data,
                             diversity=diversity, recompute_bn=recompute_bn, device=device, papa=papa,
-                            progress=show_progress(), log=lambda line: say(f"- {line}"))
-    click.echo(result.table(with_members=members_table))
-    click.echo(f"({result.seconds:.0f}s; members in {result.members[0].parent}, soups {result.uniform} and "
+                            progress=show_progress(), log=lambda line: say(f"- {line}"), on_rows=on_rows)
+    echo_result(f"({result.seconds:.0f}s; members in {result.members[0].parent}, soups {result.uniform} and "
                f"{result.greedy}" + (f"; PAPA comparison {result.papa_seconds:.0f}s)" if result.papa_rows else ")"))

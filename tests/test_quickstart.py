@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,42 @@ def test_quickstart_command_on_digits(tmp_path: Path) -> None:
         again = CliRunner().invoke(cli, args)
         assert again.exit_code == 0, again.output
         assert [p.stat().st_mtime_ns for p in members] == stamps
+
+
+@pytest.mark.slow  # the quickstart twice at its smallest (the rerun itself takes a second)
+def test_quickstart_rerun_reuses_the_recorded_evaluations_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    from merge.quickstart import run_quickstart
+    from merge.train import report as report_mod
+
+    kw = dict(data="digits", members=2, limit=200, epochs=0.5, recompute_bn=2, out=tmp_path / "qs")
+    first_log: list[str] = []
+    tables: list[str] = []
+    with one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("error", merge.errors.DifferentStartsWarning)  # relabelled as a status line instead
+        warnings.simplefilter("ignore", merge.errors.WeakPullWarning)  # a run this short pulls weakly: expected
+        first = run_quickstart(**kw, log=first_log.append, on_rows=lambda part, rows: tables.append(part))
+    assert tables == ["soups", "papa"]  # each table handed over as soon as it is known
+    # What the run uses is said as it is: a subsample of the training images, never "the full" dataset.
+    assert first_log[0] == "digits: 200 training images (a seeded subsample, limit 200); 143 val and 359 test images"
+    demo = next(i for i, line in enumerate(first_log) if "independent" in line and "from scratch" in line)
+    assert "the demonstration that members of different starts do not average" in first_log[demo]
+    assert any(line.startswith("as expected for the demonstration: the members come from 2 different starts")
+               for line in first_log[demo:])
+
+    def no_evaluation(*_a, **_k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(report_mod, "evaluate_checkpoints", no_evaluation)
+    monkeypatch.setattr(report_mod, "greedy_soup_checkpoints", no_evaluation)
+    log: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing trained, nothing to warn about (a PAPA population found on disk)
+        again = run_quickstart(**kw, log=log.append)
+    assert again.table(with_members=True) == first.table(with_members=True)
+    assert not any(line.startswith("training") for line in log), log
+    assert log[1] == f"reusing the shared start {tmp_path / 'qs' / 'start' / 'member-00.safetensors'}"
+    assert log[2] == f"reusing the 2 members in {tmp_path / 'qs' / 'members'}"
+    assert sum(line.startswith("reusing the recorded soups and evaluation") for line in log) == 3, log
 
 
 def test_quickstart_rejects_one_member(tmp_path: Path) -> None:

@@ -527,7 +527,8 @@ def train_papa(job: TrainJob, *, every: int = 10, alpha: float | None = None, lr
     result = _run_population(job, "papa", make, {"every": every, "alpha": alpha, "lr_scaling": lr_scaling},
                              final=final, final_bn_batches=final_bn_batches)
     shrink = callback.summary()["pull_shrink"]
-    if shrink > WEAK_PULL and job.pretrained is None and job.init is None and callback.group.is_main:
+    # (A population found on disk was not trained by this call: its pulls are not this run's, so nothing to say.)
+    if callback.pulls and shrink > WEAK_PULL and job.pretrained is None and job.init is None and callback.group.is_main:
         # The fix that applies to this run: pull every step first; already there, a smaller alpha or more steps.
         fix = ("for a short run, pull every step with a smaller alpha (every=1, alpha=0.95)"
                if every > 1 or alpha > 0.95 else f"pull harder (an alpha below {alpha:g}) or train for more steps")

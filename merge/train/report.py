@@ -168,7 +168,7 @@ def _record(record: Path, fingerprint: dict, outputs: Mapping[str, Path], report
             "output_stats": {k: _stat(Path(p)) for k, p in outputs.items()}, "report": report}
     tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")  # the rows keep their order (val before test)
         os.replace(tmp, record)
     finally:
         if tmp.exists():
