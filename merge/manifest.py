@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = ["Selection", "write_manifest", "read_manifest", "is_manifest", "selec
 MANIFEST_FORMAT = "papa-merge/selection"
 MANIFEST_VERSION = 1
 _MAX_BYTES = 16 << 20  # a manifest lists paths and a few numbers; anything larger is some other JSON
+_MAX_PATH = 4096  # characters of a member's path (PATH_MAX)
 
 
 @dataclass
@@ -195,20 +197,27 @@ def write_manifest(selection: Selection, out: str | os.PathLike, *, force: bool 
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            e.filename = str(out)  # a full disk names the output asked for, not the hidden temporary (or nothing)
         raise
     return out
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path) -> tuple[Any, str]:
+    """The JSON document at ``path`` and ``""``, or None and why it is none."""
     if path.stat().st_size > _MAX_BYTES:
-        return None
+        return None, f"larger than {_MAX_BYTES >> 20} MiB"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
+        return json.loads(path.read_text(encoding="utf-8")), ""
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError as e:  # also an integer of 5000 digits
+        return None, f"not JSON: {_clip(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
 
 
 def is_manifest(path: str | os.PathLike) -> bool:
@@ -219,7 +228,7 @@ def is_manifest(path: str | os.PathLike) -> bool:
     p = Path(path)
     if p.suffix != ".json" or not p.is_file():
         return False
-    doc = _load(p)
+    doc, _ = _load(p)
     return isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT
 
 
@@ -227,12 +236,58 @@ def _scores(entry: dict) -> dict[str, dict[str, float]]:
     return {k: v for k, v in entry.items() if isinstance(v, dict)}
 
 
+def _shown(value: object, limit: int = 60) -> str:
+    """A JSON value for an error message: short, whatever its size."""
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    return _clip(json.dumps(value) if isinstance(value, (str, int, float)) or value is None else repr(value), limit)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_count(w: object) -> bool:
+    """A pick count: a positive integer (2.0 is one; 1.5, true, 1e400 and "2" are not)."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        return False
+    return math.isfinite(w) and w >= 1 and w == int(w)
+
+
+def _check_members(doc: dict, p: Path) -> list[dict]:
+    """The manifest's members, each an object with a path and a pick count, or a one-line refusal naming the entry."""
+    members = doc.get("members")
+    if not isinstance(members, list) or not members:
+        raise CheckpointFormatError(f"{p}: 'members' must list the selected checkpoints, got {_shown(members)}; write "
+                                    "the manifest again with papa-merge select", path=p)
+    for i, m in enumerate(members):
+        path = m.get("path") if isinstance(m, dict) else None
+        if not isinstance(path, str) or not path or len(path) > _MAX_PATH:
+            raise CheckpointFormatError(f"{p}: members[{i}] must be an object with the checkpoint's 'path', got "
+                                        f"{_shown(m if path is None else path)}", path=p)
+        if not _is_count(m.get("weight")):
+            # Never rounded: a weight is how often selection picked the member; 1.5 picks is no selection's.
+            raise CheckpointFormatError(f"{p}: members[{i}] ({_shown(path)}): weight {_shown(m.get('weight'))} is "
+                                        "not a pick count; a member's weight is how often greedy selection picked it, "
+                                        "a positive integer (1, 2, ...)", path=p)
+    if "size" in doc and not _is_count(doc["size"]):
+        raise CheckpointFormatError(f"{p}: size {_shown(doc['size'])} is not a number of members (1, 2, ...)", path=p)
+    picks = doc.get("picks")
+    if not isinstance(picks, list):
+        raise CheckpointFormatError(f"{p}: 'picks' must list the members in the order they were picked, got "
+                                    f"{_shown(picks)}", path=p)
+    return members
+
+
 def read_manifest(path: str | os.PathLike) -> Selection:
     """Read a selection manifest; member paths come back resolved against the manifest's folder.
 
     Raises:
         CheckpointNotFoundError: no such file.
-        CheckpointFormatError: the file is not a selection manifest, or a newer format than this version reads.
+        CheckpointFormatError: the file is not a selection manifest, a newer format than this version reads,
+            or an entry is malformed (a member without a path, a weight that is not a pick count, ...).
 
     Example:
         >>> sel = read_manifest("runs/hyper/hyper-deep.json")  # doctest: +SKIP
@@ -241,19 +296,25 @@ def read_manifest(path: str | os.PathLike) -> Selection:
     p = Path(path)
     if not p.is_file():
         raise CheckpointNotFoundError(f"{p}: no such selection manifest (write one with papa-merge select)", path=p)
-    doc = _load(p)
+    doc, why = _load(p)
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise CheckpointFormatError(f"{p}: not a papa-merge selection manifest (expected a JSON object with "
+        why = f"{why}; expected" if why else "expected"
+        raise CheckpointFormatError(f"{p}: not a papa-merge selection manifest ({why} a JSON object with "
                                     f"format {MANIFEST_FORMAT!r}); write one with papa-merge select", path=p)
-    if int(doc.get("format_version", 0)) > MANIFEST_VERSION:
-        raise CheckpointFormatError(f"{p}: manifest format version {doc.get('format_version')} is newer than this "
+    format_version = doc.get("format_version", MANIFEST_VERSION)
+    if not _is_count(format_version):
+        raise CheckpointFormatError(f"{p}: format_version {_shown(format_version)} is not a manifest format version "
+                                    f"(this papa-merge writes {MANIFEST_VERSION}); write the manifest again with "
+                                    "papa-merge select", path=p)
+    if format_version > MANIFEST_VERSION:
+        raise CheckpointFormatError(f"{p}: manifest format version {format_version} is newer than this "
                                     f"papa-merge reads ({MANIFEST_VERSION}); upgrade papa-merge", path=p)
     folder = p.parent
+    members = _check_members(doc, p)
     try:
-        members = doc["members"]
-        paths = [_resolve(str(m["path"]), folder) for m in members]
-        index = {str(m["path"]): i for i, m in enumerate(members)}
-        picks = [index[str(q)] for q in doc["picks"]]
+        paths = [_resolve(m["path"], folder) for m in members]
+        index = {m["path"]: i for i, m in enumerate(members)}
+        picks = [index[q] for q in doc["picks"]]
         return Selection(
             paths=paths, weights=[int(m["weight"]) for m in members], picks=picks, by=str(doc.get("by", "nll")),
             size=int(doc.get("size", len(paths))), split=str(doc.get("split", "val")),
@@ -263,9 +324,10 @@ def read_manifest(path: str | os.PathLike) -> Selection:
             steps=[{**s, "member": _resolve(str(s["member"]), folder)} if "member" in s else dict(s)
                    for s in doc.get("steps", [])],
             stopped=str(doc.get("stopped", "")), data=doc.get("data"), extra=dict(doc.get("extra") or {}))
-    except (KeyError, TypeError, ValueError, InvalidArgumentError) as e:
-        raise CheckpointFormatError(f"{p}: a malformed selection manifest ({type(e).__name__}: {e}); write it again "
-                                    "with papa-merge select", path=p) from None
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError, InvalidArgumentError) as e:
+        detail = e.message if isinstance(e, InvalidArgumentError) else f"{type(e).__name__}: {e}"
+        raise CheckpointFormatError(f"{p}: a malformed selection manifest ({_clip(detail, 200)}); write it "
+                                    "again with papa-merge select", path=p) from None
 
 
 def selection_from_picks(paths: Sequence[str | os.PathLike], picks: Sequence[int], **fields: Any) -> Selection:

@@ -31,9 +31,12 @@ and any key mergekit does not define.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +44,16 @@ from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 from merge.io.schemes import HF_PREFIX
 from merge.ops import Operator, get_operator
 
-__all__ = ["Recipe", "load_recipe", "run_recipe", "plan_recipe", "UnsupportedRecipeError", "SUPPORTED_KEYS"]
+__all__ = ["Recipe", "load_recipe", "run_recipe", "plan_recipe", "UnsupportedRecipeError", "SUPPORTED_KEYS", "preview",
+           "MAX_RECIPE_BYTES", "MAX_VALUES"]
+
+# Bounds that no real recipe comes near (mergekit's own examples are under 2 KB and 200 values), so that
+# a hostile or mistaken file costs a bounded time and a one-line error of bounded length.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_VALUES = 100_000  # scalars, lists and mappings once YAML aliases are expanded
+MAX_DEPTH = 64  # nesting levels (a recipe uses about 6)
+MAX_TEXT = 4096  # characters of a model reference (PATH_MAX) or a parameter's string value
+PREVIEW_CHARS = 80  # of a value shown in an error message
 
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _REFUSED = {
@@ -108,40 +120,69 @@ def _pick(value: object, tensor: str) -> object:
     return value
 
 
+def _scalar(key: str, value: object, where: str) -> object:
+    """A parameter's scalar value as it is, if papa-merge can take it as a number, boolean or word."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            raise InvalidArgumentError(f"{where}: parameter {key!r}: {preview(value)} is out of range of any number "
+                                       "papa-merge computes with") from None
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise InvalidArgumentError(f"{where}: parameter {key!r}: {preview(value)} is not a number or a method's word")
+    return value
+
+
 def _check_value(key: str, value: object, where: str) -> object:
     """A parameter value: a scalar, or a list of ``{filter, value}`` with scalar values."""
     if isinstance(value, (bool, int, float, str)):
-        return value
+        return _scalar(key, value, where)
     if isinstance(value, Mapping) and "value" in value:
         value = [value]
     if isinstance(value, list):
         if value and all(isinstance(v, (bool, int, float, str)) for v in value):
             raise UnsupportedRecipeError(
-                f"{where}: parameter {key!r} is a gradient list {value}; gradients (values interpolated across "
-                "layers) are not supported: give one value, or {filter, value} entries", field=f"{key} gradient")
+                f"{where}: parameter {key!r} is a gradient list {preview(value)}; gradients (values interpolated "
+                "across layers) are not supported: give one value, or {filter, value} entries", field=f"{key} gradient")
         out = []
         for cond in value:
             if not isinstance(cond, Mapping) or "value" not in cond or set(cond) - {"filter", "value"}:
                 raise InvalidArgumentError(f"{where}: parameter {key!r}: each entry of a list must be "
-                                           f"{{filter: ..., value: ...}}, got {cond!r}")
-            inner = cond["value"]
+                                           f"{{filter: ..., value: ...}}, got {preview(cond)}")
+            inner, flt = cond["value"], cond.get("filter")
             if isinstance(inner, list):
                 raise UnsupportedRecipeError(
-                    f"{where}: parameter {key!r} filter {cond.get('filter')!r} has a gradient list {inner}; "
+                    f"{where}: parameter {key!r} filter {preview(flt)} has a gradient list {preview(inner)}; "
                     "gradients are not supported", field=f"{key} gradient")
             if not isinstance(inner, (bool, int, float, str)):
-                raise InvalidArgumentError(f"{where}: parameter {key!r}: value {inner!r} is not a number or boolean")
-            out.append({"filter": cond.get("filter"), "value": inner})
+                raise InvalidArgumentError(f"{where}: parameter {key!r}: value {preview(inner)} is not a number or "
+                                           "boolean")
+            if flt is not None and not (isinstance(flt, str) and len(flt) <= MAX_TEXT):
+                raise InvalidArgumentError(f"{where}: parameter {key!r}: filter {preview(flt)} is not a piece of a "
+                                           "tensor name; write it as a string (quoted if it looks like a number)")
+            out.append({"filter": flt, "value": _scalar(key, inner, where)})
         return out
-    raise InvalidArgumentError(f"{where}: parameter {key!r} has a value papa-merge cannot read: {value!r}")
+    raise InvalidArgumentError(f"{where}: parameter {key!r} has a value papa-merge cannot read: {preview(value)}")
 
 
 def _params(raw: object, where: str) -> dict[str, object]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise InvalidArgumentError(f"{where}: 'parameters' must be a mapping of name: value, got {raw!r}")
-    return {str(k): _check_value(str(k), v, where) for k, v in raw.items()}
+        raise InvalidArgumentError(f"{where}: 'parameters' must be a mapping of name: value, got {preview(raw)}")
+    out = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or len(k) > MAX_TEXT:
+            raise InvalidArgumentError(f"{where}: parameter name {preview(k)} is not a name")
+        out[k] = _check_value(k, v, where)
+    return out
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def _model_ref(raw: object, where: str, folder: Path) -> str:
@@ -156,39 +197,175 @@ def _model_ref(raw: object, where: str, folder: Path) -> str:
             revision = inner.get("revision")
             inner = inner.get("path")
         raw = inner
-    if not isinstance(raw, str) or not raw:
-        raise InvalidArgumentError(f"{where}: model reference must be a path or a Hub repository, got {raw!r}")
-    if "+" in raw and not Path(raw).exists():
-        raise UnsupportedRecipeError(f"{where}: {raw!r} names a LoRA adapter (model+lora), which is not supported; "
-                                     "merge the adapter into its model first", field="lora")
+    if not isinstance(raw, str) or not raw or len(raw) > MAX_TEXT or "\0" in raw:
+        raise InvalidArgumentError(f"{where}: model reference must be a path or a Hub repository, got {preview(raw)}")
+    if revision is not None and not (isinstance(revision, str) and revision and len(revision) <= MAX_TEXT):
+        raise InvalidArgumentError(f"{where}: revision must be a branch, tag or commit, got {preview(revision)}")
+    if "+" in raw and not _exists(Path(raw)):
+        raise UnsupportedRecipeError(f"{where}: {preview(raw)} names a LoRA adapter (model+lora), which is not "
+                                     "supported; merge the adapter into its model first", field="lora")
     if raw.startswith(HF_PREFIX):
         return raw
-    local = Path(raw).expanduser()
-    if not local.exists() and not local.is_absolute() and (folder / local).exists():
+    try:
+        local = Path(raw).expanduser()
+    except RuntimeError:  # ~user of no such user
+        local = Path(raw)
+    if not _exists(local) and not local.is_absolute() and _exists(folder / local):
         local = folder / local  # mergekit resolves paths from the working directory; then the recipe's folder
-    if local.exists():
+    if _exists(local):
         return str(local)
     if raw.count("/") == 1 and not raw.startswith((".", "/", "~")):
         return f"{HF_PREFIX}{raw}" + (f"@{revision}" if revision else "")
-    raise CheckpointNotFoundError(f"{where}: model {raw!r} is neither a local path nor a Hub repository (org/name)",
-                                  path=raw)
+    raise CheckpointNotFoundError(f"{where}: model {preview(raw)} is neither a local path nor a Hub repository "
+                                  "(org/name)", path=raw)
+
+
+def preview(value: object, limit: int = PREVIEW_CHARS) -> str:
+    """``value`` for an error message: its type and the start of its repr, at most about ``limit`` characters.
+
+    Computed without expanding the value: a list that YAML aliases make a billion items long (or one that
+    contains itself) costs as much as its first ``limit`` characters.
+    """
+    kind = type(value).__name__
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        kind = f"a {'mapping' if isinstance(value, Mapping) else kind} of {len(value)} item{'s' * (len(value) != 1)}"
+    elif isinstance(value, (str, bytes)) and len(value) > limit:
+        kind = f"a {'string' if isinstance(value, str) else kind} of {len(value)} characters"
+    elif isinstance(value, (str, bytes, bool, int, float)) or value is None:
+        return _short_repr(value, limit)
+    text = "".join(itertools.islice(_repr_pieces(value, limit), limit + 1))
+    return f"{kind}: {text[:limit] + '...' if len(text) > limit else text}"
+
+
+def _clip(text: str, limit: int = PREVIEW_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short_repr(value: object, limit: int) -> str:
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return repr(value[:limit])[:-1] + "..."
+    if isinstance(value, int) and value.bit_length() > 4 * limit:
+        return f"an integer of about {int((value.bit_length() - 1) * math.log10(2)) + 1} digits"
+    return repr(value)[:limit + 1]
+
+
+def _repr_pieces(value: object, limit: int) -> Iterator[str]:
+    """The repr of ``value`` one character at a time (generators: the caller takes only what it prints)."""
+    if isinstance(value, Mapping):
+        items: Iterable = value.items()
+        opening, closing = "{", "}"
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+        opening, closing = {list: "[]", tuple: "()"}.get(type(value), "{}")
+    else:
+        yield from _short_repr(value, limit)
+        return
+    yield opening
+    for i, item in enumerate(items):
+        if i:
+            yield from ", "
+        if isinstance(value, Mapping):
+            yield from _repr_pieces(item[0], limit)
+            yield from ": "
+            item = item[1]
+        yield from _repr_pieces(item, limit)  # each level yields first, so at most ``limit`` levels are entered
+    yield closing
+
+
+def _node_size(root: object, where: str, path: str | os.PathLike | None) -> int:
+    """How many values the YAML node graph ``root`` holds once its aliases are expanded, counted without
+    expanding them (each node once, bottom-up); refuses more than ``MAX_VALUES`` and a node that contains itself."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1 + len(node.value) // 64  # a long string weighs like many short ones
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        key = id(node)
+        if done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_VALUES:
+                raise InvalidArgumentError(
+                    f"{where}: the recipe holds more than {MAX_VALUES} values once its YAML aliases (*name) are "
+                    "expanded; a recipe lists a few models and parameters: write them out", path=path)
+        elif key in open_nodes:
+            raise InvalidArgumentError(f"{where}: a YAML alias refers to a value that contains it (line "
+                                       f"{node.start_mark.line + 1}); a recipe cannot contain itself", path=path)
+        elif key not in sizes:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    return sizes[id(root)]
+
+
+@functools.cache
+def _loader() -> type:
+    """PyYAML's safe loader, refusing flow nesting (``[[[...``) beyond ``MAX_DEPTH`` as the scanner meets it: the
+    scanner's cost grows with the square of that nesting, and the composer would recurse once per level."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def fetch_flow_collection_start(self, TokenClass: type) -> None:  # PyYAML's name
+            if self.flow_level >= MAX_DEPTH:
+                raise RecursionError
+            super().fetch_flow_collection_start(TokenClass)
+
+    return RecipeLoader
+
+
+def _read_text(path: str | os.PathLike, where: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such recipe file", path=path) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise InvalidArgumentError(f"{where}: larger than {MAX_RECIPE_BYTES >> 20} MiB, which no recipe is; "
+                                   "is it the right file?", path=path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{where}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                                   "save the recipe as UTF-8", path=path) from None
 
 
 def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> tuple[Mapping, str]:
-    """The recipe's YAML mapping and its text."""
+    """The recipe's YAML mapping and its text.
+
+    The document is composed first, its size with aliases expanded is counted, and only then is it built:
+    YAML's aliases can make a 300-byte document describe billions of values.
+    """
     import yaml
 
     if text is None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{path}: no such recipe file", path=path) from None
+        text = _read_text(path, where)
+    elif len(text) > MAX_RECIPE_BYTES:
+        raise InvalidArgumentError(f"{where}: larger than {MAX_RECIPE_BYTES >> 20} MiB, which no recipe is", path=path)
+    loader = _loader()(text)
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InvalidArgumentError(f"{where}: not valid YAML ({str(e).splitlines()[0]})", path=path) from None
+        node = loader.get_single_node()
+        if node is not None:
+            _node_size(node, where, path)
+        raw = None if node is None else loader.construct_document(node)
+    except InvalidArgumentError:
+        raise
+    except RecursionError:
+        raise InvalidArgumentError(f"{where}: nested too deeply to be a recipe (a recipe nests about 6 levels)",
+                                   path=path) from None
+    except (yaml.YAMLError, ValueError, OverflowError) as e:  # ValueError: e.g. an integer of 5000 digits
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InvalidArgumentError(f"{where}: not valid YAML ({_clip(first)})", path=path) from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, Mapping):
-        raise InvalidArgumentError(f"{where}: a recipe is a YAML mapping with merge_method and models", path=path)
+        raise InvalidArgumentError(f"{where}: a recipe is a YAML mapping with merge_method and models, got "
+                                   f"{preview(raw)}", path=path)
     return raw, text
 
 
@@ -199,12 +376,13 @@ def _check_fields(raw: Mapping, where: str, path: str | os.PathLike | None) -> N
             raise UnsupportedRecipeError(f"{where}: '{key}' is not supported: {reason}", field=key, path=path)
     unknown = [k for k in raw if k not in _KNOWN_MERGEKIT]
     if unknown:
-        raise UnsupportedRecipeError(f"{where}: unknown field {unknown[0]!r}; papa-merge reads "
-                                     f"{', '.join(SUPPORTED_KEYS)}", field=str(unknown[0]), path=path)
+        raise UnsupportedRecipeError(f"{where}: unknown field {preview(unknown[0])}; papa-merge reads "
+                                     f"{', '.join(SUPPORTED_KEYS)}", field=_clip(str(unknown[0])), path=path)
     tok = raw.get("tokenizer_source")
     if tok is not None and tok != "base":
-        raise UnsupportedRecipeError(f"{where}: 'tokenizer_source: {tok}' is not supported (tokenizer merging); "
-                                     "use 'tokenizer_source: base'", field="tokenizer_source", path=path)
+        shown = _clip(tok) if isinstance(tok, str) else preview(tok)
+        raise UnsupportedRecipeError(f"{where}: 'tokenizer_source: {shown}' is not supported (tokenizer "
+                                     "merging); use 'tokenizer_source: base'", field="tokenizer_source", path=path)
 
 
 def _read_models(models: list, base: str | None, where: str, folder: Path, path: str | os.PathLike | None,
@@ -217,11 +395,11 @@ def _read_models(models: list, base: str | None, where: str, folder: Path, path:
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
-            raise InvalidArgumentError(f"{where}: models[{i}] needs a 'model'", path=path)
-        extra = set(entry) - {"model", "parameters"}
+            raise InvalidArgumentError(f"{where}: models[{i}] needs a 'model', got {preview(entry)}", path=path)
+        extra = sorted(set(entry) - {"model", "parameters"}, key=str)
         if extra:
-            raise UnsupportedRecipeError(f"{where}: models[{i}]: unknown field {sorted(extra)[0]!r}",
-                                         field=sorted(extra)[0], path=path)
+            raise UnsupportedRecipeError(f"{where}: models[{i}]: unknown field {preview(extra[0])}",
+                                         field=_clip(str(extra[0])), path=path)
         ref = _model_ref(entry["model"], f"{where}: models[{i}]", folder)
         p = _params(entry.get("parameters"), f"{where}: models[{i}]")
         if base is not None and ref == base:
@@ -268,12 +446,15 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
     raw, text = _read_yaml(path, text, where)
     _check_fields(raw, where, path)
     method = raw.get("merge_method")
-    if not isinstance(method, str):
+    if method is None:
         raise InvalidArgumentError(f"{where}: 'merge_method' is missing", path=path)
-    op = get_operator(method)
+    if not isinstance(method, str):
+        raise InvalidArgumentError(f"{where}: 'merge_method' must be a method's name, got {preview(method)}", path=path)
+    op = get_operator(_clip(method))  # a name too long to be one is refused by its start
     models = raw.get("models")
     if not isinstance(models, list) or not models:
-        raise InvalidArgumentError(f"{where}: 'models' must list the models to merge", path=path)
+        raise InvalidArgumentError(f"{where}: 'models' must list the models to merge, got {preview(models)}",
+                                   path=path)
     folder = Path(path).parent if path is not None else Path(".")
     base = _model_ref(raw["base_model"], f"{where}: base_model", folder) if raw.get("base_model") else None
     members, member_params, base_params = _read_models(models, base, where, folder, path)
@@ -289,6 +470,10 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
     conditional = any(isinstance(v, list) for v in params.values()) or any(
         isinstance(v, list) for mp in member_params for v in mp.values())
     dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and not (isinstance(value, str) and len(value) <= PREVIEW_CHARS):
+            raise InvalidArgumentError(f"{where}: {key!r} must name a dtype (float32, bfloat16, ...), got "
+                                       f"{preview(value)}", path=path)
     accumulate = "float64" if str(dtype).lower() in ("float64", "fp64", "double") else "float32"
     return Recipe(method, members, base, params, member_params,
                   out_dtype or dtype, accumulate, Path(path) if path is not None else None, text, conditional, notes)

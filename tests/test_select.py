@@ -190,6 +190,10 @@ def test_manifest_bad_input(tmp_path: Path) -> None:
         read_manifest(other)
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"format": "papa-merge/selection", "members": [{"path": "a"}], "picks": ["a"]}))
+    with pytest.raises(CheckpointFormatError, match=r'members\[0\] \("a"\): weight null is not a pick count'):
+        read_manifest(broken)
+    broken.write_text(json.dumps({"format": "papa-merge/selection", "members": [{"path": "a", "weight": 1}],
+                                  "picks": ["b"]}))
     with pytest.raises(CheckpointFormatError, match="malformed selection manifest"):
         read_manifest(broken)
     future = tmp_path / "future.json"
@@ -284,3 +288,47 @@ def test_select_bad_input(members: list[Path], tmp_path: Path) -> None:
     taken.write_text("{}")
     res = CliRunner().invoke(cli, ["select", *map(str, members), "--size", "2", "-o", str(taken)])
     assert res.exit_code == 1 and "already exists" in res.output and "pass --force" in res.output
+
+
+def test_select_says_a_pattern_matched_nothing(tmp_path: Path) -> None:
+    # An unmatched glob reaches papa-merge as it is: it is no "pool: 1 checkpoints", nor a plain missing file.
+    pattern = str(tmp_path / "pool" / "*.safetensors")
+    res = CliRunner().invoke(cli, ["select", pattern, "--size", "2", "-o", str(tmp_path / "s.json")])
+    assert res.exit_code == 1 and res.output == (f"error: {pattern}: the pattern matched no file (the shell passes a "
+                                                 "pattern that matches nothing on as it is); check the folder and the "
+                                                 "pattern\n")
+    res = CliRunner().invoke(cli, ["select", str(tmp_path / "a.safetensors"), "--size", "2", "-o", "s.json"])
+    assert res.exit_code == 1 and res.output == f"error: {tmp_path / 'a.safetensors'}: no such file or folder\n"
+
+
+def test_select_on_a_full_disk_names_the_manifest(members: list[Path], tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, *args, **kwargs):
+        f = real(fd, *args, **kwargs)
+        return Full(f) if ".sel.json.tmp-" in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    out = tmp_path / "sel.json"
+    res = CliRunner().invoke(cli, ["select", *map(str, members), "--size", "2", "-o", str(out), "--batch-size", "64",
+                                   "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert res.output.splitlines()[-1] == f"error: no space left on the device ({out}); free space or write the output " \
+                                          "elsewhere"
+    assert list(tmp_path.iterdir()) == []
