@@ -206,6 +206,19 @@ def cli(ctx: click.Context, quiet: bool, verbose: int) -> None:
     if quiet and verbose:
         raise click.UsageError("-q (quiet) and -v (verbose) contradict each other; pass one of them")
     ctx.meta[VERBOSITY_KEY] = QUIET if quiet else verbose
+    if quiet:  # huggingface_hub's own bars too (hf:// members of soup, eval, run), on a terminal as well
+        ctx.call_on_close(_restore_env("HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")))
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _restore_env(name: str, old: str | None):
+    """A callback putting ``name`` back as it was (the command may run in-process, from Python or a test)."""
+    def restore() -> None:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+    return restore
 
 
 # Command modules register themselves here, one line each.

@@ -167,7 +167,8 @@ def test_quiet_and_verbose_set_the_level_every_command_reads():
     @cli.command("probe-verbosity", hidden=True)
     @click.option("--progress/--no-progress", default=None)
     def probe(progress):
-        seen.update(level=util.verbosity(), bars=util.show_progress(progress))
+        seen.update(level=util.verbosity(), bars=util.show_progress(progress),
+                    hub_bars_off=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
         util.say("normal line")
         util.say("verbose line", level=util.VERBOSE)
 
@@ -178,7 +179,10 @@ def test_quiet_and_verbose_set_the_level_every_command_reads():
         for flags, level, bars, err in cases:
             res = runner.invoke(cli, [*flags, "probe-verbosity"])
             assert res.exit_code == 0, res.output
-            assert seen == {"level": level, "bars": bars} and res.stderr == err, flags
+            hub_bars_off = "1" if flags == ["-q"] else os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+            assert seen == {"level": level, "bars": bars, "hub_bars_off": hub_bars_off} and res.stderr == err, flags
+        # -q silenced huggingface_hub's bars for that command only.
+        assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1" or hub_bars_off == "1"
         # An explicit --progress of the command wins over -q (and over "not a terminal").
         runner.invoke(cli, ["-q", "probe-verbosity", "--progress"])
         assert seen["bars"] is True
