@@ -170,3 +170,26 @@ def test_a_pipe_sees_each_member_line_while_the_run_goes_on(tmp_path):
     assert first.startswith(str(tmp_path / "run" / "member-00.safetensors")) and "val acc" in first, first
     assert alive and not second_written, "the first member line arrived only when the members were all written"
     assert "member-01.safetensors" in rest and "members mean (2)" in rest
+
+
+# --- a small-CNN folder says what it holds ------------------------------------------------------------------------
+
+def test_a_small_cnn_folder_has_a_config_json_describing_the_architecture(tmp_path):
+    from merge.keys import MODEL_KEY
+    from merge.models import build_model, load_member, model_spec
+    from merge.models.export import write_member
+
+    spec = model_spec("small_cnn", 3, in_chans=1, image_size=8, width=8)
+    net = build_model("small_cnn", num_classes=3, in_chans=1, width=8)
+    out = write_member(net.state_dict(), tmp_path / "member-00", spec=spec,
+                       metadata={MODEL_KEY: json.dumps(spec, sort_keys=True)}, classes=["a", "b", "c"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["papa_merge_model"] == spec and config["label_names"] == ["a", "b", "c"]
+    assert (config["arch"], config["num_classes"], config["in_chans"], config["image_size"], config["kwargs"]) == \
+        ("small_cnn", 3, 1, 8, {"width": 8})
+    assert "load_member" in config["load_with"]
+    # Neither a timm nor a transformers config (model cards tell libraries apart by these keys).
+    assert not {"architecture", "architectures", "model_type"} & set(config)
+    model, _ = load_member(out)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model(x), net.eval()(x))

@@ -8,6 +8,11 @@ A member of an ``hf:`` or ``timm:`` model is written as a folder (``member-00/``
                                           pretrained_cfg (input_size, mean, std, interpolation, crop_pct)
     member-00/tokenizer*.json ...   transformers: the tokenizer files of the model it was fine-tuned from
 
+A ``small_cnn`` belongs to no library: its members are single ``.safetensors`` files that load with
+:func:`merge.models.load_member`. Written as a folder (any path without a suffix), it gets a
+``config.json`` too (:func:`small_cnn_config`): the architecture and its sizes, the class names, and
+the call that loads it, so the folder says what it holds without papa-merge's metadata reader.
+
 so ``AutoModelForSequenceClassification.from_pretrained("member-00")`` and
 ``timm.create_model("local-dir:member-00", pretrained=True)`` load it with nothing else, a soup of such
 members (``papa-merge soup ckpts/member-* -o soup/``) carries member 0's files and loads the same way,
@@ -36,7 +41,8 @@ from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE
 from merge.io.writer import AtomicOutput, write_state_dict
 from merge.models.builders import build_architecture, check_arch, resolve_hf_folder, timm_takes_img_size
 
-__all__ = ["member_form", "write_member", "library_files", "hf_config", "timm_config", "TOKENIZER_FILES"]
+__all__ = ["member_form", "write_member", "library_files", "hf_config", "timm_config", "small_cnn_config",
+           "TOKENIZER_FILES"]
 
 # The files a transformers tokenizer may be saved as (copied verbatim from the model a member came from).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -189,10 +195,32 @@ def timm_config(spec: Mapping[str, Any], classes: Sequence[str] | None = None, *
     return config
 
 
+def small_cnn_config(spec: Mapping[str, Any], classes: Sequence[str] | None = None) -> dict:
+    """The ``config.json`` of a ``small_cnn`` folder: what the network is and how to load it.
+
+    ``papa_merge_model`` is the model spec the weights' metadata records (``papa_merge.model``), the
+    other fields spell it out. No ``architecture``/``model_type`` key: the folder is neither a timm nor
+    a transformers model, and model cards tell libraries apart by those keys.
+
+    Example:
+        >>> small_cnn_config({"arch": "small_cnn", "num_classes": 2, "kwargs": {"width": 16}, "in_chans": 1,
+        ...                   "image_size": 8}, ["no", "yes"])["num_classes"]
+        2
+    """
+    n = int(spec["num_classes"])
+    config: dict[str, Any] = {"library_name": "papa-merge", "arch": str(spec["arch"]), "num_classes": n,
+                              "in_chans": spec.get("in_chans"), "image_size": spec.get("image_size"),
+                              "kwargs": dict(spec.get("kwargs") or {}), "papa_merge_model": dict(spec),
+                              "load_with": "from merge.models import load_member; model, meta = load_member(FOLDER)"}
+    if classes is not None and len(classes) == n:
+        config["label_names"] = [str(c) for c in classes]
+    return config
+
+
 def library_files(spec: Mapping[str, Any], *, classes: Sequence[str] | None = None,
                   data_spec: Mapping[str, Any] | None = None, model: nn.Module | None = None,
                   dtype: torch.dtype = torch.float32) -> dict[str, bytes]:
-    """The files beside ``model.safetensors`` that make a member load with its library (empty for small_cnn)."""
+    """The files beside ``model.safetensors`` that make a member load with its library (small_cnn: what it is)."""
     family, _ = check_arch(spec["arch"])
     if family == "hf":
         files = {"config.json": _dump(hf_config(spec, classes, dtype=dtype))}
@@ -200,7 +228,7 @@ def library_files(spec: Mapping[str, Any], *, classes: Sequence[str] | None = No
         return files
     if family == "timm":
         return {"config.json": _dump(timm_config(spec, classes, data_spec=data_spec, model=model))}
-    return {}
+    return {"config.json": _dump(small_cnn_config(spec, classes))}
 
 
 def _dump(obj: object) -> bytes:
