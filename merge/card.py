@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -183,6 +184,20 @@ def _what_it_is(f: _Facts) -> list[str]:
     return lines
 
 
+def _shares(weights: list) -> list[float]:
+    """Each weight's share of their sum, scaled by the largest magnitude first: 1e308, 1e308 are halves, not 0."""
+    w = []
+    for x in weights:
+        try:
+            w.append(float(x))
+        except (TypeError, ValueError):  # a recipe read from someone's file: shown as nan, not a traceback
+            w.append(math.nan)
+    top = max((abs(x) for x in w if math.isfinite(x)), default=0.0) or 1.0
+    scaled = [x / top for x in w]
+    total = math.fsum(x for x in scaled if math.isfinite(x)) or 1.0
+    return [x / total for x in scaled]
+
+
 def recipe_members(recipe: dict) -> list[tuple[str, float]]:
     """Each member of a recorded recipe as ``(name, weight)``: its file name (or ``hf://`` source), weights summing
     to 1.
@@ -192,14 +207,13 @@ def recipe_members(recipe: dict) -> list[tuple[str, float]]:
         [('a.safetensors', 0.75), ('b', 0.25)]
     """
     members = recipe.get("members") or []
-    weights = recipe.get("weights") or [1.0] * len(members)
-    total = sum(float(w) for w in weights) or 1.0
+    weights = _shares(recipe.get("weights") or [1.0] * len(members))
     out = []
     for i, m in enumerate(members):
         p = str(m.get("source") or m.get("path", "?")) if isinstance(m, dict) else str(m)
         if not p.startswith(HF_PREFIX):
             p = schemes.describe(p) or PurePosixPath(p.replace(os.sep, "/").rstrip("/")).name
-        out.append((p, float(weights[i]) / total if i < len(weights) else 0.0))
+        out.append((p, weights[i] if i < len(weights) else 0.0))
     return out
 
 
@@ -227,12 +241,10 @@ def _recipe_section(f: _Facts) -> list[str]:
     if not recipe:
         return []
     members = recipe.get("members") or []
-    weights = recipe.get("weights") or [1.0] * len(members)
-    total = sum(float(w) for w in weights) or 1.0
+    weights = _shares(recipe.get("weights") or [1.0] * len(members))
     lines = ["## Recipe", "", "| # | member | source | weight |", "|---|---|---|---|"]
     for i, (m, s) in enumerate(zip(members, f.sources)):
-        w = float(weights[i]) if i < len(weights) else 1.0
-        lines.append(_member_row(str(i), m, s, f"{w / total:.4g}"))
+        lines.append(_member_row(str(i), m, s, f"{weights[i]:.4g}" if i < len(weights) else "?"))
     if recipe.get("base"):
         lines.append(_member_row("base", recipe["base"], _source_of(recipe["base"]), "(base)"))
     lines += ["", f"- method: `{recipe.get('method')}`"]

@@ -243,3 +243,19 @@ def test_slerp_without_a_base_says_it_needs_one(tmp_path: Path) -> None:
     with pytest.raises(merge.InvalidArgumentError, match="at most 1 member") as e:
         merge.soup([f1, f2], base=f1, method="slerp", params={"t": 0.5}, out=tmp_path / "o.safetensors")
     assert e.value.option == "members"
+
+
+def test_weights_of_1e308_are_shown_as_halves(tmp_path: Path) -> None:
+    _, f1, _ = _nan_set(tmp_path)
+    f2 = _save(tmp_path / "f2.safetensors", **{k: v * 1.01 for k, v in load_file(str(f1)).items()})
+    res = _run("soup", f1, f2, "--weights", "1e308,1e308", "-o", tmp_path / "w.safetensors")
+    assert res.exit_code == 0 and "f1.safetensors x0.5, " in res.output and "f2.safetensors x0.5\n" in res.output
+    res = _run("inspect", tmp_path / "w.safetensors")
+    assert "f1.safetensors 0.5, f2.safetensors 0.5" in res.output
+    merge.soup([f1, f2], weights=[1e308, 1e308], out=tmp_path / "folder")
+    card = (tmp_path / "folder" / "README.md").read_text()
+    assert "| `f1.safetensors` | local file | 0.5 |" in card and "| `f2.safetensors` | local file | 0.5 |" in card
+    from merge.card import recipe_members
+
+    shares = [w for _, w in recipe_members({"members": ["a", "b", "c"], "weights": [1e308, 1e308, 2e307]})]
+    assert shares == pytest.approx([1 / 2.2, 1 / 2.2, 0.2 / 2.2], rel=1e-15)
