@@ -290,12 +290,15 @@ def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | N
                                "drop --weights/--method")
     if dry_run:
         raise click.UsageError("--greedy evaluates candidate soups, so it has no --dry-run")
-    from merge.evaluate import scoring_label
     from merge.greedy import greedy_soup_checkpoints
 
     names = list(members)
-    what = "val acc"
-    echo_line(f"members, {what} {scoring_label(0, batch_size)}:")
+    labels: dict[str, str] = {}
+
+    def ready(member_label: str, soup_label: str) -> None:
+        # Printed once the members' model and data are known (a refusal before that prints no header).
+        labels["soup"] = soup_label.replace(", ", " ", 1)  # "val acc, as stored" -> "val acc as stored"
+        echo_line(f"members, {member_label.replace(', ', ' ', 1)}:")
 
     def member(i: int, score: float) -> None:
         echo_line(f"  {names[i]}: {100 * score:.2f}%")
@@ -305,15 +308,15 @@ def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | N
     def report(i: int, score: float, kept: bool) -> None:
         if not first:
             first.append(True)
-            echo_line(f"candidates (the soup so far plus one member), {what} "
-                      f"{scoring_label(recompute_bn, batch_size)}:")
+            echo_line(f"candidates (the soup so far plus one member), {labels['soup']}:")
         echo_line(f"  + {names[i]}: {100 * score:.2f}% -> {'kept' if kept else 'rejected'}")
 
     with one_line_warnings():
         result, path = greedy_soup_checkpoints(names, out=out, data=data, model=model, num_classes=num_classes,
                                                in_chans=in_chans, image_size=image_size, recompute_bn=recompute_bn,
                                                batch_size=batch_size, device=device, force=force,
-                                               progress=show_progress(progress), on_member=member, on_score=report)
+                                               progress=show_progress(progress), on_member=member, on_score=report,
+                                               on_labels=ready)
     best = result.order[0]
     kept = ", ".join(names[i] for i in result.selected)
     how = result.score_label.split(", ", 1)[-1]

@@ -364,7 +364,8 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
                             recompute_bn: int = 0, batch_size: int = 256, device: str = "cpu",
                             metric: str = "acc", force: bool = False, progress: bool = False,
                             on_score: Callable[[int, float, bool], None] | None = None,
-                            on_member: Callable[[int, float], None] | None = None) -> tuple[GreedyResult, Path]:
+                            on_member: Callable[[int, float], None] | None = None,
+                            on_labels: Callable[[str, str], None] | None = None) -> tuple[GreedyResult, Path]:
     """Greedy soup of member checkpoints, rebuilding the model and the data from their metadata.
 
     Each candidate is scored as the model it would be written as. A member alone is scored as stored
@@ -392,6 +393,8 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
         progress: progress bars on stderr (members, candidates, and each pass over data).
         on_score: called as each candidate is scored, as in :func:`greedy_soup`.
         on_member: called as ``on_member(index, score)`` as each member is scored.
+        on_labels: called once as ``on_labels(member_label, soup_label)`` when the model and data are
+            ready, before any scoring: how members and candidate soups are scored (batches actually used).
 
     Returns:
         ``(result, written_path)``.
@@ -431,6 +434,8 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
     member_label = f"{what}, {scoring_label(0, batch_size)}"
     # Labelled with the batches actually used: fewer than asked when the training split holds fewer.
     soup_label = f"{what}, {scoring_label(ev.bn_batches(recompute_bn), batch_size)}"
+    if on_labels is not None:
+        on_labels(member_label, soup_label)
     score_member = ev.scorer(split="val", metric=metric, recompute_bn=0)
     score_soup = ev.scorer(split="val", metric=metric, recompute_bn=recompute_bn)
     bar = None
