@@ -259,3 +259,28 @@ def test_weights_of_1e308_are_shown_as_halves(tmp_path: Path) -> None:
 
     shares = [w for _, w in recipe_members({"members": ["a", "b", "c"], "weights": [1e308, 1e308, 2e307]})]
     assert shares == pytest.approx([1 / 2.2, 1 / 2.2, 0.2 / 2.2], rel=1e-15)
+
+
+# ---- item 13: output names up to the file system's limit ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a" * 243 + ".safetensors", "é" * 121 + ".safetensors", "b" * 251 + ".pth",
+                                  "c" * 255])
+def test_output_names_up_to_255_bytes_are_written(tmp_path: Path, name: str) -> None:
+    assert len(name.encode()) <= 255
+    _, f1, _ = _nan_set(tmp_path)
+    res = merge.soup([f1, f1], out=tmp_path / name)
+    assert res.path == tmp_path / name and (tmp_path / name).exists()
+    merge.soup([f1, f1], out=tmp_path / name, force=True)  # the replaced one moves aside under a hidden name too
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_long_named_temporary_of_a_dead_process_is_cleaned_up(tmp_path: Path, monkeypatch) -> None:
+    from merge.io import atomic
+
+    name = "d" * 250 + ".safetensors"
+    monkeypatch.setattr(atomic.os, "getpid", lambda: 4_194_303)  # pid_max: no process runs under this id here
+    stale = tmp_path / atomic._hidden_name(name, "tmp")
+    monkeypatch.undo()
+    assert len(stale.name.encode()) <= 255 and stale.name.endswith(".tmp-" + atomic._HOST + "-4194303-" + stale.name[-8:])
+    stale.write_bytes(b"half a soup")
+    assert atomic.remove_stale_temporaries(tmp_path) == [stale] and not stale.exists()

@@ -1,7 +1,9 @@
 """Outputs that appear whole or not at all, and replace only what papa-merge wrote.
 
 An output (a file, or a model folder) is written under a hidden temporary name beside its final
-path, ``.NAME.tmp-HOST-PID-RANDOM``, and renamed into place only when complete:
+path, ``.NAME.tmp-HOST-PID-RANDOM``, and renamed into place only when complete (a NAME too long
+for that to fit the file system's limit of 255 bytes is cut, with a hash of the whole name in its
+place, so any legal final name can be written):
 
 - an error, Ctrl-C (SIGINT), SIGTERM or SIGHUP (what ``timeout``, Slurm and ``docker stop`` send)
   removes the temporary output; the process then exits as the signal asked (status 128 + signal);
@@ -40,6 +42,7 @@ MANIFEST = ".papa-merge.json"
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$")
 _SHOWN = 5  # entries named in a refusal
+_NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 
 
 def check_output_name(path: str | os.PathLike) -> Path:
@@ -265,6 +268,19 @@ def _uninterrupted() -> Iterator[None]:
             raise Terminated(signum)
 
 
+def _hidden_name(name: str, kind: str) -> str:
+    """``.NAME.KIND-HOST-PID-RANDOM`` within :data:`_NAME_MAX` bytes (a long NAME cut, with a hash of it added)."""
+    suffix = f".{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    room = _NAME_MAX - 1 - len(suffix)
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > room:
+        digest = hashlib.sha1(raw).hexdigest()[:8]
+        # cut on a character boundary: a name that is not valid UTF-8 on disk stays as it was (surrogateescape)
+        cut = raw[: room - len(digest) - 1].decode("utf-8", "ignore").encode("utf-8", "surrogateescape")
+        name = cut.decode("utf-8", "surrogateescape") + "~" + digest
+    return f".{name}{suffix}"
+
+
 # --- the output -----------------------------------------------------------------------------------------
 class AtomicOutput:
     """A temporary file or folder beside ``path`` that replaces it only on :meth:`commit`.
@@ -309,7 +325,7 @@ class AtomicOutput:
             raise
 
     def _hidden(self, kind: str) -> str:
-        return f".{self.path.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return _hidden_name(self.path.name, kind)
 
     def file(self, name: str) -> Path:
         """Where a file of the output is written while in progress."""
