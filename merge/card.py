@@ -426,13 +426,7 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, weights_n
 
 def _public(value: object) -> object:
     """The recipe as a card shows it: every absolute local path replaced by its public name (hf://..., relative)."""
-    if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_public(v) for v in value]
-    if isinstance(value, str) and len(value) < 4096 and "\n" not in value and os.path.isabs(value):
-        return schemes.public_name(value)
-    return value
+    return schemes.public_record(value)
 
 
 def write_card(folder: str | os.PathLike, *, shown_as: str | None = None) -> Path | None:

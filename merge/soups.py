@@ -112,7 +112,10 @@ def _member_record(src: Source) -> dict:
 
 
 def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[str, object] | None = None) -> dict:
-    """The recipe recorded in the output's metadata: method, members, base, parameters, dtypes, tool version."""
+    """The recipe recorded in the output's metadata: method, members, base, parameters, dtypes, tool version.
+
+    Paths are recorded as :func:`merge.io.schemes.public_name` gives them: never absolute.
+    """
     op = plan.operator
     recipe = {
         "tool": "papa-merge",
@@ -137,7 +140,9 @@ def recipe_of(plan: MergePlan, *, out_dtype: torch.dtype | None, extra: Mapping[
     if op.random:
         recipe["seed"] = plan.seed
     recipe.update(extra or {})
-    return recipe
+    # The recipe travels with the output (pushed to the Hub, shared): local paths as given when relative, else
+    # relative to the working folder or bare names; hf:// members by reference. No home folder shows.
+    return schemes.public_record(recipe)
 
 
 def output_kind(out: str | os.PathLike) -> str:

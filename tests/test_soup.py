@@ -144,7 +144,9 @@ def test_recipe_metadata_is_recorded(tmp_path: Path) -> None:
     assert meta["format"] == "pt"
     assert recipe["method"] == "weighted" and recipe["weights"] == [3.0, 1.0] and recipe["dtype"] == "float16"
     assert recipe["version"] == merge.__version__ and recipe["accumulate"] == "float32"
-    assert [m["path"] for m in recipe["members"]] == [str(p) for p in paths]
+    # Members outside the working folder are recorded by name: the recipe travels with the output, and
+    # an absolute path would publish the user's folders.
+    assert [m["path"] for m in recipe["members"]] == [p.name for p in paths] and str(tmp_path) not in json.dumps(recipe)
     assert recipe["members"][0]["size"] == paths[0].stat().st_size
     import hashlib
     raw = paths[0].read_bytes()
@@ -282,3 +284,15 @@ def test_every_operator_streams_like_its_reference(tmp_path: Path, name: str) ->
             b = base_sd[k].double() if base_sd is not None else None
             expect = op([sd[k].double() for sd in sds], weights, base=b, seed=7, name=k, **params).float()
             assert torch.equal(sink.tensors[k], expect), k
+
+
+def test_recipe_records_paths_relative_to_the_working_folder_never_absolute(tmp_path: Path, monkeypatch) -> None:
+    """A recipe is published with the output (push): members inside the working folder by relative path."""
+    paths, _ = save_members(tmp_path / "ckpts", 2)
+    monkeypatch.chdir(tmp_path)
+    absolute = [str(p.resolve()) for p in paths]
+    res = merge.soup(absolute, out=tmp_path / "out" / "soup.safetensors", base=absolute[0], method="task_arithmetic")
+    recipe = json.loads(merge.read_safetensors_metadata(res.path)["papa_merge.recipe"])
+    assert [m["path"] for m in recipe["members"]] == ["ckpts/" + p.name for p in paths]
+    assert recipe["base"]["path"] == "ckpts/" + paths[0].name
+    assert str(tmp_path) not in json.dumps(recipe)

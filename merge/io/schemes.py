@@ -123,6 +123,23 @@ def public_name(path: str | os.PathLike, *, start: str | os.PathLike | None = No
     return rel.as_posix() if rel is not None and rel.parts else (p.name or text.rstrip("/\\").rsplit("/", 1)[-1])
 
 
+def public_record(value: object, *, start: str | os.PathLike | None = None) -> object:
+    """A record (a recipe, a training record) as others may read it: every absolute path by its :func:`public_name`.
+
+    Example:
+        >>> public_record({"members": [{"path": "/home/u/runs/a.safetensors", "size": 3}], "note": "a/b"},
+        ...               start="/home/u")
+        {'members': [{'path': 'runs/a.safetensors', 'size': 3}], 'note': 'a/b'}
+    """
+    if isinstance(value, dict):
+        return {k: public_record(v, start=start) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_record(v, start=start) for v in value]
+    if isinstance(value, str) and len(value) < 4096 and "\n" not in value and os.path.isabs(value):
+        return public_name(value, start=start)
+    return value
+
+
 # --- Hub references: pure parsing (the network code that fetches them is merge.hub's) ------------------
 def is_repo_id(text: object, *, org_required: bool = False) -> bool:
     """Whether ``text`` is a Hub repo id (``org/name``, or ``name`` unless ``org_required``).
