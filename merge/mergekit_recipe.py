@@ -347,8 +347,9 @@ def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> 
         text = _read_text(path, where)
     elif len(text) > MAX_RECIPE_BYTES:
         raise InvalidArgumentError(f"{where}: larger than {MAX_RECIPE_BYTES >> 20} MiB, which no recipe is", path=path)
-    loader = _loader()(text)
+    loader = None
     try:
+        loader = _loader()(text)  # the reader refuses control characters here already
         node = loader.get_single_node()
         if node is not None:
             _node_size(node, where, path)
@@ -362,7 +363,8 @@ def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> 
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise InvalidArgumentError(f"{where}: not valid YAML ({_clip(first)})", path=path) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(raw, Mapping):
         raise InvalidArgumentError(f"{where}: a recipe is a YAML mapping with merge_method and models, got "
                                    f"{preview(raw)}", path=path)

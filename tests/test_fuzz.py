@@ -1,4 +1,5 @@
-"""Fuzzing: mutated safetensors headers and small pickles (issue 11, "must show").
+"""Fuzzing: mutated safetensors headers and small pickles (issue 11, "must show"); mergekit recipes and selection
+manifests (issue 25, "must show").
 
 A seeded mutation loop (deterministic; ``PAPA_FUZZ_CASES`` raises the count, ``PAPA_FUZZ_SEED`` moves it)
 over valid seed files. Every case is soup'ed, and the outcome must be one of:
@@ -11,6 +12,11 @@ never another exception, and never an output safetensors cannot open. For safete
 verdict must also agree with ``safe_open``: what it refuses, papa-merge refuses; what it accepts,
 papa-merge merges, or refuses for one of the documented reasons (dtypes it cannot merge, forms no
 writer produces, a file with no tensor to merge).
+
+Recipes (YAML: odd values and tags, alias bombs, deep nesting, bytes that are not UTF-8) are loaded, planned and
+run with ``--dry-run``; manifests (odd JSON values, 1e400, 1.5 picks, 100,000 nested lists, cut files) are read
+and used as a soup's weights. Each gives a result or a one-line MergeError of bounded length, under an alarm;
+a manifest read is never a weight changed.
 """
 
 from __future__ import annotations
@@ -280,8 +286,244 @@ def test_a_longer_fuzz_run(tmp_path: Path) -> None:
     global CASES
     saved, CASES = CASES, CASES * 10
     try:
-        for name, loop in (("st", test_mutated_safetensors_headers), ("pk", test_mutated_pickles)):
+        for name, loop in (("st", test_mutated_safetensors_headers), ("pk", test_mutated_pickles),
+                           ("mf", test_mutated_selection_manifests)):
             (tmp_path / name).mkdir()
             loop(tmp_path / name)
+        (tmp_path / "rc").mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            test_mutated_recipes(tmp_path / "rc", mp)
     finally:
         CASES = saved
+
+
+# --- recipes (mergekit YAML) and selection manifests (issue 25, "must show") --------------------------------
+# The same rule as for headers: any input gives a result or a one-line MergeError of bounded length, in bounded
+# time (an alarm fails a case that runs away; no timing is asserted); nothing is written, no YAML tag runs code.
+CASE_SECONDS = 30  # a runaway case (a billion-laughs document was minutes) fails instead of hanging the suite
+MAX_MESSAGE = 600  # characters of an error (a path of the test's folder, the problem, a bounded preview)
+YAML_TOKENS = ["1e400", "-1", "0", "1.5", ".inf", ".nan", "~", "null", "[]", "{}", "9" * 400, "9" * 5000, "'x'",
+               "true", "5", "2024-01-01", "!!binary aGk=", "!!set {a, b}", "!!omap [{a: 1}]", "*nowhere",
+               '"\\0"', '"\\ud800"', '"a\\u00e9"', "org/name", "org/name+org/lora", "~nouser/x", "a" * 300,
+               "{filter: mlp, value: 0.5}", "[{filter: 5, value: 1}]", "[0.1, 0.5]", "{value: [1, 2]}",
+               "{model: {path: org/x, revision: [1]}}", "{lora: x}", "{path: 7}", "[a, [b, [c]]]",
+               "!!python/object/apply:os.system ['touch {marker}']", "!!python/name:os.system",
+               "'{long}'", "&self [*self]"]
+
+
+class _Runaway(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise _Runaway
+
+
+def _bounded(call, what: str):
+    """``call()`` under an alarm: its value, or the MergeError it raised (anything else fails the test)."""
+    import signal
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
+    try:
+        return call()
+    except _Runaway:
+        raise AssertionError(f"{what}: ran past {CASE_SECONDS} s") from None
+    except MergeError as e:
+        assert "\n" not in str(e) and len(str(e)) < MAX_MESSAGE, f"{what}: {str(e)[:2000]!r}"
+        return e
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _alias_bomb(levels: int) -> str:
+    s = "&l0 [" + ", ".join(["lol"] * 9) + "]"
+    for k in range(1, levels + 1):
+        s = f"&l{k} [{s}" + f", *l{k - 1}" * 8 + "]"
+    return s
+
+
+def _seed_recipes(folder: Path) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    base = {"model.mlp.weight": torch.randn(4, 4, generator=g), "model.norm.weight": torch.ones(4)}
+    for name in ("base", "m0", "m1"):
+        sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} if name != "base" else base
+        save_file(sd, str(folder / f"{name}.safetensors"))
+    return [
+        "merge_method: linear\nmodels:\n  - model: m0.safetensors\n    parameters:\n      weight: 0.7\n"
+        "  - model: m1.safetensors\n    parameters:\n      weight: 0.3\ndtype: float32\n",
+        "merge_method: ties\nbase_model: base.safetensors\nmodels:\n  - model: m0.safetensors\n    parameters:\n"
+        "      weight: [{filter: mlp, value: 0.7}, {value: 0.4}]\n      density: 0.5\n  - model: m1.safetensors\n"
+        "    parameters: {weight: 0.5, density: 0.5}\nparameters:\n  normalize: true\n  lambda: 1.0\n"
+        "out_dtype: bfloat16\ntokenizer_source: base\n",
+        "merge_method: slerp\nbase_model: base.safetensors\nmodels:\n  - model: base.safetensors\n"
+        "  - model: m1.safetensors\nparameters:\n  t: 0.3\n",
+        "merge_method: karcher\nmodels:\n  - model: {model: {path: m0.safetensors}}\n  - model: m1.safetensors\n"
+        "parameters: {max_iter: 10, tol: 1.0e-5}\n",
+        "merge_method: task_arithmetic\nbase_model: base.safetensors\nmodels:\n  - model: m0.safetensors\n"
+        "    parameters: &p {weight: 1.0}\n  - model: m1.safetensors\n    parameters: *p\n",
+    ]
+
+
+def _mutate_recipe(text: str, rng: random.Random, marker: Path) -> bytes:
+    lines = text.splitlines(keepends=True)
+    values = [(i, m) for i, line in enumerate(lines) for m in re.finditer(r"(?<=: )[^\s{\[][^\n,}\]]*|(?<=- )\S[^\n]*",
+                                                                          line)]
+    op = rng.choices(range(9), weights=[5, 2, 2, 1, 1, 1, 2, 1, 1])[0]
+    if op <= 2 and values:  # a value replaced: an odd token, an alias bomb, or deep nesting
+        i, m = rng.choice(values)
+        if op == 0:
+            new = rng.choice(YAML_TOKENS).replace("{marker}", str(marker)).replace("{long}", "x" * 5000)
+        elif op == 1:
+            new = _alias_bomb(rng.choice([1, 2, 4, 6, 8, 9]))
+        else:
+            n = rng.choice([3, 63, 64, 65, 1000, 10_000])
+            new = rng.choice(["[" * n + "]" * n, "{a: " * n + "1" + "}" * n, "[" * n])
+        lines[i] = lines[i][:m.start()] + new + lines[i][m.end():]
+    elif op == 3 and values:  # a legitimate alias: one value anchored, another replaced by it
+        (i, m), (j, n) = rng.sample(values, 2) if len(values) > 1 else (values[0], values[0])
+        if (i, m.start()) != (j, n.start()):
+            lines[j] = lines[j][:n.start()] + "*v" + lines[j][n.end():]
+            lines[i] = lines[i][:m.start()] + "&v " + lines[i][m.start():]
+    elif op == 4:  # a line repeated (duplicate keys, entries)
+        i = rng.randrange(len(lines))
+        lines.insert(i, lines[i])
+    elif op == 5:  # a line dropped
+        del lines[rng.randrange(len(lines))]
+    elif op == 6:  # a top-level field added
+        lines.append(rng.choice(["slices: []\n", "name: x\n", "extra: 1\n", f"dtype: {_alias_bomb(8)}\n",
+                                 "parameters: {weight: 0.5}\n", "chat_template: x\n", "tokenizer_source: union\n",
+                                 "<<: {merge_method: linear}\n", "? [a]\n: 1\n", "--- \n", "1: 2\n"]))
+    elif op == 7:  # indentation shifted
+        i = rng.randrange(len(lines))
+        lines[i] = rng.choice(["", " ", "    "]) + lines[i].lstrip()
+    data = bytearray("".join(lines).encode("utf-8", "surrogatepass"))
+    if op == 8 or rng.random() < 0.05:  # bytes that are not UTF-8, or control characters
+        k = rng.randrange(len(data) + 1)
+        data[k:k] = rng.choice([b"\xff", b"\xe9", b"\x00", b"\x07", b"\xef\xbb\xbf", b"\t"])
+    return bytes(data)
+
+
+def test_mutated_recipes(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from merge.mergekit_recipe import Recipe, load_recipe, plan_recipe
+
+    rng = random.Random(SEED + 2)
+    seeds = _seed_recipes(tmp_path)
+    marker = tmp_path / "ran"
+    monkeypatch.chdir(tmp_path)  # relative model paths resolve here; Hub references are never fetched
+    verdicts = {"loaded": 0, "planned": 0, "refused": 0}
+    for i in range(CASES):
+        text = rng.choice(seeds)
+        blob = _mutate_recipe(text, rng, marker)
+        if rng.random() < 0.3:
+            blob = _mutate_recipe(blob.decode("utf-8", "replace"), rng, marker)
+        path = tmp_path / f"case{i}.yml"
+        path.write_bytes(blob)
+        recipe = _bounded(lambda path=path: load_recipe(path), f"case {i} ({blob[:200]!r})")
+        assert not marker.exists(), f"case {i}: a YAML tag ran code"
+        if isinstance(recipe, MergeError):
+            verdicts["refused"] += 1
+            continue
+        assert isinstance(recipe, Recipe), f"case {i}: {recipe!r}"
+        verdicts["loaded"] += 1
+        if any(str(m).startswith("hf://") for m in [*recipe.members, recipe.base or ""]):
+            continue
+        plan = _bounded(lambda recipe=recipe: plan_recipe(recipe), f"case {i}: plan")
+        verdicts["planned" if not isinstance(plan, MergeError) else "refused"] += 1
+        # Through the command as a user runs it: a result or one line, never "this is a bug".
+        res = _bounded(lambda path=path: CliRunner().invoke(cli, ["run", str(path), "-o", str(tmp_path / "o.safetensors"),
+                                                        "--dry-run"]), f"case {i}: run --dry-run")
+        assert res.exit_code in (0, 1, 2) and "this is a bug" not in res.output, f"case {i}: {res.output[:2000]}"
+        assert res.exit_code == 0 or res.output.count("\n") == 1, f"case {i}: {res.output[:2000]}"
+        assert not (tmp_path / "o.safetensors").exists()
+    assert verdicts["refused"] and verdicts["planned"], verdicts
+
+
+def _seed_manifest(folder: Path) -> dict:
+    for name in ("m0", "m1", "m2"):
+        save_file({"w": torch.full((3,), float(len(name)))}, str(folder / f"{name}.safetensors"))
+    from merge.manifest import selection_from_picks, write_manifest
+
+    sel = selection_from_picks([str(folder / f"m{i}.safetensors") for i in range(3)], [1, 0, 1, 2], size=3,
+                               scores={"val": {"acc": 0.9, "nll": 0.3, "ece": 0.02}},
+                               member_scores=[{"val": {"acc": 0.8, "nll": 0.5, "ece": 0.1}}] * 3,
+                               steps=[{"member": str(folder / "m1.safetensors"), "acc": 0.5, "nll": 1.0}],
+                               stopped="size", data={"dataset": "digits", "seed": 0})
+    return json.loads(write_manifest(sel, folder / "seed.json").read_text())
+
+
+_JSON_ODD = ["1e400", "-1e400", "NaN", "Infinity", "-1", "0", "1.5", "2.0", "null", "true", '"abc"', '""', "[]", "{}",
+             "9" * 5000, '"' + "x" * 100_000 + '"', "[" * 100_000 + "]" * 100_000, '{"path": 1}', '["m0.safetensors"]',
+             '"\\ud800"', '"../../../etc/passwd"', '"hf://org/name"']
+
+
+def _mutate_manifest(doc: dict, rng: random.Random) -> bytes:
+    doc = json.loads(json.dumps(doc))
+    # Every position in the document, then one of them replaced (or removed) by a raw JSON token.
+    spots: list[tuple[object, object]] = []
+    stack: list[object] = [doc]
+    while stack:
+        node = stack.pop()
+        keys = list(node) if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else []
+        for k in keys:
+            spots.append((node, k))
+            stack.append(node[k])
+    op = rng.choices(range(4), weights=[6, 1, 1, 2])[0]
+    if op == 0 and spots:
+        node, k = rng.choice(spots)
+        node[k] = "@@ODD@@"
+        return json.dumps(doc).replace('"@@ODD@@"', rng.choice(_JSON_ODD)).encode("utf-8", "surrogatepass")
+    if op == 1 and spots:
+        node, k = rng.choice(spots)
+        del node[k]
+    text = bytearray(json.dumps(doc).encode())
+    if op == 2:  # picks and weights out of step: one more pick of a member
+        doc["picks"].append(rng.choice(doc["picks"]))
+        text = bytearray(json.dumps(doc).encode())
+    elif op == 3:  # bytes: one flipped, a slice dropped, or the file cut short
+        k = rng.randrange(len(text))
+        choice = rng.randrange(3)
+        if choice == 0:
+            text[k] = rng.randrange(256)
+        elif choice == 1:
+            del text[k:k + rng.randrange(1, 20)]
+        else:
+            del text[k:]
+    return bytes(text)
+
+
+def test_mutated_selection_manifests(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from merge.manifest import Selection, read_manifest
+
+    rng = random.Random(SEED + 3)
+    seed = _seed_manifest(tmp_path)
+    verdicts = {"read": 0, "refused": 0}
+    for i in range(CASES):
+        blob = _mutate_manifest(seed, rng)
+        path = tmp_path / f"case{i}.json"
+        path.write_bytes(blob)
+        sel = _bounded(lambda path=path: read_manifest(path), f"case {i} ({blob[:200]!r})")
+        if isinstance(sel, MergeError):
+            verdicts["refused"] += 1
+            continue
+        verdicts["read"] += 1
+        assert isinstance(sel, Selection)
+        # Never a weight changed on the way in: each is exactly the pick count the file gives.
+        doc = json.loads(blob)
+        assert [float(m["weight"]) for m in doc["members"]] == [float(w) for w in sel.weights], f"case {i}"
+        assert all(isinstance(w, int) and w >= 1 for w in sel.weights), f"case {i}"
+        if i % 4 == 0:  # and as a soup's weights, through the command
+            out = tmp_path / "o.safetensors"
+            argv = ["soup", "--weights-from", str(path), "-o", str(out)]
+            res = _bounded(lambda argv=argv: CliRunner().invoke(cli, argv), f"case {i}: soup --weights-from")
+            assert res.exit_code in (0, 1, 2) and "this is a bug" not in res.output, f"case {i}: {res.output[:2000]}"
+            assert res.exit_code == 0 or res.output.count("\n") == 1, f"case {i}: {res.output[:2000]}"
+            out.unlink(missing_ok=True)
+    assert verdicts["read"] and verdicts["refused"], verdicts
