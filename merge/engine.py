@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from merge.errors import DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError, NonFiniteWarning
+from merge.errors import (DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError, NonFiniteWarning,
+                          PartialBufferWarning)
 from merge.io.dtypes import dtype_name, is_float
 from merge.io.sources import Source, TensorInfo
 from merge.io.writer import Sink
@@ -252,28 +253,59 @@ class _TensorPlans:
     mismatched: list[str] = field(default_factory=list)  # with on_mismatch="error": reported, nothing planned
     skipped: list[str] = field(default_factory=list)
     copied: list[str] = field(default_factory=list)
+    partial: list[tuple[str, list[int]]] = field(default_factory=list)  # non-float, missing from these sources
+
+
+def _plan_partial_buffer(name: str, infos: Sequence[TensorInfo | None], copy_from: int) -> TensorPlan | None:
+    """A non-float tensor some sources lack, the others agreeing on its shape and dtype: copied from ``copy_from``
+    when it has it, else from the first source that does. None for anything else (a float tensor stays a mismatch)."""
+    present = [i for i, info in enumerate(infos) if info is not None]
+    if not present or len(present) == len(infos):
+        return None
+    if any(is_float(infos[i].dtype) for i in present) or len({(infos[i].shape, infos[i].dtype) for i in present}) != 1:
+        return None
+    src = copy_from if infos[copy_from] is not None else present[0]
+    info = infos[src]
+    return TensorPlan(name, "copy", (info.dtype,), info, None, src)
 
 
 def _plan_tensors(everyone: Sequence[Source], *, copy_from: int, dtype: torch.dtype | None, on_mismatch: str,
                   params_of: Callable[[str], Resolved]) -> _TensorPlans:
-    """Plan every tensor name; a mismatched one is reported, skipped or copied from ``copy_from`` per
-    ``on_mismatch``."""
+    """Plan every tensor name; a non-float one some sources lack is copied from one that has it; another
+    mismatched one is reported, skipped or taken from member 0 per ``on_mismatch``."""
     plans = _TensorPlans()
     for name in _tensor_names(everyone[copy_from], everyone):
         infos = [src.infos.get(name) for src in everyone]
         tp = _plan_tensor(name, infos, copy_from=copy_from, dtype=dtype, params_of=params_of)
+        if tp is None and (tp := _plan_partial_buffer(name, infos, copy_from)) is not None:
+            plans.partial.append((name, [i for i, info in enumerate(infos) if info is None]))
         if tp is not None:
             plans.tensors.append(tp)
         elif on_mismatch == "error":
             plans.mismatched.append(name)
-        elif on_mismatch == "first" and infos[copy_from] is not None:
-            info = infos[copy_from]
+        elif on_mismatch == "first" and infos[0] is not None:  # member 0's, as the option says, not the base's
+            info = infos[0]
             plans.copied.append(name)
             out = TensorInfo(name, dtype or info.dtype, info.shape) if is_float(info.dtype) else info
-            plans.tensors.append(TensorPlan(name, "copy", (info.dtype,), out, None, copy_from))
+            plans.tensors.append(TensorPlan(name, "copy", (info.dtype,), out, None, 0))
         else:
             plans.skipped.append(name)
     return plans
+
+
+def _warn_partial(partial: Sequence[tuple[str, list[int]]], plans: Sequence[TensorPlan], everyone: Sequence[Source],
+                  n: int) -> None:
+    """One line per non-float tensor some sources lack: which lack it, and where it was copied from."""
+    def who(i: int) -> str:
+        return f"{'member ' + str(i) if i < n else 'the base'} ({everyone[i].path})"
+
+    by_name = {t.name: t for t in plans}
+    for name, missing in partial:
+        tp = by_name[name]
+        shown = ", ".join(who(i) for i in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        warnings.warn(PartialBufferWarning(
+            f"tensor {name!r} ({dtype_name(tp.out.dtype)} {list(tp.out.shape)}) is missing from {shown}; it is not a "
+            f"float tensor, so it is copied, not merged: taken from {who(tp.copy_from)}"), stacklevel=4)
 
 
 def _describe(src: Source, name: str) -> str:
@@ -320,12 +352,19 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
         member_params: per-member overrides.
         base: the base model, for operators that take one.
         seed: seed of random operators.
+        on_mismatch: what to do with a tensor the members (and base) disagree on (missing from some, or of
+            another shape or dtype): ``"error"`` (default), ``"skip"`` it, or take member 0's (``"first"``;
+            cast to ``dtype`` if it is a float tensor; skipped if member 0 lacks it). Whatever the policy, a
+            non-float tensor (an integer buffer such as ``position_ids``) that only some sources hold, all of
+            them alike, is copied, as non-float tensors always are: from the base when it has it, else from
+            the first member that does, with a :class:`merge.errors.PartialBufferWarning`.
         resolve: for recipes whose parameters depend on the tensor name: ``resolve(name) -> (params,
             member_params)``.
 
     Raises:
-        MismatchError: (with ``on_mismatch="error"``) members differ in names, shapes or dtypes; the
-            message lists each offending tensor with every member's shape and dtype.
+        MismatchError: (with ``on_mismatch="error"``) members differ in names, shapes or dtypes (float
+            tensors, or non-float ones that differ where present); the message lists each offending tensor
+            with every member's shape and dtype.
         InvalidArgumentError: a bad parameter, a missing base, or a member count the operator refuses.
     """
     op, n = operator, len(sources)
@@ -338,6 +377,7 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
                           params_of=_params_by_tensor(op, n, default_resolved, weights, resolve))
     if plans.mismatched:
         raise _mismatch_error(plans.mismatched, everyone, n)
+    _warn_partial(plans.partial, plans.tensors, everyone, n)
     if not plans.tensors:
         raise MismatchError("the members share no tensor: nothing to merge")
     combination = op.combine(default_resolved) if op.path == "linear" else None

@@ -32,6 +32,7 @@ __all__ = [
     "DifferentStartsWarning",
     "WeakPullWarning",
     "DefaultSplitWarning",
+    "PartialBufferWarning",
 ]
 
 
@@ -149,3 +150,8 @@ class DefaultSplitWarning(MergeWarning):
 
     Their val and test rows may include rows the checkpoints were trained on elsewhere.
     """
+
+
+class PartialBufferWarning(MergeWarning):
+    """A non-float tensor (a buffer such as ``position_ids``) is missing from some members: it is copied, not merged,
+    so it was taken from a member that holds it."""

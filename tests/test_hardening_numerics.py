@@ -284,3 +284,55 @@ def test_a_long_named_temporary_of_a_dead_process_is_cleaned_up(tmp_path: Path, 
     assert len(stale.name.encode()) <= 255 and stale.name.endswith(".tmp-" + atomic._HOST + "-4194303-" + stale.name[-8:])
     stale.write_bytes(b"half a soup")
     assert atomic.remove_stale_temporaries(tmp_path) == [stale] and not stale.exists()
+
+
+# ---- issue 26 item 7: a non-float buffer only some members hold ------------------------------------------------
+
+def _mixed_origin(tmp_path: Path) -> tuple[Path, Path, Path]:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 4, generator=g)
+    ids = torch.arange(8).reshape(1, 8)
+    hub = _save(tmp_path / "hub.safetensors", w=w, **{"embeddings.position_ids": ids})
+    resaved = _save(tmp_path / "resaved.safetensors", w=w + 0.5)  # saved without the buffer
+    other = _save(tmp_path / "other.safetensors", w=w - 0.5, **{"embeddings.position_ids": ids})
+    return hub, resaved, other
+
+
+def test_a_missing_integer_buffer_is_copied_from_a_member_that_has_it(tmp_path: Path) -> None:
+    hub, resaved, other = _mixed_origin(tmp_path)
+    ids = load_file(str(hub))["embeddings.position_ids"]
+    for order, source in (([hub, resaved], "member 0"), ([resaved, hub, other], "member 1")):
+        with pytest.warns(merge.errors.PartialBufferWarning) as rec:
+            res = merge.soup(order, out=tmp_path / f"o{len(order)}.safetensors")
+        msgs = [str(r.message) for r in rec if r.category is merge.errors.PartialBufferWarning]
+        assert msgs == [f"tensor 'embeddings.position_ids' (int64 [1, 8]) is missing from member "
+                        f"{order.index(resaved)} ({resaved}); it is not a float tensor, so it is copied, not merged: "
+                        f"taken from {source} ({order[int(source[-1])]})"]
+        got = load_file(str(res.path))
+        assert torch.equal(got["embeddings.position_ids"], ids)
+        want = sum(load_file(str(p))["w"].double() for p in order) / len(order)
+        assert torch.allclose(got["w"].double(), want, atol=1e-6)
+    # with a base that lacks it, from the first member that has it; the CLI prints the note once, exit 0
+    res = _run("soup", hub, other, "--base", resaved, "--method", "task_arithmetic", "-o", tmp_path / "t.safetensors")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("warning: tensor 'embeddings.position_ids'") == 1 and "taken from member 0" in res.output
+    assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["embeddings.position_ids"], ids)
+
+
+def test_a_missing_float_tensor_or_disagreeing_buffers_stay_an_error(tmp_path: Path) -> None:
+    hub, resaved, _ = _mixed_origin(tmp_path)
+    no_w = _save(tmp_path / "no_w.safetensors", **{"embeddings.position_ids": torch.arange(8).reshape(1, 8)})
+    with pytest.raises(merge.MismatchError, match="members disagree on 1 tensor"):
+        merge.soup([hub, no_w], out=tmp_path / "o.safetensors")
+    longer = _save(tmp_path / "longer.safetensors", w=torch.zeros(4, 4),
+                   **{"embeddings.position_ids": torch.arange(9).reshape(1, 9)})
+    with pytest.raises(merge.MismatchError, match="embeddings.position_ids"):
+        merge.soup([hub, resaved, longer], out=tmp_path / "o.safetensors")
+
+
+def test_on_mismatch_first_takes_member_0s_copy_not_the_bases(tmp_path: Path) -> None:
+    base = _save(tmp_path / "base.safetensors", w=torch.zeros(2), head=torch.full((3,), 7.0))
+    a = _save(tmp_path / "a.safetensors", w=torch.ones(2), head=torch.full((5,), 1.0))
+    b = _save(tmp_path / "b.safetensors", w=torch.ones(2), head=torch.full((5,), 2.0))
+    res = merge.soup([a, b], base=base, method="task_arithmetic", on_mismatch="first", out=tmp_path / "o.safetensors")
+    assert load_file(str(res.path))["head"].tolist() == [1.0] * 5 and res.recipe["copied_from_first"] == ["head"]
