@@ -83,7 +83,7 @@ class Selection:
         self.pool = [str(p) for p in self.pool]
         if not self.paths:
             raise InvalidArgumentError("a selection needs at least one member")
-        if len(self.weights) != len(self.paths) or any(int(w) != w or w < 1 for w in self.weights):
+        if len(self.weights) != len(self.paths) or not all(_is_count(w) for w in self.weights):
             raise InvalidArgumentError(f"a selection needs one positive integer weight (pick count) per member; "
                                        f"got {list(self.weights)} for {len(self.paths)} members")
         if sorted(set(self.picks)) != list(range(len(self.paths))) or \

@@ -114,6 +114,7 @@ def test_a_recipe_that_contains_itself_is_refused(tmp_path: Path) -> None:
     ("mixed extra keys", b"merge_method: linear\nmodels:\n  - {model: A, 1: x, b: y}\n", "models\\[0\\]: unknown field 1"),
     ("a NUL in a path", b'merge_method: linear\nmodels: ["a\\0b"]\n', "model reference must be a path"),
     ("a name too long", b"merge_method: linear\nmodels: [" + b"a" * 300 + b"]\n", "neither a local path nor a Hub"),
+    ("a control character", b"merge_method: linear\x07\nmodels: [A]\n", r"not valid YAML \(unacceptable character #x0007"),
     ("too large", b"merge_method: linear\nmodels: [A]\n#" + b"x" * (1 << 20) + b"\n", r"larger than 1 MiB"),
 ])
 def test_hostile_recipes_get_the_one_line_error_of_their_class(tmp_path: Path, models, name: str, content: bytes,
@@ -196,8 +197,9 @@ def test_manifest_weights_are_pick_counts_never_rounded(tmp_path: Path) -> None:
         read_manifest(half)
     whole = _manifest(tmp_path, _with(("members", 0, "weight"), "2.0"))
     assert read_manifest(whole).weights == [2, 1]
-    with pytest.raises(InvalidArgumentError, match="one positive integer weight"):
-        Selection(paths=["a", "b"], weights=[1.5, 1], picks=[0, 1])
+    for odd in (1.5, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(InvalidArgumentError, match="one positive integer weight"):
+            Selection(paths=["a", "b"], weights=[odd, 1], picks=[0, 1])
 
 
 def test_a_full_disk_while_writing_a_manifest_names_the_output(tmp_path: Path, monkeypatch) -> None:
