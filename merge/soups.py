@@ -318,7 +318,9 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         accumulate: ``float32`` (default) or ``float64``; float64 members always accumulate in float64.
         device: ``cpu`` or ``cuda[:N]`` to reduce on a GPU, streamed chunk by chunk.
         shard_size: largest shard of a folder output, e.g. ``5GB``.
-        on_mismatch: ``error`` (default), ``skip`` mismatched tensors, or take them from the ``first``.
+        on_mismatch: ``error`` (default), ``skip`` mismatched tensors, or take member 0's (``first``; not the
+            base's). A non-float buffer only some members hold is copied whatever the policy (see
+            :func:`merge.engine.plan_merge`).
         force: replace an existing output (only once the new one is complete).
         key: wrapper key for pickled training checkpoints (``ema``, ``state_dict``, ...).
         metadata: extra string pairs stored in the output header.
