@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from merge.engine import MemorySink, MergePlan, MergeStats, plan_merge, resolve_device, run_merge
 from merge.errors import InvalidArgumentError, SameInputOutputError
-from merge.keys import MEMBER_ONLY_KEYS, RECIPE_KEY, TRAIN_KEY, version
+from merge.keys import MEMBER_ONLY_KEYS, MODEL_KEY, RECIPE_KEY, TRAIN_KEY, version
 from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.lineage import warn_if_different_starts
@@ -272,6 +272,8 @@ def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shar
         if out_plan.folder:
             extra_files = carry_folder_files((plan.base or plan.sources[0]).path, atomic,
                                              dtype=_float_dtype(plan, out_dtype))
+            if not atomic.file("config.json").exists():
+                extra_files += _describe_small_cnn(meta, atomic)
             if len(out_plan.files) > 1:
                 _write_index(atomic, out_plan)
             # The same model card push uploads, once the folder's checkpoint is complete.
@@ -280,7 +282,24 @@ def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shar
         final = atomic.commit()
     if not out_plan.folder:
         return final, [final], stats
-    return final, [final / f.name for f in out_plan.files] + [final / p.name for p in extra_files], stats
+    inside = atomic.file("")
+    return final, [final / f.name for f in out_plan.files] + [final / p.relative_to(inside) for p in extra_files], stats
+
+
+def _describe_small_cnn(meta: Mapping[str, str], atomic: AtomicOutput) -> list[Path]:
+    """A folder soup of small-CNN file members gets the ``config.json`` a small-CNN member folder has, so the
+    folder says what it is (nothing was carried: file members have no folder files)."""
+    try:
+        spec = json.loads(meta.get(MODEL_KEY, ""))
+    except ValueError:
+        return []
+    if not isinstance(spec, dict) or spec.get("arch") != "small_cnn" or "num_classes" not in spec:
+        return []
+    from merge.models.export import small_cnn_config
+
+    dst = atomic.file("config.json")
+    dst.write_text(json.dumps(small_cnn_config(spec), indent=2, sort_keys=True) + "\n")
+    return [dst]
 
 
 def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLike, method: str = "uniform",

@@ -209,18 +209,20 @@ def test_timm_member_loads_with_timm_alone(timm_members):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_timm_soups_load_with_timm_alone(timm_members, tmp_path):
+def test_timm_soups_load_with_timm_alone(timm_members, tmp_path, monkeypatch):
     paths, digits = timm_members
     folder = merge.soup(paths, out=tmp_path / "soup").path
     model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     torch.testing.assert_close(_timm_logits(model, digits.test), _evaluator_logits(folder, digits.test),
                                rtol=1e-5, atol=1e-5)
-    assert f"timm.create_model('local-dir:{folder}', pretrained=True)" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "timm.create_model('local-dir:soup', pretrained=True)" in card and str(tmp_path) not in card
 
     # A single-file soup: the card's one-liner (an overlay with the recorded classes and input size) runs as is.
     single = merge.soup(paths, out=tmp_path / "soup.safetensors").path
     code = re.search(r"```python\n(.*?)```", model_card(single), re.S).group(1)
     scope: dict = {}
+    monkeypatch.chdir(tmp_path)  # the card names the file as published, beside it
     exec(code, scope)  # the card's own snippet, which must work
     torch.testing.assert_close(_timm_logits(scope["model"], digits.test), _evaluator_logits(single, digits.test),
                                rtol=1e-5, atol=1e-5)
@@ -241,7 +243,7 @@ def test_timm_soup_pushed_to_the_hub_loads_with_timm_alone(hub, timm_members, tm
 
 
 # --- small_cnn ---------------------------------------------------------------------------------------------
-def test_small_cnn_members_and_soups_load_with_load_member(tmp_path):
+def test_small_cnn_members_and_soups_load_with_load_member(tmp_path, monkeypatch):
     digits = load_dataset("digits", seed=0, limit=128)
     paths = train_members(2, model="small_cnn", data=digits, out_dir=tmp_path / "ckpts",
                           base=Recipe(epochs=1, batch_size=64), progress=False)
@@ -253,10 +255,19 @@ def test_small_cnn_members_and_soups_load_with_load_member(tmp_path):
     w = "features.0.weight"
     torch.testing.assert_close(model.state_dict()[w], (sds[0][w] + sds[1][w]) / 2)
     code = re.search(r"```python\n(.*?)```", model_card(soup), re.S).group(1)
-    assert f"model, metadata = load_member({str(soup)!r})" in code
+    # A card is published: it names the file, never the absolute path it was written to.
+    assert "model, metadata = load_member('soup.safetensors')" in code and str(tmp_path) not in model_card(soup)
     scope: dict = {}
+    monkeypatch.chdir(tmp_path)
     exec(code, scope)
     assert torch.equal(scope["model"].state_dict()[w], model.state_dict()[w])
+    # A folder soup of these file members says what it is, like a small-CNN member folder does.
+    folder = merge.soup(paths, out=tmp_path / "soup-folder")
+    config = json.loads((folder.path / "config.json").read_text())
+    assert config["arch"] == "small_cnn" and config["num_classes"] == 10 and config["in_chans"] == 1
+    assert folder.path / "config.json" in folder.files
+    model2, _ = load_member(folder.path)
+    torch.testing.assert_close(model2.state_dict()[w], model.state_dict()[w])
 
 
 def test_small_cnn_soup_loads_from_the_hub(hub, tmp_path):
