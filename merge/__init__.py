@@ -35,8 +35,10 @@ from merge.errors import (
     MismatchError,
     MissingMetadataError,
     OutputExistsError,
+    PartialBufferWarning,
     SameInputOutputError,
     UnknownNameError,
+    WeakMemberWarning,
 )
 from merge.io import schemes as _schemes
 
@@ -152,6 +154,8 @@ __all__ = [
     "MissingMetadataError",
     "HubError",
     "MergeWarning",
+    "PartialBufferWarning",
+    "WeakMemberWarning",
     "check_starts",
     "DifferentStartsWarning",
     "select_checkpoints",

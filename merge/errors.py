@@ -33,6 +33,7 @@ __all__ = [
     "WeakPullWarning",
     "DefaultSplitWarning",
     "PartialBufferWarning",
+    "WeakMemberWarning",
 ]
 
 
@@ -155,3 +156,7 @@ class DefaultSplitWarning(MergeWarning):
 class PartialBufferWarning(MergeWarning):
     """A non-float tensor (a buffer such as ``position_ids``) is missing from some members: it is copied, not merged,
     so it was taken from a member that holds it."""
+
+
+class WeakMemberWarning(MergeWarning):
+    """A member scores far below the others of its run; the ensemble and the soups average it all the same."""

@@ -84,8 +84,12 @@ class Param:
         try:
             number = float(value)
         except ValueError:
-            raise InvalidArgumentError(f"{where} must be a number, got {value!r}", member=member,
+            raise InvalidArgumentError(f"{where} must be a number, got {_shown(value)}", member=member,
                                        option=self.name) from None
+        except OverflowError:  # an integer past float's range (10**400)
+            raise InvalidArgumentError(f"{where} must be a number within float range, got an integer of "
+                                       f"{len(str(abs(value))) if abs(value) < 10 ** 4000 else 'over 4000'} digits",
+                                       member=member, option=self.name) from None
         if not math.isfinite(number):
             raise InvalidArgumentError(f"{where} must be finite, got {value!r}", member=member, option=self.name)
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
@@ -109,3 +113,9 @@ class Param:
         if isinstance(self.default, bool):
             return "on" if self.default else "off"
         return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 10,000-character string stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

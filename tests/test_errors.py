@@ -114,3 +114,16 @@ def test_the_cli_prints_a_merge_warning_as_one_line_and_others_as_python_does() 
     assert res.exit_code == 0, res.output
     assert res.stderr == "warning: the members come from different starts\n"
     assert [w.category for w in shown_by_python] == [UserWarning]
+
+
+@pytest.mark.parametrize("value, told", [(10 ** 400, "within float range, got an integer of 401 digits"),
+                                         (10 ** 5000, "within float range, got an integer of over 4000 digits"),
+                                         ("x" * 500, "must be a number, got 'xxxx")],
+                         ids=["1e400", "1e5000", "long-string"])
+def test_a_parameter_far_out_of_range_is_one_short_error(value, told):
+    # From Python an integer past float's range raised a raw OverflowError; a long string printed whole.
+    from merge.params import Param
+
+    with pytest.raises(merge.errors.InvalidArgumentError) as e:
+        Param("max_iter", 10, int, low=0).check(value, method="karcher")
+    assert told in str(e.value) and len(str(e.value)) < 200

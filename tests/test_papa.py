@@ -269,7 +269,7 @@ def test_methods_are_registered_with_their_options():
 
 
 @pytest.mark.slow  # the whole PAPA pipeline: population, average with BatchNorm recomputed, greedy soup, table
-@pytest.mark.filterwarnings("ignore::merge.train.report.WeakMemberWarning")  # 8 steps: members far apart, expected
+@pytest.mark.filterwarnings("ignore::merge.errors.WeakMemberWarning")  # 8 steps: members far apart, expected
 def test_papa_run_writes_members_the_average_the_greedy_soup_and_one_table(tmp_path, small_digits):
     job = TrainJob(model="small_cnn", data=small_digits, out_dir=tmp_path, members=3, diversity="augment",
                    base=Recipe(epochs=1, batch_size=32, lr=0.05), progress=False)

@@ -66,7 +66,7 @@ def test_branch_recipes_follow_the_ratios():
 
 
 # Tiny runs: a member far below the others is expected here (tests/test_training_reports.py checks the warning).
-@pytest.mark.filterwarnings("ignore::merge.train.report.WeakMemberWarning")
+@pytest.mark.filterwarnings("ignore::merge.errors.WeakMemberWarning")
 @pytest.mark.parametrize("method", ["starsse", "sse"])
 def test_cycles_start_from_the_centre_or_the_last_cycle_with_a_fresh_optimizer_and_the_ratio_schedule(
         method, tmp_path, small_digits):

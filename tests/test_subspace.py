@@ -111,7 +111,7 @@ def test_endpoints_are_written_with_batchnorm_recomputed_at_each_endpoint(line, 
 
 
 # Tiny runs: a member far below the others is expected here (tests/test_training_reports.py checks the warning).
-@pytest.mark.filterwarnings("ignore::merge.train.report.WeakMemberWarning")
+@pytest.mark.filterwarnings("ignore::merge.errors.WeakMemberWarning")
 def test_subspace_method_trains_a_simplex_from_the_registry(tmp_path, small_digits):
     job = TrainJob(model="small_cnn", data=small_digits, out_dir=tmp_path, members=3, progress=False,
                    base=Recipe(epochs=1, batch_size=64, lr=0.1), eval_batch_size=128)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from merge.bn import bn_layers
-from merge.errors import InvalidArgumentError, MergeWarning
+from merge.errors import InvalidArgumentError, WeakMemberWarning
 from merge.evaluate import (
     CheckpointEvaluator,
     EvalRow,
@@ -56,10 +56,6 @@ EVAL_SUFFIX = ".eval.json"
 # The option every method shares: end with the final table (and write the soups it shows).
 FINAL_PARAM = Param("final", True, bool, help="end with the table of the members, their ensemble and their soups on "
                                               "val and test (writing the soups beside the members)")
-
-
-class WeakMemberWarning(MergeWarning):
-    """A member scores far below the others of its run; the ensemble and the soups average it all the same."""
 
 
 def final_rows(rows: Sequence[EvalRow], *, with_members: bool = False) -> list[EvalRow]:
