@@ -81,15 +81,20 @@ def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num
       papa-merge eval selection.json --split test
       papa-merge eval resnet-a.pth resnet-b.pth --model timm:resnet18 --data imagefolder:photos/
     """
+    util.check_local_members(checkpoints)
     from merge.evaluate import TableFormatter, evaluate_checkpoints, scoring_label, summarize_members
 
     splits = ["val", "test"] if split == "both" else [split]
     fmt = TableFormatter.for_names([*checkpoints, "members mean (00)", "ensemble of 00 members"], splits)
     started = []
+    used = {"bn": recompute_bn}
+
+    def on_ready(bn_batches: int) -> None:
+        used["bn"] = bn_batches  # the batches actually used: fewer when the training split holds fewer
 
     def on_row(row) -> None:  # an EvalRow
         if not started:
-            echo_line(f"metrics {scoring_label(recompute_bn, batch_size)}:")
+            echo_line(f"metrics {scoring_label(used['bn'], batch_size)}:")
             echo_line(fmt.header())
             started.append(True)
         echo_line(fmt.row(row))
@@ -97,7 +102,7 @@ def eval_(checkpoints: tuple[str, ...], data: str | None, model: str | None, num
     with one_line_warnings():
         rows = evaluate_checkpoints(list(checkpoints), data=data, model=model, num_classes=num_classes,
                                     in_chans=in_chans, image_size=image_size, split=split, ensemble=ensemble,
-                                    batch_size=batch_size, device=device, recompute_bn=recompute_bn,
+                                    batch_size=batch_size, device=device, recompute_bn=recompute_bn, on_ready=on_ready,
                                     progress=util.show_progress(progress), on_row=on_row)
     if sum(r.kind == "member" for r in rows) >= 2:
         for row in summarize_members(rows):

@@ -5,23 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.eval_cmd import echo_line, model_options, one_line_warnings
-from cli.util import show_progress
-
-
-def check_unexpanded_patterns(names: list[str]) -> None:
-    """A wildcard pattern that matched nothing reaches us as it is (``pool/*.safetensors``): say so, rather than
-    counting it as one checkpoint or calling it a missing file."""
-    import re
-    from pathlib import Path
-
-    from merge.errors import CheckpointNotFoundError
-    from merge.io.schemes import HF_PREFIX
-
-    for name in names:
-        if re.search(r"[*?[]", name) and not name.startswith(HF_PREFIX) and not (
-                Path(name).exists() or Path(name).is_symlink()):
-            raise CheckpointNotFoundError(f"{name}: the pattern matched no file (the shell passes a pattern that "
-                                          "matches nothing on as it is); check the folder and the pattern", path=name)
+from cli.util import check_local_members, show_progress
 
 
 @click.command("select", context_settings={"show_default": True})
@@ -61,10 +45,8 @@ def select(checkpoints: tuple[str, ...], size: int, by: str, out: str, data: str
     """
     from pathlib import Path
 
-    from cli.soup_cmd import check_local_members
 
     names = list(checkpoints)
-    check_unexpanded_patterns(names)
     check_local_members(names)  # before torch is imported, and before the pool is counted
 
     from merge.greedy import select_checkpoints

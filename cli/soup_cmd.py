@@ -8,7 +8,7 @@ import click
 
 from cli.help import SectionedCommand
 from cli.eval_cmd import echo_line, model_options, one_line_warnings
-from cli.util import format_bytes, parse_floats, show_progress
+from cli.util import check_local_members, format_bytes, parse_floats, show_progress
 from merge.io.formats import SAFETENSORS_SUFFIX
 
 
@@ -94,19 +94,6 @@ def _existing(out: str, force: bool) -> str:
         why = "pass --force to replace it" if not force else e.message.split("; ")[0].removeprefix(f"{path}: ")
         return f" (exists: the run would be refused; {why})"
     return " (exists: a previous papa-merge output, replaced once the new one is complete)"
-
-
-def check_local_members(paths: tuple[str, ...] | list[str]) -> None:
-    """A missing local member is told before torch is imported (seconds on a slow disk); hf:// ones are left to
-    the library, which fetches them."""
-    from pathlib import Path
-
-    from merge.errors import CheckpointNotFoundError
-    from merge.io.schemes import HF_PREFIX
-
-    for p in paths:
-        if not str(p).startswith(HF_PREFIX) and not (Path(p).exists() or Path(p).is_symlink()):
-            raise CheckpointNotFoundError(f"{p}: no such file or folder", path=p)
 
 
 def print_plan(plan, out: str, force: bool = False) -> None:

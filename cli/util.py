@@ -75,3 +75,28 @@ def echo_result(text: str) -> None:
 def percent(fraction: float) -> str:
     """An accuracy as the tables print it: ``0.9578`` -> ``95.78%``."""
     return f"{100 * fraction:.2f}%"
+
+
+def check_local_members(paths: tuple[str, ...] | list[str]) -> None:
+    """Missing local checkpoints, told before torch is imported (seconds on a slow disk); hf:// ones are left to
+    the library, which fetches them.
+
+    A wildcard pattern that matched nothing reaches a command as it is (``pool/*.safetensors``): it is told as
+    such, not counted as one checkpoint or called a missing file.
+
+    Raises:
+        CheckpointNotFoundError: the first path that is not there.
+    """
+    import re
+    from pathlib import Path
+
+    from merge.errors import CheckpointNotFoundError
+    from merge.io.schemes import HF_PREFIX
+
+    for p in map(str, paths):
+        if p.startswith(HF_PREFIX) or Path(p).exists() or Path(p).is_symlink():
+            continue
+        if re.search(r"[*?[]", p):
+            raise CheckpointNotFoundError(f"{p}: the pattern matched no file (the shell passes a pattern that "
+                                          "matches nothing on as it is); check the folder and the pattern", path=p)
+        raise CheckpointNotFoundError(f"{p}: no such file or folder", path=p)

@@ -236,3 +236,12 @@ def test_soup_help_groups_its_options_and_the_top_level_groups_commands() -> Non
     assert top.index("Merge commands:") < top.index("  soup ") < top.index("Train commands:") < top.index("  train ")
     listed = {line.split()[0] for line in top.split("Merge commands:")[1].splitlines() if line.startswith("  ")}
     assert listed == set(cli.commands)  # every command appears once, in some section
+
+
+def test_a_pattern_that_matched_nothing_is_told_as_such(tmp_path: Path) -> None:
+    # The shell passes `pool/*.safetensors` on as it is when nothing matches.
+    pattern = str(tmp_path / "pool" / "*.safetensors")
+    for command in (["soup", pattern, "-o", str(tmp_path / "o.safetensors")], ["eval", pattern]):
+        res = CliRunner().invoke(cli, command)
+        assert res.exit_code == 1 and f"error: {pattern}: the pattern matched no file" in res.output, res.output
+    assert not (tmp_path / "o.safetensors").exists()

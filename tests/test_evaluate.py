@@ -396,3 +396,13 @@ def test_progress_bars_only_when_asked_and_on_stderr(members: list[Path]) -> Non
     assert "evaluate on val" in shown.stderr and "BatchNorm statistics" in shown.stderr
     assert "evaluate on val" not in shown.stdout
     assert "metrics after BatchNorm recomputation on 2 training batches of 64:" in shown.stdout
+
+
+def test_eval_labels_the_batchnorm_batches_it_actually_used(members: list[Path]) -> None:
+    # 1000 batches of 256 asked; the digits training split holds far fewer: the label says how many were used.
+    import math
+
+    n_train = len(digits_splits().train)
+    res = CliRunner().invoke(cli, ["eval", str(members[0]), "--recompute-bn", "1000", "--split", "val"])
+    assert res.exit_code == 0, res.output
+    assert f"metrics after BatchNorm recomputation on {math.ceil(n_train / 256)} training batches of 256:" in res.output

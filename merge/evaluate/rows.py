@@ -74,7 +74,8 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None
                          ensemble: bool = True, batch_size: int = 256, device: str | torch.device = "cpu",
                          recompute_bn: int = 0, n_bins: int = 15, names: Sequence[str] | None = None,
                          progress: bool = False,
-                         on_row: Callable[[EvalRow], None] | None = None) -> list[EvalRow]:
+                         on_row: Callable[[EvalRow], None] | None = None,
+                         on_ready: Callable[[int], None] | None = None) -> list[EvalRow]:
     """Accuracy, NLL and ECE of each checkpoint, and of the prediction ensemble of the members.
 
     Checkpoints without a ``papa_merge.recipe`` are members; those with one are soups. The model is
@@ -97,6 +98,8 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None
         names: display names of ``paths`` (default: the paths).
         progress: transient progress bars on stderr (evaluation, recalibration).
         on_row: called with each row as soon as it is computed (print results as they come).
+        on_ready: called once, before the first row, with the BatchNorm batches each recalibration actually
+            uses (fewer than ``recompute_bn`` when the training split holds fewer; 0: none).
 
     Returns:
         :class:`EvalRow` s: the checkpoints in the order given (a manifest's members where it stands),
@@ -119,6 +122,8 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None
     ev = CheckpointEvaluator.from_checkpoints([q for _n, q in entries], data=data, model=model,
                                               num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                                               batch_size=batch_size, device=device, n_bins=n_bins, progress=progress)
+    if on_ready is not None:
+        on_ready(ev.bn_batches(recompute_bn))
     rows: list[EvalRow] = []
     logits_of: list[dict[str, Tensor]] = []
     member_idx: list[int] = []
