@@ -9,6 +9,13 @@
                                                     test_force_replaces_a_previous_papa_merge_output, ...
 5. reruns are bit-identical;                        test_reruns_are_bit_identical
 and temporaries of killed runs are removed by the next run into their folder: test_stale_temporaries_...
+
+Issue 25, the second hardening round, one test per class of defect:
+6. no infinity is written silently (the cast);      test_no_infinity_is_written_silently_at_the_cast_to_a_narrow_dtype
+7. interpolate replaces only its own files;         test_interpolate_never_replaces_a_file_papa_merge_did_not_write
+8. a BatchNorm-recomputed soup appears complete;    test_a_soup_with_recomputed_batchnorm_appears_only_when_complete
+9. every Hub request is bounded;                    test_every_hub_request_is_bounded
+10. push publishes nothing outside the folder;      test_push_never_publishes_a_file_outside_the_folder
 """
 
 from __future__ import annotations
@@ -359,3 +366,83 @@ def test_the_cli_says_in_one_line_that_a_signal_stopped_it() -> None:
     assert result.exit_code == 128 + signal.SIGTERM
     assert result.output.strip() == ("error: stopped by SIGTERM; the unfinished output was removed and nothing "
                                      "else was changed")
+
+
+# --- issue 25: the classes of defects of the second hardening round, each as a guarantee ------------------------
+def test_no_infinity_is_written_silently_at_the_cast_to_a_narrow_dtype(tmp_path: Path) -> None:
+    """Finite members whose result the output dtype cannot hold (float16 past 65504) are an error, never inf."""
+    save_file({"x": torch.full((4,), 1e6)}, str(tmp_path / "big.safetensors"))
+    big = str(tmp_path / "big.safetensors")
+    for extra in (["--dtype", "float16"], ["--dtype", "bfloat16", "--weights", "1e39,1e39", "--no-normalize"]):
+        r = CliRunner().invoke(cli, ["soup", big, big, *extra, "-o", str(tmp_path / "o.safetensors")])
+        assert r.exit_code in (1, 2) and r.stderr.startswith("error: "), r.output
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
+    # float16 members whose task-arithmetic result passes 65504.
+    f16 = {n: str(tmp_path / f"{n}.safetensors") for n in ("base", "a", "b")}
+    for n, v in (("base", 0.0), ("a", 1e4), ("b", 3e4)):
+        save_file({"x": torch.full((4,), v, dtype=torch.float16)}, f16[n])
+    r = CliRunner().invoke(cli, ["soup", f16["a"], f16["b"], "--base", f16["base"], "--method", "task_arithmetic",
+                                 "--lambda", "3", "-o", str(tmp_path / "t.safetensors")])
+    assert r.exit_code == 1 and "float16" in r.stderr and not (tmp_path / "t.safetensors").exists(), r.output
+
+
+def test_interpolate_never_replaces_a_file_papa_merge_did_not_write(tmp_path: Path) -> None:
+    """The curve's plot and the table beside it are refused when they exist, before any work; --force replaces only
+    an earlier curve, never the user's own file."""
+    paths, _ = save_members(tmp_path / "m", 2)
+    (tmp_path / "docs").mkdir()
+    mine = tmp_path / "docs" / "README.md"
+    mine.write_text("# my notes\n")
+    for force in ([], ["--force"]):
+        r = CliRunner().invoke(cli, ["interpolate", str(paths[0]), str(paths[1]), "-o", str(tmp_path / "docs" /
+                                                                                          "README.png"), *force])
+        assert r.exit_code == 1 and f"{mine}: already exists" in r.stderr, r.output
+    assert mine.read_text() == "# my notes\n" and sorted(p.name for p in mine.parent.iterdir()) == ["README.md"]
+
+
+def test_a_soup_with_recomputed_batchnorm_appears_only_when_complete(tmp_path: Path) -> None:
+    """soup --recompute-bn checks architecture and data before writing, and runs its pass before the rename."""
+    paths, _ = save_members(tmp_path / "m", 2)  # no papa_merge.model: no architecture to recompute with
+    out = tmp_path / "soup.safetensors"
+    r = CliRunner().invoke(cli, ["soup", *map(str, paths), "--recompute-bn", "2", "-o", str(out)])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "--model" not in r.stderr  # a plain soup has no --model: the fix named is one soup takes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing under the final name, no temporary
+    r = CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(out)])
+    assert r.exit_code == 0, r.output  # and the next run is not refused with "already exists"
+
+
+def test_every_hub_request_is_bounded(hub, tmp_path: Path, monkeypatch) -> None:
+    """A Hub that accepts connections and never answers gives one line naming the endpoint, in bounded time."""
+    import threading
+
+    from tests.hubserver import HubServer
+
+    silent = HubServer(tmp_path / "silent").start()
+    silent.hang = True
+    url = silent.url
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    box: dict = {}
+    try:
+        t = threading.Thread(target=lambda: box.update(r=CliRunner().invoke(cli, ["pull", "org/a"])), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "pull still waiting after 60 s on a Hub that never answers"
+    finally:
+        silent.stop()
+    r = box["r"]
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: hf://org/a: {url} did not answer in time"), r.output
+
+
+def test_push_never_publishes_a_file_outside_the_folder(hub, tmp_path: Path) -> None:
+    """A symbolic link leading out of the pushed folder is refused, naming the link, before any request."""
+    folder = tmp_path / "soup"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (tmp_path / "secret.txt").write_text("password")
+    (folder / "notes.txt").symlink_to("../secret.txt")
+    r = CliRunner().invoke(cli, ["push", str(folder), "org/linked"])
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: {folder}/notes.txt: is a symlink to ../secret.txt"), r.output
+    assert ("model", "org/linked") not in hub.repos
