@@ -294,6 +294,7 @@ def _point_transformers_at(hub, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::merge.errors.WeakMemberWarning")  # a few steps on a tiny text set: expected
 def test_tiny_hf_members_soup_loads_in_transformers_and_from_the_hub(hub, tmp_path, tiny_text, monkeypatch):
     """Issue 14: train two tiny hf: members, soup them into a folder, load it with transformers (the evaluator's
     logits), push it, and run pipeline("text-classification") on the repo."""
