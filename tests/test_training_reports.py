@@ -193,3 +193,19 @@ def test_a_small_cnn_folder_has_a_config_json_describing_the_architecture(tmp_pa
     model, _ = load_member(out)
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(model(x), net.eval()(x))
+
+
+def test_the_table_says_the_batchnorm_batches_actually_used(tmp_path: Path) -> None:
+    # 20 batches of 256 asked; the digits training split holds ceil(n / 256): the label and the record say that.
+    import math
+
+    with one_thread():
+        paths, _ = train_digit_members(tmp_path / "m", 2)
+        outputs, report = final_model(paths, out_dir=tmp_path / "run", greedy=False, recompute_bn=20)
+    used = math.ceil(len(digits_splits().train) / 256)
+    assert used < 20
+    assert report["recompute_bn_batches"] == used
+    assert report["scoring"] == f"members as stored; soups after BatchNorm recomputation on {used} training batches of 256"
+    recipe = json.loads(merge.read_safetensors_metadata(outputs["average"])["papa_merge.recipe"])
+    assert recipe["bn_recomputed"]["batches"] == used
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []  # no temporary left

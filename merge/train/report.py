@@ -33,16 +33,15 @@ from merge.evaluate import (
     EvalRow,
     evaluate_checkpoints,
     format_table,
-    recompute_bn_checkpoint,
     scoring_label,
     summarize_members,
 )
+from merge.evaluate.checkpoints import soup_recompute_bn
 from merge.greedy import greedy_soup_checkpoints
 from merge.io.sources import read_safetensors_metadata
 from merge.keys import METRICS_KEY
 from merge.lineage import check_starts
 from merge.params import Param
-from merge.soups import soup
 from merge.train.registry import TrainJob, TrainResult
 
 __all__ = ["final_rows", "final_model", "finish_run", "weak_members", "warn_weak_members", "WeakMemberWarning",
@@ -244,16 +243,17 @@ def final_model(paths: Sequence[str | os.PathLike], *, out_dir: str | os.PathLik
             say(f"reusing the recorded soups and evaluation ({record}): the members and options are unchanged")
             return outputs, {**report, "reused": True, "seconds": round(time.perf_counter() - t0, 3)}
     ev = CheckpointEvaluator.from_checkpoints(paths[:1], data=data, batch_size=batch_size, device=device)
-    n_bn = recompute_bn if bn_layers(ev.model) else 0
+    # The batches actually used: fewer than asked when the training split holds fewer (digits: 6 of 256).
+    n_bn = ev.bn_batches(recompute_bn) if bn_layers(ev.model) else 0
     outputs: dict[str, Path] = {}
     labels = [str(n) for n in names] if names is not None else [p.stem for p in paths]
     if average:
         say(f"uniform soup {out_dir / average_name}" + (f" + BatchNorm recalibration on {n_bn} batches" if n_bn
                                                          else ""))
-        path = soup(paths, out=out_dir / average_name, force=True,
-                    recipe_extra={"papa": dict(recipe)} if recipe else None).path
-        if n_bn:
-            recompute_bn_checkpoint(path, num_batches=n_bn, evaluator=ev)
+        # Statistics recomputed on the temporary file: the average appears under its name only when complete.
+        path = soup_recompute_bn(paths, out=out_dir / average_name, recompute_bn=n_bn, force=True, evaluator=ev,
+                                 batch_size=batch_size, device=device,
+                                 recipe_extra={"papa": dict(recipe)} if recipe else None).path
         outputs["average"] = Path(path)
         labels.append(average_label or f"average ({average_name})")
     selected = None
