@@ -142,7 +142,7 @@ def model_stock_coefficients(gram: torch.Tensor, resolved: Resolved, has_base: b
     """
     if resolved.shared.get("filter_wise"):
         raise InvalidArgumentError("model_stock with filter_wise=true (one ratio per row) is not supported; "
-                                   "drop the parameter to use one ratio per tensor", option="filter_wise")
+                                   "drop the parameter to use one ratio per tensor")  # no option: the fix is to drop it
     n = gram.shape[0]
     norms = _norms(gram)
     cos = []
