@@ -21,7 +21,6 @@ folder with its manifest can be moved or copied as a whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidArgumentError
+from merge.io.atomic import AtomicOutput
 from merge.keys import version
 
 __all__ = ["Selection", "write_manifest", "read_manifest", "is_manifest", "selection_from_picks",
@@ -163,8 +163,6 @@ def write_manifest(selection: Selection, out: str | os.PathLike, *, force: bool 
         >>> sel = Selection(paths=["a.safetensors", "b.safetensors"], weights=[2, 1], picks=[0, 1, 0])
         >>> write_manifest(sel, "selection.json")  # doctest: +SKIP
     """
-    import tempfile
-
     out = check_manifest_output(out, force=force)
     folder = out.parent
     doc = {
@@ -190,17 +188,15 @@ def write_manifest(selection: Selection, out: str | os.PathLike, *, force: bool 
         **({"extra": selection.extra} if selection.extra else {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    # A hidden temporary beside the output, renamed over it when complete: os.replace is atomic, so a
-    # reader sees the old manifest or the new one, never half of one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=folder)
+    # Written like every output (merge.io.atomic): a hidden temporary whose name stays within the file-name
+    # limit, renamed over the output when complete, removed on an error or a signal; force replaces only a
+    # manifest, which is how papa-merge recognises one of its own JSON files.
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+        with AtomicOutput(out, folder=False, force=force, ours=is_manifest) as atomic:
+            atomic.file("").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            atomic.commit()
+    except OSError as e:
+        if e.errno is not None and (e.filename is None or ".tmp-" in str(e.filename)):
             e.filename = str(out)  # a full disk names the output asked for, not the hidden temporary (or nothing)
         raise
     return out

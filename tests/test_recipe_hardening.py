@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -203,22 +202,14 @@ def test_manifest_weights_are_pick_counts_never_rounded(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_while_writing_a_manifest_names_the_output(tmp_path: Path, monkeypatch) -> None:
-    real = os.fdopen
+    real = Path.write_text
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
+    def write_text(self, *args, **kwargs):  # the hidden temporary fills the disk
+        if ".tmp-" in self.name:
             raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real(fd, *a, **k)))
+    monkeypatch.setattr(Path, "write_text", write_text)
     out = tmp_path / "runs" / "sel.json"
     with pytest.raises(OSError) as e:
         write_manifest(Selection(paths=["a.safetensors"], weights=[1], picks=[0]), out)

@@ -303,28 +303,15 @@ def test_select_says_a_pattern_matched_nothing(tmp_path: Path) -> None:
 
 def test_select_on_a_full_disk_names_the_manifest(members: list[Path], tmp_path: Path, monkeypatch) -> None:
     import errno
-    import os
 
-    real = os.fdopen
+    real = Path.write_text
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
+    def write_text(self, *args, **kwargs):  # the manifest's hidden temporary fills the disk
+        if self.name.startswith(".sel.json.") and ".tmp-" in self.name:
             raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
 
-    def fdopen(fd, *args, **kwargs):
-        f = real(fd, *args, **kwargs)
-        return Full(f) if ".sel.json.tmp-" in os.readlink(f"/proc/self/fd/{fd}") else f
-
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(Path, "write_text", write_text)
     out = tmp_path / "sel.json"
     res = CliRunner().invoke(cli, ["select", *map(str, members), "--size", "2", "-o", str(out), "--batch-size", "64",
                                    "--no-progress"])
@@ -332,3 +319,22 @@ def test_select_on_a_full_disk_names_the_manifest(members: list[Path], tmp_path:
     assert res.output.splitlines()[-1] == f"error: no space left on the device ({out}); free space or write the output " \
                                           "elsewhere"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_of_a_255_byte_name_is_written_and_leaves_no_temporary(tmp_path):
+    from merge.manifest import Selection, read_manifest, write_manifest
+
+    sel = Selection(paths=["a.safetensors", "b.safetensors"], weights=[2, 1], picks=[0, 1, 0], size=2)
+    out = tmp_path / ("m" * 250 + ".json")  # 255 bytes: the largest legal name
+    assert write_manifest(sel, out) == out
+    assert read_manifest(out).weights == [2, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    write_manifest(sel, out, force=True)  # replaces its own manifest
+    (tmp_path / "other.json").write_text("{}")
+    import pytest
+
+    from merge.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        write_manifest(sel, tmp_path / "other.json", force=True)  # never a file that is no manifest
+    assert (tmp_path / "other.json").read_text() == "{}"
