@@ -1,0 +1,214 @@
+"""merge.align: permutation specs traced from the model, weight and activation matching (Git Re-Basin)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from merge.align import (activation_matching, align, apply_permutation, linear_assignment, permutation_spec,
+                         random_permutation, weight_matching)
+from merge.errors import InvalidArgumentError, MismatchError
+from merge.models import SmallCNN
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm with non-trivial statistics and affine weights, so a wrongly permuted buffer shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomise_bn(SmallCNN(5, in_chans=1, width=4), seed)
+
+
+def tiny_resnet(seed: int = 0) -> nn.Module:
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(seed)
+    return randomise_bn(ResNet(BasicBlock, (2, 1, 1, 1), num_classes=4, channels=(4, 6, 8, 8)), seed)
+
+
+CASES = {
+    "mlp": (mlp, (32, 1, 4, 4)),
+    "small_cnn": (small_cnn, (8, 1, 12, 12)),
+    "timm_resnet": (tiny_resnet, (4, 3, 32, 32)),
+}
+
+
+def outputs(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_randomly_permuted_network_computes_the_same_function(case):
+    build, shape = CASES[case]
+    model, x = build(), torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    spec = permutation_spec(model, x)
+    assert spec.sizes and not spec.fixed
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    perm = random_permutation(spec, seed=3)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perm.values())
+    permuted = apply_permutation(spec, perm, sd)
+    assert any(not torch.equal(permuted[k], sd[k]) for k in sd)
+    torch.testing.assert_close(outputs(model, permuted, x), outputs(model, sd, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_weight_matching_recovers_a_known_permutation_exactly(case):
+    build, shape = CASES[case]
+    model, x = build(), torch.randn(*shape)
+    spec = permutation_spec(model, x)
+    sd = model.state_dict()
+    permuted = apply_permutation(spec, random_permutation(spec, seed=7), sd)
+    result = align(model, [sd, permuted], method="weight", spec=spec)
+    for k in sd:
+        assert torch.equal(result.state_dicts[1][k], sd[k]), k
+    assert result.record()["units_moved"][0] == 0 and result.record()["units_moved"][1] > 0
+
+
+@pytest.mark.parametrize("case", ["mlp", "small_cnn"])
+def test_activation_matching_recovers_a_known_permutation_exactly(case):
+    """BatchNorm left at its initial statistics: a unit that is always zero (dead) has no correlation to match."""
+    _, shape = CASES[case]
+    model = mlp() if case == "mlp" else SmallCNN(5, in_chans=1, width=4)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(*shape, generator=g) for _ in range(4)]
+    sd = model.state_dict()
+    permuted = apply_permutation(permutation_spec(model, batches[0]), random_permutation(
+        permutation_spec(model, batches[0]), seed=5), sd)
+    result = align(model, [sd, permuted], method="activation", batches=batches)
+    for k in sd:
+        assert torch.equal(result.state_dicts[1][k], sd[k]), k
+    # the model's own weights are left as they were
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_the_assignment_step_is_the_brute_force_optimum():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        cost = torch.randn(5, 5, generator=g, dtype=torch.float64)
+        best = max(itertools.permutations(range(5)), key=lambda p: sum(cost[i, p[i]].item() for i in range(5)))
+        assert linear_assignment(cost).tolist() == list(best)
+
+
+def test_weight_matching_of_one_hidden_layer_is_the_brute_force_optimum():
+    """With one permutation the coordinate descent is one assignment: the best of all 5! permutations."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    spec = permutation_spec(net, torch.zeros(1, 3))
+    a = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+    b = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+
+    def score(p):
+        p = torch.tensor(p)
+        return float((a["0.weight"].double() * b["0.weight"].double()[p]).sum()
+                     + (a["0.bias"].double() * b["0.bias"].double()[p]).sum()
+                     + (a["2.weight"].double() * b["2.weight"].double()[:, p]).sum())
+
+    best = max(itertools.permutations(range(5)), key=score)
+    assert weight_matching(spec, a, b)["0"].tolist() == list(best)
+
+
+def test_residual_streams_share_one_permutation():
+    model = tiny_resnet()
+    axes = permutation_spec(model, torch.zeros(2, 3, 32, 32)).axes_to_perm
+    spec = permutation_spec(model, torch.zeros(2, 3, 32, 32))
+    stem, stream = axes["conv1.weight"][0][0], axes["layer1.0.conv2.weight"][0][0]
+    assert axes["bn1.running_var"][0][0] == stem != stream
+    # a block with a downsampling shortcut: the shortcut writes the stream its second convolution writes
+    assert axes["layer1.0.downsample.0.weight"][:2] == ((stream, 1), (stem, 1))
+    assert axes["layer1.0.downsample.1.running_mean"][0][0] == stream
+    # a block with an identity shortcut writes the same stream again, and the next stage reads it
+    assert axes["layer1.1.conv2.weight"][0][0] == stream and axes["layer1.1.bn2.bias"][0][0] == stream
+    assert axes["layer1.1.conv1.weight"][1][0] == stream and axes["layer2.0.conv1.weight"][1][0] == stream
+    # inner units of a block are a permutation of their own; the head's outputs are not permuted
+    inner = axes["layer1.1.conv1.weight"][0][0]
+    assert inner not in (stem, stream) and axes["layer1.1.conv2.weight"][1][0] == inner
+    assert axes["fc.weight"] == (None, (axes["layer4.0.conv2.weight"][0][0], 1))
+    assert len(spec.sizes) == 1 + 4 + 5  # the stem, one stream per stage, one inner permutation per block
+
+
+def test_a_flatten_before_a_linear_moves_whole_blocks_of_features():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4, 2))
+    spec = permutation_spec(net, torch.zeros(1, 1, 4, 4))
+    assert spec.axes_to_perm["3.weight"] == (None, ("0", 4))
+    sd = apply_permutation(spec, {"0": torch.tensor([2, 0, 1])}, net.state_dict())
+    assert torch.equal(sd["3.weight"][:, :4], net[3].weight.detach()[:, 8:12])
+    x = torch.randn(5, 1, 4, 4)
+    torch.testing.assert_close(outputs(net, sd, x), outputs(net, dict(net.state_dict()), x), atol=1e-6, rtol=0)
+
+
+class Reshaping(nn.Module):
+    """A hidden layer whose units reach a reshape the tracer does not know: they must stay in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = self.b(h).view(-1, 2, 3).transpose(1, 2).reshape(-1, 6)
+        return self.c(h)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_units_it_cannot_tie_soundly_are_left_in_place_and_reported():
+    net = Reshaping()
+    spec = permutation_spec(net, torch.zeros(3, 4))
+    assert list(spec.sizes) == ["a"]
+    assert list(spec.fixed) == ["b"] and "view" in spec.fixed["b"]
+    assert spec.axes_to_perm["b.weight"] == (None, ("a", 1)) and spec.axes_to_perm["c.weight"] == (None, None)
+    assert any(line.startswith("left in place b:") for line in spec.describe())
+    tied = permutation_spec(Tied(), torch.zeros(3, 4))
+    assert not tied.sizes and "shared" in tied.fixed["a"]
+
+
+def test_align_refuses_bad_input():
+    net = mlp()
+    sd = net.state_dict()
+    with pytest.raises(InvalidArgumentError, match="unknown alignment method 'cosine'; choose one of weight, act"):
+        align(net, [sd, sd], method="cosine", example_input=torch.zeros(1, 16))
+    with pytest.raises(InvalidArgumentError, match="member index from 0 to 1, got 2"):
+        align(net, [sd, sd], reference=2, example_input=torch.zeros(1, 16))
+    with pytest.raises(InvalidArgumentError, match="activation matching needs batches"):
+        align(net, [sd, sd], method="activation")
+    other = {k: v[:2] if k == "1.bias" else v for k, v in sd.items()}
+    with pytest.raises(MismatchError, match=r"1.bias: shapes differ \(\(12,\) vs \(2,\)\)"):
+        align(net, [sd, other], example_input=torch.zeros(1, 16))
+    spec = permutation_spec(net, torch.zeros(1, 16))
+    with pytest.raises(InvalidArgumentError, match="at least one batch"):
+        activation_matching(spec, net, sd, sd, [])
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(InvalidArgumentError, match="Branchy cannot be traced with torch.fx"):
+        permutation_spec(Branchy(), torch.zeros(1))
