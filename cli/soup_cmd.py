@@ -74,7 +74,7 @@ SOUP_SECTIONS = (
                                            "normalize", "rescale", "param", "seed", "strict")),
     ("Greedy soup and BatchNorm (evaluate on data)", ("greedy", "data", "recompute_bn", "batch_size", "model",
                                                       "num_classes", "in_chans", "image_size")),
-    ("Compute", ("accumulate", "device", "progress")),
+    ("Compute", ("accumulate", "device", "jobs", "progress")),
 )
 
 
@@ -133,6 +133,9 @@ def print_plan(plan, out: str, force: bool = False) -> None:
 @click.option("--accumulate", default="float32", type=click.Choice(["float32", "float64"]),
               help="Accumulator dtype.")
 @click.option("--device", default="cpu", help="Where to reduce: cpu, cuda or cuda:N (streamed chunk by chunk).")
+@click.option("--jobs", default=1, type=click.IntRange(min=1), metavar="N",
+              help="Local worker processes splitting the merge by tensors (same bits as one process). Under "
+                   "torchrun the ranks split it instead: leave at 1.")
 @click.option("--shard-size", default="5GB", help="Largest shard of a folder output.")
 @click.option("--on-mismatch", default="error", type=click.Choice(["error", "skip", "first"]),
               help="Tensors whose name, shape or dtype differ: fail, drop them, or take member 0's.")
@@ -159,7 +162,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
          device: str, shard_size: str, on_mismatch: str, key: str | None, force: bool, dry_run: bool,
          progress: bool | None, greedy: bool, data: str | None, recompute_bn: int, batch_size: int,
          weights_from: str | None, model: str | None, num_classes: int | None, in_chans: int | None,
-         image_size: int | None, base: str | None, seed: int, strict: bool, **method_params: object) -> None:
+         image_size: int | None, base: str | None, seed: int, strict: bool, jobs: int = 1,
+         **method_params: object) -> None:
     """Average checkpoints into one.
 
     Averages MEMBERS... tensor by tensor, streaming from disk in constant memory.
@@ -176,6 +180,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --weights-from selection.json -o selected.safetensors
       papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
+      papa-merge soup --jobs 4 --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
+      torchrun --nproc-per-node 8 --no-python papa-merge soup ft*/ -o soup/
     """
     check_local_members([*members, *([base] if base else [])])
     import merge
@@ -228,7 +234,11 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         result = write(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
                        dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
                        on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
-                       strict=strict)
+                       strict=strict, **({"jobs": jobs} if jobs != 1 else {}))
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge
+        return
     if recompute_bn:
         used = result.recipe.get("bn_recomputed", {}).get("batches", recompute_bn)  # fewer if the split is smaller
         click.echo(f"recomputed BatchNorm statistics on {used} training batch{'es' if used != 1 else ''} of "

@@ -257,6 +257,8 @@ def _recipe_section(f: _Facts) -> list[str]:
         lines.append(f"- seed: `{recipe['seed']}`")
     lines += [f"- output dtype: `{recipe.get('dtype', 'as input')}`, "
               f"accumulated in `{recipe.get('accumulate', 'float32')}`"]
+    if isinstance(recipe.get("processes"), int) and recipe["processes"] > 1:
+        lines.append(f"- merged by {recipe['processes']} processes, split by tensors (the same bits as one process)")
     if recipe.get("skipped"):
         lines.append(f"- skipped tensors: {', '.join(f'`{s}`' for s in recipe['skipped'][:20])}")
     if recipe.get("copied_from_first"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from merge.io.torch_writer import TorchFileSink
 from merge.io.atomic import check_output_free, check_output_name
 from merge.io.writer import AtomicOutput, FileSink, OutputPlan, parse_size, plan_output
 from merge.ops import check_weights, get_operator
+from merge.parallel import (DEFAULT_JOBS, MergeGroup, SingleWriterWarning, WorkerReport, check_jobs,
+                            process_group_world, run_split)
 
 __all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind",
            "resolve_method"]
@@ -52,6 +55,7 @@ class MergeResult:
     recipe: dict
     skipped: list[str] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None
+    workers: list[WorkerReport] = field(default_factory=list)  # one per process of a split merge (jobs, ranks)
 
     @property
     def gb_per_s(self) -> float:
@@ -268,22 +272,66 @@ def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shar
     out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
     with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
         stats = run_merge(plan, FileSink(out_plan, atomic, meta), progress=progress)
-        extra_files = []
-        if out_plan.folder:
-            extra_files = carry_folder_files((plan.base or plan.sources[0]).path, atomic,
-                                             dtype=_float_dtype(plan, out_dtype))
-            if not atomic.file("config.json").exists():
-                extra_files += _describe_small_cnn(meta, atomic)
-            if len(out_plan.files) > 1:
-                _write_index(atomic, out_plan)
-            # The same model card push uploads, once the folder's checkpoint is complete.
-            card = write_card(atomic.file(""), shown_as=str(out))
-            extra_files += [card] if card is not None else []
-        final = atomic.commit()
+        return (*_finish_output(plan, out, out_plan, atomic, meta, out_dtype), stats)
+
+
+def _finish_output(plan: MergePlan, out: Path, out_plan: OutputPlan, atomic: AtomicOutput, meta: Mapping[str, str],
+                   out_dtype: torch.dtype | None) -> tuple[Path, list[Path]]:
+    """Once every tensor is written: a folder's config, tokenizer files, index and card; then the commit."""
+    extra_files = []
+    if out_plan.folder:
+        extra_files = carry_folder_files((plan.base or plan.sources[0]).path, atomic,
+                                         dtype=_float_dtype(plan, out_dtype))
+        if not atomic.file("config.json").exists():
+            extra_files += _describe_small_cnn(meta, atomic)
+        if len(out_plan.files) > 1:
+            _write_index(atomic, out_plan)
+        # The same model card push uploads, once the folder's checkpoint is complete.
+        card = write_card(atomic.file(""), shown_as=str(out))
+        extra_files += [card] if card is not None else []
+    final = atomic.commit()
     if not out_plan.folder:
-        return final, [final], stats
+        return final, [final]
     inside = atomic.file("")
-    return final, [final / f.name for f in out_plan.files] + [final / p.relative_to(inside) for p in extra_files], stats
+    return final, [final / f.name for f in out_plan.files] + [final / p.relative_to(inside) for p in extra_files]
+
+
+def _write_split(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size: int | str,
+                 out_dtype: torch.dtype | None, force: bool, progress: Callable[[int], None] | None, jobs: int,
+                 spec: dict) -> tuple[Path, list[Path], MergeStats, list[WorkerReport]]:
+    """:func:`_write_safetensors` split over ``jobs`` local workers or the ranks of the process group
+    (:mod:`merge.parallel`): the same files; rank 0 (or this process) finishes and commits the output."""
+    import torch.distributed as dist
+
+    out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
+    if process_group_world() > 1 and dist.get_rank() != 0:
+        stats, reports, (final, files) = run_split(plan, out_plan, None, meta, jobs=jobs, progress=progress)
+        return final, files, stats, reports
+    with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
+        stats, reports, (final, files) = run_split(
+            plan, out_plan, atomic, meta, jobs=jobs, planner=plan_soup, spec=spec, progress=progress,
+            finish=lambda: _finish_output(plan, out, out_plan, atomic, meta, out_dtype))
+    return final, files, stats, reports
+
+
+def _worker_spec(members: Sequence[object], sources: Sequence[Source], base: object, base_source: Source | None,
+                 **plan_args: object) -> dict:
+    """What a local worker needs to plan the same merge: members and base as paths (a Hub member as its local
+    copy, already downloaded), and :func:`plan_soup`'s other arguments.
+
+    Raises:
+        InvalidArgumentError: a member given as an open source or a state dict (a worker cannot reopen it).
+    """
+    def path_of(given: object, src: Source) -> str:
+        if not isinstance(given, (str, os.PathLike)):
+            raise InvalidArgumentError("merging with several jobs needs every member (and the base) given as a path: "
+                                       "a worker process reopens it; merge state dicts or open sources with one job",
+                                       option="jobs", choices=(1,))
+        return str(src.path) if str(given).startswith(schemes.HF_PREFIX) else os.fspath(given)
+
+    paths = [path_of(m, s) for m, s in zip(members, sources)]
+    base_path = path_of(base, base_source) if base_source is not None else None
+    return {"members": paths, "base": base_path, **plan_args}
 
 
 def _describe_small_cnn(meta: Mapping[str, str], atomic: AtomicOutput) -> list[Path]:
@@ -311,7 +359,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
          shard_size: int | str = "5GB", on_mismatch: str = "error", force: bool = False,
          key: str | None = None, metadata: Mapping[str, str] | None = None,
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
-         chunk_bytes: int | None = None, strict: bool = False, resolve=None) -> MergeResult:
+         chunk_bytes: int | None = None, strict: bool = False, resolve=None, jobs: int = DEFAULT_JOBS) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
@@ -346,9 +394,14 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         recipe_extra: extra fields for the recorded recipe (greedy soup records its selection).
         progress: show a progress bar (bytes read, tensors).
         strict: a NaN or infinity in a member is an error (default: a warning naming member and tensor).
+        jobs: local worker processes that split the merge by tensors (:mod:`merge.parallel`); 1 (default):
+            this process alone. Called inside an initialised ``torch.distributed`` process group of several
+            ranks (or under ``torchrun``), the merge is split over the ranks instead, every rank calling
+            ``soup`` with the same arguments. Either way the tensors written are the bits one process
+            writes, and the recipe records ``"processes"``. A ``.pt`` output is written by one process.
 
     Returns:
-        A :class:`MergeResult` (path, files, sizes, time, and the recorded recipe).
+        A :class:`MergeResult` (path, files, sizes, time, the recorded recipe, and one report per process).
 
     Raises:
         CheckpointNotFoundError, CheckpointFormatError: a member cannot be read.
@@ -367,8 +420,18 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
     method = resolve_method(method, weights)
     kind = output_kind(out)
     out = Path(out)
+    jobs = check_jobs(jobs)
     _refuse_existing_output_early(out, [*members, *([base] if base is not None else [])], force=force)
     with ExitStack() as stack:
+        device = stack.enter_context(MergeGroup(device)).device  # under torchrun: a bare cuda is cuda:LOCAL_RANK
+        ranks = process_group_world()
+        if ranks > 1 and jobs > 1:
+            raise InvalidArgumentError(f"jobs={jobs} given inside a process group of {ranks} ranks: the ranks already "
+                                       "split the merge; leave jobs at 1", option="jobs", choices=(1,))
+        if ranks > 1 and kind == "torch":
+            raise InvalidArgumentError(f"output {out}: a torch state-dict file is one zip stream that one process "
+                                       f"writes, so {ranks} ranks cannot share it; write NAME.safetensors or a folder",
+                                       path=out, option="out")
         resolve_device(device)
         get_operator(method)
         sources = _open_all(members, stack, key)
@@ -380,21 +443,38 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         _check_not_an_input(out, plan.all_sources, len(plan.sources))
         _warn_if_different_starts(sources, base_source)
         out_dtype = parse_dtype(dtype)
-        recipe = recipe_of(plan, out_dtype=out_dtype, extra=recipe_extra)
+        if jobs > 1 and kind == "torch":
+            warnings.warn(SingleWriterWarning(f"output {out}: a torch state-dict file is one zip stream that one "
+                                              f"process writes, so it is merged in one process, not {jobs}; write "
+                                              "NAME.safetensors or a folder to split the merge"), stacklevel=2)
+            jobs = 1
+        processes = max(ranks, jobs)
+        spec = _worker_spec(members, sources, base, base_source, method=method, weights=weights, params=params,
+                            member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
+                            on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, key=key,
+                            resolve=resolve) if jobs > 1 else {}
+        recipe = recipe_of(plan, out_dtype=out_dtype,
+                           extra={**(recipe_extra or {}), **({"processes": processes} if processes > 1 else {})})
         recipe_json = json.dumps(recipe, sort_keys=True)
         bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                                        desc=f"{plan.operator.name} merge of {len(sources)}", disable=not progress,
                                        dynamic_ncols=True))
         update = bar.update if progress else None
+        reports: list[WorkerReport] = []
         if kind == "torch":
             final, files, stats = _write_torch_file(plan, out, recipe_json, force=force, progress=update)
         else:
             meta = {"format": "pt", **_carried_metadata(plan.base or sources[0]), **(metadata or {}),
                     RECIPE_KEY: recipe_json}
-            final, files, stats = _write_safetensors(plan, out, meta, shard_size=shard_size, out_dtype=out_dtype,
-                                                     force=force, progress=update)
+            if processes > 1:
+                final, files, stats, reports = _write_split(plan, out, meta, shard_size=shard_size,
+                                                            out_dtype=out_dtype, force=force, progress=update,
+                                                            jobs=jobs, spec=spec)
+            else:
+                final, files, stats = _write_safetensors(plan, out, meta, shard_size=shard_size,
+                                                         out_dtype=out_dtype, force=force, progress=update)
         return MergeResult(final, files, stats.tensors, stats.read_bytes, stats.written_bytes, stats.seconds,
-                           recipe, plan.skipped)
+                           recipe, plan.skipped, workers=reports)
 
 
 def _float_dtype(plan: MergePlan, out_dtype: torch.dtype | None) -> torch.dtype | None:

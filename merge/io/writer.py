@@ -25,7 +25,7 @@ from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE, shard_name
 from merge.io.sources import TensorInfo
 
 __all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict",
-           "Sink", "FileSink", "check_output_free"]
+           "Sink", "FileSink", "check_output_free", "Place", "presize_output", "OffsetSink"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -209,6 +209,86 @@ class FileSink(Sink):
             self._open(f)
         if self._writer is not None:
             self._writer.close()
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one tensor's bytes go in a pre-sized output file: ``nbytes`` bytes at byte ``offset`` of ``path``."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+def presize_output(out: OutputPlan, atomic: AtomicOutput, metadata: Mapping[str, str]) -> dict[str, Place]:
+    """Create every file of ``out`` at its final size, header written, data still to come: where each tensor goes.
+
+    The header is the one :class:`SafetensorsWriter` writes, so processes that each fill some tensors' byte
+    ranges (:class:`OffsetSink`) produce the same bytes as one writer filling them in order.
+    """
+    places: dict[str, Place] = {}
+    for f in out.files:
+        path = atomic.file(f.name)
+        header = safetensors_header(f.tensors, metadata)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, header)  # short: a few kilobytes, written whole by one call on a regular file
+            os.ftruncate(fd, len(header) + f.nbytes)
+        finally:
+            os.close(fd)
+        offset = len(header)
+        for t in f.tensors:
+            places[t.name] = Place(str(path), offset, t.nbytes)
+            offset += t.nbytes
+    return places
+
+
+class OffsetSink(Sink):
+    """Writes each tensor into its byte range of a pre-sized file (:func:`presize_output`), in any order of tensors.
+
+    ``finish`` checks that every tensor it was given was written whole.
+    """
+
+    def __init__(self, places: Mapping[str, Place]):
+        self.places = dict(places)
+        self._fds: dict[str, int] = {}
+        self._pos: dict[str, int] = {}
+
+    def begin(self, tensors: Sequence[TensorInfo]) -> None:
+        missing = [t.name for t in tensors if t.name not in self.places]
+        if missing:
+            raise RuntimeError(f"no place in the output for tensor {missing[0]!r}")
+        self._pos = {t.name: 0 for t in tensors}
+
+    def write(self, name: str, data: memoryview) -> None:
+        place = self.places[name]
+        pos = self._pos[name]
+        if pos + len(data) > place.nbytes:
+            raise RuntimeError(f"writer got {len(data)} bytes of {name!r} past its {place.nbytes} bytes")
+        fd = self._fds.get(place.path)
+        if fd is None:
+            fd = self._fds[place.path] = os.open(place.path, os.O_WRONLY)
+        view, at = data.cast("B"), place.offset + pos
+        try:
+            while len(view):
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+        except OSError as e:
+            if e.filename is None:
+                e.filename = place.path
+            raise
+        self._pos[name] = pos + len(data)
+
+    def finish(self) -> None:
+        self.close()
+        short = [n for n, pos in self._pos.items() if pos != self.places[n].nbytes]
+        if short:
+            raise RuntimeError(f"tensor {short[0]!r} was not written whole")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def write_state_dict(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, *,
