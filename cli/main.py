@@ -15,6 +15,7 @@ import click
 from cli.help import format_command_sections
 from cli.util import QUIET, VERBOSITY_KEY
 from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, run_cmd, select_cmd, soup_cmd, train_cmd
+from cli import align_cmd
 
 
 # Library errors name keyword arguments; on the command line each is a flag. One table for all commands.
@@ -223,6 +224,7 @@ def _restore_env(name: str, old: str | None):
 
 # Command modules register themselves here, one line each.
 cli.add_command(soup_cmd.soup)
+cli.add_command(align_cmd.align)
 cli.add_command(run_cmd.run)
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(eval_cmd.eval_)

@@ -212,3 +212,61 @@ def test_align_refuses_bad_input():
 
     with pytest.raises(InvalidArgumentError, match="Branchy cannot be traced with torch.fx"):
         permutation_spec(Branchy(), torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and the command line
+
+
+def digit_members(out, seeds=(0, 1, 2)):
+    """small_cnn members of sklearn digits from different initialisations (untrained; BatchNorm randomised)."""
+    import json
+
+    from merge.data import load_dataset
+    from merge.io.writer import write_state_dict
+    from merge.models import build_model, model_spec
+
+    spec = model_spec("small_cnn", 10, in_chans=1, image_size=8, width=4)
+    data = load_dataset("digits", seed=0).spec
+    paths = []
+    for s in seeds:
+        torch.manual_seed(s)
+        model = randomise_bn(build_model("small_cnn", num_classes=10, in_chans=1, width=4), s)
+        meta = {"papa_merge.model": json.dumps(spec), "papa_merge.data": json.dumps(data),
+                "papa_merge.train": json.dumps({"member": s})}
+        paths.append(write_state_dict(model.state_dict(), out / f"member-{s}.safetensors", metadata=meta))
+    return paths
+
+
+def logits_of(path, x):
+    from merge.models import load_member
+
+    model, _ = load_member(path)
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_align_command_writes_members_that_compute_the_same_function(tmp_path, method):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from merge.io.sources import read_safetensors_metadata
+
+    paths = digit_members(tmp_path)
+    res = CliRunner().invoke(cli, ["align", *map(str, paths), "-o", str(tmp_path / "aligned"), "--method", method,
+                                   "--batches", "2"])
+    assert res.exit_code == 0, res.output
+    assert f"{method} matching onto {paths[0]}: 3 permutations (28 units)" in res.output
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for p in paths:
+        out = tmp_path / "aligned" / p.name
+        torch.testing.assert_close(logits_of(out, x), logits_of(p, x), atol=1e-5, rtol=0)
+        recipe = json.loads(read_safetensors_metadata(out)["papa_merge.recipe"])
+        assert recipe["align"]["method"] == method and recipe["align"]["reference"] == 0
+        assert read_safetensors_metadata(out)["papa_merge.train"] == read_safetensors_metadata(p)["papa_merge.train"]
+    assert "(0 units moved" in res.output.splitlines()[1] and "(0 units moved" not in res.output.splitlines()[2]
+    again = CliRunner().invoke(cli, ["align", *map(str, paths), "-o", str(tmp_path / "aligned")])
+    assert again.exit_code == 1 and "exists" in again.output and "--force" in again.output

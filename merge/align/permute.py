@@ -1,4 +1,4 @@
-"""Permutation alignment of networks trained from different initialisations (Git Re-Basin).
+"""Permutation alignment of networks trained from different initialisations (Git Re-Basin): the algorithm.
 
 Two networks trained from different random starts compute similar functions with their hidden units
 in a different order, so their average mixes unrelated units and scores near chance. Git Re-Basin
@@ -21,7 +21,8 @@ its normalisation and the input channels of what consumes it) leaves the functio
   improves nothing.
 - :func:`activation_matching` matches each permutation's units by the correlation of their activations
   on the same batches (the reference's ``mnist_mlp_activation_matching.py``, one assignment per layer).
-- :func:`align` aligns every member onto one reference member.
+- :func:`align` aligns every member onto one reference member (:mod:`merge.align.checkpoints` does it for
+  checkpoints).
 
 Deliberate differences from the reference, each a decision:
 
