@@ -52,10 +52,22 @@ def _layout(target_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def make_members(folder: Path, gb: float) -> tuple[Path, list[Path]]:
+    """The base and 4 members, written by a child process (reused when a previous run left them complete): a
+    child's peak RSS starts from its parent's at fork, so this process never holds torch or the tensors."""
+    paths = [folder / f"member{i}.safetensors" for i in range(4)]
+    stamp = folder / f"complete-{gb}"
+    if not stamp.exists():
+        subprocess.run([sys.executable, __file__, "--child", "make", "--out", str(folder), "--gb", str(gb)], check=True)
+        stamp.touch()
+    return folder / "base.safetensors", paths
+
+
+def child_make(folder: Path, gb: float) -> None:
     import torch
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     shapes = _layout(int(gb * 1e9))
     base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes}
@@ -67,7 +79,6 @@ def make_members(folder: Path, gb: float) -> tuple[Path, list[Path]]:
         save_file(sd, str(p))
         paths.append(p)
         del sd
-    return folder / "base.safetensors", paths
 
 
 def child(args: argparse.Namespace) -> None:
@@ -141,6 +152,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "make":
+        child_make(Path(args.out), args.gb)
+        return
     if args.child:
         child(args)
         return
