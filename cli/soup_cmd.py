@@ -156,6 +156,16 @@ def print_plan(plan, out: str, force: bool = False) -> None:
                    "with --greedy). 0: off.")
 @click.option("--batch-size", default=256, type=click.IntRange(min=1),
               help="Batch size of --greedy evaluation and --recompute-bn.")
+@click.option("--align", "align_method", default=None, type=click.Choice(["weight", "activation"]),
+              help="Members trained from different initialisations: permute each member's hidden units onto "
+                   "--align-to's first (weight or activation matching), then merge. Needs papa_merge metadata.")
+@click.option("--align-to", default=0, type=click.IntRange(min=0), metavar="I",
+              help="With --align: the member (index) the others are aligned onto.")
+@click.option("--align-batches", default=8, type=click.IntRange(min=1), metavar="N",
+              help="With --align: training batches (of --batch-size) for activation matching and REPAIR.")
+@click.option("--repair/--no-repair", default=True,
+              help="With --align: after merging, REPAIR the convolutions that feed no BatchNorm and recompute "
+                   "BatchNorm statistics on the --align-batches batches.")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=lambda c, p, v: _list(c, v),
               help="List the merge operators and exit.")
 def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, dtype: str | None, accumulate: str,
@@ -163,6 +173,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
          progress: bool | None, greedy: bool, data: str | None, recompute_bn: int, batch_size: int,
          weights_from: str | None, model: str | None, num_classes: int | None, in_chans: int | None,
          image_size: int | None, base: str | None, seed: int, strict: bool, jobs: int = 1,
+         align_method: str | None = None, align_to: int = 0, align_batches: int = 8, repair: bool = True,
          **method_params: object) -> None:
     """Average checkpoints into one.
 
@@ -181,6 +192,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
       papa-merge soup --jobs 4 --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
+      papa-merge soup --align weight scratch/member-*.safetensors -o aligned-soup.safetensors
       torchrun --nproc-per-node 8 --no-python papa-merge soup ft*/ -o soup/
     """
     check_local_members([*members, *([base] if base else [])])
@@ -210,6 +222,9 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         raise click.UsageError("--model describes members that record no architecture for --greedy; a plain soup "
                                "needs none")
 
+    if align_method is not None and (recompute_bn or dry_run or base is not None):
+        raise click.UsageError("--align merges the aligned members in memory, then fixes their statistics "
+                               "(--repair); drop --recompute-bn, --dry-run and --base")
     if recompute_bn and not out.endswith(SAFETENSORS_SUFFIX):
         raise click.UsageError("--recompute-bn rewrites a single file: write the soup with -o NAME.safetensors")
     w = parse_floats(weights, "--weights") if weights is not None else None
@@ -230,6 +245,13 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
 
         # Architecture and data checked first; the statistics recomputed on the temporary, before the rename.
         write = functools.partial(soup_recompute_bn, recompute_bn=recompute_bn, data=data, batch_size=batch_size)
+    if align_method is not None:
+        import functools
+
+        from merge.align import soup_aligned
+
+        write = functools.partial(soup_aligned, align=align_method, repair=repair, reference=align_to, data=data,
+                                  num_batches=align_batches, batch_size=batch_size)
     with one_line_warnings():
         result = write(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
                        dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
@@ -243,10 +265,28 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         used = result.recipe.get("bn_recomputed", {}).get("batches", recompute_bn)  # fewer if the split is smaller
         click.echo(f"recomputed BatchNorm statistics on {used} training batch{'es' if used != 1 else ''} of "
                    f"{batch_size}")
+    if align_method is not None:
+        click.echo(describe_alignment(members, result.recipe))
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
                f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read): "
                + describe_merge(members, result.recipe, base=base))
+
+
+def describe_alignment(members: tuple[str, ...], recipe: dict) -> str:
+    """``aligned 3 members onto a.safetensors by weight matching (...); ...``: the align record in one line."""
+    rec, stats = recipe.get("align") or {}, recipe.get("statistics") or {}
+    ref = members[rec.get("reference", 0)]
+    line = (f"aligned {len(members)} members onto {ref} by {rec.get('method')} matching "
+            f"({len(rec.get('permutations') or {})} permutations, units moved: "
+            f"{', '.join(str(u) for u in rec.get('units_moved') or [])})")
+    for group, why in (rec.get("left_in_place") or {}).items():
+        line += f"; left in place {group}: {why}"
+    if stats:
+        what = {"batchnorm": "BatchNorm statistics recomputed", "repair": "REPAIR and BatchNorm statistics",
+                "none": "no statistics to fix"}[stats["fix"]]
+        line += f"; {what} on {stats['batches']} training batches of {stats['batch_size']}"
+    return line
 
 
 def describe_merge(members: tuple[str, ...], recipe: dict, *, base: str | None = None) -> str:

@@ -294,8 +294,9 @@ def _message(check: StartCheck, far: list[int], threshold: float) -> str:
                                                          if far_here else ""))
     return (f"the members come from {len(check.groups)} different starts, so their weight average is likely far "
             f"worse than each of them ({'; '.join(parts)}); average members trained from one shared start (a "
-            "pretrained model or a shared warm start, as papa-merge trains them by default), or use these as an "
-            "ensemble of predictions")
+            "pretrained model or a shared warm start, as papa-merge trains them by default), align their hidden units "
+            "onto one member's first (Git Re-Basin: papa-merge soup --align weight|activation, or merge.align), or use "
+            "these as an ensemble of predictions")
 
 
 def warn_if_different_starts(members: Sequence[str | os.PathLike | Source], *,

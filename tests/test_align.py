@@ -270,3 +270,67 @@ def test_align_command_writes_members_that_compute_the_same_function(tmp_path, m
     assert "(0 units moved" in res.output.splitlines()[1] and "(0 units moved" not in res.output.splitlines()[2]
     again = CliRunner().invoke(cli, ["align", *map(str, paths), "-o", str(tmp_path / "aligned")])
     assert again.exit_code == 1 and "exists" in again.output and "--force" in again.output
+
+
+def test_soup_align_merges_the_aligned_members_and_recomputes_batchnorm(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from cli.main import cli
+    from merge.io.sources import read_safetensors_metadata
+
+    paths = digit_members(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["align", *map(str, paths), "-o", str(tmp_path / "aligned")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["soup", "--align", "weight", *map(str, paths), "-o", str(tmp_path / "soup.safetensors"),
+                              "--align-batches", "2", "--batch-size", "64"])
+    assert res.exit_code == 0, res.output
+    assert f"aligned 3 members onto {paths[0]} by weight matching (3 permutations, units moved: 0," in res.output
+    assert "BatchNorm statistics recomputed on 2 training batches of 64" in res.output
+    soup = load_file(tmp_path / "soup.safetensors")
+    aligned = [load_file(tmp_path / "aligned" / p.name) for p in paths]
+    for k in ("features.0.weight", "features.4.weight", "features.5.bias", "head.weight"):
+        torch.testing.assert_close(soup[k], sum(a[k].double() for a in aligned).float() / 3, atol=1e-6, rtol=0)
+    mean_stats = sum(a["features.1.running_mean"] for a in aligned) / 3
+    assert not torch.allclose(soup["features.1.running_mean"], mean_stats)  # recomputed, not averaged
+    recipe = json.loads(read_safetensors_metadata(tmp_path / "soup.safetensors")["papa_merge.recipe"])
+    assert recipe["align"]["method"] == "weight" and recipe["align"]["members"] == [p.name for p in paths]  # public names
+    assert recipe["statistics"]["fix"] == "batchnorm" and recipe["statistics"]["batches"] == 2
+    assert "different starts" not in res.output
+
+    res = runner.invoke(cli, ["soup", "--align", "activation", "--no-repair", "--align-to", "1", *map(str, paths),
+                              "-o", str(tmp_path / "plain.safetensors"), "--align-batches", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"onto {paths[1]} by activation matching" in res.output and "statistics" not in res.output
+    recipe = json.loads(read_safetensors_metadata(tmp_path / "plain.safetensors")["papa_merge.recipe"])
+    assert recipe["align"]["reference"] == 1 and "statistics" not in recipe
+
+
+def test_soup_align_refuses_what_it_cannot_do(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    paths = [str(p) for p in digit_members(tmp_path, seeds=(0, 1))]
+    runner = CliRunner()
+    res = runner.invoke(cli, ["soup", "--align", "weight", "--recompute-bn", "2", *paths, "-o", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 2 and "drop --recompute-bn, --dry-run and --base" in res.output
+    res = runner.invoke(cli, ["soup", "--align", "weight", "--align-to", "2", *paths, "-o", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 2 and "member index from 0 to 1, got 2" in res.output and "--align-to" in res.output
+    res = runner.invoke(cli, ["soup", "--align", "weight", *paths, "-o", str(tmp_path / "s.pt")])
+    assert res.exit_code == 2 and "one .safetensors file" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "s.pt").exists() and not (tmp_path / "s.safetensors").exists()
+
+
+def test_the_different_starts_warning_names_align(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    paths = [str(p) for p in digit_members(tmp_path, seeds=(0, 1))]
+    res = CliRunner().invoke(cli, ["soup", *paths, "-o", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "different starts" in res.output and "papa-merge soup --align weight|activation" in res.output

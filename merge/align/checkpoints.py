@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from merge.align.permute import ALIGN_METHODS, AlignResult, align
 from merge.bn import inputs_of
-from merge.errors import InvalidArgumentError
+from merge.errors import DifferentStartsWarning, InvalidArgumentError
 from merge.evaluate.checkpoints import CheckpointEvaluator, evaluator_for
 from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.schemes import public_name
@@ -205,6 +206,15 @@ def soup_aligned(members: Sequence[str | os.PathLike], *, out: str | os.PathLike
     meta = {k: v for k, v in aligned.metadata[reference].items() if k not in MEMBER_ONLY_KEYS}
     extra = {**(soup_options.pop("recipe_extra", None) or {}), "align": aligned.record()}
     options = dict(soup_options, metadata={**meta, **(soup_options.get("metadata") or {})}, recipe_extra=extra)
+    with warnings.catch_warnings():
+        # Aligned members still lie far apart in weight space; the alignment is the remedy the warning names.
+        warnings.simplefilter("ignore", DifferentStartsWarning)
+        return _soup_and_fix(aligned, out=out, repair=repair, device=device, force=force, progress=progress,
+                             options=options)
+
+
+def _soup_and_fix(aligned: AlignedMembers, *, out: Path, repair: bool, device: str | torch.device, force: bool,
+                  progress: bool, options: dict[str, Any]) -> MergeResult:
     if not repair:
         return soup(aligned.state_dicts, out=out, device=device, force=force, progress=progress, **options)
     ev = aligned.evaluator
@@ -216,7 +226,7 @@ def soup_aligned(members: Sequence[str | os.PathLike], *, out: str | os.PathLike
         kind = statistics_fix(ev.model)
         targets = None
         if kind == "repair":
-            weights = _weights(soup_options.get("weights"), len(members))
+            weights = _weights(options.get("weights"), len(aligned.state_dicts))
             stats = []
             for sd in aligned.state_dicts:
                 stats.append(channel_stats(ev.model_with(sd), aligned.batches, device=ev.device,
