@@ -99,8 +99,14 @@ def midpoint(checkpoints: tuple[str, ...], out: str, alpha: float | None, data: 
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the curve as JSON.")
 @click.option("--force", is_flag=True, help="Replace an earlier curve (its plot and table) papa-merge wrote.")
+@click.option("--align", "align_method", default=None, type=click.Choice(["weight", "activation"]),
+              help="Also draw the line to B with its hidden units permuted onto A's (Git Re-Basin): the barrier "
+                   "before and after alignment in one plot.")
+@click.option("--align-batches", default=8, type=click.IntRange(min=1), metavar="N",
+              help="With --align: training batches for activation matching.")
 def interpolate(a: str, b: str, out: str, data: str | None, points: int, alphas: str | None, bn_batches: int | None,
-                split: str, batch_size: int, device: str, as_json: bool, force: bool) -> None:
+                split: str, batch_size: int, device: str, as_json: bool, force: bool, align_method: str | None = None,
+                align_batches: int = 8) -> None:
     """Score points on a line between models.
 
     Accuracy and NLL along the line between checkpoints A and B, BatchNorm recomputed at every point.
@@ -112,6 +118,7 @@ def interpolate(a: str, b: str, out: str, data: str | None, points: int, alphas:
     \b
     Example:
       papa-merge interpolate line/member-00.safetensors line/member-01.safetensors -o line.png --points 11
+      papa-merge interpolate scratch/member-00.safetensors scratch/member-01.safetensors --align weight -o b.png
     """
     from merge.interpolate import check_curve_outputs, interpolate as run, write_curve
 
@@ -119,7 +126,7 @@ def interpolate(a: str, b: str, out: str, data: str | None, points: int, alphas:
     grid = _alphas(alphas)
     check_curve_outputs(out, force=force)  # before the evaluation: the plot and the table beside it
     curve = run(a, b, data=data, alphas=grid, points=points, bn_batches=bn_batches, splits=splits,
-                batch_size=batch_size, device=device)
+                batch_size=batch_size, device=device, align=align_method, align_batches=align_batches)
     png, table = write_curve(curve, out, force=force)
     click.echo(curve.table())
     click.echo(f"wrote {png} and {table}")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.bn import bn_layers
+from merge.bn import bn_layers, inputs_of
 from merge.errors import InvalidArgumentError, OutputExistsError
 from merge.evaluate import CheckpointEvaluator, ensemble_probs, metrics, metrics_from_probs, predict
 from merge.evaluate.checkpoints import evaluator_for, soup_recompute_bn
@@ -142,6 +142,8 @@ class InterpolationCurve:
         bn_batches: training batches the statistics were recomputed on at each point (0: no BatchNorm); those
             used, fewer than asked when the training split holds fewer.
         batch_size: of evaluation and recomputation.
+        aligned: with alignment, the line from A to B permuted onto A (:mod:`merge.align`), at the same alphas.
+        align: with alignment, its record (method, permutations, what stayed in place).
     """
 
     a: str
@@ -150,6 +152,8 @@ class InterpolationCurve:
     ensemble: dict[str, dict[str, float]] = field(default_factory=dict)
     bn_batches: int = 0
     batch_size: int = 256
+    aligned: list[CurvePoint] = field(default_factory=list)
+    align: dict[str, Any] | None = None
 
     @property
     def splits(self) -> list[str]:
@@ -172,9 +176,10 @@ class InterpolationCurve:
         head = "| alpha | " + " | ".join(f"{s} acc | {s} NLL" for s in splits) + " |"
         rule = "|---|" + "---|---|" * len(splits)
         rows = [head, rule]
-        for p in self.points:
-            rows.append(f"| {p.alpha:.2f} | " + " | ".join(
-                f"{100 * p.metrics[s]['acc']:.2f}% | {p.metrics[s]['nll']:.4f}" for s in splits) + " |")
+        for prefix, line in (("", self.points), ("aligned ", self.aligned)):
+            for p in line:
+                rows.append(f"| {prefix}{p.alpha:.2f} | " + " | ".join(
+                    f"{100 * p.metrics[s]['acc']:.2f}% | {p.metrics[s]['nll']:.4f}" for s in splits) + " |")
         if self.ensemble:
             rows.append("| ensemble of the endpoints | " + " | ".join(
                 f"{100 * self.ensemble[s]['acc']:.2f}% | {self.ensemble[s]['nll']:.4f}" for s in splits) + " |")
@@ -183,7 +188,9 @@ class InterpolationCurve:
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "bn_batches": self.bn_batches, "batch_size": self.batch_size,
                 "points": [{"alpha": p.alpha, "metrics": p.metrics} for p in self.points],
-                "ensemble": self.ensemble}
+                "ensemble": self.ensemble,
+                **({"aligned": [{"alpha": p.alpha, "metrics": p.metrics} for p in self.aligned], "align": self.align}
+                   if self.align is not None else {})}
 
 
 def _alphas(alphas: Sequence[float] | None, points: int) -> list[float]:
@@ -201,7 +208,8 @@ def _alphas(alphas: Sequence[float] | None, points: int) -> list[float]:
 
 def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None, alphas: Sequence[float] | None = None,
                 points: int = 11, bn_batches: int | None = None, splits: Sequence[str] = SPLITS,
-                batch_size: int = 256, device: str | torch.device = "cpu", ensemble: bool = True) -> InterpolationCurve:
+                batch_size: int = 256, device: str | torch.device = "cpu", ensemble: bool = True,
+                align: str | None = None, align_batches: int = 8, align_seed: int = 0) -> InterpolationCurve:
     """Evaluate the line ``(1 - alpha) * A + alpha * B`` at a grid of alphas, BatchNorm recomputed at each point.
 
     At each alpha the weights are averaged in memory as :func:`merge.average` does (so alpha 0 is A's
@@ -219,6 +227,10 @@ def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None,
         splits: which of ``val`` and ``test`` to evaluate.
         batch_size, device: of evaluation and recomputation.
         ensemble: also evaluate the endpoints' prediction ensemble.
+        align: also evaluate the line from A to B permuted onto A (``weight`` or ``activation`` matching,
+            :func:`merge.align.align`), the barrier after alignment beside the one before.
+        align_batches: training batches (of ``batch_size``) for activation matching and tracing.
+        align_seed: seed of weight matching's random order.
 
     Returns:
         The :class:`InterpolationCurve`.
@@ -243,6 +255,14 @@ def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None,
     nb = ev.bn_batches(bn_batches or default_bn_batches(ev)) if _has_bn(ev) else 0
     with open_checkpoint(a) as sa, open_checkpoint(b) as sb:
         sds = [sa.state_dict(), sb.state_dict()]
+    aligned_b, align_record = None, None
+    if align is not None:
+        from merge.align.permute import align as align_members
+
+        batches = [inputs_of(x) for x in ev.bn_loader(align_batches)]
+        result = align_members(ev.model, sds, method=align, example_input=batches[0], batches=batches,
+                               seed=align_seed, device=ev.device)
+        aligned_b, align_record = result.state_dicts[1], result.record()
 
     def evaluate(sd: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, float]], dict[str, tuple[Tensor, Tensor]]]:
         ev.model_with(sd, recompute_bn=nb)
@@ -258,6 +278,8 @@ def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None,
         curve_points.append(CurvePoint(alpha, m))
         if alpha in (0.0, 1.0):
             end_logits[alpha] = logits
+    aligned_points = [CurvePoint(alpha, evaluate(average([sds[0], aligned_b], weights=line_weights(alpha)))[0])
+                      for alpha in grid] if aligned_b is not None else []
     ens: dict[str, dict[str, float]] = {}
     if ensemble:
         for alpha, sd in ((0.0, sds[0]), (1.0, sds[1])):
@@ -267,7 +289,7 @@ def interpolate(a: str | os.PathLike, b: str | os.PathLike, *, data: Any = None,
             labels = end_logits[0.0][s][1]
             ens[s] = metrics_from_probs(ensemble_probs([end_logits[0.0][s][0], end_logits[1.0][s][0]]), labels,
                                         n_bins=ev.n_bins)
-    return InterpolationCurve(str(a), str(b), curve_points, ens, nb, batch_size)
+    return InterpolationCurve(str(a), str(b), curve_points, ens, nb, batch_size, aligned_points, align_record)
 
 
 # A curve's files say that papa-merge wrote them, so that ``force`` replaces them and nothing else: the PNG
@@ -380,6 +402,10 @@ def plot_curve(curve: InterpolationCurve, out: str | os.PathLike, *, title: str 
         for s in curve.splits:
             ax.plot(xs, [scale * p.metrics[s][key] for p in curve.points], marker="o", ms=3, color=colours.get(s),
                     label=s)
+            if curve.aligned:
+                ax.plot([p.alpha for p in curve.aligned], [scale * p.metrics[s][key] for p in curve.aligned],
+                        marker="s", ms=3, ls=":", color=colours.get(s),
+                        label=f"{s}: B aligned onto A ({curve.align['method']} matching)")
             if s in curve.ensemble:
                 ax.axhline(scale * curve.ensemble[s][key], ls="--", lw=1, color=colours.get(s),
                            label=f"{s}: ensemble of endpoints")

@@ -334,3 +334,24 @@ def test_the_different_starts_warning_names_align(tmp_path):
     res = CliRunner().invoke(cli, ["soup", *paths, "-o", str(tmp_path / "s.safetensors")])
     assert res.exit_code == 0, res.output
     assert "different starts" in res.output and "papa-merge soup --align weight|activation" in res.output
+
+
+def test_interpolate_align_draws_the_line_before_and_after_alignment(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    a, b = digit_members(tmp_path, seeds=(0, 1))
+    png = tmp_path / "line.png"
+    res = CliRunner().invoke(cli, ["interpolate", str(a), str(b), "-o", str(png), "--alphas", "0,0.5,1", "--bn-batches",
+                                   "1", "--batch-size", "64", "--split", "val", "--align", "weight", "--json"])
+    assert res.exit_code == 0, res.output
+    assert png.exists() and "| aligned 0.50 |" in png.with_suffix(".md").read_text()
+    curve = json.loads(res.output.splitlines()[-1])
+    assert curve["align"]["method"] == "weight" and [p["alpha"] for p in curve["aligned"]] == [0.0, 0.5, 1.0]
+    # B permuted computes what B computes, and alpha 0 is A: the aligned line's ends are the plain line's
+    for i in (0, 2):
+        plain, aligned = curve["points"][i]["metrics"]["val"], curve["aligned"][i]["metrics"]["val"]
+        assert plain["acc"] == aligned["acc"] and abs(plain["nll"] - aligned["nll"]) < 1e-5
