@@ -11,16 +11,16 @@ folder (``--shard-size``, so each process writes whole shards) on /dev/shm. For 
 uniform over the 4 members; TIES with density 0.5 on the base) and each way of running (1 process;
 ``jobs`` 2 and 4; torchrun with 2 and 4 ranks), the table shows the wall time of the merge (the
 parent's ``soup`` call, or rank 0's), the speed-up over one process, the peak RSS of each process
-(``ru_maxrss``: touched pages of memory-mapped inputs count), and whether the tensor bytes equal the
-one-process output's.
+(``VmHWM``; shared pages of the forkserver that started a worker count in each worker), and whether
+the tensor bytes equal the one-process output's.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -95,16 +95,22 @@ def child(args: argparse.Namespace) -> None:
     r = merge.soup(members, out=args.out, method=method, shard_size=args.shard_size, jobs=args.jobs, **options)
     seconds = time.perf_counter() - t0
     rank = int(os.environ.get("RANK", "0"))
-    print(json.dumps({"rank": rank, "seconds": seconds, "self_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      * 1024, "workers": [w.__dict__ for w in r.workers]}), flush=True)
+    hwm = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    # one file per rank: ranks printing at once would interleave their lines
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({"rank": rank, "seconds": seconds, "self_rss": hwm,
+                                                             "workers": [w.__dict__ for w in r.workers]}))
 
 
-def tensor_bytes(folder: Path) -> dict[str, bytes]:
+def tensor_bytes(folder: Path) -> dict[str, str]:
+    """sha256 of each shard's tensor bytes (the header, which records the number of processes, left out)."""
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
-        raw = f.read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        out[f.name] = raw[8 + n:]
+        with open(f, "rb") as fh:
+            fh.seek(8 + int.from_bytes(fh.read(8), "little"))
+            h = hashlib.sha256()
+            while block := fh.read(1 << 24):
+                h.update(block)
+        out[f.name] = h.hexdigest()
     return out
 
 
@@ -127,7 +133,10 @@ def run_one(method: str, how: str, n: int, base: Path, members: list[Path], out:
     wall = time.perf_counter() - t0
     if run.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stdout}\n{run.stderr}")
-    lines = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+    reports = sorted(out.parent.glob(f"{out.name}.rank*.json"))
+    lines = [json.loads(p.read_text()) for p in reports]
+    for p in reports:
+        p.unlink()
     main = next(x for x in lines if x["rank"] == 0)
     if how == "torchrun":
         rss = [x["self_rss"] for x in sorted(lines, key=lambda x: x["rank"])]
