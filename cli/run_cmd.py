@@ -14,6 +14,9 @@ from cli.util import format_bytes, show_progress
 @click.option("-o", "--out", required=True, type=click.Path(),
               help="Output: NAME.safetensors, NAME.pt/.pth/.bin, or a folder (a path without a suffix).")
 @click.option("--device", default="cpu", help="Where to reduce: cpu, cuda or cuda:N (streamed chunk by chunk).")
+@click.option("--jobs", default=1, type=click.IntRange(min=1), metavar="N",
+              help="Local worker processes splitting the merge by tensors (same bits as one process). Under "
+                   "torchrun the ranks split it instead: leave at 1.")
 @click.option("--seed", default=0, type=int, help="Seed of the random methods (dare_*, della*).")
 @click.option("--shard-size", default="5GB", help="Largest shard of a folder output.")
 @click.option("--on-mismatch", default="error", type=click.Choice(["error", "skip", "first"]),
@@ -24,7 +27,7 @@ from cli.util import format_bytes, show_progress
                                               "(reads, writes, peak memory) without writing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_mismatch: str, force: bool, strict: bool,
-        dry_run: bool, progress: bool | None) -> None:
+        dry_run: bool, progress: bool | None, jobs: int = 1) -> None:
     """Run a mergekit recipe (YAML).
 
     Runs the recipe RECIPE into OUT, streaming in constant memory.
@@ -53,7 +56,12 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
     show = show_progress(progress)
     with one_line_warnings():
         result = run_recipe(parsed, out=out, seed=seed, device=device, shard_size=shard_size,
-                            on_mismatch=on_mismatch, force=force, strict=strict, progress=show)
+                            on_mismatch=on_mismatch, force=force, strict=strict, progress=show,
+                            **({"jobs": jobs} if jobs != 1 else {}))
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge
+        return
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}) with "
                f"{parsed.method} of {len(parsed.members)} models{' and a base' if parsed.base else ''} "
                f"in {result.seconds:.2f}s")

@@ -212,6 +212,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     if not members:
         raise click.MissingParameter(ctx=click.get_current_context(), param_type="argument",
                                      param_hint="'MEMBERS...'")
+    if greedy and jobs != 1:
+        raise click.UsageError("--greedy merges and scores its candidate soups in one process; drop --jobs")
     if greedy:
         _greedy(members, out=out, method=method, weights=weights, dry_run=dry_run, data=data,
                 recompute_bn=recompute_bn, batch_size=batch_size, device=device, force=force,

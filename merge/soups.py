@@ -399,6 +399,8 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
             ranks (or under ``torchrun``), the merge is split over the ranks instead, every rank calling
             ``soup`` with the same arguments. Either way the tensors written are the bits one process
             writes, and the recipe records ``"processes"``. A ``.pt`` output is written by one process.
+            Workers start with the ``forkserver`` method: a script passing ``jobs`` needs the usual
+            ``if __name__ == "__main__":`` guard.
 
     Returns:
         A :class:`MergeResult` (path, files, sizes, time, the recorded recipe, and one report per process).

@@ -158,9 +158,9 @@ def test_a_bad_tensor_one_worker_meets_stops_the_merge_with_one_error(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []  # no output, no temporary
 
 
-def _grandchildren() -> list[int]:
-    """Processes whose parent is a child of this one: the workers (children of the forkserver)."""
-    me, kids, parents = os.getpid(), set(), {}
+def _grandchildren(me: int | None = None) -> list[int]:
+    """Processes whose parent is a child of ``me`` (this process): the workers (children of the forkserver)."""
+    me, parents = me or os.getpid(), {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
@@ -172,15 +172,20 @@ def _grandchildren() -> list[int]:
     return sorted(p for p, pp in parents.items() if pp in kids)
 
 
+def _big_members(folder: Path) -> list[Path]:
+    """Three members big enough that a TIES worker runs for a good fraction of a second."""
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        paths.append(folder / f"m{i}.safetensors")
+        save_file({f"w{k}": torch.randn(1 << 20, generator=g) for k in range(4)}, str(paths[-1]))
+    return paths
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
 def test_a_worker_killed_mid_merge_stops_everything_and_leaves_nothing(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for i in range(3):  # big enough that a worker runs for a good fraction of a second
-        p = tmp_path / "m" / f"m{i}.safetensors"
-        p.parent.mkdir(exist_ok=True)
-        save_file({f"w{k}": torch.randn(1 << 20, generator=g) for k in range(4)}, str(p))
-        paths.append(p)
+    paths = _big_members(tmp_path / "m")
     merge.soup(paths[:1], out=tmp_path / "warm.safetensors", jobs=2)  # the forkserver started before timing
     before = set(_grandchildren())
     out = tmp_path / "out"
@@ -207,6 +212,29 @@ def test_a_worker_killed_mid_merge_stops_everything_and_leaves_nothing(tmp_path)
     assert caught and isinstance(caught[0], WorkerFailedError), caught
     assert "was killed by signal 9 before finishing its share of the merge" in str(caught[0])
     assert str(caught[0]).startswith("worker ")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_the_parent_stops_the_workers_and_leaves_nothing(tmp_path):
+    paths = _big_members(tmp_path / "m")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "soup", "--method", "ties", "--base", str(paths[0]),
+                             *map(str, paths[1:]), "--density", "0.3", "--jobs", "2", "--no-progress", "-o",
+                             str(out / "soup")], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline, workers = time.monotonic() + 60, []
+    while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = _grandchildren(proc.pid)
+        time.sleep(0.005)
+    assert len(workers) == 2, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    time.sleep(0.5)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text()
+                .rsplit(")", 1)[1].split()[0]]  # no worker still running
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -296,3 +324,48 @@ def test_torchrun_two_ranks_write_the_one_process_bits(ckpts, tmp_path):
     assert run.stdout.count("wrote ") == 1  # rank 0 alone reports
     assert_same_output(tmp_path / "one" / "soup", tmp_path / "two" / "soup", 2)
     _no_temporaries(tmp_path / "two")
+
+
+def test_run_splits_a_recipe_with_per_tensor_parameters_with_jobs(ckpts, tmp_path):
+    """``papa-merge run --jobs 2``: a mergekit recipe whose density depends on the tensor name (a filter list)."""
+    from cli.main import cli
+
+    (m0, m1, _), base = ckpts
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {m0}\n    parameters:\n"
+                      "      density:\n        - filter: classifier\n          value: 0.3\n        - value: 0.8\n"
+                      f"      weight: 0.6\n  - model: {m1}\n    parameters:\n      density: 0.5\n      weight: 0.4\n")
+    one = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "one" / "soup"), "--shard-size", "1KB"])
+    two = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "two" / "soup"), "--shard-size", "1KB",
+                                   "--jobs", "2"])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    assert_same_output(tmp_path / "one" / "soup", tmp_path / "two" / "soup", 2)
+
+
+def test_disk_and_memory_are_checked_before_any_worker_starts(ckpts, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import merge.parallel as parallel
+
+    members, _ = _members(ckpts, "uniform")
+    usage, disk_usage = shutil.disk_usage(tmp_path), shutil.disk_usage
+    monkeypatch.setattr(parallel.shutil, "disk_usage", lambda p: usage._replace(free=100))
+    with pytest.raises(OSError) as e:
+        merge.soup(members, out=tmp_path / "out" / "soup", jobs=2)
+    assert e.value.errno == errno.ENOSPC and "file system has 100 bytes free; free some space" in e.value.strerror
+    assert e.value.filename == str(tmp_path / "out" / "soup")
+    monkeypatch.setattr(parallel.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(parallel, "WORKER_OVERHEAD_BYTES", 1 << 60)
+    with pytest.raises(InvalidArgumentError, match=r"2 workers need about .* GiB of memory .* use at most 1") as e:
+        merge.soup(members, out=tmp_path / "out" / "soup", jobs=2)
+    assert e.value.option == "jobs" and e.value.choices == (1,)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_greedy_refuses_jobs(ckpts, tmp_path):
+    from cli.main import cli
+
+    members, _ = _members(ckpts, "uniform")
+    r = CliRunner().invoke(cli, ["soup", "--greedy", *members, "--jobs", "2", "-o", str(tmp_path / "g.safetensors")])
+    assert r.exit_code == 2 and "--greedy merges and scores its candidate soups in one process; drop --jobs" in r.output
