@@ -503,13 +503,14 @@ def _portable(e: BaseException | None) -> tuple[bool, object]:
 
 
 # --- the one entry point --------------------------------------------------------------------------------------
-def run_split(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | None, meta: Mapping[str, str], *,
+def run_split(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | BaseException | None, meta: Mapping[str, str], *,
               jobs: int, planner: Callable[..., MergePlan] | None = None, spec: dict | None = None,
               progress: Callable[[int], None] | None = None,
               finish: Callable[[], object] | None = None) -> tuple[MergeStats, list[WorkerReport], object]:
     """Run ``plan`` into the files of ``out`` with ``jobs`` local workers, or over the ranks of the process group.
 
-    With a process group of several ranks, ``atomic`` is rank 0's (None on the others); ``finish`` runs on
+    With a process group of several ranks, ``atomic`` is rank 0's (None on the others; the error that kept rank 0
+    from opening it, which every rank then raises); ``finish`` runs on
     rank 0 once every rank succeeded (the index, card and commit) and its result is returned on every rank.
     Without one, ``planner(spec["members"], sources=..., base_source=..., **spec)`` rebuilds the plan in
     each of ``jobs`` workers (``spec``: picklable, members and base as paths).
@@ -534,7 +535,8 @@ def run_split(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | None, met
     return stats, reports, finish() if finish is not None else None
 
 
-def _run_ranks(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | None, meta: Mapping[str, str], *,
+def _run_ranks(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | BaseException | None,
+               meta: Mapping[str, str], *,
                progress: Callable[[int], None] | None, finish: Callable[[], object] | None,
                t0: float) -> tuple[MergeStats, list[WorkerReport], object]:
     import torch.distributed as dist
@@ -545,6 +547,8 @@ def _run_ranks(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | None, me
     # Rank 0 creates the files; every rank learns where its tensors go (or that rank 0 could not create them).
 
     def create() -> dict[str, Place]:
+        if isinstance(atomic, BaseException):  # rank 0 could not open the output
+            raise atomic
         check_resources(plan, out, world, local=False)
         return presize_output(out, atomic, meta)
 

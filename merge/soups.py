@@ -307,7 +307,13 @@ def _write_split(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size
     if process_group_world() > 1 and dist.get_rank() != 0:
         stats, reports, (final, files) = run_split(plan, out_plan, None, meta, jobs=jobs, progress=progress)
         return final, files, stats, reports
-    with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
+    with ExitStack() as stack:
+        try:
+            atomic = stack.enter_context(AtomicOutput(out, folder=out_plan.folder, force=force))
+        except Exception as e:
+            if process_group_world() == 1:
+                raise
+            atomic = e  # rank 0's refusal (an existing output, no permission) goes to every rank, which waits for it
         stats, reports, (final, files) = run_split(
             plan, out_plan, atomic, meta, jobs=jobs, planner=plan_soup, spec=spec, progress=progress,
             finish=lambda: _finish_output(plan, out, out_plan, atomic, meta, out_dtype))

@@ -369,3 +369,70 @@ def test_greedy_refuses_jobs(ckpts, tmp_path):
     members, _ = _members(ckpts, "uniform")
     r = CliRunner().invoke(cli, ["soup", "--greedy", *members, "--jobs", "2", "-o", str(tmp_path / "g.safetensors")])
     assert r.exit_code == 2 and "--greedy merges and scores its candidate soups in one process; drop --jobs" in r.output
+
+
+def _rank_full_disk(rank: int, world: int, init: str, members: list[str], out: str) -> None:
+    import shutil
+
+    import torch.distributed as dist
+
+    import merge.parallel as parallel
+
+    usage = shutil.disk_usage(out.rsplit("/", 2)[0])
+    parallel.shutil = type("FullDisk", (), {"disk_usage": staticmethod(lambda p: usage._replace(free=10))})
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merge.soup(members, out=out, shard_size="1KB")
+    except OSError as e:
+        Path(f"{out}.rank{rank}.txt").write_text(f"{e.errno} {e.strerror}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_check_that_fails_on_rank_0_stops_every_rank_with_its_error(ckpts, tmp_path):
+    import errno
+
+    import torch.multiprocessing as mp
+
+    members, _ = ckpts
+    out = tmp_path / "out" / "soup"
+    out.parent.mkdir()
+    mp.spawn(_rank_full_disk, args=(2, str(tmp_path / "init"), members, str(out)), nprocs=2, join=True)
+    for r in range(2):
+        got = (out.parent / f"soup.rank{r}.txt").read_text()
+        assert got.startswith(f"{errno.ENOSPC} rank 0 of 2: the output needs ") and "10 bytes free" in got
+    assert sorted(p.name for p in out.parent.iterdir()) == ["soup.rank0.txt", "soup.rank1.txt"]
+
+
+def _rank_unwritable(rank: int, world: int, init: str, members: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    import merge.soups
+
+    def refuse(path, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    if rank == 0:  # only rank 0 opens the output: the others must not wait for it forever
+        merge.soups.AtomicOutput = refuse
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merge.soup(members, out=out, shard_size="1KB")
+    except OSError as e:
+        Path(f"{out}.rank{rank}.txt").write_text(f"{e.errno} {e.strerror}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_output_rank_0_cannot_open_stops_every_rank(ckpts, tmp_path):
+    import torch.multiprocessing as mp
+
+    members, _ = ckpts
+    out = tmp_path / "out" / "soup"
+    out.parent.mkdir()
+    mp.spawn(_rank_unwritable, args=(2, str(tmp_path / "init"), members, str(out)), nprocs=2, join=True)
+    for r in range(2):
+        assert (out.parent / f"soup.rank{r}.txt").read_text() == "13 rank 0 of 2: Permission denied"
