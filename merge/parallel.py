@@ -147,7 +147,7 @@ def plan_digest(plan: MergePlan) -> str:
         h.update(repr((t.name, t.action, t.in_dtypes, t.out.dtype, t.out.shape, t.copy_from,
                        None if t.resolved is None else repr(t.resolved))).encode())
     h.update(repr((plan.operator.name, plan.weights, plan.coefficients, plan.seed, plan.accumulate,
-                   plan.chunk_elems, [s.fingerprint().get("size") for s in plan.all_sources])).encode())
+                   plan.chunk_elems, len(plan.sources), plan.base is not None)).encode())
     return h.hexdigest()
 
 

@@ -436,3 +436,31 @@ def test_an_output_rank_0_cannot_open_stops_every_rank(ckpts, tmp_path):
     mp.spawn(_rank_unwritable, args=(2, str(tmp_path / "init"), members, str(out)), nprocs=2, join=True)
     for r in range(2):
         assert (out.parent / f"soup.rank{r}.txt").read_text() == "13 rank 0 of 2: Permission denied"
+
+
+def _rank_other_inputs(rank: int, world: int, init: str, members: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merge.soup(members[: 3 if rank == 0 else 2], out=out, shard_size="1KB")  # rank 1 lost a member
+    except WorkerFailedError as e:
+        Path(f"{out}.rank{rank}.txt").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_plan_different_merges_are_refused_before_any_tensor_is_read(ckpts, tmp_path):
+    import torch.multiprocessing as mp
+
+    members, _ = ckpts
+    out = tmp_path / "out" / "soup"
+    out.parent.mkdir()
+    mp.spawn(_rank_other_inputs, args=(2, str(tmp_path / "init"), members, str(out)), nprocs=2, join=True)
+    for r in range(2):
+        assert (out.parent / f"soup.rank{r}.txt").read_text().startswith(
+            "rank 1 of 2 planned a different merge than rank 0 (its members differ: another copy, or another version); "
+            "give every rank the same inputs")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["soup.rank0.txt", "soup.rank1.txt"]
