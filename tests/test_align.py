@@ -355,3 +355,48 @@ def test_interpolate_align_draws_the_line_before_and_after_alignment(tmp_path):
     for i in (0, 2):
         plain, aligned = curve["points"][i]["metrics"]["val"], curve["aligned"][i]["metrics"]["val"]
         assert plain["acc"] == aligned["acc"] and abs(plain["nll"] - aligned["nll"]) < 1e-5
+
+
+class TinyEncoder(nn.Module):
+    """A transformer encoder block written out (embeddings, pre-norm attention with reshaped heads, GELU MLP)."""
+
+    def __init__(self, vocab=11, dim=8, heads=2, hidden=12, classes=3, length=5):
+        super().__init__()
+        self.heads = heads
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.ln1, self.ln2, self.ln_f = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, classes)
+        self.register_buffer("positions", torch.arange(length))
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(self.positions)
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+        return self.head(self.ln_f(x).mean(dim=1))
+
+
+def test_a_transformer_encoder_permutes_its_stream_and_mlp_units_and_leaves_attention_in_place():
+    torch.manual_seed(0)
+    net = TinyEncoder().eval()
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
+    spec = permutation_spec(net, ids)
+    axes = spec.axes_to_perm
+    stream, mlp_units = axes["tok.weight"][1][0], axes["fc1.weight"][0][0]
+    # the residual stream: both embeddings, the LayerNorms, the attention output and the MLP output
+    assert axes["pos.weight"][1][0] == stream and axes["ln2.bias"][0][0] == stream
+    assert axes["proj.weight"][0][0] == stream and axes["fc2.weight"] == ((stream, 1), (mlp_units, 1))
+    assert axes["qkv.weight"] == (None, (stream, 1)) and axes["head.weight"] == (None, (stream, 1))
+    # the query/key/value units reach a split and a reshape into heads: left in place, and said so
+    assert list(spec.fixed) == ["qkv"] and "split" in spec.fixed["qkv"]
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    permuted = apply_permutation(spec, random_permutation(spec, seed=1), sd)
+    assert not torch.equal(permuted["fc1.weight"], sd["fc1.weight"])
+    torch.testing.assert_close(outputs(net, permuted, ids), outputs(net, sd, ids), atol=1e-5, rtol=0)
+    back = align(net, [sd, permuted], method="weight", spec=spec).state_dicts[1]
+    assert all(torch.equal(back[k], sd[k]) for k in sd)

@@ -27,9 +27,11 @@ its normalisation and the input channels of what consumes it) leaves the functio
 Deliberate differences from the reference, each a decision:
 
 - Specs are traced from the model, not written by hand; the tracer covers MLPs, convolution networks
-  with BatchNorm (``small_cnn``, VGG-like) and ResNets (timm), and leaves in place what it cannot tie.
-  Attention heads are not handled: a transformer's permutations that reach its attention (a reshape) are
-  reported as fixed.
+  with BatchNorm (``small_cnn``, VGG-like), ResNets (timm) and transformer blocks written with plain
+  modules (embeddings and the residual stream, LayerNorm, the MLP's hidden units), and leaves in place
+  what it cannot tie. Attention heads are not moved as whole heads: the query/key/value units reach a
+  split and a reshape into heads, so they stay in place and are reported. Hugging Face models (MiniLM)
+  do not trace with ``torch.fx.symbolic_trace`` and are refused.
 - Weight matching's cost uses the parameters only, as the reference's specs name only parameters; the
   BatchNorm running statistics are permuted with their layer but do not enter the cost.
 - The random order of permutations comes from ``torch.Generator`` seeded with ``seed + iteration`` (the
@@ -262,6 +264,14 @@ class _Tracer:
             if mod.bias is not None:
                 self.assign(f"{node.target}.bias", 0, t)
             self.tags[node] = t
+        elif isinstance(mod, nn.Embedding) and len(node.args) == 1:
+            # An embedding's rows are inputs (token ids), its columns are units written into the stream.
+            shape = self.shape(node)
+            if shape is not None:
+                tag = _Tag(self.new(str(node.target), mod.embedding_dim), len(shape) - 1, 1)
+                self.tags[node] = tag
+                self.assign(f"{node.target}.weight", 1, tag)
+                self.assign(f"{node.target}.weight", 0, None)
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and len(node.args) == 1:
             if t is not None and (t.axis != 1 or t.repeat != 1):
                 self.fix(t.group, f"normalised by {node.target} along another axis")
@@ -312,15 +322,27 @@ class _Tracer:
         else:
             self.fix(t.group, f"flattened across its axis ({node.name})")
 
+    def reduce(self, node: fx.Node, t: _Tag, shape: tuple[int, ...] | None, dim: Any, keepdim: Any) -> None:
+        """A mean over other axes than the units' keeps them (on an axis shifted by the axes removed)."""
+        if shape is None or dim is None or not isinstance(keepdim, bool) or t.repeat != 1:
+            self.fix(t.group, f"reduced across its axis ({node.name})")
+            return
+        dims = {d % len(shape) for d in (dim if isinstance(dim, (tuple, list)) else (dim,)) if isinstance(d, int)}
+        if t.axis in dims or len(dims) != len(dim if isinstance(dim, (tuple, list)) else (dim,)):
+            self.fix(t.group, f"reduced across its axis ({node.name})")
+            return
+        self.tags[node] = t if keepdim else _Tag(t.group, t.axis - sum(d < t.axis for d in dims), 1)
+
     def binary(self, node: fx.Node, a: Any, b: Any) -> None:
         ta, tb = self.tag_of(a), self.tag_of(b)
         if ta is None and tb is None:
             return
         if ta is not None and tb is not None:
-            sa, sb = self.shape(a), self.shape(b)
-            if sa is not None and sb is not None and len(sa) == len(sb) and ta.axis == tb.axis \
-                    and ta.repeat == tb.repeat:
-                self.tags[node] = _Tag(self.union(ta.group, tb.group), ta.axis, ta.repeat)
+            # Broadcasting aligns axes from the right: the units must sit on the same axis counted from the end.
+            sa, sb, so = self.shape(a), self.shape(b), self.shape(node)
+            if sa is not None and sb is not None and so is not None and ta.axis - len(sa) == tb.axis - len(sb) \
+                    and ta.repeat == tb.repeat and sa[ta.axis] == sb[tb.axis]:
+                self.tags[node] = _Tag(self.union(ta.group, tb.group), len(so) + ta.axis - len(sa), ta.repeat)
             else:
                 self.fix_inputs(node, "combined with a tensor of another layout")
             return
@@ -351,6 +373,10 @@ class _Tracer:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             self.flatten(node, self.tag_of(x), self.shape(x), start, end)
+        elif f is torch.mean and self.tag_of(x) is not None:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            self.reduce(node, self.tag_of(x), self.shape(x), dim,
+                        node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         elif f is getattr and node.args[1] in ("shape",):
             return
         else:
@@ -371,6 +397,9 @@ class _Tracer:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             self.flatten(node, t, self.shape(x), start, end)
+        elif name == "mean" and t is not None:
+            self.reduce(node, t, self.shape(x), node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"),
+                        node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         else:
             self.fix_inputs(node, f"feeds the method .{name}(), which the tracer does not know")
 
