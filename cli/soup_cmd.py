@@ -224,9 +224,9 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         raise click.UsageError("--model describes members that record no architecture for --greedy; a plain soup "
                                "needs none")
 
-    if align_method is not None and (recompute_bn or dry_run or base is not None):
+    if align_method is not None and (recompute_bn or dry_run or base is not None or jobs != 1):
         raise click.UsageError("--align merges the aligned members in memory, then fixes their statistics "
-                               "(--repair); drop --recompute-bn, --dry-run and --base")
+                               "(--repair); drop --recompute-bn, --dry-run, --base and --jobs")
     if recompute_bn and not out.endswith(SAFETENSORS_SUFFIX):
         raise click.UsageError("--recompute-bn rewrites a single file: write the soup with -o NAME.safetensors")
     w = parse_floats(weights, "--weights") if weights is not None else None

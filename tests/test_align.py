@@ -44,10 +44,31 @@ def tiny_resnet(seed: int = 0) -> nn.Module:
     return randomise_bn(ResNet(BasicBlock, (2, 1, 1, 1), num_classes=4, channels=(4, 6, 8, 8)), seed)
 
 
+def vgg_like(seed: int = 0) -> nn.Module:
+    """Conv-BN-ReLU-pool stacks, then a Flatten of a 2x2 map into a two-layer classifier (VGG's shape)."""
+    torch.manual_seed(seed)
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+    return randomise_bn(nn.Sequential(*block(3, 6), *block(6, 8), nn.Flatten(), nn.Linear(8 * 2 * 2, 10), nn.ReLU(),
+                                      nn.Dropout(), nn.Linear(10, 4)), seed)
+
+
+def tiny_bottleneck_resnet(seed: int = 0) -> nn.Module:
+    from timm.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(seed)
+    return randomise_bn(ResNet(Bottleneck, (1, 1, 1, 1), num_classes=4, channels=(4, 4, 8, 8), stem_width=8,
+                               stem_type="deep"), seed)
+
+
 CASES = {
     "mlp": (mlp, (32, 1, 4, 4)),
     "small_cnn": (small_cnn, (8, 1, 12, 12)),
+    "vgg_like": (vgg_like, (8, 3, 8, 8)),
     "timm_resnet": (tiny_resnet, (4, 3, 32, 32)),
+    "timm_bottleneck_resnet": (tiny_bottleneck_resnet, (2, 3, 32, 32)),
 }
 
 
@@ -317,7 +338,9 @@ def test_soup_align_refuses_what_it_cannot_do(tmp_path):
     paths = [str(p) for p in digit_members(tmp_path, seeds=(0, 1))]
     runner = CliRunner()
     res = runner.invoke(cli, ["soup", "--align", "weight", "--recompute-bn", "2", *paths, "-o", str(tmp_path / "s.safetensors")])
-    assert res.exit_code == 2 and "drop --recompute-bn, --dry-run and --base" in res.output
+    assert res.exit_code == 2 and "drop --recompute-bn, --dry-run, --base and --jobs" in res.output
+    res = runner.invoke(cli, ["soup", "--align", "weight", "--jobs", "2", *paths, "-o", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 2 and "drop --recompute-bn, --dry-run, --base and --jobs" in res.output
     res = runner.invoke(cli, ["soup", "--align", "weight", "--align-to", "2", *paths, "-o", str(tmp_path / "s.safetensors")])
     assert res.exit_code == 2 and "member index from 0 to 1, got 2" in res.output and "--align-to" in res.output
     res = runner.invoke(cli, ["soup", "--align", "weight", *paths, "-o", str(tmp_path / "s.pt")])
