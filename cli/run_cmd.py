@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.eval_cmd import one_line_warnings
-from cli.soup_cmd import print_plan
+from cli.soup_cmd import under_torchrun, print_plan
 from cli.util import format_bytes, show_progress
 
 
@@ -57,7 +57,8 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
     with one_line_warnings():
         result = run_recipe(parsed, out=out, seed=seed, device=device, shard_size=shard_size,
                             on_mismatch=on_mismatch, force=force, strict=strict, progress=show,
-                            **({"jobs": jobs} if jobs != 1 else {}))
+                            **({"jobs": jobs} if jobs != 1 else {}),
+                            **({"ranks": True} if under_torchrun() else {}))
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge

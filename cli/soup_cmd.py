@@ -78,6 +78,14 @@ SOUP_SECTIONS = (
 )
 
 
+def under_torchrun() -> bool:
+    """Launched by torchrun (or another launcher) with several processes: every rank runs this command, so the
+    merge is split over the ranks."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def _existing(out: str, force: bool) -> str:
     """`` (exists: ...)``: what the real run would do about an output already there (empty when there is none)."""
     from pathlib import Path
@@ -258,7 +266,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         result = write(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
                        dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
                        on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
-                       strict=strict, **({"jobs": jobs} if jobs != 1 else {}))
+                       strict=strict, **({"jobs": jobs} if jobs != 1 else {}),
+                       **({"ranks": True} if under_torchrun() and not recompute_bn else {}))
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge

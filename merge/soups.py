@@ -365,7 +365,8 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
          shard_size: int | str = "5GB", on_mismatch: str = "error", force: bool = False,
          key: str | None = None, metadata: Mapping[str, str] | None = None,
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
-         chunk_bytes: int | None = None, strict: bool = False, resolve=None, jobs: int = DEFAULT_JOBS) -> MergeResult:
+         chunk_bytes: int | None = None, strict: bool = False, resolve=None, jobs: int = DEFAULT_JOBS,
+         ranks: bool = False) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
@@ -401,12 +402,14 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         progress: show a progress bar (bytes read, tensors).
         strict: a NaN or infinity in a member is an error (default: a warning naming member and tensor).
         jobs: local worker processes that split the merge by tensors (:mod:`merge.parallel`); 1 (default):
-            this process alone. Called inside an initialised ``torch.distributed`` process group of several
-            ranks (or under ``torchrun``), the merge is split over the ranks instead, every rank calling
-            ``soup`` with the same arguments. Either way the tensors written are the bits one process
-            writes, and the recipe records ``"processes"``. A ``.pt`` output is written by one process.
-            Workers start with the ``forkserver`` method: a script passing ``jobs`` needs the usual
-            ``if __name__ == "__main__":`` guard.
+            this process alone. Workers start with the ``forkserver`` method: a script passing ``jobs``
+            needs the usual ``if __name__ == "__main__":`` guard.
+        ranks: split the merge over the ranks of the default ``torch.distributed`` process group instead,
+            every rank calling ``soup`` with the same arguments (under ``torchrun`` without a group, one is
+            set up: gloo, or NCCL for a CUDA device, a bare ``cuda`` being ``cuda:LOCAL_RANK``). Off by
+            default, so a soup that rank 0 alone writes inside a group stays one process. Either way
+            the tensors written are the bits one process writes, and the recipe records
+            ``"processes"``. A ``.pt`` output is written by one process.
 
     Returns:
         A :class:`MergeResult` (path, files, sizes, time, the recorded recipe, and one report per process).
@@ -431,8 +434,9 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
     jobs = check_jobs(jobs)
     _refuse_existing_output_early(out, [*members, *([base] if base is not None else [])], force=force)
     with ExitStack() as stack:
-        device = stack.enter_context(MergeGroup(device)).device  # under torchrun: a bare cuda is cuda:LOCAL_RANK
-        ranks = process_group_world()
+        if ranks:  # under torchrun: the group set up if need be, a bare cuda made cuda:LOCAL_RANK
+            device = stack.enter_context(MergeGroup(device)).device
+        ranks = process_group_world() if ranks else 1
         if ranks > 1 and jobs > 1:
             raise InvalidArgumentError(f"jobs={jobs} given inside a process group of {ranks} ranks: the ranks already "
                                        "split the merge; leave jobs at 1", option="jobs", choices=(1,))

@@ -288,7 +288,7 @@ def _rank_main(rank: int, world: int, init: str, members: list[str], base: str, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = merge.soup(members, base=base, method="dare_ties", params={"density": 0.5}, seed=3, out=out,
-                           shard_size="1KB")
+                           shard_size="1KB", ranks=True)
         assert r.recipe["processes"] == world and len(r.workers) == world
     finally:
         dist.destroy_process_group()
@@ -384,7 +384,7 @@ def _rank_full_disk(rank: int, world: int, init: str, members: list[str], out: s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merge.soup(members, out=out, shard_size="1KB")
+            merge.soup(members, out=out, shard_size="1KB", ranks=True)
     except OSError as e:
         Path(f"{out}.rank{rank}.txt").write_text(f"{e.errno} {e.strerror}")
     finally:
@@ -420,7 +420,7 @@ def _rank_unwritable(rank: int, world: int, init: str, members: list[str], out: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merge.soup(members, out=out, shard_size="1KB")
+            merge.soup(members, out=out, shard_size="1KB", ranks=True)
     except OSError as e:
         Path(f"{out}.rank{rank}.txt").write_text(f"{e.errno} {e.strerror}")
     finally:
@@ -445,7 +445,7 @@ def _rank_other_inputs(rank: int, world: int, init: str, members: list[str], out
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merge.soup(members[: 3 if rank == 0 else 2], out=out, shard_size="1KB")  # rank 1 lost a member
+            merge.soup(members[: 3 if rank == 0 else 2], out=out, shard_size="1KB", ranks=True)  # rank 1 lost a member
     except WorkerFailedError as e:
         Path(f"{out}.rank{rank}.txt").write_text(str(e))
     finally:
@@ -464,3 +464,28 @@ def test_ranks_that_plan_different_merges_are_refused_before_any_tensor_is_read(
             "rank 1 of 2 planned a different merge than rank 0 (its members differ: another copy, or another version); "
             "give every rank the same inputs")
     assert sorted(p.name for p in out.parent.iterdir()) == ["soup.rank0.txt", "soup.rank1.txt"]
+
+
+def _rank_0_alone(rank: int, world: int, init: str, members: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        if rank == 0:  # as training does: rank 0 writes the population's average while the group is up
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                merge.soup(members, out=out, shard_size="1KB")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_soup_rank_0_writes_alone_inside_a_group_stays_one_process(ckpts, tmp_path):
+    import torch.multiprocessing as mp
+
+    members, _ = ckpts
+    ref = merge.soup(members, out=tmp_path / "ref" / "soup", shard_size="1KB")
+    mp.spawn(_rank_0_alone, args=(2, str(tmp_path / "init"), members, str(tmp_path / "got" / "soup")), nprocs=2,
+             join=True)
+    for f in ref.path.iterdir():
+        assert (tmp_path / "got" / "soup" / f.name).read_bytes() == f.read_bytes(), f.name
