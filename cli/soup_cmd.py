@@ -267,7 +267,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
                        dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
                        on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
                        strict=strict, **({"jobs": jobs} if jobs != 1 else {}),
-                       **({"ranks": True} if under_torchrun() and not recompute_bn else {}))
+                       **({"ranks": True} if under_torchrun() and not recompute_bn and align_method is None else {}))
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge
