@@ -16,10 +16,18 @@ reference uses W = 512) trained with a plain torch loop (Adam, as the reference)
 with :func:`merge.align.align` in memory. Without BatchNorm or convolutions ``fix_statistics`` has nothing
 to fix (``none``: PAPA's REPAIR wraps convolutions only), so the MLP rows have no statistics fix.
 
+``--resnet timm:NAME`` adds a third setting: a timm ResNet (no pretrained weights; ``timm:resnet10t``, the
+smallest ResNet timm offers, by default channels) trained exactly as the small CNN pairs (``merge.train``'s
+``independent`` method, ``independent_init=True``, same images, epochs and recipe) and measured with the same
+rows; every convolution feeds a BatchNorm, so its statistics fix is the BatchNorm reset too. ``--widths ''``
+skips the small CNN, and ``--append`` adds the tables to the results file under their own heading instead of
+rewriting it.
+
 Every figure is per seed; the mean is beside them. Run from the repository root, alone on the machine:
 
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths 16 --seeds 0 --epochs 1
+    flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths '' --resnet timm:resnet10t --append
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -49,8 +58,8 @@ RESULTS = Path("benchmarks/results")
 ROWS = ("members (mean)", "ensemble", "plain average", "weight-matched average", "activation-matched average")
 
 
-def train_pair(out: Path, *, width: int, seed: int, a) -> list[Path]:
-    spec = model_spec("small_cnn", 10, in_chans=1, image_size=28, width=width)
+def train_pair(out: Path, *, arch: str, seed: int, a, **kwargs) -> list[Path]:
+    spec = model_spec(arch, 10, in_chans=1, image_size=28, **kwargs)
     job = TrainJob(model=spec, data="mnist", out_dir=out, members=2, seed=seed, limit=a.limit, progress=False,
                    base=Recipe(epochs=a.epochs, batch_size=128, lr=0.05, seed=seed, data_seed=seed),
                    eval_batch_size=512)
@@ -70,8 +79,9 @@ def test_metrics(ev, sd, batches, fix: bool, parents=None) -> tuple[dict[str, fl
     return metrics(logits, labels), (logits, labels)
 
 
-def one_run(width: int, seed: int, a, work: Path) -> dict[str, dict[str, float]]:
-    paths = train_pair(work / f"w{width}-s{seed}", width=width, seed=seed, a=a)
+def one_run(arch: str, seed: int, a, work: Path, **kwargs) -> dict[str, dict[str, float]]:
+    tag = arch.replace(":", "-") + "".join(f"-{k}{v}" for k, v in kwargs.items())
+    paths = train_pair(work / f"{tag}-s{seed}", arch=arch, seed=seed, a=a, **kwargs)
     rows: dict[str, dict[str, float]] = {}
     weight = align_checkpoints(paths, method="weight", num_batches=a.batches, batch_size=128, seed=seed)
     act = align_checkpoints(paths, method="activation", num_batches=a.batches, batch_size=128)
@@ -178,10 +188,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="training batches of 128 for activation matching and "
                                                            "the statistics fix")
     p.add_argument("--mlp", type=int, default=0, help="also the MLP setting at this width (0: off)")
+    p.add_argument("--resnet", default="", help="also a timm ResNet, e.g. timm:resnet10t ('': off)")
+    p.add_argument("--append", action="store_true", help="append the tables to --out under their own heading")
     p.add_argument("--out", default=str(RESULTS / "bench_align.md"))
     a = p.parse_args()
     torch.manual_seed(0)
-    widths = [int(w) for w in a.widths.split(",")]
+    widths = [int(w) for w in a.widths.split(",") if w.strip()]
     seeds = [int(s) for s in a.seeds.split(",")]
     started, t0 = datetime.datetime.now(datetime.timezone.utc), time.time()
     results: dict[str, dict[int, dict]] = {}
@@ -190,8 +202,14 @@ def main() -> None:
             results[f"small_cnn width {w}"] = {}
             for s in seeds:
                 t = time.time()
-                results[f"small_cnn width {w}"][s] = one_run(w, s, a, Path(tmp))
+                results[f"small_cnn width {w}"][s] = one_run("small_cnn", s, a, Path(tmp), width=w)
                 print(f"width {w} seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        if a.resnet:
+            results[a.resnet] = {}
+            for s in seeds:
+                t = time.time()
+                results[a.resnet][s] = one_run(a.resnet, s, a, Path(tmp))
+                print(f"{a.resnet} seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
     if a.mlp:
         results[f"MLP width {a.mlp}"] = {}
         for s in seeds:
@@ -199,14 +217,17 @@ def main() -> None:
             results[f"MLP width {a.mlp}"][s] = mlp_run(a.mlp, s, a)
             print(f"mlp {a.mlp} seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
     seconds = time.time() - t0
-    lines = ["# Members from different initialisations: aligned averages (Git Re-Basin) and REPAIR", "",
-             f"Machine: {machine()}", "",
-             f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}` ({started:%Y-%m-%d}, {seconds:.0f}s, load "
+    title = "# Members from different initialisations: aligned averages (Git Re-Basin) and REPAIR"
+    if a.append:
+        title = f"## {', '.join(results)}: {len(seeds)} seeds"
+    lines = [title, "", f"Machine: {machine()}", "",
+             f"Command: `{shlex.join(['.venv/bin/python', *sys.argv])}` ({started:%Y-%m-%d}, {seconds:.0f}s, load "
              f"average {os.getloadavg()[0]:.2f} at the end)", "",
-             f"Two small CNNs per seed trained on {a.limit} MNIST training images for {a.epochs} epochs from "
+             f"Two {' / '.join(n for n in results if not n.startswith('MLP'))} networks per seed trained on "
+             f"{a.limit} MNIST training images (28 px, 1 channel) for {a.epochs} epochs from "
              "different initialisations (`papa-merge train --independent-init`, batch 128, SGD lr 0.05, cosine); "
              f"member 1 aligned onto member 0; {a.batches} training batches of 128 for activation matching and "
-             "for the statistics fix. For this network every convolution feeds a BatchNorm, so the fix is the "
+             "for the statistics fix. For these networks every convolution feeds a BatchNorm, so the fix is the "
              "BatchNorm reset (`merge.repair.fix_statistics` reports `batchnorm`). Barrier: test NLL of the "
              "average minus the members' mean test NLL.", ""]
     lines += table(results, seeds, "acc", 100.0, ".2f")
@@ -218,7 +239,11 @@ def main() -> None:
         for s in seeds:
             m = by_seed[s]["_moved"]
             lines.append(f"| {w} | {s} | {m['units']} | {m['weight']} | {m['activation']} |")
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    if a.append:
+        with open(a.out, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+    else:
+        Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
