@@ -33,6 +33,7 @@ import queue
 import resource
 import shutil
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -486,10 +487,72 @@ def _rank_outcome(fn: Callable[[], object]) -> tuple[object, BaseException | Non
         return None, e
 
 
-def _raise_first_failure(outcomes: Sequence[tuple[bool, object]], world: int) -> None:
-    for r, (ok, err) in enumerate(outcomes):
+class _Stopped(WorkerFailedError):
+    """This rank stopped its share because another rank failed (reported as that rank's error)."""
+
+
+def _raise_first_failure(outcomes: Sequence[tuple[bool, object]], world: int,
+                         own: BaseException | None = None) -> None:
+    """Raise the first rank's failure (a rank that only stopped because another failed comes last), with this
+    rank's own outcome as its cause."""
+    order = sorted(range(len(outcomes)), key=lambda r: isinstance(outcomes[r][1], _Stopped))
+    for r in order:
+        ok, err = outcomes[r]
         if not ok:
-            raise _named(err if isinstance(err, BaseException) else WorkerFailedError(str(err)), r, world, "rank")
+            e = _named(err if isinstance(err, BaseException) else WorkerFailedError(str(err)), r, world, "rank")
+            raise e from (own if isinstance(own, _Stopped) else None)
+
+
+class _Alarm:
+    """A failing rank tells the others at once, so they stop their shares instead of finishing them.
+
+    A gloo group beside the default one (which may be NCCL): each rank sends its flag (0 done, 1 failed) to
+    every other when it leaves its share; a thread receives the others' flags (from any rank, in the order
+    they come) and the progress callback, called for every chunk read, stops the share at a failed one.
+    """
+
+    def __init__(self, rank: int, world: int):
+        import torch.distributed as dist
+
+        self.rank, self.world = rank, world
+        self.group = dist.new_group(backend="gloo")
+        self.peers = [r for r in range(world) if r != rank]
+        self.failed: int | None = None
+        self._thread = threading.Thread(target=self._listen, name="papa-merge rank alarm", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        import torch.distributed as dist
+
+        box = torch.zeros(1, dtype=torch.int64)
+        for _ in self.peers:
+            try:
+                sender = dist.recv(box, group=self.group)  # from whichever rank tells first
+            except RuntimeError:
+                return  # a rank died: the exchange after the shares says so
+            if int(box) == 1 and self.failed is None:
+                self.failed = sender
+
+    def watch(self, progress: Callable[[int], None] | None) -> Callable[[int], None]:
+        def check(nbytes: int) -> None:
+            if progress:
+                progress(nbytes)
+            if self.failed is not None:
+                raise _Stopped(f"rank {self.rank} of {self.world} stopped its share: rank {self.failed} failed")
+
+        return check
+
+    def close(self, failed: bool) -> None:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
+        try:
+            for work in [dist.isend(flag, dst=p, group=self.group) for p in self.peers]:
+                work.wait()
+        except RuntimeError as e:
+            raise _lost(e) from e
+        self._thread.join()
+        dist.destroy_process_group(self.group)
 
 
 def _portable(e: BaseException | None) -> tuple[bool, object]:
@@ -557,11 +620,13 @@ def _run_ranks(plan: MergePlan, out: OutputPlan, atomic: AtomicOutput | BaseExce
     places, (ok, why) = places_or_err
     if not ok:
         _raise_first_failure([(False, why)], world)
-    report, err = _rank_outcome(lambda: _run_share(plan, shares[rank], places, rank, progress))
+    alarm = _Alarm(rank, world)
+    report, err = _rank_outcome(lambda: _run_share(plan, shares[rank], places, rank, alarm.watch(progress)))
+    alarm.close(failed=err is not None)
     outcomes = _gather((report, _portable(err)))
     failed = [(ok, e) for _, (ok, e) in outcomes]
     if not all(ok for ok, _ in failed):
-        _raise_first_failure(failed, world)
+        _raise_first_failure(failed, world, own=err)
     reports = [r for r, _ in outcomes]
     result, err = _rank_outcome(finish) if rank == 0 and finish is not None else (None, None)
     result, (ok, why) = _broadcast((result, _portable(err)))

@@ -489,3 +489,45 @@ def test_a_soup_rank_0_writes_alone_inside_a_group_stays_one_process(ckpts, tmp_
              join=True)
     for f in ref.path.iterdir():
         assert (tmp_path / "got" / "soup" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def _rank_stopped(rank: int, world: int, init: str, members: list[str], base: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merge.soup(members, base=base, method="ties", params={"density": 0.3}, out=out, strict=True, ranks=True)
+    except NonFiniteError as e:
+        cause = e.__cause__
+        Path(f"{out}.rank{rank}.txt").write_text(json.dumps([e.message, None if cause is None else str(cause)]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_fails_stops_the_others_before_they_finish(tmp_path):
+    """Rank 1 meets a NaN in its first tensor (strict); rank 0, with its share barely begun, stops at once."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"w{k:02d}" for k in range(12)]
+    sds = [{n: torch.randn(1 << 20, generator=g) for n in names} for _ in range(3)]
+    plan_dir = tmp_path / "m"
+    plan_dir.mkdir()
+    paths = [plan_dir / f"m{i}.safetensors" for i in range(3)]
+    for sd, p in zip(sds, paths):
+        save_file(sd, str(p))
+    plan = merge.plan_soup(paths[1:], base=paths[0], method="ties", params={"density": 0.3})
+    first_of_rank_1 = split_tensors(plan, None, 2)[1][0]
+    sds[2][first_of_rank_1][0] = float("nan")
+    save_file(sds[2], str(paths[2]))
+    out = tmp_path / "out" / "soup.safetensors"
+    out.parent.mkdir()
+    mp.spawn(_rank_stopped, args=(2, str(tmp_path / "init"), [str(p) for p in paths[1:]], str(paths[0]), str(out)),
+             nprocs=2, join=True)
+    for r in range(2):
+        message, cause = json.loads((out.parent / f"soup.safetensors.rank{r}.txt").read_text())
+        assert message.startswith("rank 1 of 2: member 1 (") and f"tensor {first_of_rank_1!r}" in message
+        assert cause == ("rank 0 of 2 stopped its share: rank 1 failed" if r == 0 else None)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["soup.safetensors.rank0.txt", "soup.safetensors.rank1.txt"]
