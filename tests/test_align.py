@@ -383,12 +383,16 @@ def test_interpolate_align_draws_the_line_before_and_after_alignment(tmp_path):
 class TinyEncoder(nn.Module):
     """A transformer encoder block written out (embeddings, pre-norm attention with reshaped heads, GELU MLP)."""
 
-    def __init__(self, vocab=11, dim=8, heads=2, hidden=12, classes=3, length=5):
+    def __init__(self, vocab=11, dim=8, heads=2, hidden=12, classes=3, length=5, fused=True):
         super().__init__()
         self.heads = heads
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
         self.ln1, self.ln2, self.ln_f = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.head = nn.Linear(dim, classes)
         self.register_buffer("positions", torch.arange(length))
@@ -396,15 +400,32 @@ class TinyEncoder(nn.Module):
     def forward(self, ids):
         x = self.tok(ids) + self.pos(self.positions)
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).split(d, dim=-1) if hasattr(self, "qkv") else (self.q(h), self.k(h), self.v(h))
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        att = self.attend(q, k, v)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
         x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
         return self.head(self.ln_f(x).mean(dim=1))
 
+    def attend(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-def test_a_transformer_encoder_permutes_its_stream_and_mlp_units_and_leaves_attention_in_place():
+
+class MaskedEncoder(TinyEncoder):
+    """Attention with a mask that differs per head: permuting the heads would change the function."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        mask = torch.ones(self.heads, 5, 5, dtype=torch.bool).tril()
+        mask[0] = True  # head 0 sees every position, the others only the ones before
+        self.register_buffer("mask", mask)
+
+    def attend(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def test_a_transformer_encoder_permutes_its_stream_and_mlp_units_and_moves_attention_heads_whole():
     torch.manual_seed(0)
     net = TinyEncoder().eval()
     ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
@@ -414,12 +435,72 @@ def test_a_transformer_encoder_permutes_its_stream_and_mlp_units_and_leaves_atte
     # the residual stream: both embeddings, the LayerNorms, the attention output and the MLP output
     assert axes["pos.weight"][1][0] == stream and axes["ln2.bias"][0][0] == stream
     assert axes["proj.weight"][0][0] == stream and axes["fc2.weight"] == ((stream, 1), (mlp_units, 1))
-    assert axes["qkv.weight"] == (None, (stream, 1)) and axes["head.weight"] == (None, (stream, 1))
-    # the query/key/value units reach a split and a reshape into heads: left in place, and said so
-    assert list(spec.fixed) == ["qkv"] and "split" in spec.fixed["qkv"]
+    assert axes["head.weight"] == (None, (stream, 1))
+    # the fused query/key/value output: 3 chunks (q, k, v) of 2 heads of 4 units, the heads moved alike in each;
+    # the output projection takes the heads' units in the same order
+    assert axes["qkv.weight"] == (("qkv.heads", 4, 3), (stream, 1)) and axes["qkv.bias"] == (("qkv.heads", 4, 3),)
+    assert axes["proj.weight"][1] == ("qkv.heads", 4) and spec.sizes["qkv.heads"] == 2 and not spec.fixed
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     permuted = apply_permutation(spec, random_permutation(spec, seed=1), sd)
     assert not torch.equal(permuted["fc1.weight"], sd["fc1.weight"])
     torch.testing.assert_close(outputs(net, permuted, ids), outputs(net, sd, ids), atol=1e-5, rtol=0)
     back = align(net, [sd, permuted], method="weight", spec=spec).state_dicts[1]
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
+def test_attention_heads_move_as_whole_heads(fused):
+    net = TinyEncoder(dim=12, heads=3, fused=fused).eval()
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
+    spec = permutation_spec(net, ids)
+    heads = "qkv.heads" if fused else "q.heads"
+    assert spec.sizes[heads] == 3 and not spec.fixed
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    perm = {p: torch.arange(n) for p, n in spec.sizes.items()}
+    perm[heads] = torch.tensor([2, 0, 1])
+    permuted = apply_permutation(spec, perm, sd)
+    # computed independently: head i of the queries, keys and values (and the output projection's columns)
+    # is old head perm[i], its 4 units kept in order
+    order = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7])
+    if fused:
+        assert torch.equal(permuted["qkv.weight"], sd["qkv.weight"][torch.cat([order, order + 12, order + 24])])
+    else:
+        assert all(torch.equal(permuted[f"{n}.weight"], sd[f"{n}.weight"][order]) for n in "qkv")
+        assert all(torch.equal(permuted[f"{n}.bias"], sd[f"{n}.bias"][order]) for n in "qkv")
+    assert torch.equal(permuted["proj.weight"], sd["proj.weight"][:, order])
+    assert torch.equal(permuted["proj.bias"], sd["proj.bias"])
+    torch.testing.assert_close(outputs(net, permuted, ids), outputs(net, sd, ids), atol=1e-5, rtol=0)
+    # undone by the inverse permutation: the original weights exactly
+    undone = apply_permutation(spec, {p: torch.argsort(v) for p, v in perm.items()}, permuted)
+    assert all(torch.equal(undone[k], sd[k]) for k in sd)
+    # weight matching recovers a known random permutation of heads, stream and MLP units exactly
+    known = random_permutation(spec, seed=4)
+    assert not torch.equal(known[heads], torch.arange(3))
+    shuffled = apply_permutation(spec, known, sd)
+    torch.testing.assert_close(outputs(net, shuffled, ids), outputs(net, sd, ids), atol=1e-5, rtol=0)
+    result = align(net, [sd, shuffled], method="weight", spec=spec)
+    assert all(torch.equal(result.state_dicts[1][k], sd[k]) for k in sd)
+    assert torch.equal(result.perms[1][heads], torch.argsort(known[heads]))
+    # activation matching too: heads by the correlations of their outputs, unit by unit
+    g = torch.Generator().manual_seed(1)
+    result = align(net, [sd, shuffled], method="activation", batches=[torch.randint(0, 11, (8, 5), generator=g)
+                                                                       for _ in range(3)], spec=spec)
+    assert torch.equal(result.perms[1][heads], torch.argsort(known[heads]))
+    assert all(torch.equal(result.state_dicts[1][k], sd[k]) for k in sd)
+
+
+def test_attention_with_a_mask_per_head_keeps_its_heads_in_place():
+    net = MaskedEncoder(dim=12, heads=3).eval()
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
+    spec = permutation_spec(net, ids)
+    assert not any("heads" in p for p in spec.sizes)
+    assert list(spec.fixed) == ["qkv"] and "split" in spec.fixed["qkv"]
+    assert spec.axes_to_perm["qkv.weight"][0] is None and spec.axes_to_perm["proj.weight"][1] is None
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    permuted = apply_permutation(spec, random_permutation(spec, seed=1), sd)
+    torch.testing.assert_close(outputs(net, permuted, ids), outputs(net, sd, ids), atol=1e-5, rtol=0)
+    # moving its heads as the unmasked block's would change what it computes
+    unmasked = permutation_spec(TinyEncoder(dim=12, heads=3), ids)
+    moved = apply_permutation(unmasked, {p: torch.tensor([2, 0, 1]) if p == "qkv.heads" else torch.arange(n)
+                                         for p, n in unmasked.sizes.items()}, sd)
+    assert (outputs(net, moved, ids) - outputs(net, sd, ids)).abs().max() > 1e-3

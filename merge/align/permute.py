@@ -11,7 +11,9 @@ its normalisation and the input channels of what consumes it) leaves the functio
   ``torch.fx`` (the reference writes a spec by hand per architecture): the output channels of a
   convolution or linear layer, the BatchNorm/LayerNorm after it, the input channels of its consumers
   (a linear layer after a ``Flatten`` takes the channel's whole block of features), and residual streams
-  tied wherever two streams are added or multiplied. A permutation whose units reach anything the
+  tied wherever two streams are added or multiplied, and attention heads moved as whole heads (the query,
+  key and value projections' output units by head, the output projection's input units with them;
+  :func:`_attention_blocks` says which attention it recognises). A permutation whose units reach anything the
   tracer does not know (an unknown module or function, a reshape, a concatenation, the network's output,
   a weight shared or read directly) is left in place and reported in :attr:`PermutationSpec.fixed`, never
   permuted wrongly.
@@ -28,10 +30,14 @@ Deliberate differences from the reference, each a decision:
 
 - Specs are traced from the model, not written by hand; the tracer covers MLPs, convolution networks
   with BatchNorm (``small_cnn``, VGG-like), ResNets (timm) and transformer blocks written with plain
-  modules (embeddings and the residual stream, LayerNorm, the MLP's hidden units), and leaves in place
-  what it cannot tie. Attention heads are not moved as whole heads: the query/key/value units reach a
-  split and a reshape into heads, so they stay in place and are reported. Hugging Face models (MiniLM)
-  do not trace with ``torch.fx.symbolic_trace`` and are refused.
+  modules (embeddings and the residual stream, LayerNorm, the MLP's hidden units, attention heads), and
+  leaves in place what it cannot tie. Attention heads move as whole heads only where the attention is
+  ``F.scaled_dot_product_attention`` on heads split by a view/reshape and a transpose, without a mask;
+  the units within a head are not permuted (queries and keys share a rotation symmetry, not only a
+  permutation); activation matching matches heads by the summed correlations of their merged outputs,
+  unit by unit. Any other attention (a mask, ``q @ k.transpose``, another layout) keeps its query/key/value
+  units in place and is reported. Hugging Face models (MiniLM) do not trace with ``torch.fx.symbolic_trace``
+  and are refused.
 - Weight matching's cost uses the parameters only, as the reference's specs name only parameters; the
   BatchNorm running statistics are permuted with their layer but do not enter the cost.
 - The random order of permutations comes from ``torch.Generator`` seeded with ``seed + iteration`` (the
@@ -73,8 +79,10 @@ ALIGN_CITATION = ("Ainsworth, Hayase & Srinivasa, 2023. Git Re-Basin: Merging Mo
                   "Symmetries. ICLR; code samuela/git-re-basin")
 ALIGN_METHODS = ("weight", "activation")
 
-Axis = tuple[str, int]
-"""``(permutation name, repeat)`` of one tensor axis: the axis holds ``repeat`` consecutive entries per unit."""
+Axis = tuple[str, int] | tuple[str, int, int]
+"""``(permutation name, repeat)`` of one tensor axis: the axis holds ``repeat`` consecutive entries per unit;
+``(permutation name, repeat, tiles)``: it holds ``tiles`` such blocks one after the other, each permuted alike
+(a fused query/key/value projection's output: the query, key and value heads move together)."""
 
 
 @dataclass
@@ -95,7 +103,7 @@ class PermutationSpec:
     fixed: dict[str, str] = field(default_factory=dict)
     params: frozenset[str] = frozenset()
     _graph: Any = field(default=None, repr=False)
-    _points: dict[str, list[tuple[str, int]]] = field(default_factory=dict, repr=False)
+    _points: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict, repr=False)
 
     def describe(self) -> list[str]:
         """One line per permutation and per fixed group, for reports."""
@@ -156,6 +164,108 @@ class _Tag:
     repeat: int
 
 
+@dataclass
+class _Attention:
+    """One attention block whose heads can move as whole heads (found by :func:`_attention_blocks`)."""
+
+    producers: dict[fx.Node, int]  # the Linear nodes of the queries, keys and values -> chunks of their output
+    heads: int
+    head_size: int
+    owned: set[fx.Node]  # every node between the projections and the merged heads (no other user)
+    merged: fx.Node  # the heads merged back into one axis (its consumers are traced as usual)
+    axis: int
+
+
+def _ints(node: fx.Node, n: int) -> tuple[int, ...] | None:
+    args = node.args[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
+    if node.kwargs or not all(isinstance(a, int) for a in args):
+        return None
+    return tuple(a % n for a in args)
+
+
+def _attention_blocks(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> list[_Attention]:
+    """Attention written with plain modules whose heads can move as whole heads, matched exactly:
+
+    ``Linear`` (one per query/key/value, or one fused, ``.split`` into equal chunks) -> ``.view``/``.reshape``
+    ``(B, T, H, d)`` -> ``.transpose(1, 2)`` -> ``F.scaled_dot_product_attention(q, k, v)`` (no mask; dropout,
+    causality and scale are the same for every head) -> ``.transpose(1, 2)`` -> ``.view``/``.reshape`` ``(B, T, H*d)``,
+    every intermediate node used once. Permuting the heads alike in the queries, keys and values permutes
+    the attention's output heads the same way, which the consumer of the merged heads undoes. Anything else
+    (a mask, another layout, another user) matches nothing and the units stay in place.
+    """
+    shape = _Tracer.shape
+    found = []
+
+    def linear(n: Any) -> bool:
+        return isinstance(n, fx.Node) and n.op == "call_module" and isinstance(modules.get(n.target), nn.Linear) \
+            and len(n.args) == 1 and not n.kwargs and len(n.users) == 1
+
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention or len(node.args) != 3 \
+                or set(node.kwargs) - {"dropout_p", "is_causal", "scale"} \
+                or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            continue
+        owned, producers, layout = {node}, {}, set()
+        ok = True
+        for qkv in node.args:
+            # q = view(proj_or_chunk, B, T, H, d).transpose(1, 2)
+            s = shape(qkv) if isinstance(qkv, fx.Node) else None
+            if s is None or len(s) != 4 or qkv.op != "call_method" or qkv.target != "transpose" \
+                    or _ints(qkv, 4) not in ((1, 2), (2, 1)) or len(qkv.users) != 1:
+                ok = False
+                break
+            view = qkv.args[0]
+            sv, src = shape(view), view.args[0] if view.args else None
+            if view.op != "call_method" or view.target not in ("view", "reshape") or len(view.users) != 1 \
+                    or sv is None or len(sv) != 4 or shape(src) != (sv[0], sv[1], sv[2] * sv[3]):
+                ok = False
+                break
+            layout.add(sv[1:])
+            owned |= {qkv, view}
+            if linear(src):
+                producers[src] = 1
+                continue
+            # a chunk of a fused projection: getitem(split(proj, H*d, dim=-1), i)
+            split = src.args[0] if src.op == "call_function" and src.target is operator.getitem else None
+            if split is None or len(src.users) != 1 or split.op != "call_method" or split.target != "split":
+                ok = False
+                break
+            # the chunks' sizes are read from their shapes (the split size is often computed from x.shape): all
+            # chunks of one size that together cover the projection's output are its blocks, in order
+            proj, size = split.args[0], sv[2] * sv[3]
+            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            sp, chunks = shape(proj), list(split.users)
+            if sp is None or len(sp) != 3 or not isinstance(dim, int) or dim % 3 != 2 \
+                    or set(split.kwargs) - {"dim"} or not linear(proj) or sp[2] % size \
+                    or any(c.op != "call_function" or c.target is not operator.getitem or shape(c) != shape(src)
+                           or not isinstance(c.args[1], int)
+                           for c in chunks) \
+                    or sorted(c.args[1] for c in chunks) != list(range(sp[2] // size)):
+                ok = False
+                break
+            owned |= {src, split}
+            producers[proj] = sp[2] // size
+        if not ok or len(layout) != 1:
+            continue
+        (_t, heads, head_size), = layout
+        # the chunks of a fused projection all feed this attention
+        for proj, tiles in producers.items():
+            if tiles > 1 and not all(c in owned for c in next(iter(proj.users)).users):
+                ok = False
+        # out = attention.transpose(1, 2).reshape(B, T, H*d)
+        back = next(iter(node.users)) if len(node.users) == 1 else None
+        merged = next(iter(back.users)) if back is not None and len(back.users) == 1 else None
+        if not ok or back is None or merged is None or back.op != "call_method" or back.target != "transpose" \
+                or _ints(back, 4) not in ((1, 2), (2, 1)) or merged.op != "call_method" \
+                or merged.target not in ("view", "reshape") or shape(back) is None \
+                or shape(back)[2:] != (heads, head_size) or shape(merged) != (*shape(back)[:2], heads * head_size):
+            continue
+        found.append(_Attention(producers, heads, head_size, owned | {back}, merged, 2))
+    return found
+
+
 class _Tracer:
     """Walks a shape-annotated fx graph and records which axes share a permutation (union-find over groups)."""
 
@@ -168,6 +278,17 @@ class _Tracer:
         self.axes: dict[tuple[str, int], list[tuple[str | None, int]]] = {}
         self.points: dict[str, list[fx.Node]] = {}
         self.order: dict[str, int] = {}
+        self.tiles: dict[tuple[str, int], int] = {}
+        self.heads: dict[fx.Node, tuple[str, int, int]] = {}  # q/k/v projection -> (head group, head size, tiles)
+        self.owned: set[fx.Node] = set()  # the nodes between the projections and the merged heads
+        for att in _attention_blocks(gm.graph, self.modules):
+            g = self.new(f"{next(iter(att.producers)).target}.heads", att.heads)
+            for prod, tiles in att.producers.items():
+                self.heads[prod] = (g, att.head_size, tiles)
+            self.owned |= att.owned
+            self.tags[att.merged] = _Tag(g, att.axis, att.head_size)
+            # activation matching compares the heads' outputs (merged), unit by unit within a head
+            self.points.setdefault(g, []).append((att.merged, False, att.axis, att.head_size))
 
     # union-find
     def find(self, g: str) -> str:
@@ -214,12 +335,12 @@ class _Tracer:
 
     def point(self, tag: _Tag, node: fx.Node, activation: bool) -> None:
         if tag.repeat == 1:
-            self.points.setdefault(tag.group, []).append((node, activation, tag.axis))
+            self.points.setdefault(tag.group, []).append((node, activation, tag.axis, 1))
 
     # rules
     def run(self, graph: fx.Graph) -> None:
         for node in graph.nodes:
-            if node.op == "placeholder" or node.op == "get_attr":
+            if node.op == "placeholder" or node.op == "get_attr" or node in self.owned:
                 continue
             if node.op == "output":
                 self.fix_inputs(node, _OUTPUT)
@@ -235,6 +356,13 @@ class _Tracer:
         if in_tag is not None and not in_ok:
             self.fix(in_tag.group, f"feeds {node.target} along another axis")
         self.assign(f"{node.target}.weight", 1, in_tag if in_ok else None)
+        if node in self.heads:
+            # A query/key/value projection: its output units move as whole heads (every chunk of a fused one alike).
+            g, head_size, tiles = self.heads[node]
+            for k in ("weight", "bias") if getattr(mod, "bias", None) is not None else ("weight",):
+                self.assign(f"{node.target}.{k}", 0, _Tag(g, 0, head_size))
+                self.tiles[(f"{node.target}.{k}", 0)] = tiles
+            return
         shape = self.shape(node)
         if shape is None:
             self.fix_inputs(node, "no shape")
@@ -471,9 +599,11 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
         for g in gl[1:]:
             tr.union(gl[0], g)
     for (key, axis), uses in tr.axes.items():
+        tiles = tr.tiles.get((key, axis), 1)
         for g, r in uses:
-            if g is not None and key in state and state[key].shape[axis] != tr.size[tr.find(g)] * r:
-                tr.fix(g, f"{key} axis {axis} has {state[key].shape[axis]} entries, not {tr.size[tr.find(g)]}x{r}")
+            if g is not None and key in state and state[key].shape[axis] != tr.size[tr.find(g)] * r * tiles:
+                tr.fix(g, f"{key} axis {axis} has {state[key].shape[axis]} entries, not "
+                          f"{tiles}x{tr.size[tr.find(g)]}x{r}")
     fixed_roots: dict[str, list[str]] = {}
     for g, whys in tr.fixed.items():
         fixed_roots.setdefault(tr.find(g), []).extend(whys)
@@ -486,8 +616,9 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
         root = tr.find(g)
         if root in fixed_roots:
             continue
-        axes_to_perm[key][axis] = (root, r)
-        perm_to_axes.setdefault(root, []).append((key, axis, r))
+        tiles = tr.tiles.get((key, axis), 1)
+        axes_to_perm[key][axis] = (root, r) if tiles == 1 else (root, r, tiles)
+        perm_to_axes.setdefault(root, []).append((key, axis, r) if tiles == 1 else (key, axis, r, tiles))
     sizes = {p: tr.size[p] for p in perm_to_axes}
     fixed = {}
     for root, whys in fixed_roots.items():
@@ -503,8 +634,8 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
     # Activation matching reads each unit after its nonlinearity where it has one (as the reference).
     chosen = {}
     for root, pts in points.items():
-        act = [(n.name, axis) for n, is_act, axis in pts if is_act]
-        chosen[root] = act or [(n.name, axis) for n, _, axis in pts]
+        act = [(n.name, axis, r) for n, is_act, axis, r in pts if is_act]
+        chosen[root] = act or [(n.name, axis, r) for n, _, axis, r in pts]
     params = frozenset(k for k, _ in model.named_parameters())
     return PermutationSpec({k: tuple(v) for k, v in axes_to_perm.items()}, perm_to_axes, sizes, fixed, params,
                            gm, chosen)
@@ -513,10 +644,12 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
 # ---------------------------------------------------------------------------------------------------------------
 # Applying permutations
 
-def _index(perm: Tensor, repeat: int) -> Tensor:
-    if repeat == 1:
+def _index(perm: Tensor, repeat: int, tiles: int = 1) -> Tensor:
+    if repeat != 1:
+        perm = (perm[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1)
+    if tiles == 1:
         return perm
-    return (perm[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1)
+    return torch.cat([perm + i * len(perm) for i in range(tiles)])
 
 
 def _permuted(spec: PermutationSpec, perms: Mapping[str, Tensor], key: str, w: Tensor,
@@ -524,8 +657,8 @@ def _permuted(spec: PermutationSpec, perms: Mapping[str, Tensor], key: str, w: T
     for axis, ax in enumerate(spec.axes_to_perm.get(key, ())):
         if ax is None or axis == except_axis:
             continue
-        p, r = ax
-        w = torch.index_select(w, axis, _index(perms[p].to(w.device), r))
+        p, r, *tiles = ax
+        w = torch.index_select(w, axis, _index(perms[p].to(w.device), r, *tiles))
     return w
 
 
@@ -612,13 +745,15 @@ def weight_matching(spec: PermutationSpec, reference: Mapping[str, Tensor], othe
         for i in order.tolist():
             p, n = names[i], spec.sizes[names[i]]
             cost = torch.zeros(n, n, dtype=torch.float64)
-            for key, axis, _r in spec.perm_to_axes[p]:
+            for key, axis, _r, *tiles in spec.perm_to_axes[p]:
                 if key not in ref:
                     continue
+                t = tiles[0] if tiles else 1
                 wa = ref[key]
                 wb = _permuted(spec, perm, key, oth[key], except_axis=axis)
-                wa = torch.movedim(wa, axis, 0).reshape(n, -1)
-                wb = torch.movedim(wb, axis, 0).reshape(n, -1)
+                # the axis holds t tiles of n units (each repeated): gather each unit's entries from every tile
+                wa = torch.movedim(wa, axis, 0).reshape(t, n, -1).transpose(0, 1).reshape(n, -1)
+                wb = torch.movedim(wb, axis, 0).reshape(t, n, -1).transpose(0, 1).reshape(n, -1)
                 cost += wa @ wb.T
             new = linear_assignment(cost)
             old_l = cost[torch.arange(n), perm[p]].sum()
@@ -677,7 +812,7 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, reference: Mapp
     reference = {k: v.detach().clone() for k, v in reference.items()}
     other = {k: v.detach().clone() for k, v in other.items()}
     gm: fx.GraphModule = spec._graph
-    wanted = {name: axis for names in spec._points.values() for name, axis in names}
+    wanted = {name: axis for names in spec._points.values() for name, axis, _r in names}
     moments: dict[str, list[Any]] = {}
 
     def run(sd: Mapping[str, Tensor], x: Any) -> dict[str, Tensor]:
@@ -717,13 +852,17 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, reference: Mapp
     perm = _identity(spec)
     for p in spec.perm_to_axes:
         corr = torch.zeros(spec.sizes[p], spec.sizes[p], dtype=torch.float64)
-        for name, _ in spec._points.get(p, []):
+        for name, _, r in spec._points.get(p, []):
             n, sa, sb, saa, sbb, sab = moments[name]
             ma, mb = sa / n, sb / n
             cov = sab / n - ma[:, None] * mb[None, :]
             sda = (saa / n - ma ** 2).clamp_min(0).sqrt()
             sdb = (sbb / n - mb ** 2).clamp_min(0).sqrt()
-            corr += cov / (sda[:, None] * sdb[None, :] + eps)
+            c = cov / (sda[:, None] * sdb[None, :] + eps)
+            if r > 1:  # whole heads of r units: head i vs head j sums the correlations of their units in order
+                k = spec.sizes[p]
+                c = c.reshape(k, r, k, r).diagonal(dim1=1, dim2=3).sum(-1)
+            corr += c
         perm[p] = linear_assignment(corr)
     return perm
 
