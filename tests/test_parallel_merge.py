@@ -531,3 +531,25 @@ def test_a_rank_that_fails_stops_the_others_before_they_finish(tmp_path):
         assert message.startswith("rank 1 of 2: member 1 (") and f"tensor {first_of_rank_1!r}" in message
         assert cause == ("rank 0 of 2 stopped its share: rank 1 failed" if r == 0 else None)
     assert sorted(p.name for p in out.parent.iterdir()) == ["soup.safetensors.rank0.txt", "soup.safetensors.rank1.txt"]
+
+
+@pytest.mark.slow
+def test_a_split_folder_soup_of_transformers_members_loads_with_from_pretrained(tmp_path):
+    """Two tiny BERT members saved by transformers; the --jobs 2 sharded soup loads with from_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = transformers.BertModel(config)
+        model.save_pretrained(tmp_path / f"m{seed}")
+        members.append(tmp_path / f"m{seed}")
+    got = merge.soup(members, out=tmp_path / "soup", shard_size="20KB", jobs=2)
+    assert len(list(got.path.glob("model-*.safetensors"))) > 2
+    loaded = transformers.BertModel.from_pretrained(got.path).state_dict()
+    want = [transformers.BertModel.from_pretrained(m).state_dict() for m in members]
+    for name, value in loaded.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value.double(), (want[0][name].double() + want[1][name].double()) / 2,
+                                       rtol=0, atol=1e-6)
