@@ -163,15 +163,20 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _available_memory() -> int | None:
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``FIELD:  N kB`` line of a /proc file, in bytes (None where Linux's /proc is not there)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _available_memory() -> int | None:
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def check_resources(plan: MergePlan, out: OutputPlan, processes: int, *, local: bool) -> None:
@@ -204,14 +209,8 @@ def _share(plan: MergePlan, names: Sequence[str]) -> MergePlan:
 def _peak_rss() -> int:
     """This process's peak resident memory in bytes: ``VmHWM`` where Linux has it (``ru_maxrss`` also counts the
     parent's memory when the process was started by vfork and exec, as ``subprocess`` does)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def _run_share(plan: MergePlan, names: Sequence[str], places: Mapping[str, Place], rank: int,

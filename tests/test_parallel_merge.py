@@ -371,24 +371,35 @@ def test_greedy_refuses_jobs(ckpts, tmp_path):
     assert r.exit_code == 2 and "--greedy merges and scores its candidate soups in one process; drop --jobs" in r.output
 
 
-def _rank_full_disk(rank: int, world: int, init: str, members: list[str], out: str) -> None:
-    import shutil
-
+def _soup_as_rank(rank: int, world: int, init: str, members: list[str], out: str, caught: type[BaseException],
+                  record=lambda e: str(e)) -> None:
+    """Join a gloo group of ``world`` ranks, soup ``members`` split over it, and write the error of type ``caught``
+    this rank ended with (as ``record`` tells it) to ``OUT.rankR.txt``."""
     import torch.distributed as dist
 
-    import merge.parallel as parallel
-
-    usage = shutil.disk_usage(out.rsplit("/", 2)[0])
-    parallel.shutil = type("FullDisk", (), {"disk_usage": staticmethod(lambda p: usage._replace(free=10))})
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             merge.soup(members, out=out, shard_size="1KB", ranks=True)
-    except OSError as e:
-        Path(f"{out}.rank{rank}.txt").write_text(f"{e.errno} {e.strerror}")
+    except caught as e:
+        Path(f"{out}.rank{rank}.txt").write_text(record(e))
     finally:
         dist.destroy_process_group()
+
+
+def _os_error_line(e: OSError) -> str:
+    return f"{e.errno} {e.strerror}"
+
+
+def _rank_full_disk(rank: int, world: int, init: str, members: list[str], out: str) -> None:
+    import shutil
+
+    import merge.parallel as parallel
+
+    usage = shutil.disk_usage(out.rsplit("/", 2)[0])
+    parallel.shutil = type("FullDisk", (), {"disk_usage": staticmethod(lambda p: usage._replace(free=10))})
+    _soup_as_rank(rank, world, init, members, out, OSError, _os_error_line)
 
 
 def test_a_check_that_fails_on_rank_0_stops_every_rank_with_its_error(ckpts, tmp_path):
@@ -407,8 +418,6 @@ def test_a_check_that_fails_on_rank_0_stops_every_rank_with_its_error(ckpts, tmp
 
 
 def _rank_unwritable(rank: int, world: int, init: str, members: list[str], out: str) -> None:
-    import torch.distributed as dist
-
     import merge.soups
 
     def refuse(path, **kw):
@@ -416,15 +425,7 @@ def _rank_unwritable(rank: int, world: int, init: str, members: list[str], out: 
 
     if rank == 0:  # only rank 0 opens the output: the others must not wait for it forever
         merge.soups.AtomicOutput = refuse
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            merge.soup(members, out=out, shard_size="1KB", ranks=True)
-    except OSError as e:
-        Path(f"{out}.rank{rank}.txt").write_text(f"{e.errno} {e.strerror}")
-    finally:
-        dist.destroy_process_group()
+    _soup_as_rank(rank, world, init, members, out, OSError, _os_error_line)
 
 
 def test_an_output_rank_0_cannot_open_stops_every_rank(ckpts, tmp_path):
@@ -439,17 +440,8 @@ def test_an_output_rank_0_cannot_open_stops_every_rank(ckpts, tmp_path):
 
 
 def _rank_other_inputs(rank: int, world: int, init: str, members: list[str], out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            merge.soup(members[: 3 if rank == 0 else 2], out=out, shard_size="1KB", ranks=True)  # rank 1 lost a member
-    except WorkerFailedError as e:
-        Path(f"{out}.rank{rank}.txt").write_text(str(e))
-    finally:
-        dist.destroy_process_group()
+    # rank 1 lost a member
+    _soup_as_rank(rank, world, init, members[: 3 if rank == 0 else 2], out, WorkerFailedError)
 
 
 def test_ranks_that_plan_different_merges_are_refused_before_any_tensor_is_read(ckpts, tmp_path):
