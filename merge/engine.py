@@ -502,7 +502,7 @@ class _Kernel:
             fi = torch.finfo(after.dtype)
             bad = big >= fi.max + fi.eps * 2.0 ** math.floor(math.log2(fi.max)) / 2 or not _all_finite(after)
         else:
-            bad = not _all_finite(after)
+            bad = not _finite(after)  # a sum first (one pass, no mask); the exact check only when it is not finite
             big = float(before.abs().max()) if bad else 0.0
         if bad:
             self.suspect = True
