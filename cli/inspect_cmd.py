@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.util import format_bytes, verbosity
+from cli.util import describe_merge, format_bytes, verbosity
 
 
 @click.command()
@@ -47,23 +47,13 @@ def inspect(checkpoint: str, key: str | None, as_json: bool, top: int, verbose: 
 
     recipe = s.metadata.get(RECIPE_KEY)
     if isinstance(recipe, dict):
-        click.echo(f"  recipe:     {recipe_line(recipe)}")
+        click.echo(f"  recipe:     {describe_merge(recipe)}")
     if s.metadata:
         click.echo("  metadata:")
         whole = verbose or verbosity() > 0
         for k, v in s.metadata.items():
             for line in _metadata_lines(k, v, whole=whole):
                 click.echo(line)
-
-
-def recipe_line(recipe: dict) -> str:
-    """``uniform merge of 3 members: a.safetensors 0.5, b.safetensors 0.25, ...``: every member, with its weight."""
-    from merge.card import recipe_members
-
-    members = recipe_members(recipe)
-    listed = ", ".join(f"{name} {weight:.4g}" for name, weight in members)
-    return (f"{recipe.get('method', 'merged')} merge of {len(members)} "
-            f"member{'s' if len(members) != 1 else ''}: {listed}")
 
 
 def _metadata_lines(key: str, value: object, *, whole: bool = True) -> list[str]:

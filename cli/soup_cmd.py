@@ -8,7 +8,7 @@ import click
 
 from cli.help import SectionedCommand
 from cli.eval_cmd import echo_line, model_options, one_line_warnings
-from cli.util import check_local_members, format_bytes, parse_floats, show_progress
+from cli.util import check_local_members, describe_merge, format_bytes, parse_floats, show_progress
 from merge.io.formats import SAFETENSORS_SUFFIX
 
 
@@ -281,7 +281,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
                f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read): "
-               + describe_merge(members, result.recipe, base=base))
+               + describe_merge(result.recipe, names=members, base=base))
 
 
 def describe_alignment(members: tuple[str, ...], recipe: dict) -> str:
@@ -298,35 +298,6 @@ def describe_alignment(members: tuple[str, ...], recipe: dict) -> str:
                 "none": "no statistics to fix"}[stats["fix"]]
         line += f"; {what} on {stats['batches']} training batches of {stats['batch_size']}"
     return line
-
-
-def describe_merge(members: tuple[str, ...], recipe: dict, *, base: str | None = None) -> str:
-    """``ties of 2 members on base base/ (density 0.5): ft1/ x0.5, ft2/ x0.5``: the recipe in one phrase.
-
-    The method, the base, the parameters given, then each member as the user named it with its weight's share.
-
-    Example:
-        >>> recipe = {"method": "slerp", "parameters": {"t": 0.3}, "members": [{"path": "b/"}], "weights": [1]}
-        >>> describe_merge(("b/",), recipe, base="a/")
-        'slerp of 1 member on base a/ (t 0.3): b/ x1'
-    """
-    from merge.card import recipe_members
-
-    shares = [w for _, w in recipe_members(recipe)]
-    params = recipe.get("parameters") or {}
-    n = len(members)
-    what = f"{recipe.get('method', 'uniform')} of {n} member{'s' if n != 1 else ''}"
-    if base is not None:
-        what += f" on base {base}"
-    if params:
-        what += " (" + ", ".join(f"{k} {_short(v)}" for k, v in sorted(params.items())) + ")"
-    return what + ": " + ", ".join(f"{m} x{w:.4g}" for m, w in zip(members, shares))
-
-
-def _short(value: object) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_short(v) for v in value) + "]"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | None, dry_run: bool,

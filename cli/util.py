@@ -9,6 +9,7 @@ detail). Every command asks :func:`show_progress` whether to draw bars and print
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import click
 
@@ -100,3 +101,40 @@ def check_local_members(paths: tuple[str, ...] | list[str]) -> None:
             raise CheckpointNotFoundError(f"{p}: the pattern matched no file (the shell passes a pattern that "
                                           "matches nothing on as it is); check the folder and the pattern", path=p)
         raise CheckpointNotFoundError(f"{p}: no such file or folder", path=p)
+
+
+def describe_merge(recipe: dict, *, names: Sequence[str] | None = None, base: str | None = None) -> str:
+    """``ties of 2 members on base base/ (density 0.5): ft1/ x0.5, ft2/ x0.5``: a recorded recipe in one phrase.
+
+    The method, the base, the parameters given, then each member with its weight's share. ``names`` and ``base``
+    are the members and base as the user named them (``soup``'s last line); by default, as the recipe records
+    them (``inspect``).
+
+    Example:
+        >>> recipe = {"method": "slerp", "parameters": {"t": 0.3}, "members": [{"path": "b/"}], "weights": [1],
+        ...           "base": {"path": "runs/a/"}}
+        >>> describe_merge(recipe)
+        'slerp of 1 member on base a (t 0.3): b x1'
+        >>> describe_merge(recipe, names=["b/"], base="runs/a/")
+        'slerp of 1 member on base runs/a/ (t 0.3): b/ x1'
+    """
+    from merge.card import recipe_members
+
+    members = recipe_members(recipe)
+    shown = list(names) if names is not None else [name for name, _ in members]
+    if base is None and isinstance(recipe.get("base"), dict):
+        base = recipe_members({"members": [recipe["base"]]})[0][0]
+    params = recipe.get("parameters") or {}
+    n = len(shown)
+    what = f"{recipe.get('method', 'uniform')} of {n} member{'s' if n != 1 else ''}"
+    if base is not None:
+        what += f" on base {base}"
+    if params:
+        what += " (" + ", ".join(f"{k} {_short(v)}" for k, v in sorted(params.items())) + ")"
+    return what + ": " + ", ".join(f"{m} x{w:.4g}" for m, (_, w) in zip(shown, members))
+
+
+def _short(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

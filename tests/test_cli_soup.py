@@ -166,6 +166,10 @@ def test_the_last_line_names_method_base_and_parameters(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     last = res.stdout.strip().splitlines()[-1]
     assert last.endswith(f": ties of 2 members on base {base} (density 0.5): {a} x0.5, {b} x0.5"), last
+    # inspect tells the same recipe, with the names the recipe records (outside the working folder: file names).
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "t.safetensors")]).stdout
+    assert (f"  recipe:     ties of 2 members on base {Path(base).name} (density 0.5): {Path(a).name} x0.5, "
+            f"{Path(b).name} x0.5") in shown.splitlines(), shown
     res = CliRunner().invoke(cli, ["soup", a, "--method", "slerp", "--base", base, "--t", "0.3",
                                    "-o", str(tmp_path / "s.safetensors")])
     assert res.exit_code == 0, res.output

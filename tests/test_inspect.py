@@ -55,8 +55,8 @@ def test_soup_line_lists_members_and_weights_and_inspect_shows_the_full_recipe(t
     assert "..." not in r.stdout
     lines = r.stdout.splitlines()
     assert json.loads(_block(lines, RECIPE_KEY)) == recorded  # every field, nothing cut
-    listed = ", ".join(f"{p.name} {s:.4g}" for p, s in zip(paths, shares))
-    assert f"  recipe:     weighted merge of 6 members: {listed}" in lines
+    listed = ", ".join(f"{p.name} x{s:.4g}" for p, s in zip(paths, shares))
+    assert f"  recipe:     weighted of 6 members: {listed}" in lines
     assert "    format: pt" in lines  # short entries stay on one line
 
 
@@ -79,7 +79,7 @@ def test_inspect_is_short_by_default_and_whole_with_verbose(tmp_path):
     assert short.exit_code == 0, short.output
     lines = short.stdout.splitlines()
     assert len(lines) <= 16, short.stdout
-    assert f"  recipe:     uniform merge of 4 members: {', '.join(f'{p.name} 0.25' for p in paths)}" in lines
+    assert f"  recipe:     uniform of 4 members: {', '.join(f'{p.name} x0.25' for p in paths)}" in lines
     # The long record is named with its fields and where to see it whole; short entries stay whole.
     line = next(ln for ln in lines if ln.startswith(f"    {RECIPE_KEY}: "))
     assert "method" in line and "members" in line and line.endswith("(in full with --verbose or --json)")
