@@ -251,7 +251,7 @@ def test_weights_of_1e308_are_shown_as_halves(tmp_path: Path) -> None:
     res = _run("soup", f1, f2, "--weights", "1e308,1e308", "-o", tmp_path / "w.safetensors")
     assert res.exit_code == 0 and "f1.safetensors x0.5, " in res.output and "f2.safetensors x0.5\n" in res.output
     res = _run("inspect", tmp_path / "w.safetensors")
-    assert "f1.safetensors 0.5, f2.safetensors 0.5" in res.output
+    assert "f1.safetensors x0.5, f2.safetensors x0.5" in res.output
     merge.soup([f1, f2], weights=[1e308, 1e308], out=tmp_path / "folder")
     card = (tmp_path / "folder" / "README.md").read_text()
     assert "| `f1.safetensors` | local file | 0.5 |" in card and "| `f2.safetensors` | local file | 0.5 |" in card
