@@ -168,6 +168,23 @@ class BandCounters:
     hi: int = 0
 
 
+def _first_ties(a: torch.Tensor, value: float, seen: int, first: int) -> tuple[str | torch.Tensor, int]:
+    """Which of chunk ``a``'s elements equal to ``value`` are among the ``first`` of them by position.
+
+    ``seen`` of them came in earlier chunks. Returns ``(which, count)``, ``count`` being how many this chunk
+    holds and ``which`` ``"all"``, ``"none"``, or a mask for the one chunk where the boundary falls inside a
+    run of equal values: only that chunk needs the running count (a cumulative sum).
+    """
+    eq = a == value
+    count = int(eq.sum())
+    if seen + count <= first:
+        return "all", count
+    if seen >= first:
+        return "none", count
+    idx = torch.cumsum(eq, 0, dtype=torch.int64)
+    return eq & (idx + seen <= first), count
+
+
 def keep_band(a: torch.Tensor, band: Band, counters: BandCounters) -> torch.Tensor | None:
     """The keep-mask of one chunk of magnitudes ``a`` (in tensor order), or None to keep every element."""
     if band.keep_all:
@@ -178,18 +195,22 @@ def keep_band(a: torch.Tensor, band: Band, counters: BandCounters) -> torch.Tens
     if band.r0 > 0:
         if band.lo_skip == 0:
             m = a >= band.lo
-        else:
-            eq = a == band.lo
-            idx = torch.cumsum(eq, 0, dtype=torch.int64)
-            m = (a > band.lo) | (eq & (idx + counters.lo > band.lo_skip))
-            counters.lo += int(idx[-1]) if idx.numel() else 0
+        else:  # of the elements equal to lo, the first lo_skip are dropped
+            dropped, count = _first_ties(a, band.lo, counters.lo, band.lo_skip)
+            counters.lo += count
+            if isinstance(dropped, str):
+                m = a > band.lo if dropped == "all" else a >= band.lo
+            else:
+                m = (a > band.lo) | ((a == band.lo) & ~dropped)
     if band.r1 < band.n:
         if band.hi_keep >= band.hi_eq:
             m2 = a <= band.hi
-        else:
-            eq = a == band.hi
-            idx = torch.cumsum(eq, 0, dtype=torch.int64)
-            m2 = (a < band.hi) | (eq & (idx + counters.hi <= band.hi_keep))
-            counters.hi += int(idx[-1]) if idx.numel() else 0
+        else:  # of the elements equal to hi, the first hi_keep are kept
+            kept, count = _first_ties(a, band.hi, counters.hi, band.hi_keep)
+            counters.hi += count
+            if isinstance(kept, str):
+                m2 = a <= band.hi if kept == "all" else a < band.hi
+            else:
+                m2 = (a < band.hi) | kept
         m = m2 if m is None else m & m2
     return m
