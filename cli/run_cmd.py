@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.eval_cmd import one_line_warnings
-from cli.soup_cmd import under_torchrun, print_plan
+from cli.soup_cmd import describe_verified, under_torchrun, print_plan
 from cli.util import format_bytes, show_progress
 
 
@@ -26,8 +26,11 @@ from cli.util import format_bytes, show_progress
 @click.option("--dry-run", is_flag=True, help="Validate the recipe against its models and print the plan "
                                               "(reads, writes, peak memory) without writing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+@click.option("--verify", is_flag=True,
+              help="After publishing, reopen the output and check every tensor's sha256 against what was written "
+                   "(and a model folder's keys against transformers').")
 def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_mismatch: str, force: bool, strict: bool,
-        dry_run: bool, progress: bool | None, jobs: int = 1) -> None:
+        dry_run: bool, progress: bool | None, jobs: int = 1, verify: bool = False) -> None:
     """Run a mergekit recipe (YAML).
 
     Runs the recipe RECIPE into OUT, streaming in constant memory.
@@ -58,7 +61,7 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
         result = run_recipe(parsed, out=out, seed=seed, device=device, shard_size=shard_size,
                             on_mismatch=on_mismatch, force=force, strict=strict, progress=show,
                             **({"jobs": jobs} if jobs != 1 else {}),
-                            **({"ranks": True} if under_torchrun() else {}))
+                            **({"ranks": True} if under_torchrun() else {}), **({"verify": True} if verify else {}))
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge
@@ -66,3 +69,5 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}) with "
                f"{parsed.method} of {len(parsed.members)} models{' and a base' if parsed.base else ''} "
                f"in {result.seconds:.2f}s")
+    if result.verified is not None:
+        click.echo(describe_verified(result.verified))

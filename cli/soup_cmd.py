@@ -7,7 +7,7 @@ import textwrap
 import click
 
 from cli.help import SectionedCommand
-from cli.eval_cmd import echo_line, model_options, one_line_warnings
+from cli.eval_cmd import echo_line, lm_options, model_options, one_line_warnings
 from cli.util import check_local_members, describe_merge, format_bytes, parse_floats, show_progress
 from merge.io.formats import SAFETENSORS_SUFFIX
 
@@ -68,11 +68,13 @@ def collect_params(given: dict) -> dict:
 
 
 SOUP_SECTIONS = (
-    ("Members and output", ("out", "weights", "weights_from", "base", "force", "dry_run", "dtype", "shard_size",
-                            "on_mismatch", "key")),
+    ("Members and output", ("out", "weights", "weights_from", "base", "force", "dry_run", "verify", "dtype",
+                            "shard_size", "on_mismatch", "key")),
+    ("Checkpoint window (a training run's checkpoints)", ("schedule", "window", "window_steps")),
     ("Merge method (see --list-methods)", ("method", "list_methods", "density", "lambda_", "t", "gamma", "epsilon",
                                            "normalize", "rescale", "param", "seed", "strict")),
-    ("Greedy soup and BatchNorm (evaluate on data)", ("greedy", "data", "recompute_bn", "batch_size", "model",
+    ("Greedy soup and BatchNorm (evaluate on data)", ("greedy", "data", "eval_text", "block_size", "recompute_bn",
+                                                      "batch_size", "model",
                                                       "num_classes", "in_chans", "image_size")),
     ("Compute", ("accumulate", "device", "jobs", "progress")),
 )
@@ -122,7 +124,7 @@ def print_plan(plan, out: str, force: bool = False) -> None:
     click.echo(f"reads:          {format_bytes(plan.read_bytes)} (every pass counted)")
     click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}{_existing(out, force)}")
     click.echo(f"peak memory:    {format_bytes(plan.buffer_bytes)} of working buffers for {op.name} "
-               "(independent of member count)")
+               f"({plan.memory_note})")
 
 
 @click.command(cls=SectionedCommand, context_settings={"show_default": True}, sections=SOUP_SECTIONS)
@@ -159,6 +161,7 @@ def print_plan(plan, out: str, force: bool = False) -> None:
               help="Dataset for --greedy/--recompute-bn of members that record none (mnist, digits, ...); members "
                    "that record theirs always use their own split. [default: from the members' metadata]")
 @model_options
+@lm_options
 @click.option("--recompute-bn", default=0, type=click.IntRange(min=0), metavar="N",
               help="Recompute BatchNorm statistics of the soup on N training batches (and of every candidate "
                    "with --greedy). 0: off.")
@@ -174,6 +177,16 @@ def print_plan(plan, out: str, force: bool = False) -> None:
 @click.option("--repair/--no-repair", default=True,
               help="With --align: after merging, REPAIR the convolutions that feed no BatchNorm and recompute "
                    "BatchNorm statistics on the --align-batches batches.")
+@click.option("--schedule", default=None, metavar="NAME",
+              help="Checkpoint window: order MEMBERS by training step and weight them by a schedule: uniform, "
+                   "ema:DECAY, linear, cosine, minus-sqrt (see docs/checkpoint-windows.md).")
+@click.option("--window", default=None, type=click.IntRange(min=1), metavar="N",
+              help="With --schedule: keep the last N checkpoints. [default: all]")
+@click.option("--window-steps", default=None, type=click.IntRange(min=0), metavar="S",
+              help="With --schedule: keep the checkpoints of the last S training steps.")
+@click.option("--verify", is_flag=True,
+              help="After publishing, reopen the output and check every tensor's sha256 against what was written "
+                   "(and a model folder's keys against transformers').")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=lambda c, p, v: _list(c, v),
               help="List the merge operators and exit.")
 def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, dtype: str | None, accumulate: str,
@@ -182,7 +195,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
          weights_from: str | None, model: str | None, num_classes: int | None, in_chans: int | None,
          image_size: int | None, base: str | None, seed: int, strict: bool, jobs: int = 1,
          align_method: str | None = None, align_to: int = 0, align_batches: int = 8, repair: bool = True,
-         **method_params: object) -> None:
+         schedule: str | None = None, window: int | None = None, window_steps: int | None = None,
+         verify: bool = False, **method_params: object) -> None:
     """Average checkpoints into one.
 
     Averages MEMBERS... tensor by tensor, streaming from disk in constant memory.
@@ -198,12 +212,15 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --greedy ckpts/*.safetensors --recompute-bn 20 -o greedy.safetensors
       papa-merge soup --weights-from selection.json -o selected.safetensors
       papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
+      papa-merge soup run/checkpoint-*/ --schedule ema:0.9 --window 5 -o run/window/
       papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
       papa-merge soup --jobs 4 --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup --align weight scratch/member-*.safetensors -o aligned-soup.safetensors
       torchrun --nproc-per-node 8 --no-python papa-merge soup ft*/ -o soup/
     """
     check_local_members([*members, *([base] if base else [])])
+    # --eval-text, --block-size (lm_options) arrive with the method flags: they are --greedy's, not the method's.
+    eval_text, block_size = method_params.pop("eval_text", None), method_params.pop("block_size", None)
     import merge
 
     recipe_extra = None
@@ -220,8 +237,29 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     if not members:
         raise click.MissingParameter(ctx=click.get_current_context(), param_type="argument",
                                      param_hint="'MEMBERS...'")
+    if verify and (greedy or recompute_bn or align_method is not None or dry_run):
+        raise click.UsageError("--verify checks what a soup wrote; drop --greedy, --recompute-bn, --align and "
+                               "--dry-run")
+    if schedule is None and (window is not None or window_steps is not None):
+        raise click.UsageError("--window and --window-steps choose the checkpoints of a --schedule; pass --schedule "
+                               "uniform (or another schedule)")
+    if schedule is not None:
+        if greedy or weights is not None or weights_from is not None or align_method is not None \
+                or method != "uniform" or recompute_bn:
+            raise click.UsageError("--schedule weighs the checkpoints itself; drop --weights, --weights-from, "
+                                   "--method, --greedy, --align and --recompute-bn")
+        _window(members, out=out, schedule=schedule, window=window, window_steps=window_steps, dry_run=dry_run,
+                force=force, progress=progress, verify=verify,
+                options=dict(base=base, params=collect_params(method_params), seed=seed, dtype=dtype,
+                             accumulate=accumulate, device=device, on_mismatch=on_mismatch, key=key, strict=strict))
+        return
     if greedy and jobs != 1:
         raise click.UsageError("--greedy merges and scores its candidate soups in one process; drop --jobs")
+    if eval_text is not None or block_size is not None:
+        _greedy_lm(members, out=out, greedy=greedy, method=method, weights=weights, dry_run=dry_run, data=data,
+                   model=model, recompute_bn=recompute_bn, eval_text=eval_text, block_size=block_size,
+                   batch_size=batch_size if _given("batch_size") else 8, device=device, force=force, progress=progress)
+        return
     if greedy:
         _greedy(members, out=out, method=method, weights=weights, dry_run=dry_run, data=data,
                 recompute_bn=recompute_bn, batch_size=batch_size, device=device, force=force,
@@ -266,7 +304,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         result = write(list(members), out=out, method=method, weights=w, base=base, params=params, seed=seed,
                        dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
                        on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
-                       strict=strict, **({"jobs": jobs} if jobs != 1 else {}),
+                       strict=strict, **({"jobs": jobs} if jobs != 1 else {}), **({"verify": True} if verify else {}),
                        **({"ranks": True} if under_torchrun() and not recompute_bn and align_method is None else {}))
     import os
 
@@ -282,6 +320,51 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
                f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read): "
                + describe_merge(result.recipe, names=members, base=base))
+    if result.verified is not None:
+        click.echo(describe_verified(result.verified))
+
+
+def describe_verified(report: dict) -> str:
+    """``verified: 12 tensors read back with the sha256 written; keys match LlamaForCausalLM``."""
+    how = ("read back with the sha256 written" if report.get("checksums")
+           else "read back (a split merge records no checksums)")
+    line = f"verified: {report.get('tensors')} tensors {how}"
+    if report.get("architecture"):
+        line += f"; keys match {report['architecture']}"
+    return line
+
+
+def describe_window(win) -> list[str]:
+    """The lines a window soup prints before merging: schedule, formula, then each checkpoint's step and weight."""
+    kept = f"{len(win.members)} of {len(win.members) + len(win.dropped)} checkpoints"
+    lines = [f"window:         {kept}, schedule {win.schedule}: {win.formula}"]
+    width = max(len(str(m)) for m in win.members)
+    for m, step, src, w in zip(win.members, win.steps, win.step_sources, win.weights):
+        lines.append(f"  {str(m):<{width}}  step {step:>8} ({src}): weight {w:.6g}")
+    return lines
+
+
+def _window(members: tuple[str, ...], *, out: str, schedule: str, window: int | None, window_steps: int | None,
+            dry_run: bool, force: bool, progress: bool | None, verify: bool, options: dict) -> None:
+    """``soup --schedule``: merge.windows.window_soup, with the window's steps and weights printed first."""
+    import merge
+    from merge.windows import plan_window, window_soup
+
+    win = plan_window(list(members), schedule=schedule, window=window, window_steps=window_steps)
+    for line in describe_window(win):
+        echo_line(line)
+    if dry_run:
+        merge.soups.output_kind(out)
+        plan = merge.plan_soup(list(win.members), method="weighted", weights=win.weights, **options)
+        print_plan(plan, out, force)
+        return
+    with one_line_warnings():
+        result = window_soup(list(members), out=out, schedule=schedule, window=window, window_steps=window_steps,
+                             force=force, progress=show_progress(progress), verify=verify, **options)
+    click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}) in "
+               f"{result.seconds:.2f}s: window of {len(win.members)} checkpoints, schedule {win.schedule}")
+    if result.verified is not None:
+        click.echo(describe_verified(result.verified))
 
 
 def describe_alignment(members: tuple[str, ...], recipe: dict) -> str:
@@ -346,6 +429,62 @@ def _greedy(members: tuple[str, ...], *, out: str, method: str, weights: str | N
         click.echo(f"greedy soup: kept {len(result.selected)} of {len(members)} members ({kept}); "
                    f"val acc {100 * result.score:.2f}% ({how}); best member {names[best]}: "
                    f"{100 * result.member_scores[best]:.2f}% ({result.member_label.split(', ', 1)[-1]})")
+    click.echo(f"wrote {path}")
+
+
+def _given(name: str) -> bool:
+    """Whether the option ``name`` was given (on the command line or by the environment), not left to its default."""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+def _greedy_lm(members: tuple[str, ...], *, out: str, greedy: bool, method: str, weights: str | None, dry_run: bool,
+               data: str | None, model: str | None, recompute_bn: int, eval_text: str | None, block_size: int | None,
+               batch_size: int, device: str, force: bool, progress: bool | None) -> None:
+    """``soup --greedy --eval-text``: greedy soup of causal language models by held-out perplexity."""
+    if not greedy or eval_text is None:
+        raise click.UsageError("--eval-text and --block-size score the candidates of a greedy soup of language "
+                               "models: pass --greedy --eval-text FILE (plain soups need no text)")
+    if weights is not None or method != "uniform" or dry_run or data is not None or model is not None or recompute_bn:
+        raise click.UsageError("--greedy --eval-text chooses its own members, averages them uniformly and scores "
+                               "them on the text; drop --weights, --method, --dry-run, --data, --model and "
+                               "--recompute-bn")
+    import math
+
+    from merge.greedy import greedy_soup_lm
+
+    names = list(members)
+
+    def ready(member_label: str, soup_label: str) -> None:
+        echo_line(f"members, {member_label.split(', ', 1)[-1]}:")
+
+    def member(i: int, score: float) -> None:
+        echo_line(f"  {names[i]}: perplexity {math.exp(-score):.3f} (nll/token {-score:.4f})")
+
+    first: list[bool] = []
+
+    def report(i: int, score: float, kept: bool) -> None:
+        if not first:
+            first.append(True)
+            echo_line("candidates (the soup so far plus one member), kept only if the perplexity is lower:")
+        echo_line(f"  + {names[i]}: perplexity {math.exp(-score):.3f} (nll/token {-score:.4f}) -> "
+                  f"{'kept' if kept else 'rejected'}")
+
+    with one_line_warnings():
+        result, path = greedy_soup_lm(names, out=out, eval_text=eval_text, block_size=block_size,
+                                      batch_size=batch_size, device=device, force=force,
+                                      progress=show_progress(progress), on_member=member, on_score=report,
+                                      on_labels=ready)
+    best = result.order[0]
+    kept = ", ".join(names[i] for i in result.selected)
+    if len(result.selected) == 1:
+        click.echo(f"greedy soup: kept 1 of {len(members)} members ({kept}): the soup is that member; "
+                   f"perplexity {math.exp(-result.score):.3f}")
+    else:
+        click.echo(f"greedy soup: kept {len(result.selected)} of {len(members)} members ({kept}); perplexity "
+                   f"{math.exp(-result.score):.3f}; best member {names[best]}: "
+                   f"{math.exp(-result.member_scores[best]):.3f}")
     click.echo(f"wrote {path}")
 
 

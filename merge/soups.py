@@ -28,6 +28,8 @@ from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from merge.io.torch_writer import TorchFileSink
+from merge import verify as verify_mod
+from merge.verify import DigestSink
 from merge.io.atomic import check_output_free, check_output_name
 from merge.io.writer import AtomicOutput, FileSink, OutputPlan, parse_size, plan_output
 from merge.ops import check_weights, get_operator
@@ -56,6 +58,7 @@ class MergeResult:
     skipped: list[str] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None
     workers: list[WorkerReport] = field(default_factory=list)  # one per process of a split merge (jobs, ranks)
+    verified: dict | None = None  # what verify=True checked once the output was published (merge.verify)
 
     @property
     def gb_per_s(self) -> float:
@@ -241,10 +244,13 @@ def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) ->
 
 
 def _write_torch_file(plan: MergePlan, out: Path, recipe_json: str, *, force: bool,
-                      progress: Callable[[int], None] | None) -> tuple[Path, list[Path], MergeStats]:
+                      progress: Callable[[int], None] | None,
+                      digests: dict[str, str] | None = None) -> tuple[Path, list[Path], MergeStats]:
     """Run the plan into a torch state-dict file (``x.pt``): the path, the files written, the statistics."""
     with AtomicOutput(out, folder=False, force=force) as atomic:
         sink = TorchFileSink(atomic.file(out.name), [t.out for t in plan.tensors], {RECIPE_KEY: recipe_json})
+        if digests is not None:
+            sink = DigestSink(sink, digests)
         try:
             stats = run_merge(plan, sink, progress=progress)
         except BaseException:
@@ -262,8 +268,8 @@ def _write_index(atomic: AtomicOutput, out_plan: OutputPlan) -> None:
 
 
 def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size: int | str,
-                       out_dtype: torch.dtype | None, force: bool,
-                       progress: Callable[[int], None] | None) -> tuple[Path, list[Path], MergeStats]:
+                       out_dtype: torch.dtype | None, force: bool, progress: Callable[[int], None] | None,
+                       digests: dict[str, str] | None = None) -> tuple[Path, list[Path], MergeStats]:
     """Run the plan into one safetensors file, or a model folder (shards, index, config files, model card).
 
     Returns:
@@ -271,7 +277,8 @@ def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shar
     """
     out_plan = plan_output([t.out for t in plan.tensors], out, shard_size=parse_size(shard_size))
     with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
-        stats = run_merge(plan, FileSink(out_plan, atomic, meta), progress=progress)
+        sink = FileSink(out_plan, atomic, meta)
+        stats = run_merge(plan, DigestSink(sink, digests) if digests is not None else sink, progress=progress)
         return (*_finish_output(plan, out, out_plan, atomic, meta, out_dtype), stats)
 
 
@@ -366,7 +373,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
          key: str | None = None, metadata: Mapping[str, str] | None = None,
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
          chunk_bytes: int | None = None, strict: bool = False, resolve=None, jobs: int = DEFAULT_JOBS,
-         ranks: bool = False) -> MergeResult:
+         ranks: bool = False, verify: bool = False) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
@@ -410,6 +417,11 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
             default, so a soup that rank 0 alone writes inside a group stays one process. Either way
             the tensors written are the bits one process writes, and the recipe records
             ``"processes"``. A ``.pt`` output is written by one process.
+        verify: once the output is published, reopen it and check every tensor's sha256 against the bytes the
+            writer sent, and a model folder's keys against the ones ``from_pretrained`` expects
+            (:func:`merge.verify.verify_output`); the result's ``verified`` says what was checked. A split merge
+            (``jobs``, ``ranks``) writes from several processes, so it checks the keys and re-reads every
+            tensor but has no checksums to compare.
 
     Returns:
         A :class:`MergeResult` (path, files, sizes, time, the recorded recipe, and one report per process).
@@ -421,6 +433,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         OutputExistsError, SameInputOutputError: the output would overwrite something.
         DeviceUnavailableError: ``device`` is not on this machine.
         NonFiniteError: a member holds NaN/infinity and ``strict``, or the merge overflowed.
+        CheckpointFormatError, MismatchError: with ``verify``, the published output does not read back as written.
 
     Example:
         >>> import merge
@@ -473,8 +486,10 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                                        dynamic_ncols=True))
         update = bar.update if progress else None
         reports: list[WorkerReport] = []
+        digests: dict[str, str] | None = {} if verify and processes == 1 else None
         if kind == "torch":
-            final, files, stats = _write_torch_file(plan, out, recipe_json, force=force, progress=update)
+            final, files, stats = _write_torch_file(plan, out, recipe_json, force=force, progress=update,
+                                                    digests=digests)
         else:
             meta = {"format": "pt", **_carried_metadata(plan.base or sources[0]), **(metadata or {}),
                     RECIPE_KEY: recipe_json}
@@ -484,9 +499,13 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                                                             jobs=jobs, spec=spec)
             else:
                 final, files, stats = _write_safetensors(plan, out, meta, shard_size=shard_size,
-                                                         out_dtype=out_dtype, force=force, progress=update)
+                                                         out_dtype=out_dtype, force=force, progress=update,
+                                                         digests=digests)
+        # After publishing: the output as the disk returns it, against what the writer sent.
+        speaker = ranks == 1 or torch.distributed.get_rank() == 0  # rank 0 checks for a group
+        verified = verify_mod.verify_output(final, digests) if verify and speaker else None
         return MergeResult(final, files, stats.tensors, stats.read_bytes, stats.written_bytes, stats.seconds,
-                           recipe, plan.skipped, workers=reports)
+                           recipe, plan.skipped, workers=reports, verified=verified)
 
 
 def _float_dtype(plan: MergePlan, out_dtype: torch.dtype | None) -> torch.dtype | None:
