@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.eval_cmd import echo_line, model_options, one_line_warnings
+from cli.eval_cmd import BATCH_HELP, batch_size_for, echo_line, lm_options, model_options, one_line_warnings
 from cli.util import check_local_members, show_progress
 
 
@@ -20,13 +20,14 @@ from cli.util import check_local_members, show_progress
 @click.option("--data", default=None, metavar="NAME",
               help="Dataset of checkpoints that record none. [default: from the checkpoints' metadata]")
 @model_options
-@click.option("--batch-size", default=256, type=click.IntRange(min=1), help="Evaluation batch size.")
+@lm_options
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help=BATCH_HELP)
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace an existing manifest.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr. [default: on a terminal]")
 def select(checkpoints: tuple[str, ...], size: int, by: str, out: str, data: str | None, model: str | None,
-           num_classes: int | None, in_chans: int | None, image_size: int | None, batch_size: int, device: str,
-           force: bool, progress: bool | None) -> None:
+           num_classes: int | None, in_chans: int | None, image_size: int | None, batch_size: int | None, device: str,
+           force: bool, progress: bool | None, eval_text: str | None = None, block_size: int | None = None) -> None:
     """Select an ensemble greedily on val.
 
     Picks SIZE members from CHECKPOINTS by greedy selection on val.
@@ -42,6 +43,7 @@ def select(checkpoints: tuple[str, ...], size: int, by: str, out: str, data: str
       papa-merge select pool/*.safetensors --size 3 -o selection.json
       papa-merge eval selection.json
       papa-merge soup --weights-from selection.json -o selected.safetensors
+      papa-merge select lm-*/ --size 2 --eval-text val.jsonl -o lm-selection.json
     """
     from pathlib import Path
 
@@ -52,24 +54,41 @@ def select(checkpoints: tuple[str, ...], size: int, by: str, out: str, data: str
     from merge.greedy import select_checkpoints
 
     width = max(len(n) for n in names) + 2
-    echo_line(f"pool: {len(names)} checkpoints, val metrics as stored")
+    if eval_text is not None and (data is not None or model is not None):
+        raise click.UsageError("--eval-text scores language models by perplexity on the text; drop --data and --model")
+    split = "val" if eval_text is None else f"{Path(eval_text).name}"
+    echo_line(f"pool: {len(names)} checkpoints, {split} metrics as stored")
 
     def member(i: int, m: dict[str, float]) -> None:
+        if eval_text is not None:
+            echo_line(f"  {names[i]:<{width}} nll/token {m['nll']:.4f}  perplexity {m['ppl']:.3f}")
+            return
         echo_line(f"  {names[i]:<{width}} acc {100 * m['acc']:6.2f}%  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
 
     with one_line_warnings():
         sel = select_checkpoints(names, size=size, by=by, data=data, model=model, num_classes=num_classes,
-                                 in_chans=in_chans, image_size=image_size, batch_size=batch_size, device=device,
-                                 out=out, force=force, progress=show_progress(progress), on_member=member)
-    echo_line(f"greedy selection by val {by}, with replacement, to {size} distinct members:")
+                                 in_chans=in_chans, image_size=image_size, device=device, out=out, force=force,
+                                 batch_size=batch_size_for(batch_size, eval_text), progress=show_progress(progress),
+                                 on_member=member, eval_text=eval_text, block_size=block_size)
+    echo_line(f"greedy selection by {split} {by}, with replacement, to {size} distinct members:")
     for t, step in enumerate(sel.steps, 1):
+        if eval_text is not None:
+            echo_line(f"  pick {t}: {step['member']:<{width}} ensemble nll/token {step['nll']:.4f}  "
+                      f"perplexity {step['ppl']:.3f}")
+            continue
         echo_line(f"  pick {t}: {step['member']:<{width}} ensemble val acc {100 * step['acc']:6.2f}%  "
                   f"nll {step['nll']:.4f}")
     why = {"size": f"{size} distinct members reached", "no improvement": "no further pick improved the ensemble",
            "max picks": "the pick limit was reached"}.get(sel.stopped, sel.stopped)
     picked = ", ".join(f"{Path(p).name} x{w}" for p, w in zip(sel.paths, sel.weights))
-    val = sel.scores["val"]
     click.echo(f"selected {len(sel.paths)} members in {sel.total_picks} picks ({why}): {picked}")
+    if eval_text is not None:
+        text = sel.scores["text"]
+        click.echo(f"ensemble (weights = pick counts): {split} nll/token {text['nll']:.4f}  "
+                   f"perplexity {text['ppl']:.3f}")
+        click.echo(f"wrote {out}")
+        return
+    val = sel.scores["val"]
     click.echo(f"ensemble (weights = pick counts): val acc {100 * val['acc']:.2f}%  nll {val['nll']:.4f}  "
                f"ece {val['ece']:.4f}")
     click.echo(f"wrote {out}")

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from merge.manifest import Selection
 
 __all__ = ["GreedyResult", "greedy_soup", "greedy_soup_checkpoints", "greedy_ensemble_selection",
-           "ensemble_selection", "EnsembleSelection", "select_checkpoints", "GREEDY_CITATION",
+           "ensemble_selection", "EnsembleSelection", "select_checkpoints", "greedy_soup_lm", "select_lm_checkpoints",
+           "GREEDY_CITATION",
            "ENSEMBLE_SELECTION_CITATION"]
 
 GREEDY_CITATION = ("Wortsman et al., 2022. Model soups: averaging weights of multiple fine-tuned models "
@@ -365,7 +366,9 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
                             metric: str = "acc", force: bool = False, progress: bool = False,
                             on_score: Callable[[int, float, bool], None] | None = None,
                             on_member: Callable[[int, float], None] | None = None,
-                            on_labels: Callable[[str, str], None] | None = None) -> tuple[GreedyResult, Path]:
+                            on_labels: Callable[[str, str], None] | None = None,
+                            eval_text: str | os.PathLike | None = None,
+                            block_size: int | None = None) -> tuple[GreedyResult, Path]:
     """Greedy soup of member checkpoints, rebuilding the model and the data from their metadata.
 
     Each candidate is scored as the model it would be written as. A member alone is scored as stored
@@ -395,6 +398,9 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
         on_member: called as ``on_member(index, score)`` as each member is scored.
         on_labels: called once as ``on_labels(member_label, soup_label)`` when the model and data are
             ready, before any scoring: how members and candidate soups are scored (batches actually used).
+        eval_text, block_size: members that are causal language models (Hugging Face folders) are scored by
+            perplexity on this held-out text instead (:func:`greedy_soup_lm`); ``data``, ``model``, ``metric``
+            and ``recompute_bn`` do not apply to them.
 
     Returns:
         ``(result, written_path)``.
@@ -419,6 +425,10 @@ def greedy_soup_checkpoints(paths: Sequence[str | os.PathLike], *, out: str | os
     from merge.io.writer import check_output_free
     from merge.keys import DATA_KEY, MODEL_KEY
 
+    if eval_text is not None:
+        return greedy_soup_lm(paths, out=out, eval_text=eval_text, block_size=block_size, batch_size=batch_size,
+                              device=device, force=force, progress=progress, on_score=on_score, on_member=on_member,
+                              on_labels=on_labels)
     if not paths:
         raise InvalidArgumentError("greedy soup: no members given; pass at least one checkpoint")
     if metric not in ("acc", "nll"):
@@ -488,7 +498,8 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
                        in_chans: int | None = None, image_size: int | None = None, batch_size: int = 256,
                        device: str = "cpu", out: str | os.PathLike | None = None, force: bool = False,
                        progress: bool = False, on_member: Callable[[int, dict[str, float]], None] | None = None,
-                       logits: Sequence[Tensor] | None = None) -> Selection:
+                       logits: Sequence[Tensor] | None = None, eval_text: str | os.PathLike | None = None,
+                       block_size: int | None = None) -> Selection:
     """Greedy ensemble selection of checkpoints on their validation split, written as a manifest.
 
     Every checkpoint is evaluated once on the members' own val split; :func:`ensemble_selection`
@@ -508,6 +519,8 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
         on_member: called as ``on_member(index, val_metrics)`` as each checkpoint is evaluated.
         logits: the pool's val logits if already computed (one ``(N, C)`` tensor per path, in the
             order of the val split); skips the evaluation.
+        eval_text, block_size: the pool is causal language models scored on this held-out text
+            (:func:`select_lm_checkpoints`).
 
     Returns:
         The :class:`merge.manifest.Selection` (``.paths``, ``.weights``, ``.scores``).
@@ -525,6 +538,10 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
     from merge.io.sources import open_checkpoint
     from merge.manifest import check_manifest_output, selection_from_picks, write_manifest
 
+    if eval_text is not None:
+        return select_lm_checkpoints(paths, size=size, by=by, eval_text=eval_text, block_size=block_size,
+                                     batch_size=batch_size, device=device, out=out, force=force, progress=progress,
+                                     on_member=on_member)
     if not paths:
         raise InvalidArgumentError("select: no checkpoints given; pass the pool to select from")
     if size < 1:
@@ -559,6 +576,137 @@ def select_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, by: str
                                pool_scores=pool_scores,
                                steps=[{**s, "member": str(paths[s["member"]])} for s in chosen.steps],
                                stopped=chosen.stopped, data=getattr(ev.splits, "spec", None) or None)
+    if out is not None:
+        write_manifest(sel, out, force=force)
+    return sel
+
+
+# --------------------------------------------------------------------------------------------------
+# Causal language models: scored by perplexity on a held-out text (merge.evaluate.lm)
+
+def greedy_soup_lm(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, eval_text: str | os.PathLike,
+                   block_size: int | None = None, batch_size: int = 8, device: str = "cpu", force: bool = False,
+                   progress: bool = False, on_score: Callable[[int, float, bool], None] | None = None,
+                   on_member: Callable[[int, float], None] | None = None,
+                   on_labels: Callable[[str, str], None] | None = None) -> tuple[GreedyResult, Path]:
+    """Greedy soup of causal language models by held-out perplexity: model soups' rule with perplexity for accuracy.
+
+    The score of each member and candidate soup is ``-NLL`` per token on ``eval_text``
+    (:meth:`merge.evaluate.lm.LanguageModelEvaluator.scorer`), so :func:`greedy_soup` keeps a member only if
+    the soup with it has a strictly lower perplexity. The soup is written with :func:`merge.soup` over the
+    kept folders: a model folder (config and tokenizer copied) that loads with ``from_pretrained``.
+
+    Args:
+        paths: causal-LM folders (or ``hf://`` references) fine-tuned from one start, one tokenizer.
+        out: the soup's folder.
+        eval_text: the held-out text (plain text, or JSONL with a ``text`` field).
+        block_size, batch_size, device: of the perplexity passes (:func:`merge.evaluate.evaluate_lm_checkpoints`).
+        force, progress, on_score, on_member, on_labels: as :func:`greedy_soup_checkpoints`; the scores
+            passed are ``-NLL`` per token (perplexity ``exp(-score)``).
+
+    Returns:
+        ``(result, written_path)``.
+
+    Raises:
+        InvalidArgumentError: ``out`` is a single ``.safetensors`` file, a member is not a causal LM, the text
+            is empty.
+        CheckpointNotFoundError: a member has no tokenizer files.
+        OutputExistsError: ``out`` exists and ``force`` is False (checked before any scoring).
+
+    Example:
+        >>> result, path = greedy_soup_lm(["ft-a/", "ft-b/", "ft-c/"], out="greedy/",
+        ...                               eval_text="val.jsonl")  # doctest: +SKIP
+        >>> math.exp(-result.score)  # the soup's perplexity  # doctest: +SKIP
+    """
+    from merge.evaluate.lm import LanguageModelEvaluator
+    from merge.io.writer import check_output_free
+    from merge.soups import soup
+
+    if not paths:
+        raise InvalidArgumentError("greedy soup: no members given; pass at least one language-model folder")
+    out = Path(out)
+    if out.suffix == SAFETENSORS_SUFFIX:
+        raise InvalidArgumentError(f"greedy soup: {out}: a soup of language models is written as a model folder "
+                                   "(weights, config and tokenizer, loadable with from_pretrained); name a folder",
+                                   path=out, option="out")
+    check_output_free(out, force=force)  # before the (long) scoring, not after it
+    ev = LanguageModelEvaluator.from_members(paths, eval_text=eval_text, block_size=block_size, batch_size=batch_size,
+                                             device=device, progress=progress)
+    label = f"-nll per token, {ev.label()}"
+    if on_labels is not None:
+        on_labels(label, label)
+    score = ev.scorer()
+    member_scores = []
+    for i, p in enumerate(paths):
+        member_scores.append(float(score(ev.state_dict_of(p))))
+        if on_member is not None:
+            on_member(i, member_scores[-1])
+    result = greedy_soup(list(paths), score=score, member_scores=member_scores, on_score=on_score,
+                         member_label=label, soup_label=label)
+    record = result.record([str(p) for p in paths])
+    written = soup([paths[i] for i in result.selected], out=out, force=force, progress=progress,
+                   recipe_extra={"greedy": record}).path
+    return result, Path(written)
+
+
+def select_lm_checkpoints(paths: Sequence[str | os.PathLike], *, size: int, eval_text: str | os.PathLike,
+                          by: str = "nll", block_size: int | None = None, batch_size: int = 8, device: str = "cpu",
+                          out: str | os.PathLike | None = None, force: bool = False, progress: bool = False,
+                          on_member: Callable[[int, dict[str, float]], None] | None = None) -> Selection:
+    """Greedy ensemble selection of causal language models by the held-out NLL of their mixture.
+
+    The ensemble of language models averages their next-token distributions, so its NLL on a token needs only
+    each member's probability of that token: :func:`ensemble_selection` runs on those (one two-way
+    distribution per token, ``[p, 1 - p]`` with the observed token first), which gives exactly the mixture's
+    token-weighted NLL. Only ``by="nll"`` applies (a language model has no accuracy here).
+
+    Args:
+        paths: the pool (causal-LM folders, one tokenizer).
+        size, out, force, progress: as :func:`select_checkpoints`.
+        eval_text, block_size, batch_size, device: as :func:`greedy_soup_lm`.
+        by: ``nll``.
+        on_member: called as ``on_member(index, {"nll", "ppl", "tokens"})`` as each model is scored.
+
+    Returns:
+        The :class:`merge.manifest.Selection`; its scores are ``{"text": {"nll", "ppl", "tokens"}}``.
+
+    Raises:
+        InvalidArgumentError: ``by`` is not ``nll``, ``size`` < 1, or as :func:`greedy_soup_lm`.
+        OutputExistsError: ``out`` exists and ``force`` is False (checked before any evaluation).
+    """
+    import math
+
+    from merge.evaluate.lm import TEXT_SPLIT, LanguageModelEvaluator, Perplexity, mixture_logprobs
+    from merge.manifest import check_manifest_output, selection_from_picks, write_manifest
+
+    if not paths:
+        raise InvalidArgumentError("select: no checkpoints given; pass the pool to select from")
+    if size < 1:
+        raise InvalidArgumentError(f"select: size must be at least 1, got {size}", option="size")
+    if by != "nll":
+        raise InvalidArgumentError(f"select: language models are selected by the NLL of their mixture; got by={by!r}",
+                                   option="by", choices=("nll",))
+    if out is not None:
+        check_manifest_output(out, force=force)
+    ev = LanguageModelEvaluator.from_members(paths, eval_text=eval_text, block_size=block_size, batch_size=batch_size,
+                                             device=device, progress=progress)
+    lps = []
+    for i, p in enumerate(paths):
+        lps.append(ev.logprobs(ev.state_dict_of(p)))
+        if on_member is not None:
+            on_member(i, Perplexity.from_logprobs(lps[-1]).as_metrics())
+    p_true = [lp.exp() for lp in lps]
+    chosen = ensemble_selection([torch.stack([p, 1 - p], dim=1) for p in p_true],
+                                torch.zeros(len(p_true[0]), dtype=torch.long), size=size, by="nll")
+    weights = [chosen.counts[chosen.members.index(i)] for i in chosen.members]
+    ens = Perplexity.from_logprobs(mixture_logprobs([lps[i] for i in chosen.members], weights)).as_metrics()
+    pool_scores = [{TEXT_SPLIT: Perplexity.from_logprobs(lp).as_metrics()} for lp in lps]
+    sel = selection_from_picks([str(p) for p in paths], chosen.picks, by="nll", size=size, split=TEXT_SPLIT,
+                               scores={TEXT_SPLIT: ens}, member_scores=[pool_scores[i] for i in chosen.members],
+                               pool_scores=pool_scores,
+                               steps=[{"member": str(paths[s["member"]]), "nll": s["nll"], "ppl": math.exp(s["nll"])}
+                                      for s in chosen.steps],
+                               stopped=chosen.stopped, data={"eval_text": str(eval_text), "block_size": ev.block_size})
     if out is not None:
         write_manifest(sel, out, force=force)
     return sel

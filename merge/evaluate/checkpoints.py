@@ -28,6 +28,7 @@ from merge.engine import resolve_device
 from merge.errors import DefaultSplitWarning, InvalidArgumentError, MergeError, MismatchError, MissingMetadataError, \
     SameInputOutputError
 from merge.evaluate.inference import StateDictScore, load_into, predict
+from merge.evaluate.lm import causal_lm_architecture
 from merge.evaluate.measures import metrics
 from merge.io.formats import SAFETENSORS_SUFFIX
 from merge.io.sources import open_checkpoint, read_safetensors_metadata
@@ -58,6 +59,10 @@ def checkpoint_metadata(path: str | os.PathLike, *, need_data: bool = True,
                               (DATA_KEY, need_data, "the dataset and split seed to rebuild the data")):
         text = meta.get(key)
         if text is None:
+            if needed and key == MODEL_KEY and (arch := causal_lm_architecture(path)) is not None:
+                raise MissingMetadataError(f"{path}: is a causal language model ({arch}), scored by perplexity on a "
+                                           "held-out text, not by accuracy on a dataset; name the text",
+                                           path=path, option="eval_text")
             if needed:
                 hint = ("name the dataset" if key == DATA_KEY else
                         "name the architecture (small_cnn, timm:<name>, hf:<folder>), write members with "

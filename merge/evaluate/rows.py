@@ -17,12 +17,13 @@ from torch import Tensor
 
 from merge.errors import InvalidArgumentError
 from merge.evaluate.checkpoints import CheckpointEvaluator
+from merge.evaluate.lm import TEXT_SPLIT, LanguageModelEvaluator, Perplexity, mixture_logprobs
 from merge.evaluate.measures import ensemble_probs, metrics, metrics_from_probs
 from merge.io.sources import open_checkpoint
 from merge.keys import RECIPE_KEY
 from merge.manifest import Selection, is_manifest, read_manifest
 
-__all__ = ["EvalRow", "evaluate_checkpoints", "summarize_members", "SPLITS"]
+__all__ = ["EvalRow", "evaluate_checkpoints", "summarize_members", "evaluate_lm_checkpoints", "SPLITS"]
 
 
 SPLITS = ("val", "test")
@@ -159,6 +160,66 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], *, data: Any = None
         rows.append(row)
         if on_row is not None:
             on_row(row)
+    return rows
+
+
+def evaluate_lm_checkpoints(paths: Sequence[str | os.PathLike], *, eval_text: str | os.PathLike,
+                            block_size: int | None = None, ensemble: bool = True, batch_size: int = 8,
+                            device: str | torch.device = "cpu", names: Sequence[str] | None = None,
+                            progress: bool = False, on_ready: Callable[[LanguageModelEvaluator], None] | None = None,
+                            on_row: Callable[[EvalRow], None] | None = None) -> list[EvalRow]:
+    """Perplexity of each causal-LM folder on a held-out text, of the members' prediction ensemble, and of selections.
+
+    Folders whose weights record a ``papa_merge.recipe`` are soups; the others are members. A selection
+    manifest (``papa-merge select``) adds its members and its ensemble, weighted by the pick counts. Each
+    row's metrics are ``{"text": {"nll", "ppl", "tokens"}}`` (:meth:`Perplexity.as_metrics`).
+
+    Args:
+        paths: causal-LM folders and selection manifests.
+        eval_text, block_size, batch_size, device, progress: as :meth:`LanguageModelEvaluator.from_members`.
+        ensemble: add the members' prediction ensemble (the mean of their next-token probabilities, when two or more).
+        names: display names of ``paths``.
+        on_ready: called with the evaluator once the text is tokenised, before the first row.
+        on_row: called with each row as soon as it is computed.
+
+    Returns:
+        The rows: each folder, then the ensemble, then one per manifest.
+
+    Raises:
+        As :meth:`LanguageModelEvaluator.from_members`.
+    """
+    if names is not None and len(names) != len(paths):
+        raise InvalidArgumentError(f"{len(names)} names for {len(paths)} checkpoints")
+    entries, selections = _expand_manifests(paths, names)
+    ev = LanguageModelEvaluator.from_members([q for _n, q in entries], eval_text=eval_text, block_size=block_size,
+                                             batch_size=batch_size, device=device, progress=progress)
+    if on_ready is not None:
+        on_ready(ev)
+    rows: list[EvalRow] = []
+    lps: list[Tensor] = []
+    member_idx: list[int] = []
+
+    def emit(row: EvalRow) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    for i, (label, p) in enumerate(entries):
+        with open_checkpoint(p) as src:
+            sd, meta = src.state_dict(), dict(src.metadata)
+        lps.append(ev.logprobs(sd, desc=f"perplexity of {Path(str(label)).name}"))
+        kind = "soup" if RECIPE_KEY in meta else "member"
+        if kind == "member":
+            member_idx.append(i)
+        emit(EvalRow(label, kind, {TEXT_SPLIT: Perplexity.from_logprobs(lps[i]).as_metrics()}))
+    if ensemble and len(member_idx) >= 2:
+        mixed = mixture_logprobs([lps[i] for i in member_idx])
+        emit(EvalRow(f"ensemble of {len(member_idx)} members", "ensemble",
+                     {TEXT_SPLIT: Perplexity.from_logprobs(mixed).as_metrics()}))
+    for label, sel, idx in selections:
+        name = f"{Path(label).name}: {len(idx)} members, weights {'+'.join(str(w) for w in sel.weights)}"
+        mixed = mixture_logprobs([lps[i] for i in idx], sel.weights)
+        emit(EvalRow(name, "selection", {TEXT_SPLIT: Perplexity.from_logprobs(mixed).as_metrics()}))
     return rows
 
 
