@@ -227,12 +227,16 @@ def test_align_refuses_bad_input():
     with pytest.raises(InvalidArgumentError, match="at least one batch"):
         activation_matching(spec, net, sd, sd, [])
 
-    class Branchy(nn.Module):
+    class Broken(nn.Module):
         def forward(self, x):
-            return x if x.sum() > 0 else -x
+            if x.sum() > 0:  # control flow on the input: not traceable by fx, so the model is run instead
+                return x
+            raise RuntimeError("no negative inputs\nsecond line")
 
-    with pytest.raises(InvalidArgumentError, match="Branchy cannot be traced with torch.fx"):
-        permutation_spec(Branchy(), torch.zeros(1))
+    with pytest.raises(InvalidArgumentError, match=r"^Broken does not run on the example input \(RuntimeError: no "
+                                                   r"negative inputs\), so its permutations are unknown; pass one "
+                                                   r"batch of its inputs$"):
+        permutation_spec(Broken(), torch.zeros(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

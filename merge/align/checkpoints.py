@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from merge.align.permute import ALIGN_METHODS, AlignResult, align
 from merge.bn import inputs_of
 from merge.errors import DifferentStartsWarning, InvalidArgumentError
-from merge.evaluate.checkpoints import CheckpointEvaluator, evaluator_for
-from merge.io.formats import SAFETENSORS_SUFFIX
+from merge.evaluate.checkpoints import CheckpointEvaluator, checkpoint_metadata, evaluator_for
+from merge.io.folder import carry_folder_files
+from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE
 from merge.io.schemes import public_name
-from merge.io.sources import open_checkpoint
+from merge.io.sources import StateDictSource, open_checkpoint
 from merge.io.writer import AtomicOutput, check_output_free, write_state_dict
 from merge.keys import MEMBER_ONLY_KEYS, RECIPE_KEY, version
 from merge.models import forward_logits
@@ -50,14 +51,16 @@ DEFAULT_BATCHES = 8
 
 @dataclass
 class AlignedMembers:
-    """Members aligned in memory: the :class:`AlignResult`, each member's metadata, and the evaluator whose model
-    and training batches were used."""
+    """Members aligned in memory: the :class:`AlignResult`, each member's metadata, the model traced, and the
+    evaluator whose model and training batches were used (None for Hugging Face folders without papa-merge's
+    metadata, aligned by weight matching on the model their ``config.json`` describes)."""
 
     paths: list[str]
     result: AlignResult
     metadata: list[dict[str, str]]
-    evaluator: CheckpointEvaluator
+    evaluator: CheckpointEvaluator | None
     batches: list[Any]
+    model: nn.Module | None = None
 
     @property
     def state_dicts(self) -> list[dict[str, Tensor]]:
@@ -68,8 +71,44 @@ class AlignedMembers:
         rec = self.result.record()
         rec["members"] = [public_name(p) for p in self.paths]
         rec["batches"] = {"count": len(self.batches), "batch_size": self.evaluator.batch_size, "split": "train",
-                          "seed": self.evaluator.bn_seed} if self.result.method == "activation" else None
+                          "seed": self.evaluator.bn_seed} \
+            if self.result.method == "activation" and self.evaluator is not None else None
         return rec
+
+
+def model_folders(paths: Sequence[str | os.PathLike]) -> bool:
+    """Whether every path is a Hugging Face model folder (``config.json`` beside the weights) whose weights carry
+    no ``papa_merge.model`` metadata (saved with ``save_pretrained``, or a sentence-transformers folder)."""
+    return all(Path(p).is_dir() and (Path(p) / "config.json").is_file()
+               and checkpoint_metadata(p, need_data=False, need_model=False)[0] is None for p in paths)
+
+
+def folder_model(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The model a Hugging Face folder's ``config.json`` describes (its ``architectures`` class, else ``AutoModel``:
+    a sentence-transformers folder's encoder), with fresh weights, and a tokenised example to trace it with.
+
+    The example is two rows of 8 token ids, the second padded after 5 (so the padding mask is traced too).
+
+    Raises:
+        InvalidArgumentError: the config names no text model (no ``vocab_size``).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never trigger a download
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(folder))
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise InvalidArgumentError(f"{folder}: its config.json describes no text model (no vocab_size), and only text "
+                                   "models are aligned from a bare Hugging Face folder; train members with papa-merge "
+                                   "train, which records the architecture", path=folder)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    model = cls(config) if isinstance(cls, type) and issubclass(cls, nn.Module) else AutoModel.from_config(config)
+    ids = torch.randint(0, min(vocab, 1000), (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    return model.eval(), {"input_ids": ids, "attention_mask": mask}
 
 
 def align_checkpoints(paths: Sequence[str | os.PathLike], *, method: str = "weight", reference: int = 0,
@@ -104,24 +143,38 @@ def align_checkpoints(paths: Sequence[str | os.PathLike], *, method: str = "weig
     if num_batches < 1:
         raise InvalidArgumentError(f"alignment needs at least one training batch, got {num_batches}",
                                    option="align_batches")
-    ev = evaluator_for(list(paths), purpose="alignment (the model is traced from its architecture)",
-                       instead="align state dicts of a model you build with merge.align.align", data=data,
-                       batch_size=batch_size, device=device, progress=progress)
+    ev: CheckpointEvaluator | None = None
+    if model_folders(paths):
+        # Hugging Face folders (save_pretrained, sentence-transformers): the architecture is in config.json; no data
+        if method == "activation":
+            raise InvalidArgumentError(f"{paths[0]}: activation matching runs the members on their training data, "
+                                       "which a Hugging Face folder does not record; align it by weight matching, or "
+                                       "train the members with papa-merge train (which records it)", option="align",
+                                       choices=["weight"])
+        model, example = folder_model(paths[0])
+        batches = [example]
+    else:
+        ev = evaluator_for(list(paths), purpose="alignment (the model is traced from its architecture)",
+                           instead="align state dicts of a model you build with merge.align.align", data=data,
+                           batch_size=batch_size, device=device, progress=progress)
+        model, batches = ev.model, [inputs_of(b) for b in ev.bn_loader(num_batches)]
     sds, metas = [], []
     for p in paths:
         with open_checkpoint(p) as src:
             sds.append(src.state_dict())
             metas.append(dict(src.metadata))
-    batches = [inputs_of(b) for b in ev.bn_loader(num_batches)]
-    result = align(ev.model, sds, method=method, example_input=batches[0], batches=batches,
-                   reference=reference, seed=seed, max_iter=max_iter, device=ev.device)
-    return AlignedMembers([str(p) for p in paths], result, metas, ev, batches)
+    result = align(model, sds, method=method, example_input=batches[0], batches=batches,
+                   reference=reference, seed=seed, max_iter=max_iter, device=ev.device if ev else device)
+    return AlignedMembers([str(p) for p in paths], result, metas, ev, batches, model)
 
 
 def _out_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     names = []
     for p in paths:
         name = Path(str(p).rstrip("/")).name
+        if Path(p).is_dir():
+            names.append(name)  # a model folder is written as a folder of the same name
+            continue
         names.append(name if name.endswith(SAFETENSORS_SUFFIX) else Path(name).stem + SAFETENSORS_SUFFIX)
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -163,10 +216,27 @@ def write_aligned(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
             recipe = {"method": "align", "member": public_name(paths[i]), "index": i, "align": record,
                       "papa_merge_version": version()}
             meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
-            write_state_dict(sd, atomic.file(name), metadata=meta)
+            if Path(paths[i]).is_dir():
+                # a model folder stays one: its config and tokenizer files beside the permuted weights
+                sub = _Subfolder(atomic, name)
+                carry_folder_files(Path(paths[i]), sub)  # type: ignore[arg-type]
+                write_state_dict(sd, sub.file(SINGLE_FILE), metadata=meta)
+            else:
+                write_state_dict(sd, atomic.file(name), metadata=meta)
             files.append(out / name)
         atomic.commit()
     return files, aligned
+
+
+class _Subfolder:
+    """A subfolder of a folder output, for writers that take an output and name its files."""
+
+    def __init__(self, atomic: AtomicOutput, name: str):
+        self.root = atomic.file(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.root / name
 
 
 def soup_aligned(members: Sequence[str | os.PathLike], *, out: str | os.PathLike, align: str = "weight",
@@ -197,7 +267,8 @@ def soup_aligned(members: Sequence[str | os.PathLike], *, out: str | os.PathLike
         >>> soup_aligned(paths, out="soup.safetensors", align="activation")  # doctest: +SKIP
     """
     out = Path(out)
-    if repair and out.suffix != SAFETENSORS_SUFFIX:
+    # Hugging Face folders hold no BatchNorm to fix (statistics_fix is "none" for LayerNorm encoders): any output
+    if repair and out.suffix != SAFETENSORS_SUFFIX and not model_folders(members):
         raise InvalidArgumentError(f"{out}: a repaired soup is written as one .safetensors file; end the path in "
                                    ".safetensors", path=out, option="out")
     check_output_free(out, force=force)
@@ -215,9 +286,16 @@ def soup_aligned(members: Sequence[str | os.PathLike], *, out: str | os.PathLike
 
 def _soup_and_fix(aligned: AlignedMembers, *, out: Path, repair: bool, device: str | torch.device, force: bool,
                   progress: bool, options: dict[str, Any]) -> MergeResult:
-    if not repair:
-        return soup(aligned.state_dicts, out=out, device=device, force=force, progress=progress, **options)
     ev = aligned.evaluator
+    if repair and ev is None and statistics_fix(aligned.model) != "none":
+        raise InvalidArgumentError(f"{aligned.paths[0]}: the merged network's statistics are fixed on training data, "
+                                   "which a Hugging Face folder does not record; merge without fixing them",
+                                   option="repair")
+    if not repair or ev is None:
+        # Sources named after the members: a folder output carries the first member's config and tokenizer files.
+        members = [StateDictSource(sd, path=p, metadata=m)
+                   for sd, p, m in zip(aligned.state_dicts, aligned.paths, aligned.metadata)]
+        return soup(members, out=out, device=device, force=force, progress=progress, **options)
     with AtomicOutput(out, folder=False, force=force) as final, AtomicOutput(out, folder=True, force=force) as work:
         inner = work.file(out.name)
         result = soup(aligned.state_dicts, out=inner, device=device, progress=progress, **options)

@@ -69,6 +69,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from merge.align.record import Recording, record_graph
 from merge.bn import inputs_of, move_to
 from merge.errors import InvalidArgumentError, MismatchError
 
@@ -189,11 +190,13 @@ def _attention_blocks(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> list
     """Attention written with plain modules whose heads can move as whole heads, matched exactly:
 
     ``Linear`` (one per query/key/value, or one fused, ``.split`` into equal chunks) -> ``.view``/``.reshape``
-    ``(B, T, H, d)`` -> ``.transpose(1, 2)`` -> ``F.scaled_dot_product_attention(q, k, v)`` (no mask; dropout,
-    causality and scale are the same for every head) -> ``.transpose(1, 2)`` -> ``.view``/``.reshape`` ``(B, T, H*d)``,
-    every intermediate node used once. Permuting the heads alike in the queries, keys and values permutes
-    the attention's output heads the same way, which the consumer of the merged heads undoes. Anything else
-    (a mask, another layout, another user) matches nothing and the units stay in place.
+    ``(B, T, H, d)`` -> ``.transpose(1, 2)`` -> ``F.scaled_dot_product_attention(q, k, v)`` (no mask, or a mask
+    that broadcasts over the heads, as a padding mask ``(B, 1, T, S)``; dropout, causality and scale are the same
+    for every head) -> ``.transpose(1, 2)`` -> ``.view``/``.reshape`` ``(B, T, H*d)``, every intermediate node used
+    once; ``.contiguous()`` and views to the same shape between them are passed (Hugging Face's SDPA attention).
+    Permuting the heads alike in the queries, keys and values permutes the attention's output heads the same
+    way, which the consumer of the merged heads undoes. Anything else (a mask per head, another layout, another
+    user, attention written as ``q @ k.transpose``) matches nothing and the units stay in place.
     """
     shape = _Tracer.shape
     found = []
@@ -202,10 +205,31 @@ def _attention_blocks(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> list
         return isinstance(n, fx.Node) and n.op == "call_module" and isinstance(modules.get(n.target), nn.Linear) \
             and len(n.args) == 1 and not n.kwargs and len(n.users) == 1
 
+    def same_for_every_head(node: fx.Node) -> bool:
+        """No mask, or one that broadcasts over the heads (``(B, 1, T, S)``: a padding mask, Hugging Face's)."""
+        mask = node.kwargs.get("attn_mask")
+        if mask is None:
+            return True
+        s = shape(mask) if isinstance(mask, fx.Node) else None
+        return s is not None and (len(s) < 3 or s[-3] == 1)
+
+    def through(n: fx.Node, owned: set[fx.Node]) -> fx.Node:
+        """Past the single users that change nothing: ``.contiguous()``, ``.clone()``, a view to the same shape."""
+        while len(n.users) == 1:
+            u = next(iter(n.users))
+            if u.op != "call_method" or u.args[0] is not n or not (
+                    u.target in ("contiguous", "clone") and len(u.args) == 1 and not u.kwargs
+                    or u.target in ("view", "reshape") and shape(u) is not None and shape(u) == shape(n)):
+                break
+            owned.add(u)
+            n = u
+        return n
+
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention or len(node.args) != 3 \
-                or set(node.kwargs) - {"dropout_p", "is_causal", "scale"} \
-                or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+                or set(node.kwargs) - {"dropout_p", "is_causal", "scale", "attn_mask", "enable_gqa"} \
+                or any(isinstance(v, fx.Node) for k, v in node.kwargs.items() if k != "attn_mask") \
+                or node.kwargs.get("enable_gqa", False) or not same_for_every_head(node):
             continue
         owned, producers, layout = {node}, {}, set()
         ok = True
@@ -254,12 +278,14 @@ def _attention_blocks(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> list
         for proj, tiles in producers.items():
             if tiles > 1 and not all(c in owned for c in next(iter(proj.users)).users):
                 ok = False
-        # out = attention.transpose(1, 2).reshape(B, T, H*d)
-        back = next(iter(node.users)) if len(node.users) == 1 else None
-        merged = next(iter(back.users)) if back is not None and len(back.users) == 1 else None
+        # out = attention.transpose(1, 2).reshape(B, T, H*d), through .contiguous() and views that change nothing
+        out = through(node, owned)
+        back = next(iter(out.users)) if len(out.users) == 1 else None
+        after = through(back, owned) if back is not None else None
+        merged = next(iter(after.users)) if after is not None and len(after.users) == 1 else None
         if not ok or back is None or merged is None or back.op != "call_method" or back.target != "transpose" \
-                or _ints(back, 4) not in ((1, 2), (2, 1)) or merged.op != "call_method" \
-                or merged.target not in ("view", "reshape") or shape(back) is None \
+                or back.args[0] is not out or _ints(back, 4) not in ((1, 2), (2, 1)) or merged.op != "call_method" \
+                or merged.args[0] is not after or merged.target not in ("view", "reshape") or shape(back) is None \
                 or shape(back)[2:] != (heads, head_size) or shape(merged) != (*shape(back)[:2], heads * head_size):
             continue
         found.append(_Attention(producers, heads, head_size, owned | {back}, merged, 2))
@@ -269,8 +295,8 @@ def _attention_blocks(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> list
 class _Tracer:
     """Walks a shape-annotated fx graph and records which axes share a permutation (union-find over groups)."""
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule):
-        self.modules = dict(gm.named_modules())
+    def __init__(self, modules: Mapping[str, nn.Module], graph: fx.Graph):
+        self.modules = dict(modules)
         self.parent: dict[str, str] = {}
         self.size: dict[str, int] = {}
         self.fixed: dict[str, list[str]] = {}
@@ -281,7 +307,7 @@ class _Tracer:
         self.tiles: dict[tuple[str, int], int] = {}
         self.heads: dict[fx.Node, tuple[str, int, int]] = {}  # q/k/v projection -> (head group, head size, tiles)
         self.owned: set[fx.Node] = set()  # the nodes between the projections and the merged heads
-        for att in _attention_blocks(gm.graph, self.modules):
+        for att in _attention_blocks(graph, self.modules):
             g = self.new(f"{next(iter(att.producers)).target}.heads", att.heads)
             for prod, tiles in att.producers.items():
                 self.heads[prod] = (g, att.head_size, tiles)
@@ -461,6 +487,19 @@ class _Tracer:
             return
         self.tags[node] = t if keepdim else _Tag(t.group, t.axis - sum(d < t.axis for d in dims), 1)
 
+    def index(self, node: fx.Node, t: _Tag, shape: tuple[int, ...] | None, index: Any) -> None:
+        """Basic indexing (integers and slices) that takes every entry of the units' axis keeps them (``x[:, 0]``,
+        a transformer's first token), on the axis shifted by the integers before it."""
+        index = index if isinstance(index, tuple) else (index,)
+        if shape is None or len(index) > len(shape) or not all(isinstance(i, (int, slice)) for i in index):
+            self.fix(t.group, f"indexed in a way the tracer does not follow ({node.name})")
+            return
+        full = slice(None)
+        if t.axis < len(index) and index[t.axis] != full:
+            self.fix(t.group, f"indexed along its axis ({node.name})")
+            return
+        self.tags[node] = _Tag(t.group, t.axis - sum(isinstance(i, int) for i in index[:t.axis]), t.repeat)
+
     def binary(self, node: fx.Node, a: Any, b: Any) -> None:
         ta, tb = self.tag_of(a), self.tag_of(b)
         if ta is None and tb is None:
@@ -507,6 +546,8 @@ class _Tracer:
                         node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         elif f is getattr and node.args[1] in ("shape",):
             return
+        elif f is operator.getitem and self.tag_of(x) is not None and len(node.args) == 2:
+            self.index(node, self.tag_of(x), self.shape(x), node.args[1])
         else:
             self.fix_inputs(node, f"feeds {getattr(f, '__name__', f)}, which the tracer does not know")
 
@@ -532,24 +573,47 @@ class _Tracer:
             self.fix_inputs(node, f"feeds the method .{name}(), which the tracer does not know")
 
 
-def _trace(model: nn.Module, example_input: Any) -> fx.GraphModule:
+# The module types the rules of :class:`_Tracer` know, recorded whole when the model is run (not traced by fx).
+_LEAVES = (nn.Linear, *_CONVS, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, *_ELEMENTWISE_MODULES,
+           *_POOLS, nn.Flatten)
+# Rows of the example input a recording runs on: every intermediate tensor stays alive during the run.
+_RECORD_ROWS = 2
+
+
+def _rows(x: Any, n: int) -> Any:
+    if isinstance(x, Tensor):
+        return x[:n] if x.dim() else x
+    if isinstance(x, Mapping):
+        return {k: _rows(v, n) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_rows(v, n) for v in x)
+    return x
+
+
+def _trace(model: nn.Module, example_input: Any) -> tuple[fx.Graph, fx.GraphModule | Recording]:
+    """The model's graph: ``torch.fx.symbolic_trace`` with ``ShapeProp``, or, for a model fx cannot trace (a Hugging
+    Face model's Python control flow), the graph recorded by running it (:func:`merge.align.record.record_graph`)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means the model cannot be aligned
-        raise InvalidArgumentError(f"{type(model).__name__} cannot be traced with torch.fx ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}), so its permutations are unknown; "
-                                   "alignment supports MLPs, convolution networks and ResNets") from None
     was = model.training
     model.eval()
     try:
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception:  # noqa: BLE001 - control flow on the inputs: record the graph by running the model
+            try:
+                rec = record_graph(model, _rows(example_input, _RECORD_ROWS), leaves=_LEAVES)
+            except Exception as e:  # noqa: BLE001 - a model that does not run on its input cannot be aligned
+                raise InvalidArgumentError(f"{type(model).__name__} does not run on the example input "
+                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}), so "
+                                           "its permutations are unknown; pass one batch of its inputs") from None
+            return rec.graph, rec
         with torch.no_grad():
             args = example_input if isinstance(example_input, tuple) else (example_input,)
             ShapeProp(gm).propagate(*args)
     finally:
         model.train(was)
-    return gm
+    return gm.graph, gm
 
 
 def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
@@ -571,12 +635,12 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
         >>> spec.axes_to_perm["4.weight"]
         (None, ('0', 4))
     """
-    gm = _trace(model, example_input)
-    tr = _Tracer(model, gm)
-    tr.run(gm.graph)
+    graph, runner = _trace(model, example_input)
+    tr = _Tracer(dict(model.named_modules()), graph)
+    tr.run(graph)
     state = model.state_dict(keep_vars=True)
     # A weight read directly (get_attr) or shared by two names would be permuted for one use only.
-    direct = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    direct = {n.target for n in graph.nodes if n.op == "get_attr"}
     by_id: dict[int, list[str]] = {}
     for k, v in state.items():
         by_id.setdefault(id(v), []).append(k)
@@ -633,12 +697,17 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
             points.setdefault(root, []).extend(pts)
     # Activation matching reads each unit after its nonlinearity where it has one (as the reference).
     chosen = {}
+    names = runner.keys if isinstance(runner, Recording) else {}
+
+    def key(n: fx.Node) -> str:  # a recorded node is found again by its key when the model runs on a batch
+        return names.get(n.name, n.name)
+
     for root, pts in points.items():
-        act = [(n.name, axis, r) for n, is_act, axis, r in pts if is_act]
-        chosen[root] = act or [(n.name, axis, r) for n, _, axis, r in pts]
+        act = [(key(n), axis, r) for n, is_act, axis, r in pts if is_act]
+        chosen[root] = act or [(key(n), axis, r) for n, _, axis, r in pts]
     params = frozenset(k for k, _ in model.named_parameters())
     return PermutationSpec({k: tuple(v) for k, v in axes_to_perm.items()}, perm_to_axes, sizes, fixed, params,
-                           gm, chosen)
+                           runner, chosen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -811,25 +880,34 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, reference: Mapp
     # Copies: a state dict of the model itself aliases the weights this loads the members into.
     reference = {k: v.detach().clone() for k, v in reference.items()}
     other = {k: v.detach().clone() for k, v in other.items()}
-    gm: fx.GraphModule = spec._graph
+    runner = spec._graph
+    # A traced model runs its GraphModule; a recorded one (merge.align.record) runs itself, its points found by key.
+    net: nn.Module = runner if isinstance(runner, fx.GraphModule) else model
     wanted = {name: axis for names in spec._points.values() for name, axis, _r in names}
     moments: dict[str, list[Any]] = {}
 
     def run(sd: Mapping[str, Tensor], x: Any) -> dict[str, Tensor]:
-        gm.load_state_dict(dict(sd), strict=False)
+        net.load_state_dict(dict(sd), strict=False)
         got: dict[str, Tensor] = {}
 
         def sink(name: str, out: Tensor) -> None:
             got[name] = _unit_matrix(out, wanted[name])
 
         with torch.no_grad():
-            args = x if isinstance(x, tuple) else (x,)
-            _Recorder(gm, wanted, sink).run(*args)
+            if isinstance(runner, Recording):
+                runner.replay(net, x, wanted, sink)
+            else:
+                args = x if isinstance(x, tuple) else (x,)
+                _Recorder(runner, wanted, sink).run(*args)
+        missing = sorted(set(wanted) - set(got))
+        if missing:
+            raise MismatchError(f"the model did not compute {missing[0]} on a batch of the members' data as it did "
+                                "on the example it was traced with; align with weight matching", option="align")
         return got
 
-    saved = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-    was = gm.training
-    gm.to(device).eval()
+    saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    was = net.training
+    net.to(device).eval()
     n_batches = 0
     try:
         for batch in batches:
@@ -844,8 +922,8 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, reference: Mapp
                 moments[name] = [v.cpu() if isinstance(v, Tensor) else v for v in new] if old is None else \
                     [o + (v.cpu() if isinstance(v, Tensor) else v) for o, v in zip(old, new)]
     finally:
-        gm.load_state_dict(saved)
-        gm.train(was)
+        net.load_state_dict(saved)
+        net.train(was)
     if n_batches == 0:
         raise InvalidArgumentError("activation matching needs at least one batch of the members' data",
                                    option="batches")
