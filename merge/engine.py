@@ -11,11 +11,17 @@ For every tensor name, in storage order, a kernel reduces the members' chunks (r
   once; the operator turns it into coefficients; a second pass is a linear combination;
 - ``task`` operators (task arithmetic, TIES, DARE, breadcrumbs, DELLA): passes over each member,
   one at a time, find its magnitude thresholds (exact radix selection) or rescale factor; then one
-  pass folds every member's sparsified task vector into a fixed set of running sums.
+  pass folds every member's sparsified task vector into a fixed set of running sums;
+- ``tensor`` operators (TSV-M, Iso-C, Iso-CTS): every member's whole copy of one tensor (and the
+  base's, and each member's auxiliary tensor of that name) is read, chunk by chunk, into the compute
+  dtype on the merge device; the operator's function returns the merged tensor, which is emitted
+  chunk by chunk; everything is freed before the next tensor.
 
 Peak memory is the reader's pool plus a fixed number of chunks (stated per operator by
 :attr:`MergePlan.buffer_bytes` before anything is read): it does not depend on the number of
-members or on the size of the model.
+members or on the size of the model. The ``tensor`` path is the exception: it holds about
+(members + base + the operator's ``scratch``) copies of the largest tensor, which
+:attr:`MergePlan.memory_note` states.
 
 NaN and infinity: a chunk whose sum is not finite makes the engine look, once the tensor is done,
 for the member that holds a NaN or an infinity; it is reported as a :class:`NonFiniteWarning`
@@ -39,12 +45,12 @@ import torch
 from merge.errors import (DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError, NonFiniteWarning,
                           PartialBufferWarning)
 from merge.io.dtypes import dtype_name, is_float
-from merge.io.sources import Source, TensorInfo
+from merge.io.sources import Source, StateDictSource, TensorInfo
 from merge.io.writer import Sink
 from merge.ops import Combination, Operator, Resolved, resolve_params
-from merge.ops.apply import (UNIT, check_combination, coefficient_option, combination_from_gram, compute_dtype,
-                             fold_combination, gram_update, gram_vectors)
-from merge.ops.task import TaskTensor
+from merge.ops.registry import path_of
+from merge.ops.apply import (UNIT, apply_tensor, check_combination, coefficient_option, combination_from_gram,
+                             compute_dtype, fold_combination, gram_update, gram_vectors)
 from merge.reader import CPU, POOL_BUFFERS, ChunkReader, Read
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "run_merge", "resolve_device", "Sink", "MemorySink",
@@ -100,11 +106,44 @@ class MergePlan:
     skipped: list[str] = field(default_factory=list)
     copied_mismatched: list[str] = field(default_factory=list)
     combination: Combination | None = None
+    aux: list[Source | None] | None = None
 
     @property
     def all_sources(self) -> list[Source]:
-        """Members, then the base (when there is one): the reader's source indices."""
+        """Members, then the base (when there is one)."""
         return self.sources + ([self.base] if self.base is not None else [])
+
+    @property
+    def read_sources(self) -> list[Source]:
+        """The reader's source indices: members, the base, then the members' auxiliary sources that are given."""
+        return self.all_sources + [a for a in (self.aux or ()) if a is not None]
+
+    def aux_index(self, member: int) -> int | None:
+        """The reader's index of member ``member``'s auxiliary source (None: that member has none)."""
+        if self.aux is None or self.aux[member] is None:
+            return None
+        return len(self.all_sources) + sum(a is not None for a in self.aux[:member])
+
+    def aux_of(self, member: int, name: str) -> dict[str, TensorInfo]:
+        """Member ``member``'s auxiliary tensors for tensor ``name``: kind -> the stored ``NAME:KIND`` tensor."""
+        if self.aux is None or self.aux[member] is None:
+            return {}
+        tables = self.__dict__.get("_aux_tables")
+        if tables is None:  # built once per plan (a plan split over processes builds its own)
+            tables = self.__dict__["_aux_tables"] = [_aux_table(a) if a is not None else {} for a in self.aux]
+        return tables[member].get(name, {})
+
+    @property
+    def memory_note(self) -> str:
+        """How the working memory scales: independent of the member count, except on the ``tensor`` path."""
+        ks = [k for k in self.kernels() if isinstance(k, _TensorKernel)]
+        if not ks:
+            return "independent of member count"
+        top = max(ks, key=lambda k: k.work_bytes())
+        copies = top.copies()
+        return (f"grows with the member count: {copies} whole copies of the largest tensor, {top.name!r} "
+                f"{list(top.tp.out.shape)}, in {dtype_name(top.dtype)}: members + base + {self.operator.scratch} "
+                f"for {self.operator.name}'s working space")
 
     @property
     def coefficients(self) -> list[float]:
@@ -326,6 +365,53 @@ def _mismatch_error(bad: Sequence[str], everyone: Sequence[Source], n: int) -> M
                          tensor=bad[0], option="on_mismatch", choices=("skip", "first"))
 
 
+def _aux_sources(op: Operator, n: int, aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None
+                 ) -> list[Source | None] | None:
+    """The members' auxiliary sources, checked against what the operator takes (dicts wrapped as sources)."""
+    if aux is None:
+        if op.aux == "required":
+            raise InvalidArgumentError(f"method {op.name!r} needs auxiliary tensors, one source per member",
+                                       option="aux")
+        return None
+    if op.aux == "none":
+        raise InvalidArgumentError(f"method {op.name!r} takes no auxiliary tensors", option="aux")
+    aux = list(aux)
+    if len(aux) != n:
+        raise InvalidArgumentError(f"got {len(aux)} auxiliary sources for {n} members; give one per member "
+                                   "(None for a member without one)", option="aux")
+    out: list[Source | None] = []
+    for i, a in enumerate(aux):
+        if a is None or isinstance(a, Source):
+            out.append(a)
+        elif isinstance(a, Mapping):
+            out.append(StateDictSource(a, path=f"<aux {i}>", normalise=False))
+        else:
+            raise InvalidArgumentError(f"auxiliary source of member {i} is a {type(a).__name__}; give an open "
+                                       "source, a dict of tensors or None", member=i, option="aux")
+        if out[-1] is not None:
+            bad = [k for k in out[-1].infos if not _aux_key(k)]
+            if bad:
+                raise InvalidArgumentError(f"auxiliary tensors of member {i} ({out[-1].path}): key {bad[0]!r} is not "
+                                           "NAME:KIND (the tensor it belongs to, a colon, what it is: fc.weight:gram)",
+                                           member=i, option="aux")
+    return out
+
+
+def _aux_key(key: str) -> tuple[str, str] | None:
+    """``"fc.weight:gram"`` -> ``("fc.weight", "gram")``; None for a key that is not ``NAME:KIND``."""
+    name, sep, kind = key.rpartition(":")
+    return (name, kind) if sep and name and kind else None
+
+
+def _aux_table(src: Source) -> dict[str, dict[str, TensorInfo]]:
+    """``name -> {kind: info}`` of an auxiliary source."""
+    table: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in src.infos.items():
+        name, kind = _aux_key(key)
+        table.setdefault(name, {})[kind] = info
+    return table
+
+
 def _chunk_elems(chunk_bytes: int | None, device: torch.device, accumulate: torch.dtype) -> int:
     """Accumulator elements per chunk (see DEFAULT_CHUNK_BYTES and GPU_CHUNK_BYTES)."""
     if chunk_bytes is None:
@@ -341,6 +427,7 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
                on_mismatch: str = "error", chunk_bytes: int | None = None, strict: bool = False,
                resolve: Callable[[str], tuple[Mapping[str, object],
                                               Sequence[Mapping[str, object]] | None]] | None = None,
+               aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None,
                ) -> MergePlan:
     """Validate the members (and base) against each other and decide every output tensor.
 
@@ -360,6 +447,10 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
             the first member that does, with a :class:`merge.errors.PartialBufferWarning`.
         resolve: for recipes whose parameters depend on the tensor name: ``resolve(name) -> (params,
             member_params)``.
+        aux: for ``tensor`` operators that take them: one entry per member, a source (or a dict of tensors)
+            holding that member's auxiliary tensors keyed by the tensor name they belong to (RegMean's input
+            Gram matrix under the linear layer's weight name), or None for a member without any. Read
+            lazily, one tensor at a time, like the members.
 
     Raises:
         MismatchError: (with ``on_mismatch="error"``) members differ in names, shapes or dtypes (float
@@ -369,6 +460,7 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
     """
     op, n = operator, len(sources)
     _check_arguments(op, n, base, on_mismatch)
+    aux_sources = _aux_sources(op, n, aux)
     given = _operator_params(op, weights, params)
     default_resolved = resolve_params(op, n, given, member_params)
     everyone = list(sources) + ([base] if base is not None else [])
@@ -380,11 +472,11 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
     _warn_partial(plans.partial, plans.tensors, everyone, n)
     if not plans.tensors:
         raise MismatchError("the members share no tensor: nothing to merge")
-    combination = op.combine(default_resolved) if op.path == "linear" else None
+    combination = op.combine(default_resolved) if path_of(op, default_resolved) == "linear" else None
     member_weights = list(default_resolved.member("weight")) if _takes_weights(op) else [1.0] * n
     plan = MergePlan(list(sources), op, member_weights, plans.tensors, accumulate, device,
                      _chunk_elems(chunk_bytes, device, accumulate), base, given, int(seed), bool(strict),
-                     plans.skipped, plans.copied, combination)
+                     plans.skipped, plans.copied, combination, aux_sources)
     plan.kernels()  # every per-tensor check (e.g. DELLA's epsilon against each density) before any output
     return plan
 
@@ -707,8 +799,8 @@ class _TaskKernel(_Kernel):
     def __init__(self, plan: MergePlan, tp: TensorPlan):
         super().__init__(plan, tp)
         try:
-            self.task = TaskTensor(plan.operator.task, tp.resolved, tp.out.shape, self.dtype, seed=plan.seed,
-                                   name=self.name, method=plan.operator.name)
+            self.task = plan.operator.task.tensor(tp.resolved, tp.out.shape, self.dtype, seed=plan.seed,
+                                                  name=self.name, method=plan.operator.name)
         except MergeError as e:
             e.tensor = e.tensor or self.name
             raise
@@ -716,7 +808,6 @@ class _TaskKernel(_Kernel):
         self.chunk = max(unit, (max(1, plan.chunk_elems) // unit) * unit)
         self.chunk = min(self.chunk, max(1, self.numel))
         self.passes = self.task.stat_passes()
-
     def work_bytes(self) -> int:
         per = 12 * self.dtype.itemsize + 4  # base, delta, |delta|, five sums, temporaries, mask
         if self.task.spec.sparsify == "della_magprune":
@@ -724,7 +815,7 @@ class _TaskKernel(_Kernel):
         elif self.task.spec.sparsify == "random":
             per += 4
         hist = (1 << 20) * 8 if self.dtype == torch.float64 else (1 << 16) * 8
-        return self.chunk * per + hist
+        return self.chunk * per + hist + getattr(self.task, "extra_bytes", 0)  # whole-tensor state of some specs
 
     def reads(self) -> Iterator[Read]:
         for _, members in self.passes:
@@ -761,16 +852,99 @@ class _TaskKernel(_Kernel):
             self._emit(io, task.finish_chunk(state, b), out_buf)
 
 
+class _TensorKernel(_Kernel):
+    """Every member's whole tensor (the base's, each member's auxiliary one) in memory, the operator's
+    function over them, the result emitted chunk by chunk; all of it freed before the next tensor."""
+
+    def __init__(self, plan: MergePlan, tp: TensorPlan):
+        super().__init__(plan, tp)
+        self.inputs = list(range(self.n)) + ([self.base_index] if self.base_index is not None else [])
+        # per member: (reader index, {kind: info of the stored NAME:KIND tensor}); None without auxiliary sources
+        self.aux: list[tuple[int | None, dict[str, TensorInfo]]] | None = None
+        if plan.aux is not None:
+            self.aux = [(plan.aux_index(i), plan.aux_of(i, self.name)) for i in range(self.n)]
+
+    def _aux_infos(self) -> list[TensorInfo]:
+        return [info for _, kinds in self.aux or () for info in kinds.values()]
+
+    def copies(self) -> int:
+        """Whole copies of this tensor held at once (auxiliary tensors counted by their own size)."""
+        return len(self.inputs) + self.plan.operator.scratch
+
+    def max_read_bytes(self) -> int:
+        sizes = [super().max_read_bytes()]
+        sizes += [min(self.plan.chunk_elems, max(1, a.numel)) * a.dtype.itemsize for a in self._aux_infos()]
+        return max(sizes)
+
+    def work_bytes(self) -> int:
+        item = self.dtype.itemsize
+        aux = sum(a.numel for a in self._aux_infos()) * item
+        return self.copies() * self.numel * item + aux + self.chunk * self.tp.out.dtype.itemsize
+
+    def _aux_chunk(self, info: TensorInfo) -> int:
+        return min(max(1, self.plan.chunk_elems), max(1, info.numel))
+
+    def reads(self) -> Iterator[Read]:
+        for i in self.inputs:
+            for start, count in _chunks(self.numel, self.chunk):
+                yield self.read(i, start, count)
+        for index, kinds in self.aux or ():
+            for info in kinds.values():
+                for start, count in _chunks(info.numel, self._aux_chunk(info)):
+                    yield Read(index, info.name, start, count, info.dtype)
+
+    def _whole(self, io: _IO, source: int, name: str, numel: int, chunk: int, shape: tuple[int, ...]) -> torch.Tensor:
+        t = torch.empty(numel, dtype=self.dtype, device=io.device)
+        for start, count in _chunks(numel, chunk):
+            io.take_as(t[start:], source, name, start, count)
+        return t.reshape(shape)
+
+    def run(self, io: _IO) -> None:
+        shape = self.tp.out.shape
+        xs = [self._whole(io, i, self.name, self.numel, self.chunk, shape) for i in range(self.n)]
+        base = None
+        if self.base_index is not None:
+            base = self._whole(io, self.base_index, self.name, self.numel, self.chunk, shape)
+        aux = None
+        if self.aux is not None:
+            aux = []
+            for i, (index, kinds) in enumerate(self.aux):
+                aux.append({kind: self._whole(io, index, info.name, info.numel, self._aux_chunk(info), info.shape)
+                            for kind, info in kinds.items()})
+                bad = [info.name for kind, info in kinds.items() if not _finite(aux[-1][kind])]
+                if bad:
+                    path = self.plan.aux[i].path
+                    raise NonFiniteError(f"auxiliary tensor {bad[0]!r} of member {i} ({path}) holds NaN or infinite "
+                                         "values; recompute it", path=path, tensor=self.name, member=i)
+        if not all(_finite(t) for t in [*xs, *([base] if base is not None else [])]):
+            self.suspect = self.whole = True
+        op = self.plan.operator
+        try:
+            out = apply_tensor(op, xs, base, self.tp.resolved, name=self.name, aux=aux, seed=self.plan.seed)
+        except MergeError as e:
+            e.tensor = e.tensor or self.name
+            e.message = f"tensor {self.name!r}: {e.message}"
+            raise
+        del xs, base, aux
+        flat = out.reshape(-1)
+        del out
+        out_buf: dict = {}
+        for start, count in _chunks(self.numel, self.chunk):
+            self._emit(io, flat[start: start + count], out_buf)
+
+
 def _make_kernel(plan: MergePlan, tp: TensorPlan) -> _Kernel:
     if tp.action == "copy":
         return _CopyKernel(plan, tp)
-    path = plan.operator.path
+    path = path_of(plan.operator, tp.resolved)
     if path == "linear":
         comb = plan.combination if plan.combination is not None and tp.resolved is None else \
             plan.operator.combine(tp.resolved)
         return _LinearKernel(plan, tp, comb)
     if path == "gram":
         return _GramKernel(plan, tp)
+    if path == "tensor":
+        return _TensorKernel(plan, tp)
     return _TaskKernel(plan, tp)
 
 
@@ -813,8 +987,9 @@ def _check_nonfinite(plan: MergePlan, kernel: _Kernel, found: list) -> None:
         if plan.strict:
             raise NonFiniteError(found_msg, path=src.path, tensor=kernel.name, member=i if i < n else None)
         if kernel.whole:
-            msg = (f"{found_msg}; {method} takes norms and angles of whole tensors, so the whole output tensor "
-                   f"{kernel.name!r} is NaN")
+            what = "decomposes whole tensors" if isinstance(kernel, _TensorKernel) else \
+                "takes norms and angles of whole tensors"
+            msg = f"{found_msg}; {method} {what}, so the whole output tensor {kernel.name!r} is NaN"
         else:
             msg = f"{found_msg}; the merge carries them into the result"
         found.append(("base" if i == n else i, kernel.name))
@@ -873,7 +1048,7 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
     if not cuda:
         torch.set_num_threads(1)
     try:
-        with ChunkReader(plan.all_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
+        with ChunkReader(plan.read_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
                          progress=count) as reader:
             io = _IO(plan, reader, sink)
             for i, k in enumerate(kernels):

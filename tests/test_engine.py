@@ -72,7 +72,7 @@ def test_chunked_equals_whole_tensor_and_reruns_are_bit_identical(name: str) -> 
         assert not torch.equal(other["emb"], outs[0]["emb"]), "the seed must change the random masks"
 
 
-@pytest.mark.parametrize("name", sorted(OPERATORS))
+@pytest.mark.parametrize("name", sorted(n for n, op in OPERATORS.items() if op.path != "tensor"))  # tensor: grows
 def test_working_memory_is_the_same_for_2_and_8_members(name: str) -> None:
     op = get_operator(name)
     if op.max_members is not None and op.max_members < 8:

@@ -318,5 +318,5 @@ def test_parameter_errors_name_the_parameter() -> None:
 
 def test_every_operator_is_cited_and_documented() -> None:
     for name, op in OPERATORS.items():
-        assert op.citation and op.summary and op.path in ("linear", "gram", "task"), name
+        assert op.citation and op.summary and op.path in ("linear", "gram", "task", "tensor"), name
         assert all(p.help for p in op.params), name

@@ -9,7 +9,8 @@ base policy, how the engine streams each operator) and the modules for the opera
 - :mod:`merge.ops.linear`: ``uniform``, ``weighted`` (alias ``linear``);
 - :mod:`merge.ops.task`: ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``,
   ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``;
-- :mod:`merge.ops.sphere`: ``slerp``, ``multislerp``, ``karcher``, ``model_stock``.
+- :mod:`merge.ops.sphere`: ``slerp``, ``multislerp``, ``karcher``, ``model_stock``;
+- :mod:`merge.ops.svd`: ``tsv``, ``iso_c``, ``iso_cts``.
 
 Example:
     >>> import torch
@@ -38,6 +39,7 @@ from merge.ops.registry import (
 from merge.ops import linear as _linear  # noqa: F401 - registers uniform, weighted
 from merge.ops import task as _task  # noqa: F401 - registers the task-vector methods
 from merge.ops import sphere as _sphere  # noqa: F401 - registers slerp, multislerp, karcher, model_stock
+from merge.ops import svd as _svd  # noqa: F401 - registers tsv, iso_c, iso_cts (the tensor path)
 
 __all__ = ["Operator", "Param", "Combination", "Resolved", "REQUIRED", "register", "get_operator", "list_operators",
            "OPERATORS", "ALIASES", "resolve_params", "check_weights", "normalised_weights"]

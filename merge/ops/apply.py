@@ -13,12 +13,12 @@ from contextlib import contextmanager
 
 from merge.errors import InvalidArgumentError
 from merge.ops._lazy import lazy_torch
-from merge.ops.registry import Combination, Operator, Resolved, set_whole_tensor
+from merge.ops.registry import Combination, Operator, Resolved, path_of, set_whole_tensor
 
 torch = lazy_torch(__name__)
 
 __all__ = ["fold_combination", "gram_update", "gram_vectors", "apply_whole", "UNIT", "single_thread",
-           "compute_dtype", "combination_from_gram", "check_combination", "coefficient_option"]
+           "compute_dtype", "combination_from_gram", "check_combination", "coefficient_option", "apply_tensor"]
 
 # Statistics (Gram partial sums, L1 sums) are taken per unit of UNIT elements and added in order.
 UNIT = 1 << 16
@@ -169,8 +169,32 @@ def gram_of(op: Operator, tensors: Sequence[torch.Tensor], base: torch.Tensor | 
     return _gram_whole(vecs)
 
 
+def _all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
+    return all(t is None or not t.numel() or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def apply_tensor(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | None, resolved: Resolved, *,
+                 name: str, aux: list[dict[str, torch.Tensor]] | None, seed: int = 0) -> torch.Tensor:
+    """A ``tensor`` operator on whole tensors already in the compute dtype (the engine's kernel and
+    :func:`apply_whole` both call this).
+
+    A NaN or an infinity in a member or the base leaves no decomposition to take, and every element of
+    the result depends on it: the whole result is NaN, as for ``gram`` operators.
+    """
+    shape = tensors[0].shape
+    if not _all_finite([*tensors, base]):
+        return torch.full(shape, float("nan"), dtype=tensors[0].dtype, device=tensors[0].device)
+    extra = {"seed": seed} if op.random else {}
+    out = op.tensor_fn(tensors, base, resolved, name=name, aux=aux, **extra)
+    if tuple(out.shape) != tuple(shape):
+        raise RuntimeError(f"method {op.name!r} returned shape {list(out.shape)} for tensor {name!r} of shape "
+                           f"{list(shape)}")
+    return out.to(tensors[0].dtype)
+
+
 def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | None, resolved: Resolved, *,
-                seed: int = 0, name: str = "") -> torch.Tensor:
+                seed: int = 0, name: str = "", aux: Sequence[dict[str, torch.Tensor] | None] | None = None
+                ) -> torch.Tensor:
     """``op`` on whole tensors: the definition the streaming engine must reproduce bit for bit."""
     if op.base == "required" and base is None:
         raise InvalidArgumentError(f"method {op.name!r} needs a base model", option="base")
@@ -178,12 +202,27 @@ def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | 
         raise InvalidArgumentError(f"method {op.name!r} takes no base model", option="base")
     if not tensors:
         raise InvalidArgumentError("no members given")
+    if aux is not None and op.aux == "none":
+        raise InvalidArgumentError(f"method {op.name!r} takes no auxiliary tensors", option="aux")
+    if aux is None and op.aux == "required":
+        raise InvalidArgumentError(f"method {op.name!r} needs auxiliary tensors, one per member", option="aux")
+    if aux is not None and len(aux) != len(tensors):
+        raise InvalidArgumentError(f"got {len(aux)} auxiliary dicts for {len(tensors)} members; give one per "
+                                   "member (None or {} for a member without one)", option="aux")
     dtype = compute_dtype(*(t.dtype for t in tensors))
     shape = tensors[0].shape
+    path = path_of(op, resolved)
+    if path == "tensor":
+        # fresh copies: the operator may overwrite its inputs (the engine's own buffers)
+        xs = [t.to(dtype, copy=True) for t in tensors]
+        b = base.to(dtype, copy=True) if base is not None else None
+        a = None if aux is None else [{k: x.to(dtype, copy=True) for k, x in (d or {}).items()} for d in aux]
+        with single_thread():
+            return apply_tensor(op, xs, b, resolved, name=name, aux=a, seed=seed)
     xs = [t.reshape(-1).to(dtype) for t in tensors]
     b = base.reshape(-1).to(dtype) if base is not None else None
     with single_thread():
-        if op.path == "task":
+        if path == "task":
             tt = op.task.tensor(resolved, tuple(shape), dtype, seed=seed, name=name, method=op.name)
             for kind, members in tt.stat_passes():
                 for i in members:
@@ -194,7 +233,7 @@ def apply_whole(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor | 
             for i in range(len(xs)):
                 tt.add_member(state, i, xs[i] - b, 0)
             return tt.finish_chunk(state, b).reshape(shape)
-        if op.path == "linear":
+        if path == "linear":
             comb = op.combine(resolved)
         else:
             comb = combination_from_gram(op, gram_of(op, tensors, base), resolved, base is not None, len(tensors))

@@ -19,6 +19,11 @@ Besides its name and paper, an operator declares:
   * ``task``: task vectors ``x_i - base`` are sparsified (magnitude thresholds found by exact
     streaming selection, or keyed random masks), optionally sign-elected, and summed, one member at
     a time (task arithmetic, TIES, DARE, breadcrumbs, DELLA);
+  * ``tensor``: the operator's ``tensor_fn`` sees every member's whole copy of one tensor at once
+    (and the base's, and each member's auxiliary tensor of that name), in float32 (float64 on
+    request) on the merge device: peak memory grows with the member count, about (members + base +
+    ``scratch``) copies of the largest tensor, and ``--dry-run`` says so (TSV-M, Iso-C, Iso-CTS, and
+    any method that needs a decomposition or a solve over whole tensors);
 
 - whether it is random (DARE, DELLA): a generator keyed by seed, tensor name, member and element
   position, so a chunked run equals a whole-tensor run and reruns are bit-identical.
@@ -34,10 +39,11 @@ from typing import Literal
 from merge.errors import InvalidArgumentError, UnknownNameError
 from merge.params import REQUIRED, Param
 
-__all__ = ["REQUIRED", "Param", "Combination", "Operator", "Resolved", "register", "get_operator",
+__all__ = ["REQUIRED", "Param", "Combination", "Operator", "Resolved", "register", "get_operator", "path_of",
            "list_operators", "OPERATORS", "ALIASES", "resolve_params", "check_weights", "normalised_weights"]
 
-Path_ = Literal["linear", "gram", "task"]
+Path_ = Literal["linear", "gram", "task", "tensor"]
+AuxPolicy = Literal["none", "optional", "required"]
 BasePolicy = Literal["none", "optional", "required"]
 
 
@@ -85,6 +91,20 @@ class Operator:
         from_gram: ``gram`` path: ``from_gram(gram, resolved, has_base) -> Combination`` with the float64
             Gram matrix of the members' vectors (raw: the base first when the operator uses one).
         task: ``task`` path: the task-vector recipe (:class:`merge.ops.task.TaskSpec`).
+        tensor_fn: ``tensor`` path: ``tensor_fn(tensors, base, resolved, *, name, aux) -> Tensor``: the members'
+            whole tensors of one name (fresh copies in the compute dtype, on the merge device, the function's to
+            overwrite), the base's (or None), the resolved parameters, the tensor's name and ``aux``: None when
+            no auxiliary tensors were given, else one dict per member, ``{kind: tensor}`` for that member's
+            auxiliary tensors stored as ``NAME:KIND`` (``fc.weight:gram``), empty when it has none for this
+            tensor. Returns the merged tensor, of the members' shape. ``seed=`` is passed too when the
+            operator is ``random``.
+        aux: ``tensor`` path: whether the operator takes per-member auxiliary tensors (``none``, ``optional``,
+            ``required``), such as each member's input Gram matrices (RegMean) or diagonal Fisher (Fisher).
+        scratch: ``tensor`` path: whole-tensor temporaries ``tensor_fn`` holds besides its inputs (decompositions,
+            sums), counted in the memory stated before the merge.
+        data: what data the operator needs besides the checkpoints ("" for a data-free operator), for
+            ``--list-methods`` and errors.
+        path_for: the path for given parameters, where it depends on them (None: always ``path``).
         aliases: other names that resolve to this operator (``linear`` for ``weighted``).
         differences: deliberate differences from the reference code, for ``--list-methods`` and docs.
     """
@@ -102,6 +122,11 @@ class Operator:
     gram_of: Literal["raw", "delta"] | None = None
     from_gram: Callable[..., Combination] | None = None
     task: object = None
+    tensor_fn: Callable[..., object] | None = None
+    aux: AuxPolicy = "none"
+    scratch: int = 4
+    data: str = ""
+    path_for: Callable[[Resolved], str] | None = None
     aliases: tuple[str, ...] = ()
     differences: str = ""
 
@@ -117,7 +142,7 @@ class Operator:
         raise UnknownNameError(f"parameter of method {self.name!r}", name, [p.name for p in self.params])
 
     def __call__(self, tensors: Sequence, weights: Sequence[float] | None = None, *, base: object = None,
-                 seed: int = 0, name: str = "", **params: object):
+                 seed: int = 0, name: str = "", aux: Sequence | None = None, **params: object):
         """The operator on whole tensors: the definition the streaming engine is tested against.
 
         Args:
@@ -125,7 +150,8 @@ class Operator:
             weights: per-member weights (the ``weight`` parameter), where the operator takes one.
             base: the base model's tensor, for operators that use one.
             seed: seed of random operators.
-            name: the tensor's name (keys the random masks).
+            name: the tensor's name (keys the random masks; ``tensor`` operators may read it).
+            aux: ``tensor`` operators that take auxiliary tensors: one ``{kind: tensor}`` dict per member.
             **params: parameter values (a scalar, or one value per member for per-member ones).
         """
         if _WHOLE_TENSOR is None:  # merge.ops (and so merge.ops.apply) is imported with any of its modules
@@ -133,7 +159,12 @@ class Operator:
         if weights is not None:
             params = {**params, "weight": list(weights)}
         resolved = resolve_params(self, len(tensors), params)
-        return _WHOLE_TENSOR(self, list(tensors), base, resolved, seed=seed, name=name)
+        return _WHOLE_TENSOR(self, list(tensors), base, resolved, seed=seed, name=name, aux=aux)
+
+
+def path_of(op: Operator, resolved: Resolved | None) -> str:
+    """The streaming path ``op`` takes with these parameters (``path_for`` where the operator has one)."""
+    return op.path_for(resolved) if op.path_for is not None and resolved is not None else op.path
 
 
 # The whole-tensor definition (merge.ops.apply.apply_whole) needs this module's types, so it installs itself
@@ -156,6 +187,10 @@ def register(op: Operator) -> Operator:
     for key in (op.name, *op.aliases):
         if key in OPERATORS or key in ALIASES:
             raise ValueError(f"operator {key!r} registered twice")
+    if op.path == "tensor" and op.tensor_fn is None:
+        raise ValueError(f"operator {op.name!r}: the tensor path needs tensor_fn")
+    if op.aux != "none" and op.tensor_fn is None:
+        raise ValueError(f"operator {op.name!r}: only tensor-path operators take auxiliary tensors")
     OPERATORS[op.name] = op
     for alias in op.aliases:
         ALIASES[alias] = op.name
