@@ -6,7 +6,7 @@ A mergekit user's config runs unchanged, for the methods papa-merge implements::
     base_model: meta-llama/Llama-3.1-8B
     models:
       - model: org/math-ft
-        parameters: {weight: 0.5, density: 0.5}
+        parameters: {weight: 0.5, density: [0.3, 0.7]}       # a gradient over the layers
       - model: ./code-ft
         parameters:
           weight: [{filter: mlp, value: 0.7}, {value: 0.4}]   # per-tensor, by name filter
@@ -15,27 +15,48 @@ A mergekit user's config runs unchanged, for the methods papa-merge implements::
     out_dtype: bfloat16
     tokenizer_source: base
 
-Read as mergekit reads it (``mergekit/config.py``, ``plan.py``): the model equal to ``base_model`` is
-the base, the others are members; a base given to a method that takes none (``linear``,
-``karcher``) is one more member, as mergekit adds it; per-model parameters win over global ones,
-and a list of ``{filter, value}`` picks the first whose filter is a substring of the tensor name.
+Read as mergekit 0.1.5 reads it (``mergekit/config.py``, ``parameter_resolver.py``, ``plan.py``):
+
+- the model equal to ``base_model`` is the base, the others are members; a base given to a method that takes
+  none (``linear``, ``karcher``, ``passthrough``) is one more member, as mergekit adds it;
+- a parameter is a scalar, a gradient (a list of numbers, interpolated over a slice's layers:
+  ``t = i / (n - 1)`` for layer ``i`` of ``n``, the value at ``t * (len - 1)`` interpolated linearly between
+  its neighbours; a list of words or booleans picks ``list[int(t * (len - 1))]``), or a list of
+  ``{filter, value}`` (the first whose filter is a substring of the tensor name, or that has no filter or
+  ``*``, wins; its value may be a gradient). Tensors outside the layers (embeddings, final norm, head) take
+  ``t = 0``, as mergekit 0.1.5 gives them;
+- precedence: a slice source's (a model's) parameters, then the slice's, then the global ones; a level whose
+  filters match nothing passes to the next. A member's parameters are evaluated against the member's own
+  tensor name (its layer number before renumbering), the shared ones against the output's name;
+- ``slices:`` stack layer ranges of the sources (:mod:`merge.slices`): every method, and ``passthrough``
+  frankenmerges that stack or repeat layers; the output's layers are renumbered and a folder output's
+  ``config.json`` gets the new layer count and per-layer lists;
+- several YAML documents (``---``) are the stages of a mergekit-multi recipe: each has a ``name``, later ones
+  use earlier ones as models by that name; the unnamed one (else the one no other uses) is written to the
+  output, the others to a temporary folder beside it, removed at the end.
+
 Model references are local paths when they exist, else Hub repositories (``hf://``).
 ``dtype`` is mergekit's compute dtype: papa-merge always computes in float32 (float64 when
 ``dtype: float64``), never in bfloat16/float16; ``out_dtype`` (else ``dtype``) is the output's.
 
-What papa-merge does not do is refused by name, never ignored: ``slices`` and ``modules``
-(layer-range stacking), gradient parameter lists (``density: [0.1, 0.5]``), ``tokenizer`` and
-``tokenizer_source: union`` (tokenizer merging), ``chat_template``, LoRA references (``model+lora``),
-and any key mergekit does not define.
+What papa-merge does not do is refused by name before any model is read, never ignored: ``modules``
+(multi-module models), ``tokenizer`` and ``tokenizer_source`` other than ``base`` (tokenizer merging),
+``chat_template``, LoRA references (``model+lora``), ``override_architecture``, and any key mergekit does not
+define. Deliberate differences from mergekit are listed in ``DIFFERENCES``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
+import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +65,9 @@ from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 from merge.io.schemes import HF_PREFIX
 from merge.ops import Operator, get_operator
 
-__all__ = ["Recipe", "load_recipe", "run_recipe", "plan_recipe", "UnsupportedRecipeError", "SUPPORTED_KEYS", "preview",
-           "MAX_RECIPE_BYTES", "MAX_VALUES"]
+__all__ = ["Recipe", "RecipeSlice", "RecipeSource", "load_recipe", "run_recipe", "plan_recipe",
+           "UnsupportedRecipeError", "SUPPORTED_KEYS", "preview", "evaluate_setting", "MAX_RECIPE_BYTES",
+           "MAX_VALUES", "MAX_STAGES", "DIFFERENCES"]
 
 # Bounds that no real recipe comes near (mergekit's own examples are under 2 KB and 200 values), so that
 # a hostile or mistaken file costs a bounded time and a one-line error of bounded length.
@@ -53,18 +75,39 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_VALUES = 100_000  # scalars, lists and mappings once YAML aliases are expanded
 MAX_DEPTH = 64  # nesting levels (a recipe uses about 6)
 MAX_TEXT = 4096  # characters of a model reference (PATH_MAX) or a parameter's string value
+MAX_STAGES = 64  # documents of a multi-stage recipe (published ones have 2 to 5)
 PREVIEW_CHARS = 80  # of a value shown in an error message
+STAGE_PREFIX = "stage:"  # a model reference to an earlier stage's output, as Recipe.members shows it
 
-SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+SUPPORTED_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "name")
 _REFUSED = {
-    "slices": "layer-range slices (stacking or frankenmerging layers) are not supported; merge whole models with "
-              "'models:'",
-    "modules": "per-module definitions are not supported; merge whole models with 'models:'",
+    "modules": "per-module definitions (multi-module models such as vision-language ones) are not supported; "
+               "merge whole models with 'models:' or one layer stack with 'slices:'",
     "tokenizer": "tokenizer merging is not supported; use 'tokenizer_source: base' (the base model's tokenizer)",
     "chat_template": "chat templates are not written; the base model's tokenizer files are carried over as they are",
 }
 _KNOWN_MERGEKIT = {"name", "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                    "tokenizer_source", "tokenizer", "chat_template", "slices", "modules"}
+
+# What papa-merge does on purpose otherwise than mergekit 0.1.5 (docs/operators.md lists them too).
+DIFFERENCES = (
+    "computes in float32 (float64 with dtype: float64), never in bfloat16/float16; dtype and out_dtype only set "
+    "the output's dtype",
+    "layers are read from tensor names (model.layers.N., transformer.h.N., blocks.N., ...), not from a table per "
+    "architecture; every tensor outside the layers is kept (mergekit keeps those its architecture lists): names "
+    "with embed/wte/wpe/tok_embeddings/word_embeddings come from the first slice, the others from the last",
+    "a frankenmerge's config.json also gets its per-layer lists (layer_types, ...) rebuilt; mergekit sets the "
+    "layer count only",
+    "every slice merges the same number of models, and the base is in every slice or in none (mergekit plans "
+    "each slice on its own); a recipe with slices or gradients runs in one process (no jobs or ranks)",
+    "a multi-stage recipe whose stages all have names writes the one no other stage uses to the output (mergekit "
+    "writes them all to its intermediate folder); intermediates are never reused between runs (mergekit's "
+    "--lazy) and are removed at the end, on failure too",
+    "a parameter shared by all models (normalize, lambda, t, ...) set on one model is refused; mergekit ignores "
+    "it there",
+    "an empty document of a multi-document file is skipped; an empty gradient list is refused",
+)
 
 
 class UnsupportedRecipeError(InvalidArgumentError):
@@ -75,31 +118,102 @@ class UnsupportedRecipeError(InvalidArgumentError):
         super().__init__(message, **fields)
 
 
+# A parameter setting, normalised: ``{filter, value}`` entries in precedence order, each value a scalar or a
+# gradient (a list of scalars). A scalar ``x`` is ``[{"filter": None, "value": x}]``; levels of precedence
+# (source, slice, global) are concatenated, which is mergekit's fall-through (first match wins).
+Setting = list[dict[str, object]]
+
+
+def evaluate_setting(setting: Setting, tensor: str, t: float = 0.0) -> object:
+    """A setting's value for one tensor at gradient position ``t`` (mergekit's ``evaluate_setting``).
+
+    Returns ``None`` when no entry's filter matches ``tensor``.
+
+    Example:
+        >>> evaluate_setting([{"filter": "mlp", "value": [0.0, 1.0]}, {"filter": None, "value": 0.5}],
+        ...                  "model.layers.3.mlp.up_proj.weight", t=0.25)
+        0.25
+    """
+    if not isinstance(setting, list):
+        return setting
+    for entry in setting:
+        flt = entry.get("filter")
+        if flt is None or flt == "*" or (tensor and flt in tensor):
+            return _gradient_value(entry["value"], t)
+    return None
+
+
+def _gradient_value(value: object, t: float) -> object:
+    if not isinstance(value, list):
+        return value
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return value[int(t * (len(value) - 1))]
+    scaled = t * (len(value) - 1)
+    i0 = int(scaled)
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * value[i0] + frac * value[i1]
+
+
+def _is_gradient(setting: Setting) -> bool:
+    return any(isinstance(e["value"], list) for e in setting)
+
+
+def _is_plain(setting: Setting) -> bool:
+    """One unfiltered scalar: the same value for every tensor."""
+    return len(setting) == 1 and setting[0].get("filter") is None and not isinstance(setting[0]["value"], list)
+
+
+@dataclass
+class RecipeSource:
+    """One source of a slice (one model of ``models:``): its reference, layer range and own parameters."""
+
+    model: str
+    layers: tuple[int, int] | None = None  # None: every layer (``models:``)
+    params: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeSlice:
+    """One output slice: its sources, its parameters and its own base model (else the recipe's)."""
+
+    sources: list[RecipeSource]
+    params: dict[str, Setting] = field(default_factory=dict)
+    base: str | None = None
+
+
 @dataclass
 class Recipe:
-    """A parsed recipe: method, members, base, parameters and dtypes, as :func:`merge.soup` takes them."""
+    """A parsed recipe: method, members, base, parameters and dtypes, as :func:`merge.soup` takes them.
+
+    ``slices`` holds the recipe's layer structure (one slice over every layer for ``models:``); ``layered``
+    says whether it needs it (``slices:`` given, or a gradient parameter), else the members merge whole as
+    in :func:`merge.soup`. ``stages`` are the earlier stages of a multi-stage recipe, in the order they run.
+    """
 
     method: str
     members: list[str]
     base: str | None
-    params: dict[str, object]
-    member_params: list[dict[str, object]]
+    params: dict[str, Setting]
+    member_params: list[dict[str, Setting]]
     dtype: str | None
     accumulate: str
     path: Path | None = None
     text: str = ""
     conditional: bool = False
     notes: list[str] = field(default_factory=list)
+    slices: list[RecipeSlice] = field(default_factory=list)
+    layered: bool = False
+    name: str | None = None
+    stages: list[Recipe] = field(default_factory=list)
+    global_params: dict[str, Setting] = field(default_factory=dict)  # every global parameter, as written
 
     def resolve(self, tensor: str) -> tuple[dict[str, object], list[dict[str, object]]]:
-        """Parameters for one tensor (``{filter, value}`` lists evaluated against its name)."""
-        shared = {k: _pick(v, tensor) for k, v in self.params.items()}
-        shared = {k: v for k, v in shared.items() if v is not None}
-        members = []
-        for mp in self.member_params:
-            picked = {k: _pick(v, tensor) for k, v in mp.items()}
-            members.append({k: v for k, v in picked.items() if v is not None})
-        return shared, members
+        """Parameters for one tensor of a whole-model merge (``{filter, value}`` lists evaluated on its name)."""
+        shared = {k: evaluate_setting(v, tensor) for k, v in self.params.items()}
+        members = [{k: evaluate_setting(v, tensor) for k, v in mp.items()} for mp in self.member_params]
+        return ({k: v for k, v in shared.items() if v is not None},
+                [{k: v for k, v in m.items() if v is not None} for m in members])
 
     def record(self) -> dict[str, object]:
         """What the merge's recipe metadata records about the file."""
@@ -107,17 +221,15 @@ class Recipe:
         if self.path is not None:
             rec["path"] = str(self.path)
             rec["sha256"] = hashlib.sha256(self.text.encode()).hexdigest()
+        if self.name is not None:
+            rec["stage"] = self.name
         return rec
 
-
-def _pick(value: object, tensor: str) -> object:
-    if isinstance(value, list):
-        for cond in value:
-            flt = cond.get("filter")
-            if flt is None or flt == "*" or flt in tensor:
-                return cond["value"]
-        return None
-    return value
+    def refs(self) -> list[str]:
+        """Every model reference the recipe reads (members, base, slice sources)."""
+        found = [*self.members, *([self.base] if self.base else [])]
+        found += [s.model for sl in self.slices for s in sl.sources] + [sl.base for sl in self.slices if sl.base]
+        return list(dict.fromkeys(found))
 
 
 def _scalar(key: str, value: object, where: str) -> object:
@@ -128,44 +240,51 @@ def _scalar(key: str, value: object, where: str) -> object:
         except OverflowError:
             raise InvalidArgumentError(f"{where}: parameter {key!r}: {preview(value)} is out of range of any number "
                                        "papa-merge computes with") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgumentError(f"{where}: parameter {key!r}: {value} is not a finite number")
     if isinstance(value, str) and len(value) > MAX_TEXT:
         raise InvalidArgumentError(f"{where}: parameter {key!r}: {preview(value)} is not a number or a method's word")
     return value
 
 
-def _check_value(key: str, value: object, where: str) -> object:
-    """A parameter value: a scalar, or a list of ``{filter, value}`` with scalar values."""
-    if isinstance(value, (bool, int, float, str)):
+_SCALARS = (bool, int, float, str)
+
+
+def _value(key: str, value: object, where: str, flt: object = None) -> object:
+    """A scalar, or a gradient: a non-empty list of scalars."""
+    if isinstance(value, _SCALARS):
         return _scalar(key, value, where)
+    if isinstance(value, list) and value and all(isinstance(v, _SCALARS) for v in value):
+        return [_scalar(key, v, where) for v in value]
+    if isinstance(value, list) and not value:
+        raise InvalidArgumentError(f"{where}: parameter {key!r}{'' if flt is None else f' filter {preview(flt)}'}: "
+                                   "an empty gradient list; give one value or at least one per end")
+    raise InvalidArgumentError(f"{where}: parameter {key!r}: value {preview(value)} is not a number, boolean, word "
+                               "or a list of them (a gradient)")
+
+
+def _check_value(key: str, value: object, where: str) -> Setting:
+    """A parameter value as a :data:`Setting`: a scalar, a gradient, or ``{filter, value}`` entries."""
+    if isinstance(value, _SCALARS) or (isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value)):
+        return [{"filter": None, "value": _value(key, value, where)}]
     if isinstance(value, Mapping) and "value" in value:
         value = [value]
     if isinstance(value, list):
-        if value and all(isinstance(v, (bool, int, float, str)) for v in value):
-            raise UnsupportedRecipeError(
-                f"{where}: parameter {key!r} is a gradient list {preview(value)}; gradients (values interpolated "
-                "across layers) are not supported: give one value, or {filter, value} entries", field=f"{key} gradient")
-        out = []
+        out: Setting = []
         for cond in value:
             if not isinstance(cond, Mapping) or "value" not in cond or set(cond) - {"filter", "value"}:
                 raise InvalidArgumentError(f"{where}: parameter {key!r}: each entry of a list must be "
                                            f"{{filter: ..., value: ...}}, got {preview(cond)}")
-            inner, flt = cond["value"], cond.get("filter")
-            if isinstance(inner, list):
-                raise UnsupportedRecipeError(
-                    f"{where}: parameter {key!r} filter {preview(flt)} has a gradient list {preview(inner)}; "
-                    "gradients are not supported", field=f"{key} gradient")
-            if not isinstance(inner, (bool, int, float, str)):
-                raise InvalidArgumentError(f"{where}: parameter {key!r}: value {preview(inner)} is not a number or "
-                                           "boolean")
+            flt = cond.get("filter")
             if flt is not None and not (isinstance(flt, str) and len(flt) <= MAX_TEXT):
                 raise InvalidArgumentError(f"{where}: parameter {key!r}: filter {preview(flt)} is not a piece of a "
                                            "tensor name; write it as a string (quoted if it looks like a number)")
-            out.append({"filter": flt, "value": _scalar(key, inner, where)})
+            out.append({"filter": flt, "value": _value(key, cond["value"], where, flt)})
         return out
     raise InvalidArgumentError(f"{where}: parameter {key!r} has a value papa-merge cannot read: {preview(value)}")
 
 
-def _params(raw: object, where: str) -> dict[str, object]:
+def _params(raw: object, where: str) -> dict[str, Setting]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -185,13 +304,16 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def _model_ref(raw: object, where: str, folder: Path) -> str:
-    """A mergekit model reference as a papa-merge checkpoint reference (local path or hf://)."""
+def _model_ref(raw: object, where: str, folder: Path, stages: frozenset[str] = frozenset()) -> str:
+    """A mergekit model reference as a papa-merge checkpoint reference (local path, hf://, or an earlier stage)."""
     revision = None
     if isinstance(raw, Mapping):
         if raw.get("lora") is not None:
             raise UnsupportedRecipeError(f"{where}: LoRA adapters ('lora') are not supported; merge the adapter into "
                                          "its model first", field="lora")
+        if raw.get("override_architecture") is not None:
+            raise UnsupportedRecipeError(f"{where}: 'override_architecture' is not supported: papa-merge reads the "
+                                         "layers from the tensor names; drop it", field="override_architecture")
         inner = raw.get("model", raw)
         if isinstance(inner, Mapping):
             revision = inner.get("revision")
@@ -201,6 +323,8 @@ def _model_ref(raw: object, where: str, folder: Path) -> str:
         raise InvalidArgumentError(f"{where}: model reference must be a path or a Hub repository, got {preview(raw)}")
     if revision is not None and not (isinstance(revision, str) and revision and len(revision) <= MAX_TEXT):
         raise InvalidArgumentError(f"{where}: revision must be a branch, tag or commit, got {preview(revision)}")
+    if raw in stages and revision is None:
+        return STAGE_PREFIX + raw
     if "+" in raw and not _exists(Path(raw)):
         raise UnsupportedRecipeError(f"{where}: {preview(raw)} names a LoRA adapter (model+lora), which is not "
                                      "supported; merge the adapter into its model first", field="lora")
@@ -217,7 +341,8 @@ def _model_ref(raw: object, where: str, folder: Path) -> str:
     if raw.count("/") == 1 and not raw.startswith((".", "/", "~")):
         return f"{HF_PREFIX}{raw}" + (f"@{revision}" if revision else "")
     raise CheckpointNotFoundError(f"{where}: model {preview(raw)} is neither a local path nor a Hub repository "
-                                  "(org/name)", path=raw)
+                                  "(org/name)" + (f" nor a stage of this file ({', '.join(sorted(stages))})"
+                                                  if stages else ""), path=raw)
 
 
 def preview(value: object, limit: int = PREVIEW_CHARS) -> str:
@@ -335,11 +460,11 @@ def _read_text(path: str | os.PathLike, where: str) -> str:
                                    "save the recipe as UTF-8", path=path) from None
 
 
-def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> tuple[Mapping, str]:
-    """The recipe's YAML mapping and its text.
+def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> tuple[list[Mapping], str]:
+    """The recipe's YAML documents (one mapping each, empty documents skipped) and its text.
 
-    The document is composed first, its size with aliases expanded is counted, and only then is it built:
-    YAML's aliases can make a 300-byte document describe billions of values.
+    Each document is composed first, its size with aliases expanded is counted (all documents together), and
+    only then is it built: YAML's aliases can make a 300-byte document describe billions of values.
     """
     import yaml
 
@@ -348,12 +473,22 @@ def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> 
     elif len(text) > MAX_RECIPE_BYTES:
         raise InvalidArgumentError(f"{where}: larger than {MAX_RECIPE_BYTES >> 20} MiB, which no recipe is", path=path)
     loader = None
+    docs: list[object] = []
     try:
         loader = _loader()(text)  # the reader refuses control characters here already
-        node = loader.get_single_node()
-        if node is not None:
-            _node_size(node, where, path)
-        raw = None if node is None else loader.construct_document(node)
+        total = 0
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            total += _node_size(node, where, path)
+            if total > MAX_VALUES:
+                raise InvalidArgumentError(f"{where}: the recipe holds more than {MAX_VALUES} values once its YAML "
+                                           "aliases (*name) are expanded; write them out", path=path)
+            if len(docs) >= MAX_STAGES:
+                raise InvalidArgumentError(f"{where}: more than {MAX_STAGES} YAML documents; a multi-stage recipe "
+                                           "has a few", path=path)
+            docs.append(loader.construct_document(node))
     except InvalidArgumentError:
         raise
     except RecursionError:
@@ -365,10 +500,15 @@ def _read_yaml(path: str | os.PathLike | None, text: str | None, where: str) -> 
     finally:
         if loader is not None:
             loader.dispose()
-    if not isinstance(raw, Mapping):
+    docs = [d for d in docs if d is not None]
+    if not docs:
         raise InvalidArgumentError(f"{where}: a recipe is a YAML mapping with merge_method and models, got "
-                                   f"{preview(raw)}", path=path)
-    return raw, text
+                                   "an empty file", path=path)
+    for d in docs:
+        if not isinstance(d, Mapping):
+            raise InvalidArgumentError(f"{where}: a recipe is a YAML mapping with merge_method and models, got "
+                                       f"{preview(d)}", path=path)
+    return docs, text
 
 
 def _check_fields(raw: Mapping, where: str, path: str | os.PathLike | None) -> None:
@@ -385,58 +525,224 @@ def _check_fields(raw: Mapping, where: str, path: str | os.PathLike | None) -> N
         shown = _clip(tok) if isinstance(tok, str) else preview(tok)
         raise UnsupportedRecipeError(f"{where}: 'tokenizer_source: {shown}' is not supported (tokenizer "
                                      "merging); use 'tokenizer_source: base'", field="tokenizer_source", path=path)
+    if raw.get("slices") is not None and raw.get("models") is not None:
+        raise InvalidArgumentError(f"{where}: give 'models' or 'slices', not both (as mergekit)", path=path)
 
 
-def _read_models(models: list, base: str | None, where: str, folder: Path, path: str | os.PathLike | None,
-                 ) -> tuple[list[str], list[dict[str, object]], dict[str, object]]:
-    """The members and their parameters; the base's own entry (mergekit lists it among the models) apart."""
-    members: list[str] = []
-    member_params: list[dict[str, object]] = []
-    base_params: dict[str, object] = {}
+def _entry_fields(entry: Mapping, allowed: set[str], where: str, path: str | os.PathLike | None) -> None:
+    extra = sorted(set(entry) - allowed, key=str)
+    if extra:
+        raise UnsupportedRecipeError(f"{where}: unknown field {preview(extra[0])}; it takes "
+                                     f"{', '.join(sorted(allowed))}", field=_clip(str(extra[0])), path=path)
+
+
+def _read_models(models: list, where: str, folder: Path, path: str | os.PathLike | None,
+                 stages: frozenset[str]) -> list[RecipeSource]:
+    sources = []
     for i, entry in enumerate(models):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
             raise InvalidArgumentError(f"{where}: models[{i}] needs a 'model', got {preview(entry)}", path=path)
-        extra = sorted(set(entry) - {"model", "parameters"}, key=str)
-        if extra:
-            raise UnsupportedRecipeError(f"{where}: models[{i}]: unknown field {preview(extra[0])}",
-                                         field=_clip(str(extra[0])), path=path)
-        ref = _model_ref(entry["model"], f"{where}: models[{i}]", folder)
-        p = _params(entry.get("parameters"), f"{where}: models[{i}]")
-        if base is not None and ref == base:
-            base_params = p
-            continue
-        members.append(ref)
-        member_params.append(p)
-    return members, member_params, base_params
+        _entry_fields(entry, {"model", "parameters"}, f"{where}: models[{i}]", path)
+        sources.append(RecipeSource(_model_ref(entry["model"], f"{where}: models[{i}]", folder, stages),
+                                    None, _params(entry.get("parameters"), f"{where}: models[{i}]")))
+    return sources
 
 
-def _spread_params(op: Operator, params: dict[str, object], member_params: list[dict[str, object]],
-                   where: str) -> list[dict[str, object]]:
-    """Each member's parameters: a per-member parameter given globally applies to each member unless the
-    member sets its own; a shared one set on a member is refused (mergekit reads those globally only)."""
-    per_member = {p.name for p in op.params if p.per_member}
-    member_params = [{k: v for k, v in mp.items()} for mp in member_params]
-    for k in [k for k in params if k in per_member]:
-        v = params.pop(k)
-        for mp in member_params:
-            mp.setdefault(k, v)
+def _layer_range(raw: object, where: str) -> tuple[int, int]:
+    if (not isinstance(raw, list) or len(raw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 20 for v in raw)
+            or raw[0] >= raw[1]):
+        raise InvalidArgumentError(f"{where}: layer_range must be [first, last + 1] with 0 <= first < last + 1, "
+                                   f"got {preview(raw)}")
+    return raw[0], raw[1]
+
+
+def _read_slices(slices: object, where: str, folder: Path, path: str | os.PathLike | None,
+                 stages: frozenset[str]) -> list[RecipeSlice]:
+    if not isinstance(slices, list) or not slices:
+        raise InvalidArgumentError(f"{where}: 'slices' must list the output's slices, got {preview(slices)}",
+                                   path=path)
+    out = []
+    for s, raw in enumerate(slices):
+        at = f"{where}: slices[{s}]"
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
+            raise InvalidArgumentError(f"{at}: a slice lists its 'sources', got {preview(raw)}", path=path)
+        _entry_fields(raw, {"sources", "base_model", "parameters", "residual_weight"}, at, path)
+        sources = []
+        for i, src in enumerate(raw["sources"]):
+            here = f"{at}.sources[{i}]"
+            if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
+                raise InvalidArgumentError(f"{here}: a source needs 'model' and 'layer_range', got {preview(src)}",
+                                           path=path)
+            _entry_fields(src, {"model", "layer_range", "parameters"}, here, path)
+            sources.append(RecipeSource(_model_ref(src["model"], here, folder, stages),
+                                        _layer_range(src["layer_range"], here),
+                                        _params(src.get("parameters"), here)))
+        base = _model_ref(raw["base_model"], f"{at}.base_model", folder, stages) if raw.get("base_model") else None
+        out.append(RecipeSlice(sources, _params(raw.get("parameters"), at), base))
+    return out
+
+
+def _check_shared_on_models(op: Operator, slices: list[RecipeSlice], from_models: bool, where: str) -> None:
+    """A parameter shared by all members (``normalize``, ``t``) set on one model is refused (mergekit reads those
+    at the slice and global levels only, and ignores them on a model)."""
     shared = {p.name for p in op.params if not p.per_member}
-    for i, mp in enumerate(member_params):
-        for k in [k for k in mp if k in shared]:
-            raise InvalidArgumentError(f"{where}: models[{i}]: parameter {k!r} of {op.name} is shared by all models; "
-                                       "set it under the global 'parameters'", option=k)
-    return member_params
+    for s, sl in enumerate(slices):
+        for i, src in enumerate(sl.sources):
+            for k in [k for k in src.params if k in shared]:
+                at = f"models[{i}]" if from_models else f"slices[{s}].sources[{i}]"
+                raise InvalidArgumentError(f"{where}: {at}: parameter {k!r} of {op.name} is shared by all models; "
+                                           "set it under the global 'parameters'", option=k)
+
+
+def _entries(setting: Setting | object) -> Setting:
+    return setting if isinstance(setting, list) else [{"filter": None, "value": setting}]
+
+
+def _simple(setting: Setting) -> Setting | object:
+    """A setting as :class:`Recipe` shows it: a plain scalar as itself, else its ``{filter, value}`` entries."""
+    return setting[0]["value"] if _is_plain(setting) else setting
+
+
+def _chain(*levels: Setting | object | None) -> Setting:
+    """Levels of precedence as one setting: their entries in order, up to the first that matches every tensor."""
+    out: Setting = []
+    for level in levels:
+        for e in _entries(level) if level is not None else ():
+            out.append(e)
+            if e.get("filter") in (None, "*"):
+                return out
+    return out
+
+
+def _parse_document(raw: Mapping, where: str, path: str | os.PathLike | None, text: str,
+                    stages: frozenset[str]) -> Recipe:
+    """One recipe document (one stage) as a :class:`Recipe`."""
+    _check_fields(raw, where, path)
+    method = raw.get("merge_method")
+    if method is None:
+        raise InvalidArgumentError(f"{where}: 'merge_method' is missing", path=path)
+    if not isinstance(method, str):
+        raise InvalidArgumentError(f"{where}: 'merge_method' must be a method's name, got {preview(method)}", path=path)
+    op = get_operator(_clip(method))  # a name too long to be one is refused by its start
+    folder = Path(path).parent if path is not None else Path(".")
+    base = _model_ref(raw["base_model"], f"{where}: base_model", folder, stages) if raw.get("base_model") else None
+    given_slices = raw.get("slices") is not None
+    if given_slices:
+        slices = _read_slices(raw["slices"], where, folder, path, stages)
+    else:
+        models = raw.get("models")
+        if not isinstance(models, list) or not models:
+            raise InvalidArgumentError(f"{where}: 'models' must list the models to merge (or 'slices' their "
+                                       f"layers), got {preview(models)}", path=path)
+        sources = _read_models(models, where, folder, path, stages)
+        if base is not None and base not in [s.model for s in sources]:
+            sources.append(RecipeSource(base))  # mergekit adds a base that is not among the models
+        slices = [RecipeSlice(sources)]
+    _check_shared_on_models(op, slices, not given_slices, where)
+    params = _params(raw.get("parameters"), f"{where}: parameters")
+    dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and not (isinstance(value, str) and len(value) <= PREVIEW_CHARS):
+            raise InvalidArgumentError(f"{where}: {key!r} must name a dtype (float32, bfloat16, ...), got "
+                                       f"{preview(value)}", path=path)
+    accumulate = "float64" if str(dtype).lower() in ("float64", "fp64", "double") else "float32"
+    notes = []
+    per_member = {p.name for p in op.params if p.per_member}
+    everything = [params, *(sl.params for sl in slices), *(s.params for sl in slices for s in sl.sources)]
+    gradient = any(_is_gradient(v) for level in everything for v in level.values())
+    name = raw.get("name")
+    if name is not None and not (isinstance(name, str) and name and len(name) <= MAX_TEXT):
+        raise InvalidArgumentError(f"{where}: 'name' must name the stage, got {preview(name)}", path=path)
+    # The whole-model view (members, base, per-member parameters), which a recipe without layer structure runs.
+    sources = slices[0].sources
+    members = [s.model for s in sources if base is None or s.model != base]
+    member_params = [dict(s.params) for s in sources if base is None or s.model != base]
+    if base is not None and op.base == "none":
+        # mergekit adds the base model to the inputs of a method that has no use for one
+        members = [s.model for s in sources]
+        member_params = [dict(s.params) for s in sources]
+        notes.append("base_model is one more member of this method, as in mergekit")
+        shown_base = None
+    else:
+        shown_base = base
+    shared = {k: v for k, v in params.items() if k not in per_member}
+    for mp in member_params:
+        for k in per_member & params.keys():
+            mp[k] = _chain(mp.get(k), params[k])  # the model's own value first, the global one if none matches
+    conditional = not all(_is_plain(v) for level in [shared, *member_params] for v in level.values())
+    shared = {k: _simple(v) for k, v in shared.items()}
+    member_params = [{k: _simple(v) for k, v in mp.items()} for mp in member_params]
+    if given_slices:
+        members = list(dict.fromkeys(s.model for sl in slices for s in sl.sources
+                                     if op.base == "none" or s.model != (sl.base or base)))
+        notes.append(f"{len(slices)} slices, {len(members)} model{'s' * (len(members) != 1)}")
+    return Recipe(method, members, shown_base, shared, member_params, out_dtype or dtype, accumulate,
+                  Path(path) if path is not None else None, text, conditional, notes, slices,
+                  given_slices or gradient, name, [], params)
+
+
+def _stage_order(recipes: list[Recipe], where: str, path: str | os.PathLike | None) -> list[Recipe]:
+    """The stages in the order they run (each after the stages it reads), the output's last."""
+    by_name = {r.name: r for r in recipes if r.name is not None}
+    unnamed = [r for r in recipes if r.name is None]
+    if len(unnamed) > 1:
+        raise InvalidArgumentError(f"{where}: {len(unnamed)} documents without a 'name'; a multi-stage recipe names "
+                                   "every stage but the final one (as mergekit-multi)", path=path)
+    if len(by_name) + len(unnamed) != len(recipes):
+        dup = next(n for n in by_name if sum(r.name == n for r in recipes) > 1)
+        raise InvalidArgumentError(f"{where}: two stages are named {preview(dup)}; give each its own name", path=path)
+
+    def reads(r: Recipe) -> list[str]:
+        return [ref[len(STAGE_PREFIX):] for ref in r.refs() if ref.startswith(STAGE_PREFIX)]
+
+    used = {n for r in recipes for n in reads(r)}
+    if unnamed:
+        final = unnamed[0]
+    else:
+        sinks = [r for r in recipes if r.name not in used]
+        if len(sinks) != 1:
+            names = ", ".join(str(r.name) for r in sinks) or "none: they read each other in a cycle"
+            raise InvalidArgumentError(f"{where}: cannot tell which stage is the output (stages no other stage "
+                                       f"reads: {names}); leave the final stage without a 'name'", path=path)
+        final = sinks[0]
+    order: list[Recipe] = []
+    visiting: set[str | None] = set()
+
+    def visit(r: Recipe) -> None:
+        if r in order:
+            return
+        if r.name in visiting:
+            raise InvalidArgumentError(f"{where}: stage {r.name!r} reads its own output through other stages; "
+                                       "stages cannot form a cycle", path=path)
+        visiting.add(r.name)
+        for n in reads(r):
+            visit(by_name[n])
+        visiting.discard(r.name)
+        order.append(r)
+
+    visit(final)
+    unused = [r.name for r in recipes if r not in order]
+    if unused:
+        raise InvalidArgumentError(f"{where}: stage {unused[0]!r} is not used by the final stage; remove it or "
+                                   "use it", path=path)
+    return order
 
 
 def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = None) -> Recipe:
     """Parse a mergekit YAML recipe (a file, or its ``text``), refusing what papa-merge does not implement.
 
+    A file of several YAML documents is a multi-stage recipe (mergekit-multi): the returned :class:`Recipe` is
+    the final stage, and its ``stages`` the others, in the order they run.
+
     Raises:
-        UnsupportedRecipeError: a field papa-merge does not implement (``slices``, ``modules``, gradient
-            lists, ``tokenizer``, ``tokenizer_source: union``, ``chat_template``, LoRA); ``field`` names it.
-        InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values).
+        UnsupportedRecipeError: a field papa-merge does not implement (``modules``, ``tokenizer``,
+            ``tokenizer_source`` other than ``base``, ``chat_template``, LoRA, ``override_architecture``);
+            ``field`` names it.
+        InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values,
+            stages that do not chain).
         UnknownNameError: a method papa-merge does not have (the message lists those it has).
 
     Example:
@@ -445,44 +751,24 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
         'linear'
     """
     where = str(path) if path is not None else "recipe"
-    raw, text = _read_yaml(path, text, where)
-    _check_fields(raw, where, path)
-    method = raw.get("merge_method")
-    if method is None:
-        raise InvalidArgumentError(f"{where}: 'merge_method' is missing", path=path)
-    if not isinstance(method, str):
-        raise InvalidArgumentError(f"{where}: 'merge_method' must be a method's name, got {preview(method)}", path=path)
-    op = get_operator(_clip(method))  # a name too long to be one is refused by its start
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
-        raise InvalidArgumentError(f"{where}: 'models' must list the models to merge, got {preview(models)}",
-                                   path=path)
-    folder = Path(path).parent if path is not None else Path(".")
-    base = _model_ref(raw["base_model"], f"{where}: base_model", folder) if raw.get("base_model") else None
-    members, member_params, base_params = _read_models(models, base, where, folder, path)
-    notes = []
-    if base is not None and op.base == "none":
-        # mergekit adds the base model to the inputs of a method that has no use for one
-        members.append(base)
-        member_params.append(base_params)
-        base = None
-        notes.append("base_model is one more member of this method, as in mergekit")
-    params = _params(raw.get("parameters"), f"{where}: parameters")
-    member_params = _spread_params(op, params, member_params, where)
-    conditional = any(isinstance(v, list) for v in params.values()) or any(
-        isinstance(v, list) for mp in member_params for v in mp.values())
-    dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
-        if value is not None and not (isinstance(value, str) and len(value) <= PREVIEW_CHARS):
-            raise InvalidArgumentError(f"{where}: {key!r} must name a dtype (float32, bfloat16, ...), got "
-                                       f"{preview(value)}", path=path)
-    accumulate = "float64" if str(dtype).lower() in ("float64", "fp64", "double") else "float32"
-    return Recipe(method, members, base, params, member_params,
-                  out_dtype or dtype, accumulate, Path(path) if path is not None else None, text, conditional, notes)
+    docs, text = _read_yaml(path, text, where)
+    if len(docs) == 1:
+        return _parse_document(docs[0], where, path, text, frozenset())
+    names = frozenset(d["name"] for d in docs if isinstance(d.get("name"), str))
+    recipes = []
+    for i, doc in enumerate(docs):
+        label = doc.get("name") if isinstance(doc.get("name"), str) else f"document {i + 1}"
+        recipes.append(_parse_document(doc, f"{where}: stage {_clip(label)}", path, text,
+                                       names - {doc.get("name")}))
+    order = _stage_order(recipes, where, path)
+    final = order[-1]
+    final.stages = order[:-1]
+    final.notes.append(f"stage {len(order)} of {len(order)}; runs first: "
+                       + ", ".join(str(r.name) for r in final.stages))
+    return final
 
 
 def _soup_args(recipe: Recipe) -> dict[str, object]:
-    scalar_members = [{k: v for k, v in mp.items()} for mp in recipe.member_params]
     args: dict[str, object] = dict(method=recipe.method, base=recipe.base, dtype=recipe.dtype,
                                    accumulate=recipe.accumulate)
     if recipe.conditional:
@@ -490,21 +776,176 @@ def _soup_args(recipe: Recipe) -> dict[str, object]:
         shared, members = recipe.resolve("")
         args["params"], args["member_params"] = shared, members
     else:
-        args["params"], args["member_params"] = dict(recipe.params), scalar_members
+        args["params"] = dict(recipe.params)
+        args["member_params"] = [dict(mp) for mp in recipe.member_params]
     return args
 
 
+def _member_models(recipe: Recipe, op: Operator) -> list[tuple[list[str], str | None]]:
+    """Per slice: the models of its inputs in order, and its base model (``None`` for a method without one)."""
+    out = []
+    for s, sl in enumerate(recipe.slices):
+        base = sl.base or recipe.base
+        models = [src.model for src in sl.sources]
+        if op.base == "none" or base is None or base not in models:
+            if op.base == "required" and base is not None and base not in models:
+                raise InvalidArgumentError(f"slices[{s}]: the base model {base} is not among its sources; "
+                                           f"{op.name} takes the base's layers from a source of each slice")
+            out.append((models, None))
+        else:
+            out.append((models, base))
+    return out
+
+
+def _slice_resolver(recipe: Recipe, op: Operator, places: Mapping, members_by_slice: list[list[str]]):
+    """``name -> (shared, per-member parameters)`` with mergekit's precedence: source, slice, global.
+
+    A member's values are evaluated against its own input tensor name, the shared ones against the output's
+    (``mergekit/parameter_resolver.py``: ``resolve_parameters``).
+    """
+    from merge.slices import TensorPlace
+
+    per_member = {p.name for p in op.params if p.per_member}
+    glob = recipe.global_params
+    top = [glob, *(sl.params for sl in recipe.slices)]
+    member_keys = sorted({k for level in [*top, *(src.params for sl in recipe.slices for src in sl.sources)]
+                          for k in level if k in per_member})
+    shared_keys = sorted({k for level in top for k in level if k not in per_member})
+    n = len(members_by_slice[0]) if members_by_slice else 0
+
+    def resolve(name: str) -> tuple[dict[str, object], list[dict[str, object]]]:
+        place = places.get(name) or TensorPlace(0, 0.0, [name] * n)
+        sl = recipe.slices[place.slice]
+        shared = {}
+        for k in shared_keys:
+            v = evaluate_setting(_chain(sl.params.get(k), glob.get(k)), name, place.t)
+            if v is not None:
+                shared[k] = v
+        members = []
+        for j in range(n):
+            model = members_by_slice[place.slice][j]
+            got = {}
+            for k in member_keys:
+                own = [e for src in sl.sources if src.model == model for e in src.params.get(k, ())]
+                v = evaluate_setting(_chain(own, sl.params.get(k), glob.get(k)), place.names[j], place.t)
+                if v is not None:
+                    got[k] = v
+            members.append(got)
+        return shared, members
+
+    return resolve
+
+
+def _open_slices(recipe: Recipe, stack: contextlib.ExitStack):
+    """Open every model of a layered recipe and plan its slices: ``(SlicePlan, resolve)``."""
+    from merge.io.sources import open_checkpoint
+    from merge.slices import SliceInput, plan_slices
+
+    op = get_operator(recipe.method)
+    opened: dict[str, object] = {}
+    for ref in recipe.refs():
+        opened[ref] = stack.enter_context(open_checkpoint(ref))
+    specs = []
+    members_by_slice = []
+    for (models, base), sl in zip(_member_models(recipe, op), recipe.slices):
+        inputs = [SliceInput(opened[src.model], src.layers, src.model) for src in sl.sources]
+        base_at = models.index(base) if base is not None else None
+        specs.append((inputs, base_at))
+        members_by_slice.append([m for i, m in enumerate(models) if i != base_at])
+    plan = plan_slices(specs)
+    return plan, _slice_resolver(recipe, op, plan.places, members_by_slice), opened
+
+
+def _rewrite_config(recipe: Recipe, plan, opened: Mapping[str, object], out: Path) -> None:
+    """A folder output's ``config.json`` with the stacked layer count and per-layer lists, replaced atomically."""
+    from merge.slices import read_config, rewrite_layer_config
+
+    config = read_config(out)
+    if config is None or not plan.layer_origin:
+        return
+    lead = []
+    for sl in recipe.slices:
+        base = sl.base or recipe.base
+        src = next((s for s in sl.sources if s.model != base), sl.sources[0])
+        lead.append(read_config(opened[src.model].path))
+    rewritten = rewrite_layer_config(config, plan.layer_origin, lead)
+    if rewritten == config:
+        return
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(json.dumps(rewritten, indent=2) + "\n")
+    os.replace(tmp, out / "config.json")
+
+
+def _check_one_process(recipe: Recipe, options: Mapping[str, object]) -> None:
+    if options.get("jobs", 1) != 1 or options.get("ranks"):
+        raise InvalidArgumentError("a recipe with slices or gradient parameters runs in one process; leave jobs at 1 "
+                                   "and run it outside torchrun", option="jobs", choices=(1,))
+
+
+def _with_stage_outputs(recipe: Recipe, outputs: Mapping[str, str]) -> Recipe:
+    """``recipe`` with its references to earlier stages replaced by their output folders."""
+    def ref(r: str | None) -> str | None:
+        if r is not None and r.startswith(STAGE_PREFIX):
+            return outputs[r[len(STAGE_PREFIX):]]
+        return r
+
+    slices = [RecipeSlice([dataclasses.replace(s, model=ref(s.model)) for s in sl.sources], sl.params, ref(sl.base))
+              for sl in recipe.slices]
+    return dataclasses.replace(recipe, members=[ref(m) for m in recipe.members], base=ref(recipe.base),
+                               slices=slices, stages=[])
+
+
 def plan_recipe(recipe: Recipe | str | os.PathLike, **options: object):
-    """Validate a recipe against its models without writing (``papa-merge run --dry-run``)."""
+    """Validate a recipe against its models without writing (``papa-merge run --dry-run``).
+
+    A multi-stage recipe is planned up to its first stage (the later ones read outputs not yet written); a
+    note says so.
+    """
     from merge.soups import plan_soup
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return plan_soup(recipe.members, **_soup_args(recipe), **options)
+    if recipe.stages:
+        first = recipe.stages[0]
+        recipe.notes.append(f"planned: stage {first.name} (the later stages read outputs not yet written)")
+        recipe = first
+    if not recipe.layered:
+        return plan_soup(recipe.members, **_soup_args(recipe), **options)
+    with contextlib.ExitStack() as stack:
+        plan, resolve, _ = _open_slices(recipe, stack)
+        shared, members = resolve("")
+        return plan_soup(plan.members, method=recipe.method, base=plan.base, params=shared, member_params=members,
+                         dtype=recipe.dtype, accumulate=recipe.accumulate, sources=list(plan.members),
+                         base_source=plan.base, resolve=resolve, **options)
+
+
+def _run_one(recipe: Recipe, out: str | os.PathLike, options: dict[str, object]):
+    from merge.soups import soup
+
+    extra = dict(options.pop("recipe_extra", None) or {})
+    extra["recipe_file"] = recipe.record()
+    if not recipe.layered:
+        return soup(recipe.members, out=out, recipe_extra=extra, **_soup_args(recipe), **options)
+    _check_one_process(recipe, options)
+    with contextlib.ExitStack() as stack:
+        plan, resolve, opened = _open_slices(recipe, stack)
+        shared, members = resolve("")
+        extra["layers"] = plan.num_layers
+        result = soup(plan.members, out=out, method=recipe.method, base=plan.base, params=shared,
+                      member_params=members, dtype=recipe.dtype, accumulate=recipe.accumulate, resolve=resolve,
+                      recipe_extra=extra, **options)
+        if result.path.is_dir():
+            _rewrite_config(recipe, plan, opened, result.path)
+        return result
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, **options: object):
     """Run a mergekit recipe through the same code as :func:`merge.soup`.
+
+    A recipe with ``slices:`` or gradient parameters runs as a merge of :class:`merge.slices.SliceSource`
+    members (one process). A multi-stage recipe runs its stages in order, each earlier one into a folder of a
+    temporary directory beside ``out`` (``.NAME.stages-*``), removed at the end whether the run succeeds or
+    fails; ``force`` applies to ``out`` only.
 
     Args:
         recipe: a :class:`Recipe` or the path of a YAML file.
@@ -512,16 +953,34 @@ def run_recipe(recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, **
         **options: :func:`merge.soup` options (``device``, ``seed``, ``force``, ``shard_size``, ``strict``, ...).
 
     Returns:
-        The :class:`merge.soups.MergeResult`; its recipe metadata records the file (path, sha256, text).
+        The :class:`merge.soups.MergeResult` of the final stage; its recipe metadata records the file (path,
+        sha256, text).
 
     Example:
         >>> import merge
         >>> merge.run_recipe("ties.yml", out="merged/")  # doctest: +SKIP
     """
-    from merge.soups import soup
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    extra = dict(options.pop("recipe_extra", None) or {})
-    extra["recipe_file"] = recipe.record()
-    return soup(recipe.members, out=out, recipe_extra=extra, **_soup_args(recipe), **options)
+    if not recipe.stages:
+        return _run_one(recipe, out, dict(options))
+    out = Path(out)
+    from merge.soups import output_kind
+
+    output_kind(out)  # a bad output suffix is refused before the first stage runs
+    if out.exists() and not options.get("force"):
+        from merge.io.atomic import check_output_free
+
+        check_output_free(out, force=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-", dir=out.parent))
+    try:
+        outputs: dict[str, str] = {}
+        stage_options = {k: v for k, v in options.items() if k not in ("force", "recipe_extra")}
+        for i, stage in enumerate(recipe.stages):
+            target = work / f"stage{i}"  # not the stage's name: a name is not a safe path
+            _run_one(_with_stage_outputs(stage, outputs), target, {**stage_options, "shard_size": "1TB"})
+            outputs[str(stage.name)] = str(target)
+        return _run_one(_with_stage_outputs(recipe, outputs), out, dict(options))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
