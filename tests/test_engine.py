@@ -31,12 +31,20 @@ def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     }
 
 
+# parameters an operator needs (or whose interesting branch the generated tests should take)
+_EXAMPLE = {"slerp": {"t": 0.4}, "nearswap": {"t": 0.04}, "sce": {"select_topk": 0.5}}
+
+
+def _takes(op, name: str) -> bool:
+    return any(p.name == name for p in op.params)
+
+
 def _inputs(op, n: int = 3):
     n = min(n, op.max_members or n)
     base = _state(100)
     members = [{k: (v + 0.05 * _state(i)[k] if v.is_floating_point() else v) for k, v in base.items()}
                for i in range(n)]
-    params = {"t": 0.4} if op.name == "slerp" else {"density": [0.3, 0.7, 0.5][:n]} if op.path == "task" else {}
+    params = dict(_EXAMPLE.get(op.name, {})) or ({"density": [0.3, 0.7, 0.5][:n]} if _takes(op, "density") else {})
     if op.name in ("breadcrumbs", "breadcrumbs_ties"):
         params["gamma"] = 0.05
     weights = [1.0, 0.5, 2.0][:n] if any(p.name == "weight" for p in op.params) else None
@@ -80,7 +88,7 @@ def test_working_memory_is_the_same_for_2_and_8_members(name: str) -> None:
     plans = []
     for n in (2, 8):
         members = [_state(i) for i in range(n)]
-        params = {"density": 0.5} if op.path == "task" else {}
+        params = dict(_EXAMPLE.get(op.name, {})) or ({"density": 0.5} if _takes(op, "density") else {})
         base = StateDictSource(_state(100)) if op.base == "required" else None
         plans.append(plan_merge([StateDictSource(m) for m in members], op, params=params, base=base))
     assert plans[0].buffer_bytes == plans[1].buffer_bytes
