@@ -14,9 +14,9 @@ __all__ = ["SectionedCommand", "format_command_sections", "COMMAND_SECTIONS"]
 
 # The top level, in the order a user meets the commands.
 COMMAND_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Merge", ("soup", "align", "run", "select", "inspect")),
+    ("Merge", ("soup", "align", "run", "check", "select", "inspect")),
     ("Train", ("quickstart", "train", "collapse", "midpoint")),
-    ("Evaluate", ("eval", "interpolate")),
+    ("Evaluate", ("eval", "interpolate", "multitask")),
     ("Hugging Face Hub", ("pull", "push")),
 )
 

@@ -16,6 +16,8 @@ from cli.help import format_command_sections
 from cli.util import QUIET, VERBOSITY_KEY
 from cli import eval_cmd, hub_cmd, inspect_cmd, methods_cmd, quickstart_cmd, run_cmd, select_cmd, soup_cmd, train_cmd
 from cli import align_cmd
+from cli import check_cmd
+from cli import multitask_cmd
 
 
 # Library errors name keyword arguments; on the command line each is a flag. One table for all commands.
@@ -226,6 +228,7 @@ def _restore_env(name: str, old: str | None):
 cli.add_command(soup_cmd.soup)
 cli.add_command(align_cmd.align)
 cli.add_command(run_cmd.run)
+cli.add_command(check_cmd.check)
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(eval_cmd.eval_)
 cli.add_command(select_cmd.select)
@@ -236,6 +239,7 @@ cli.add_command(methods_cmd.midpoint)
 cli.add_command(methods_cmd.interpolate)
 cli.add_command(hub_cmd.pull)
 cli.add_command(hub_cmd.push)
+cli.add_command(multitask_cmd.multitask)
 
 
 def main() -> None:
