@@ -47,7 +47,7 @@ from merge.errors import (
 )
 
 __all__ = ["HubReference", "PushResult", "parse_reference", "resolve_reference", "pull", "push", "model_card",
-           "hub_source_of", "HF_PREFIX"]
+           "hub_source_of", "HF_PREFIX", "RemoteCheckpoint", "plan_download", "read_range"]
 
 # Small files beside the weights that from_pretrained needs (configs, tokenizers, chat templates).
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
@@ -476,6 +476,86 @@ def resolve_reference(ref: str, *, endpoint: str | None = None, token: str | boo
         names, target = _plan_checkpoint_files(api, r, sha, files, endpoint)
         folder = _download(api, r, sha, names, endpoint)
     return folder / target if target else folder
+
+
+@dataclass
+class RemoteCheckpoint:
+    """What :func:`resolve_reference` would download for a Hub checkpoint, known without downloading weights.
+
+    Attributes:
+        ref: the reference as given (``hf://org/name@rev[/path]``).
+        repo_id, sha: the repo and the commit the revision resolves to (every later read uses the sha).
+        files: ``name -> size in bytes`` of each file the download would fetch (weights, index, configs).
+        target: the path inside the snapshot that opens as the checkpoint (None: the folder itself).
+        cached: the snapshot is already in the local cache (nothing would be downloaded).
+    """
+
+    ref: str
+    repo_id: str
+    sha: str
+    files: dict[str, int]
+    target: str | None
+    cached: bool = False
+
+    @property
+    def download_bytes(self) -> int:
+        return 0 if self.cached else sum(self.files.values())
+
+
+def plan_download(ref: str, *, endpoint: str | None = None, token: str | bool | None = None) -> RemoteCheckpoint:
+    """The files (and their sizes) :func:`resolve_reference` would download for ``ref``, asking the Hub for the
+    repo's listing only (a sharded checkpoint's index is fetched too: it names the shards).
+
+    Raises:
+        As :func:`resolve_reference`.
+    """
+    r = _parse(ref)
+    endpoint = _endpoint(endpoint)
+    api = _api(endpoint, token)
+    with _hub_errors(r, endpoint=endpoint):
+        info = api.model_info(r.repo_id, revision=r.revision, files_metadata=True, timeout=_seconds(_DOWNLOAD_VAR))
+    sha = str(info.sha)
+    sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+    names, target = _plan_checkpoint_files(api, r, sha, list(sizes), endpoint)
+    snapshot = _cache_storage(r.repo_id) / "snapshots" / sha
+    cached = all((snapshot / n).is_file() for n in names)
+    return RemoteCheckpoint(ref, r.repo_id, sha, {n: sizes.get(n, 0) for n in names}, target, cached)
+
+
+def read_range(ref: str, filename: str, start: int, length: int, *, endpoint: str | None = None,
+               token: str | bool | None = None) -> bytes:
+    """``length`` bytes of a file in a Hub repo from byte ``start``, by one HTTP range request (nothing else of
+    the file is transferred, and nothing is cached).
+
+    Args:
+        ref: ``hf://org/name[@revision]`` (a commit sha keeps every read on one commit).
+        filename: the path of the file in the repo.
+        start, length: the byte range; a range past the end returns what is there.
+
+    Raises:
+        CheckpointNotFoundError: no such repo, revision or file.
+        HubError: the Hub cannot be reached or refused the request.
+
+    Example:
+        >>> n = int.from_bytes(read_range("hf://org/model", "model.safetensors", 0, 8), "little")  # doctest: +SKIP
+    """
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    if length <= 0:
+        return b""
+    r = _parse(ref)
+    endpoint = _endpoint(endpoint)
+    url = hf_hub_url(r.repo_id, filename, revision=r.revision, endpoint=endpoint)
+    headers = {**build_hf_headers(token=token, library_name="papa-merge", library_version=_version()),
+               "Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+    with _hub_errors(r, endpoint=endpoint, filename=filename):
+        response = get_session().get(url, headers=headers, follow_redirects=True)
+        hf_raise_for_status(response)
+        data = response.content
+    if response.status_code == 200 and start:  # a server that ignores Range sends the whole file
+        data = data[start:]
+    return data[:length]
 
 
 def _patterns(include: str | Sequence[str] | None, *, what: str = "include") -> list[str] | None:

@@ -104,6 +104,18 @@ def _refuse_existing_output_early(out: Path, inputs: Sequence[object], *, force:
     check_output_free(out, force=False)
 
 
+def _check_hub_members_first(members: Sequence[object], *, base: object, **plan_args: object) -> None:
+    """With ``hf://`` members, check them from their headers (:func:`merge.check.check_members`) before any weight
+    is downloaded: an incompatible set is refused before the first shard arrives."""
+    given = [*members, *([base] if base is not None else [])]
+    paths = all(isinstance(m, (str, os.PathLike)) for m in given)
+    if not paths or not any(str(m).startswith(schemes.HF_PREFIX) for m in given):
+        return
+    from merge.check import check_members
+
+    check_members(list(members), base=base, **plan_args)  # type: ignore[arg-type]
+
+
 def _member_record(src: Source) -> dict:
     fp = src.fingerprint()
     source = schemes.describe(src.path)
@@ -446,6 +458,9 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
     out = Path(out)
     jobs = check_jobs(jobs)
     _refuse_existing_output_early(out, [*members, *([base] if base is not None else [])], force=force)
+    _check_hub_members_first(members, method=method, base=base, weights=weights, params=params,
+                             member_params=member_params, resolve=resolve, dtype=dtype, on_mismatch=on_mismatch,
+                             key=key)
     with ExitStack() as stack:
         if ranks:  # under torchrun: the group set up if need be, a bare cuda made cuda:LOCAL_RANK
             device = stack.enter_context(MergeGroup(device)).device

@@ -16,6 +16,8 @@ Usage::
     server.requests                       # [(method, path), ...] for assertions
     server.hang = True                    # accept every connection, read the request, never answer
     server.drop_uploads = True            # read part of an upload's body (LFS PUT or commit), then drop the line
+    server.served                         # [(path, bytes of file content sent), ...]: Range requests count their part
+    server.file_bytes_served()            # their total (API answers, JSON listings, are not counted)
 
 Repos live in memory; file contents live in ``root/blobs/<sha256>``.
 """
@@ -103,6 +105,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.hang = False  # a Hub that accepts connections and never answers
         self.drop_uploads = False  # a connection lost in the middle of an upload
+        self.served: list[tuple[str, int]] = []  # (request path, bytes of file content in the answer's body)
         self._released = threading.Event()  # set by stop(): hung handlers return
         self.lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -205,6 +208,11 @@ class HubServer:
             if method == "GET" and m:
                 out.append(f"{m.group(1)}/{unquote(m.group(2))}/{unquote(m.group(3))}")
         return out
+
+    def file_bytes_served(self) -> int:
+        """Bytes of file content sent so far (a Range request counts the part it asked for)."""
+        with self.lock:
+            return sum(n for _, n in self.served)
 
     def is_lfs(self, path: str, size: int, sample: bytes) -> bool:
         if self.upload_mode == "regular":
@@ -477,8 +485,15 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data) and len(data) > 0:
                 return self._send(416, b"", {**headers, "Content-Range": f"bytes */{len(data)}"})
             headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+            self._count(end + 1 - start)
             return self._send(206, data[start:end + 1], headers, content_type)
+        self._count(len(data))
         return self._send(200, data, headers, content_type)
+
+    def _count(self, n: int) -> None:
+        if self.command != "HEAD":
+            with self.hub.lock:
+                self.hub.served.append((self.path, n))
 
     def _preupload(self, repo: _Repo, rev: str, payload: dict, query: dict) -> None:
         commit = self.hub.resolve(repo, "main" if query.get("create_pr") else rev)
