@@ -266,3 +266,48 @@ def test_align_command_on_a_sentence_transformers_folder(tmp_path):
     aligned_b = load(out, "BertModel").state_dict()
     for k in sd:
         torch.testing.assert_close(aligned_b[k], sd[k], atol=1e-6, rtol=0)
+
+
+class Scaled(torch.nn.Linear):
+    """A linear layer subclassed outside torch.nn (as LoRA's): it may compute more than a linear map, so it is run
+    through, its weights read directly."""
+
+    def __init__(self, n: int):
+        super().__init__(n, n)
+        self.scale = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(4, 6), torch.nn.Linear(6, 5), torch.nn.Linear(5, 7)
+        self.d, self.e = torch.nn.Linear(7, 8), Scaled(8)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # control flow on the input: fx cannot trace it, so it is recorded by running it
+            h = torch.relu(self.a(x))
+            h[:, 0] = 1.0  # one of a's units written in place
+            g = torch.stack([row for row in torch.relu(self.b(h))])  # b's units iterated over rows
+            return self.e(torch.relu(self.d(torch.relu(self.c(g)))))
+        return x
+
+
+def test_a_recorded_model_keeps_in_place_what_it_writes_in_place_iterates_or_computes_in_a_foreign_layer():
+    torch.manual_seed(0)
+    model, x = Untraceable().eval(), torch.randn(5, 4)
+    spec = permutation_spec(model, x)
+    assert spec.sizes == {"c": 7}
+    assert "feeds the method .__setitem__()" in spec.fixed["a"] and "feeds the method .unbind()" in spec.fixed["b"]
+    assert "feeds linear, which the tracer does not know" in spec.fixed["d"]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    shuffled = apply_permutation(spec, random_permutation(spec, seed=0), sd)
+    assert not torch.equal(shuffled["c.weight"], sd["c.weight"])
+    model.load_state_dict(shuffled)
+    with torch.no_grad():
+        got = model(x)
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=0)

@@ -8,7 +8,9 @@ another's; permuting the units of a network (the output channels of a layer, the
 its normalisation and the input channels of what consumes it) leaves the function it computes unchanged.
 
 - :func:`permutation_spec` finds which tensor axes share one permutation by tracing the model with
-  ``torch.fx`` (the reference writes a spec by hand per architecture): the output channels of a
+  ``torch.fx``, or, for a model fx cannot trace (Hugging Face transformers: Python control flow on the inputs,
+  and transformers 5 has no fx tracer of its own), with the graph recorded by running it once on the example
+  (:mod:`merge.align.record`; the reference writes a spec by hand per architecture): the output channels of a
   convolution or linear layer, the BatchNorm/LayerNorm after it, the input channels of its consumers
   (a linear layer after a ``Flatten`` takes the channel's whole block of features), and residual streams
   tied wherever two streams are added or multiplied, and attention heads moved as whole heads (the query,
@@ -32,12 +34,15 @@ Deliberate differences from the reference, each a decision:
   with BatchNorm (``small_cnn``, VGG-like), ResNets (timm) and transformer blocks written with plain
   modules (embeddings and the residual stream, LayerNorm, the MLP's hidden units, attention heads), and
   leaves in place what it cannot tie. Attention heads move as whole heads only where the attention is
-  ``F.scaled_dot_product_attention`` on heads split by a view/reshape and a transpose, without a mask;
-  the units within a head are not permuted (queries and keys share a rotation symmetry, not only a
-  permutation); activation matching matches heads by the summed correlations of their merged outputs,
-  unit by unit. Any other attention (a mask, ``q @ k.transpose``, another layout) keeps its query/key/value
-  units in place and is reported. Hugging Face models (MiniLM) do not trace with ``torch.fx.symbolic_trace``
-  and are refused.
+  ``F.scaled_dot_product_attention`` on heads split by a view/reshape and a transpose, without a mask or with
+  one that broadcasts over the heads (a padding mask); the units within a head are not permuted (queries and
+  keys share a rotation symmetry, not only a permutation); activation matching matches heads by the summed
+  correlations of their merged outputs, unit by unit. Any other attention (a mask per head, ``q @ k.transpose``,
+  another layout) keeps its query/key/value units in place and is reported. A BERT-like Hugging Face encoder
+  (MiniLM: ``BertModel``, ``BertForSequenceClassification``, with the default SDPA attention) is recorded by
+  running it: its MLP units and attention heads are permuted, and its residual stream is tied across the
+  embeddings, every LayerNorm and every sublayer's output (left in place where it is the model's output, as a
+  bare encoder's hidden states). With ``attn_implementation="eager"`` its heads stay in place, reported.
 - Weight matching's cost uses the parameters only, as the reference's specs name only parameters; the
   BatchNorm running statistics are permuted with their layer but do not enter the cost.
 - The random order of permutations comes from ``torch.Generator`` seeded with ``seed + iteration`` (the
@@ -621,13 +626,14 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
 
     Args:
         model: the network (its weights are not used; only its structure).
-        example_input: one input batch (a tensor, or a tuple of the forward's arguments), for the shapes.
+        example_input: one input batch (a tensor, a tuple of the forward's arguments, or a dict of keyword arguments:
+            a tokenised batch), for the shapes; a recorded model runs on its first 2 rows.
 
     Returns:
         The :class:`PermutationSpec`; units it could not tie soundly are in ``fixed``, not permuted.
 
     Raises:
-        InvalidArgumentError: the model cannot be traced by ``torch.fx``.
+        InvalidArgumentError: the model cannot be traced by ``torch.fx`` and does not run on ``example_input``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))

@@ -44,6 +44,10 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["Recording", "record_graph", "call_model"]
 
+# Calls that read only what a tensor is (its size, type, place), never its values in order.
+_METADATA = {"__get__", "size", "dim", "numel", "__len__", "stride", "is_contiguous", "is_floating_point",
+             "is_complex", "element_size", "get_device", "data_ptr", "storage_offset", "__bool__", "item", "__format__",
+             "__repr__", "__hash__", "__eq__"}
 # Tensor dunders as the operator or method fx would record (reflected ones with their operands swapped).
 _DUNDERS = {"__add__": ("method", "add", False), "__radd__": ("method", "add", True),
             "__iadd__": ("method", "add_", False), "__sub__": ("method", "sub", False),
@@ -125,7 +129,8 @@ class _Recorder(TorchFunctionMode):
     # hooks: the module scope, and leaves as single nodes
     def __enter__(self) -> _Recorder:
         for name, mod in self.model.named_modules():
-            if isinstance(mod, self.leaves):
+            # torch.nn's own classes only (as fx's leaves): a subclass elsewhere (a LoRA linear) may compute more
+            if isinstance(mod, self.leaves) and type(mod).__module__.startswith("torch.nn"):
                 self.handles.append(mod.register_forward_pre_hook(self._leaf_pre(name), with_kwargs=True))
                 self.handles.append(mod.register_forward_hook(self._leaf_post(name), with_kwargs=True))
             else:
@@ -164,9 +169,19 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.inside or not _tensors(out):
-            return out  # inside a leaf, or sizes, dtypes and flags (concrete values: constants of the graph)
+        if self.inside:
+            return out  # a leaf's own operations
         name = getattr(func, "__name__", str(func))
+        result = out
+        if name == "__iter__":
+            out = tuple(out)  # the rows, each its own getitem node of the iteration (an unknown method)
+            result = iter(out)
+        elif not _tensors(out):
+            if name in _METADATA or not _tensors((args, kwargs)):
+                return out  # sizes, dtypes and flags: concrete values, constants of the graph
+            # A tensor written in place (x[i] = v) or read out of torch (x.tolist()): a node the rules do not know, so
+            # the units of its inputs stay in place; what was written in place is that node's output from now on.
+            out = args[0] if isinstance(args[0], Tensor) and (name == "__setitem__" or name.endswith("_")) else None
         if getattr(torch.Tensor, name, None) is func or getattr(torch._C.TensorBase, name, None) is func:
             kind, target, swap = _DUNDERS.get(name, ("method", name, False))
             if swap:
@@ -176,7 +191,7 @@ class _Recorder(TorchFunctionMode):
             op, target = "call_function", func
         scope = self.scope[-1] if self.scope else ""
         self.add(op, target, tuple(args), kwargs, out, key=f"{scope}:{getattr(target, '__name__', target)}")
-        return out
+        return result
 
     # nodes
     def node_of(self, t: Tensor) -> fx.Node:
