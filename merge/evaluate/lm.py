@@ -185,7 +185,7 @@ def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int) -> li
     Example:
         >>> class Tok:  # a stand-in: one id per character
         ...     eos_token_id = 0
-        ...     def __call__(self, texts, add_special_tokens):
+        ...     def __call__(self, texts, add_special_tokens, verbose):
         ...         return {"input_ids": [[ord(c) for c in t] for t in texts]}
         >>> token_blocks(["ab", "c"], Tok(), block_size=2)
         [[97, 98], [0, 99]]
@@ -195,7 +195,8 @@ def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int) -> li
                                    f"{block_size}", option="block_size")
     end = _end_token(tokenizer)
     ids: list[int] = []
-    for doc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected; blocks cut them.
+    for doc in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(int(t) for t in doc)
         if end is not None:
             ids.append(end)
