@@ -65,6 +65,9 @@ GPU_CHUNK_BYTES = 64 << 20
 GRAM_TILE = 8
 # Elements per chunk of the Gram pass on a GPU (a tile of GRAM_TILE + 2 float64 rows: 320 MB of device memory).
 GPU_GRAM_CHUNK = 1 << 22
+# A task-vector merge's magnitude selection (TIES, breadcrumbs) holds one member's whole tensor of magnitudes,
+# up to this size, to run its radix levels from one read instead of one read per level.
+WHOLE_SELECT_BYTES = 256 << 20
 
 
 class NonFiniteError(MergeError, ValueError):
@@ -808,7 +811,25 @@ class _TaskKernel(_Kernel):
         self.chunk = max(unit, (max(1, plan.chunk_elems) // unit) * unit)
         self.chunk = min(self.chunk, max(1, self.numel))
         self.passes = self.task.stat_passes()
+        # The magnitude selection's levels all run from one read of each member when its magnitudes fit in
+        # WHOLE_SELECT_BYTES (one tensor in memory); beyond that, one chunked pass per level.
+        self.whole_select = (any(kind.startswith("radix") for kind, _ in self.passes)
+                             and self.numel * self.dtype.itemsize <= WHOLE_SELECT_BYTES)
+
+    def _stat_passes(self) -> Iterator[tuple[str, list[int]]]:
+        """The statistics passes as run: the radix levels as one ``select`` pass in whole-tensor mode."""
+        for kind, members in self.passes:
+            if self.whole_select and kind.startswith("radix"):
+                if kind == "radix0":
+                    yield "select", members
+            else:
+                yield kind, members
+
     def work_bytes(self) -> int:
+        whole = self.numel * self.dtype.itemsize if self.whole_select else 0
+        return whole + self._chunk_work_bytes()
+
+    def _chunk_work_bytes(self) -> int:
         per = 12 * self.dtype.itemsize + 4  # base, delta, |delta|, five sums, temporaries, mask
         if self.task.spec.sparsify == "della_magprune":
             per += 3 * 8 + 2 * 4  # argsort order and ranks (int64), uniforms, probabilities
@@ -818,7 +839,7 @@ class _TaskKernel(_Kernel):
         return self.chunk * per + hist + getattr(self.task, "extra_bytes", 0)  # whole-tensor state of some specs
 
     def reads(self) -> Iterator[Read]:
-        for _, members in self.passes:
+        for _, members in self._stat_passes():
             for i in members:
                 for start, count in _chunks(self.numel, self.chunk):
                     yield self.read(self.base_index, start, count)
@@ -833,7 +854,10 @@ class _TaskKernel(_Kernel):
         bbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
         xbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
         task = self.task
-        for kind, members in self.passes:
+        for kind, members in self._stat_passes():
+            if kind == "select":
+                self._select_whole(io, members, bbuf, xbuf)
+                continue
             for i in members:
                 task.stat_begin(kind, i)
                 for start, count in _chunks(self.numel, self.chunk):
@@ -850,6 +874,19 @@ class _TaskKernel(_Kernel):
                 x = io.take_as(xbuf, i, self.name, start, count)
                 task.add_member(state, i, x.sub_(b), start)
             self._emit(io, task.finish_chunk(state, b), out_buf)
+
+    def _select_whole(self, io: _IO, members: list[int], bbuf: torch.Tensor, xbuf: torch.Tensor) -> None:
+        """Each member's magnitudes gathered chunk by chunk into one buffer, then every selection level."""
+        a = torch.empty(self.numel, dtype=self.dtype, device=io.device)
+        for i in members:
+            for start, count in _chunks(self.numel, self.chunk):
+                b = io.take_as(bbuf, self.base_index, self.name, start, count)
+                x = io.take_as(xbuf, i, self.name, start, count)
+                torch.abs(x.sub_(b), out=a[start: start + count])
+            if not _finite(a):
+                self.suspect = True
+            self.task.select_whole(i, a, self.chunk)
+        del a
 
 
 class _TensorKernel(_Kernel):
@@ -1043,9 +1080,12 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
             progress(nbytes)
 
     # One compute thread beside the reader thread: on small machines torch's own pool would fight the
-    # reader for cores (and its idle workers spin), which measured 1.5-2x slower on 2 cores.
+    # reader for cores (and its idle workers spin), which measured 1.5-2x slower on 2 cores for the
+    # read-bound paths. The task path (TIES and kin) is compute-bound and keeps torch's threads (10 s
+    # instead of 16 s for TIES of 4 x 0.5 GB on 2 cores); its results do not depend on the thread count:
+    # its elementwise operations are exact per element and its sums run on one thread (merge.ops.task).
     threads = torch.get_num_threads()
-    if not cuda:
+    if not cuda and plan.operator.path != "task":
         torch.set_num_threads(1)
     try:
         with ChunkReader(plan.read_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,

@@ -47,6 +47,15 @@ GOLDEN: list[tuple[str, dict, str]] = [
      '18260e9565f0d4c2f748c261345dd3164ff25046584d199f35107a1e73fe08a5'),
     ('della', {'density': 0.6, '_accumulate': 'float64'}, 'd8ac6a27fe6e01ec5e28f5a915480b7fbc1083672f5d8040c45c4a3adc96165b'),
     ('dare_ties', {'density': 0.5, '_accumulate': 'float64'}, '654d8d11d651885ce191b7ae87bde0fa2dba4a9c0c3652c0f3fa0732eecc2d08'),
+    ('ties', {'density': 0.3, 'rescale': True, '_big': True}, 'e7be8ef2e8c343c956de36068d99bd4d9b55691d5c3778bb6ad683bdb324696b'),
+    ('dare_ties', {'density': 0.5, '_big': True}, '18d28bd3b4b0e8458ebabe0dda9ecd25fdea54290ef34c59532cce8adb16e487'),
+    ('della', {'density': 0.6, '_big': True}, 'f2b08e269dc08822c6a45a88124eb28d610b81ed97af49873144a3354e9616e2'),
+    ('breadcrumbs', {'density': 0.6, 'gamma': 0.1, 'rescale': True, '_big': True},
+     '1fd0c65155c09ab3de224139f45fff7565715f29fa2c9d569450cfc0d013c15d'),
+    ('ties', {'density': 0.3, 'rescale': True, '_big': True, '_accumulate': 'float64'},
+     '7386321c402da4d3b1b9e5201df0a4977daae8639ca38a26e2535518691f5c77'),
+    ('dare_linear', {'density': 0.5, '_big': True, '_accumulate': 'float64'},
+     '717a517954b28f5ba1d82111ed17aaefb73428cfb2674ec03f32ef7472fd8ed9'),
 ]
 
 MEMBERS = 3
@@ -57,9 +66,11 @@ def _grid(rng: np.random.Generator, shape: tuple[int, ...], step: float) -> np.n
     return (rng.integers(-6, 7, size=shape) * step).astype(np.float32)
 
 
-def _checkpoints(folder: Path) -> tuple[list[Path], Path]:
+def _checkpoints(folder: Path, big: bool = False) -> tuple[list[Path], Path]:
     rng = np.random.Generator(np.random.PCG64(20261205))
     shapes = {"a.weight": (64, 48), "b.bias": (48,), "c.weight": (3, 5, 7), "d.weight": (130, 9)}
+    if big:  # past torch's parallel grain (32768 elements): sums could split across threads
+        shapes["e.weight"] = (260, 300)
     base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
 
     def write(path: Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -89,7 +100,7 @@ def _digest(path: Path) -> str:
 def _merge(tmp: Path, method: str, params: dict, chunk_bytes: int | None) -> str:
     params = dict(params)
     accumulate = params.pop("_accumulate", "float32")  # the compute dtype, where a case sets it
-    members, base = _checkpoints(tmp)
+    members, base = _checkpoints(tmp, big=bool(params.pop("_big", False)))
     op = merge.ops.get_operator(method)
     members = members[: op.max_members or len(members)]
     out = tmp / f"{method}-{chunk_bytes}.safetensors"
@@ -103,3 +114,17 @@ def test_outputs_are_bit_identical_to_the_recorded_ones(method: str, params: dic
                                                         tmp_path: Path) -> None:
     assert _merge(tmp_path, method, params, None) == expected
     assert _merge(tmp_path, method, params, 1024) == expected
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_task_merges_do_not_depend_on_the_thread_count(threads: int, tmp_path: Path) -> None:
+    """The task path computes on torch's threads: its output is the recorded one on 1 thread and on 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, (method, params, expected) in enumerate(GOLDEN):
+            if params.get("_big"):
+                (tmp_path / str(k)).mkdir()
+                assert _merge(tmp_path / str(k), method, params, None) == expected, method
+    finally:
+        torch.set_num_threads(before)

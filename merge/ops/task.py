@@ -28,7 +28,9 @@ peak memory is a fixed number of chunks, whatever the number of members.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -182,6 +184,19 @@ class TaskTensor:
 
     # ---- statistics -------------------------------------------------------------------------------------
 
+    def select_whole(self, i: int, a: torch.Tensor, piece: int) -> None:
+        """Every radix level of member ``i``'s selection at once, from its whole magnitudes ``a`` in memory.
+
+        The same histograms as the chunked passes (so the same band), from one read of the member instead
+        of one per level; ``a`` is walked ``piece`` elements at a time so temporaries stay chunk-sized.
+        """
+        m = self.members[i]
+        for level in range(m.select.passes):
+            m.select.begin(level)
+            for start in range(0, a.numel(), piece):
+                m.select.add(a[start: start + piece])
+            self.stat_end(f"radix{level}", i)
+
     def stat_begin(self, kind: str, i: int) -> None:
         m = self.members[i]
         if kind.startswith("radix"):
@@ -199,15 +214,16 @@ class TaskTensor:
         a = d.abs()
         if kind.startswith("radix"):
             m.select.add(a)
-            return math.isfinite(float(a.sum()))
+            return kind != "radix0" or math.isfinite(float(a.sum()))  # one check per member is enough
         mask = self.keep_mask(i, a, start, self._counters)
         finite = True
-        for u in range(0, a.numel(), self.unit):
-            part = a[u: u + self.unit]
-            total = float(part.sum(dtype=torch.float64))
-            kept = total if mask is None else float((part * mask[u: u + self.unit]).sum(dtype=torch.float64))
-            m.sums.append((total, kept))
-            finite = finite and math.isfinite(total)
+        with one_thread():  # a sum's rounding must not depend on how many threads split it
+            for u in range(0, a.numel(), self.unit):
+                part = a[u: u + self.unit]
+                total = float(part.sum(dtype=torch.float64))
+                kept = total if mask is None else float((part * mask[u: u + self.unit]).sum(dtype=torch.float64))
+                m.sums.append((total, kept))
+                finite = finite and math.isfinite(total)
         return finite
 
     def stat_end(self, kind: str, i: int) -> None:
@@ -311,6 +327,20 @@ class TaskTensor:
         if self.lam != 1.0:
             mixed.mul_(self.lam)
         return mixed.add_(base)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside the block: sums then round the same whatever the thread count."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _row_ranks_cpu(v: torch.Tensor) -> torch.Tensor:
