@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
-from merge.errors import InvalidArgumentError
+from merge.errors import InvalidArgumentError, MismatchError
 from merge.ops._lazy import lazy_torch
 from merge.ops.registry import Combination, Operator, Resolved, path_of, set_whole_tensor
 
@@ -182,6 +182,10 @@ def apply_tensor(op: Operator, tensors: list[torch.Tensor], base: torch.Tensor |
     the result depends on it: the whole result is NaN, as for ``gram`` operators.
     """
     shape = tensors[0].shape
+    for who, t in [*((f"member {i}", t) for i, t in enumerate(tensors)), ("the base", base)]:
+        if t is not None and t.shape != shape:
+            raise MismatchError(f"tensor {name!r}: {who} has shape {list(t.shape)}, member 0 {list(shape)}; "
+                                f"method {op.name!r} needs every copy of a tensor in one shape", tensor=name or None)
     if not _all_finite([*tensors, base]):
         return torch.full(shape, float("nan"), dtype=tensors[0].dtype, device=tensors[0].device)
     extra = {"seed": seed} if op.random else {}

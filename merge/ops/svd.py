@@ -53,9 +53,10 @@ def _mean_task(tensors: list[torch.Tensor], base: torch.Tensor, alpha: float) ->
     return acc.mul_(alpha / len(tensors)).add_(base)
 
 
-def _tolerance(s: torch.Tensor, shape: tuple[int, ...]) -> float:
-    """Singular values at or below this are zero (numpy's ``matrix_rank`` tolerance): their vectors are arbitrary."""
-    top = float(s[0]) if s.numel() else 0.0
+def _tolerance(s: torch.Tensor, shape: tuple[int, ...], scale: float | None = None) -> float:
+    """Singular values at or below this are zero (numpy's ``matrix_rank`` tolerance, relative to the largest
+    singular value, or to ``scale`` for a matrix computed from a larger one): their vectors are arbitrary."""
+    top = scale if scale is not None else float(s[0]) if s.numel() else 0.0
     return top * max(shape) * torch.finfo(s.dtype).eps
 
 
@@ -146,7 +147,9 @@ def iso_cts_tensor(tensors: list[torch.Tensor], base: torch.Tensor, resolved: Re
     for delta in deltas:
         specific = delta - uc @ (uc.T @ delta)  # the task matrix with the common subspace projected out
         u, s, vt = _svd(specific)
-        k = int((s[:per_member] > _tolerance(s, specific.shape)).sum())
+        # zero is judged against the task matrix: what is left of one inside the common subspace is rounding
+        scale = float(torch.linalg.matrix_norm(delta))
+        k = int((s[:per_member] > _tolerance(s, specific.shape, scale)).sum())
         us.append(u[:, :k].clone())
         ss.append(s[:k].clone())
         vs.append(vt[:k].clone())
