@@ -74,7 +74,7 @@ SOUP_SECTIONS = (
     ("Merge method (see --list-methods)", ("method", "list_methods", "density", "lambda_", "t", "gamma", "epsilon",
                                            "normalize", "rescale", "param", "seed", "strict")),
     ("Greedy soup and BatchNorm (evaluate on data)", ("greedy", "data", "eval_text", "block_size", "recompute_bn",
-                                                      "batch_size", "model",
+                                                      "batch_size", "batches", "model",
                                                       "num_classes", "in_chans", "image_size")),
     ("Compute", ("accumulate", "device", "jobs", "progress")),
 )
@@ -167,6 +167,9 @@ def print_plan(plan, out: str, force: bool = False) -> None:
                    "with --greedy). 0: off.")
 @click.option("--batch-size", default=256, type=click.IntRange(min=1),
               help="Batch size of --greedy evaluation and --recompute-bn.")
+@click.option("--batches", default=8, type=click.IntRange(min=1), metavar="N",
+              help="Batches (of --batch-size) each member is run on by the merges that use data: regmean and fisher "
+                   "on training batches, adamerging on unlabeled validation batches.")
 @click.option("--align", "align_method", default=None, type=click.Choice(["weight", "activation"]),
               help="Members trained from different initialisations: permute each member's hidden units onto "
                    "--align-to's first (weight or activation matching), then merge. Needs papa_merge metadata.")
@@ -196,7 +199,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
          image_size: int | None, base: str | None, seed: int, strict: bool, jobs: int = 1,
          align_method: str | None = None, align_to: int = 0, align_batches: int = 8, repair: bool = True,
          schedule: str | None = None, window: int | None = None, window_steps: int | None = None,
-         verify: bool = False, **method_params: object) -> None:
+         verify: bool = False, batches: int = 8, **method_params: object) -> None:
     """Average checkpoints into one.
 
     Averages MEMBERS... tensor by tensor, streaming from disk in constant memory.
@@ -214,6 +217,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup run/checkpoint-*/ --schedule ema:0.9 --window 5 -o run/window/
       papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
+      papa-merge soup --method regmean ft1.safetensors ft2.safetensors --batches 8 -o regmean.safetensors
       papa-merge soup --jobs 4 --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup --align weight scratch/member-*.safetensors -o aligned-soup.safetensors
       torchrun --nproc-per-node 8 --no-python papa-merge soup ft*/ -o soup/
@@ -266,9 +270,15 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
                 model=model, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                 progress=progress)
         return
-    if model is not None:
-        raise click.UsageError("--model describes members that record no architecture for --greedy; a plain soup "
-                               "needs none")
+    from merge.ops import get_operator
+
+    needs_data = get_operator(merge.soups.resolve_method(method, weights)).data
+    if needs_data and (dry_run or recompute_bn or align_method is not None or jobs != 1):
+        raise click.UsageError(f"--method {method} runs the members on data before it merges; drop --dry-run, "
+                               "--recompute-bn, --align and --jobs")
+    if model is not None and not needs_data:
+        raise click.UsageError("--model describes members that record no architecture for --greedy and the merges "
+                               "that use data; a plain soup needs none")
 
     if align_method is not None and (recompute_bn or dry_run or base is not None or jobs != 1):
         raise click.UsageError("--align merges the aligned members in memory, then fixes their statistics "
@@ -293,6 +303,14 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
 
         # Architecture and data checked first; the statistics recomputed on the temporary, before the rename.
         write = functools.partial(soup_recompute_bn, recompute_bn=recompute_bn, data=data, batch_size=batch_size)
+    if needs_data:
+        import functools
+
+        from merge.datamerge import merge_with_data
+
+        # One dispatch point: the members' model and data resolved as eval does, run on --batches, then streamed.
+        write = functools.partial(merge_with_data, data=data, model=model, num_classes=num_classes, in_chans=in_chans,
+                                  image_size=image_size, batches=batches, batch_size=batch_size)
     if align_method is not None:
         import functools
 
@@ -305,7 +323,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
                        dtype=dtype, accumulate=accumulate, device=device, shard_size=shard_size,
                        on_mismatch=on_mismatch, key=key, force=force, progress=show, recipe_extra=recipe_extra,
                        strict=strict, **({"jobs": jobs} if jobs != 1 else {}), **({"verify": True} if verify else {}),
-                       **({"ranks": True} if under_torchrun() and not recompute_bn and align_method is None else {}))
+                       **({"ranks": True} if under_torchrun() and not recompute_bn and align_method is None
+                          and not needs_data else {}))
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the merge
@@ -316,6 +335,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
                    f"{batch_size}")
     if align_method is not None:
         click.echo(describe_alignment(members, result.recipe))
+    if needs_data:
+        click.echo(describe_data(result.recipe))
     skipped = f", skipped {len(result.skipped)} mismatched" if result.skipped else ""
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}{skipped}) "
                f"in {result.seconds:.2f}s ({result.gb_per_s:.2f} GB/s read): "
@@ -365,6 +386,19 @@ def _window(members: tuple[str, ...], *, out: str, schedule: str, window: int | 
                f"{result.seconds:.2f}s: window of {len(win.members)} checkpoints, schedule {win.schedule}")
     if result.verified is not None:
         click.echo(describe_verified(result.verified))
+
+
+def describe_data(recipe: dict) -> str:
+    """``ran each member on 8 train batches of 256 (digits); ...``: what a merge that uses data ran on, in one line."""
+    rec = recipe.get("data") or {}
+    line = (f"ran each member on {rec.get('batches')} {rec.get('split')} batches of {rec.get('batch_size')} "
+            f"({', '.join(rec.get('datasets') or [])})")
+    ada = recipe.get("adamerging")
+    if ada:
+        ent = ada.get("entropy") or {}
+        line += (f"; learned {ada['granularity']} coefficients in {ada['steps']} steps, prediction entropy "
+                 f"{ent.get('first', float('nan')):.4f} -> {ent.get('last', float('nan')):.4f}")
+    return line
 
 
 def describe_alignment(members: tuple[str, ...], recipe: dict) -> str:
@@ -509,13 +543,14 @@ def list_methods() -> None:
         aliases = [a for a, target in ALIASES.items() if target == name]
         shown = name + (f" (alias {', '.join(aliases)})" if aliases else "")
         params = ", ".join(f"{p.name}{'*' if p.per_member else ''}" for p in op.params) or "-"
-        rows.append((shown, op.path, op.base, params, op.citation))
+        rows.append((shown, op.path, op.base, params, op.citation, op.data))
     head = ("METHOD", "STREAMING PATH", "BASE MODEL")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
     click.echo("  ".join(f"{head[i]:<{widths[i]}}" for i in range(3)).rstrip())
     for r in rows:
         click.echo("  ".join(f"{r[i]:<{widths[i]}}" for i in range(3)).rstrip())
-        for text in (f"parameters: {r[3]}", r[4]):  # indented lines: citations run to 150 characters
+        # indented lines: citations run to 150 characters; a method that runs the members on data says on what
+        for text in (f"parameters: {r[3]}", *([f"needs data: {r[5]}"] if r[5] else []), r[4]):
             for line in textwrap.wrap(text, width=_LIST_WIDTH, initial_indent="    ", subsequent_indent="      "):
                 click.echo(line)
     click.echo()

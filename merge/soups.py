@@ -226,7 +226,8 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
               dtype: str | torch.dtype | None = None, accumulate: str | torch.dtype = "float32",
               device: str | torch.device | None = "cpu", on_mismatch: str = "error", chunk_bytes: int | None = None,
               strict: bool = False, key: str | None = None, sources: list[Source] | None = None,
-              base_source: Source | None = None, resolve=None) -> MergePlan:
+              base_source: Source | None = None, resolve=None,
+              aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None) -> MergePlan:
     """Validate a soup without writing anything (``papa-merge soup --dry-run``).
 
     The returned plan's ``out_bytes``, ``read_bytes`` and ``buffer_bytes`` say how much the soup will
@@ -244,7 +245,7 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
         w = check_weights(weights, len(sources)) if weights is not None else None
         return plan_merge(sources, op, weights=w, params=params, member_params=member_params, base=base_source,
                           seed=seed, dtype=out_dtype, accumulate=acc_dtype, device=dev, on_mismatch=on_mismatch,
-                          chunk_bytes=chunk_bytes, strict=strict, resolve=resolve)
+                          chunk_bytes=chunk_bytes, strict=strict, resolve=resolve, aux=aux)
 
 
 def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) -> None:
@@ -385,7 +386,8 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
          key: str | None = None, metadata: Mapping[str, str] | None = None,
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
          chunk_bytes: int | None = None, strict: bool = False, resolve=None, jobs: int = DEFAULT_JOBS,
-         ranks: bool = False, verify: bool = False) -> MergeResult:
+         ranks: bool = False, verify: bool = False,
+         aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
@@ -434,6 +436,9 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
             (:func:`merge.verify.verify_output`); the result's ``verified`` says what was checked. A split merge
             (``jobs``, ``ranks``) writes from several processes, so it checks the keys and re-reads every
             tensor but has no checksums to compare.
+        aux: for operators that take auxiliary tensors (RegMean's Gram matrices, Fisher's diagonal): one source
+            (or dict) per member holding ``NAME:KIND`` tensors; :func:`merge.datamerge.merge_with_data` computes
+            them from data and passes them here.
 
     Returns:
         A :class:`MergeResult` (path, files, sizes, time, the recorded recipe, and one report per process).
@@ -473,13 +478,20 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                                        f"writes, so {ranks} ranks cannot share it; write NAME.safetensors or a folder",
                                        path=out, option="out")
         resolve_device(device)
-        get_operator(method)
+        op = get_operator(method)
+        if op.data and aux is None and resolve is None:
+            raise InvalidArgumentError(f"method {op.name!r} runs the members' model on data ({op.data}) before it "
+                                       "merges: call merge.datamerge.merge_with_data, which does that and then "
+                                       "streams the merge through soup")
+        if aux is not None and jobs > 1:
+            raise InvalidArgumentError("a merge with auxiliary tensors runs in one process (its workers could not "
+                                       "reopen them); leave jobs at 1", option="jobs", choices=(1,))
         sources = _open_all(members, stack, key)
         base_source = _open_all([base], stack, key)[0] if base is not None else None
         plan = plan_soup(members, method=method, weights=weights, base=base, params=params,
                          member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
-                         base_source=base_source, resolve=resolve)
+                         base_source=base_source, resolve=resolve, aux=aux)
         _check_not_an_input(out, plan.all_sources, len(plan.sources))
         _warn_if_different_starts(sources, base_source)
         out_dtype = parse_dtype(dtype)

@@ -312,7 +312,7 @@ def test_parameter_errors_name_the_parameter() -> None:
         _run("slerp", xs[:1], base)
     with pytest.raises(InvalidArgumentError, match="method 'ties' needs a base model"):
         _run("ties", xs)
-    with pytest.raises(UnknownNameError, match="valid methods: breadcrumbs"):
+    with pytest.raises(UnknownNameError, match="valid methods: .*breadcrumbs"):
         get_operator("dare")
 
 

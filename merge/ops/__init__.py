@@ -40,6 +40,7 @@ from merge.ops import linear as _linear  # noqa: F401 - registers uniform, weigh
 from merge.ops import task as _task  # noqa: F401 - registers the task-vector methods
 from merge.ops import sphere as _sphere  # noqa: F401 - registers slerp, multislerp, karcher, model_stock
 from merge.ops import svd as _svd  # noqa: F401 - registers tsv, iso_c, iso_cts (the tensor path)
+from merge.ops import data as _data  # noqa: F401 - registers regmean, fisher, adamerging (they need data)
 
 __all__ = ["Operator", "Param", "Combination", "Resolved", "REQUIRED", "register", "get_operator", "list_operators",
            "OPERATORS", "ALIASES", "resolve_params", "check_weights", "normalised_weights"]
