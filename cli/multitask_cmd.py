@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cli import util
@@ -29,6 +31,13 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, dict[str, object]]:
     return out
 
 
+def _refuse_existing(path: Path, force: bool, hint: str) -> None:
+    """Before any work: an existing output is replaced only with --force (the library refuses it too, later)."""
+    if path.exists() and not force:
+        raise click.BadParameter(f"{path} already exists; pass --force to replace it, or choose another path",
+                                 param_hint=hint)
+
+
 @click.group("multitask")
 def multitask() -> None:
     """Merge per-task fine-tunes of a backbone.
@@ -49,6 +58,7 @@ def multitask() -> None:
               help="Comma-separated tasks, one fine-tune each (at least 2).")
 @click.option("--seed", default=0, type=int, help="Seed of the splits, initialisations and data order.")
 @click.option("--limit", default=2000, type=click.IntRange(min=1), help="Training rows per task.")
+@click.option("--pretrain-limit", default=10000, type=click.IntRange(min=1), help="Pretraining rows (MNIST).")
 @click.option("--eval-limit", default=1000, type=click.IntRange(min=1), help="Test rows per task.")
 @click.option("--epochs", default=4.0, type=click.FloatRange(min=0, min_open=True), help="Epochs of each run.")
 @click.option("--lr", default=0.03, type=click.FloatRange(min=0, min_open=True), help="Fine-tuning learning rate.")
@@ -56,13 +66,15 @@ def multitask() -> None:
               help="Also train one model on all tasks (the upper-reference row).")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace existing members.")
-def build(out_dir: str, tasks: str, seed: int, limit: int, eval_limit: int, epochs: float, lr: float, joint: bool,
-          device: str, force: bool) -> None:
+def build(out_dir: str, tasks: str, seed: int, limit: int, pretrain_limit: int, eval_limit: int, epochs: float,
+          lr: float, joint: bool, device: str, force: bool) -> None:
     """Train a pool: a small CNN pretrained on MNIST, fine-tuned on each task; write OUT_DIR/pool.json."""
     from merge.multitask import build_pool
 
+    _refuse_existing(Path(out_dir) / "pool.json", force, "OUT_DIR")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    pool = build_pool(out_dir, tasks=names, seed=seed, limit=limit, eval_limit=eval_limit, epochs=epochs, lr=lr,
+    pool = build_pool(out_dir, tasks=names, seed=seed, limit=limit, pretrain_limit=pretrain_limit,
+                      eval_limit=eval_limit, epochs=epochs, lr=lr,
                       multitask=joint, device=device, force=force, progress=util.show_progress())
     click.echo(f"wrote {pool.path} ({len(pool.members)} tasks: {', '.join(m.task for m in pool.members)})")
 
@@ -88,6 +100,8 @@ def run(pool: str, methods: str | None, params: tuple[str, ...], json_out: str |
     """
     from merge.multitask import format_multitask, run_multitask
 
+    if json_out:
+        _refuse_existing(Path(json_out), force, "--json")
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = run_multitask(pool, methods=chosen, params=_parse_params(params), device=device, batch_size=batch_size)
     click.echo(format_multitask(result))

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -40,12 +41,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from merge.data import ImageArrayTable, SplitDataset, Splits, load_dataset
+from merge.data.datasets import DATASETS
 from merge.errors import (CheckpointFormatError, CheckpointNotFoundError, InvalidArgumentError, MismatchError,
                           UnknownNameError)
 from merge.io import AtomicOutput, open_checkpoint, write_state_dict
 from merge.io import schemes
 from merge.models import build_model, load_weights, model_spec
-from merge.ops import list_operators
+from merge.keys import DATA_KEY, MODEL_KEY
+from merge.ops import get_operator, list_operators
 from merge.soups import soup
 from merge.train import Recipe, evaluate_model, fit
 from merge.train.kit import save_member, train_loader, train_record
@@ -55,6 +58,7 @@ __all__ = ["TASKS", "POOL_A", "METHODS", "MethodSpec", "Pool", "PoolMember", "Mu
            "POOL_FORMAT", "RESULT_FORMAT", "write_json"]
 
 POOL_FORMAT = "papa-merge-pool/1"
+TASK_PREFIX = "multitask:"
 RESULT_FORMAT = "papa-merge-multitask/1"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -87,6 +91,10 @@ def load_task(name: str, *, seed: int = 0, limit: int | None = None, eval_limit:
               val_fraction: float = 0.1) -> Splits:
     """The splits of a task: a built-in one (:data:`TASKS`) or any dataset :func:`merge.data.load_dataset` loads.
 
+    A built-in task is also the dataset ``multitask:<name>`` once this module is imported, so members trained
+    on it reload their split from their metadata as any member does (``papa-merge eval``, the merges that use
+    data).
+
     Args:
         name: ``mnist``, ``mnist-parity``, ``mnist-rot90``, ``mnist-inverted``, ``digits-28``, or a dataset
             name (``imagefolder:<path>`` for a task of a pool trained elsewhere).
@@ -104,15 +112,21 @@ def load_task(name: str, *, seed: int = 0, limit: int | None = None, eval_limit:
         >>> s.num_classes, len(s.train), len(s.test)
         (2, 100, 50)
     """
-    if name not in TASKS:
-        try:
-            return load_dataset(name, seed=seed, limit=limit, eval_limit=eval_limit, val_fraction=val_fraction)
-        except UnknownNameError:
-            raise UnknownNameError("task", name, list_tasks() + ["or a dataset: mnist, digits, imagefolder:<path>"]) \
-                from None
+    if name in TASKS:
+        name = TASK_PREFIX + name
+    try:
+        return load_dataset(name, seed=seed, limit=limit, eval_limit=eval_limit, val_fraction=val_fraction)
+    except UnknownNameError:
+        raise UnknownNameError("task", name, list_tasks() + ["or a dataset: mnist, digits, imagefolder:<path>"]) \
+            from None
+
+
+def _load_builtin(name: str, seed: int, val_fraction: float, limit: int | None, image_size: int | None) -> Splits:
+    """A built-in task's full splits (``load_dataset`` then keeps ``eval_limit`` rows of val and test)."""
+    if image_size not in (None, 28):
+        raise InvalidArgumentError(f"task {name} has 28x28 images; image_size={image_size} does not apply")
     source = "digits" if name == "digits-28" else "mnist"
-    base = load_dataset(source, seed=_task_seed(name, seed), limit=limit, eval_limit=eval_limit,
-                        val_fraction=val_fraction)
+    base = load_dataset(source, seed=_task_seed(name, seed), limit=limit, val_fraction=val_fraction)
     rows = [s.indices for s in (base.train, base.val, base.test)]
     table = base.train.table
     images = table.images[np.concatenate(rows)]
@@ -135,9 +149,15 @@ def load_task(name: str, *, seed: int = 0, limit: int | None = None, eval_limit:
     new = ImageArrayTable(images.numpy(), labels, scale=table.scale, mean=[mean], std=[std])
     cut = np.cumsum([0, n_train, n_val, len(rows[2])])
     splits = [SplitDataset(new, np.arange(cut[i], cut[i + 1])) for i in range(3)]
-    spec = {**base.spec, "dataset": f"multitask:{name}", "task": name, "num_classes": len(classes),
+    spec = {**base.spec, "dataset": TASK_PREFIX + name, "seed": int(seed), "num_classes": len(classes),
             "preprocessing": {"scale": table.scale, "mean": [mean], "std": [std], "image_size": 28, "in_chans": 1}}
     return Splits(*splits, num_classes=len(classes), kind="image", classes=classes, spec=spec)
+
+
+# The built-in tasks as datasets (the pattern of merge.io's schemes: the upper layer registers into the lower's
+# table), so a member's recorded split reloads wherever this module is imported.
+for _name in TASKS:
+    DATASETS.setdefault(TASK_PREFIX + _name, functools.partial(_load_builtin, _name))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,14 +482,13 @@ class MethodSpec:
     label: str
     operator: str
     params: dict = field(default_factory=dict)
-    base: bool = True
 
 
 # The parameters follow FusionBench's CLIP ViT-B/32 configs where the operator has one (task arithmetic and
 # DARE scaled by 0.3; TIES keeps the top 20% and takes the disjoint mean, lambda 1 as in the TIES paper);
 # the newer operators run with their registered defaults (their papers' recommended values).
 METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec("weight averaging", "uniform", base=False),
+    MethodSpec("weight averaging", "uniform"),
     MethodSpec("task arithmetic", "task_arithmetic", {"lambda": 0.3}),
     MethodSpec("TIES", "ties", {"density": 0.2, "lambda": 1.0}),
     MethodSpec("DARE-TIES", "dare_ties", {"density": 0.5, "lambda": 0.3}),
@@ -640,25 +659,57 @@ def _run(pool: Pool, methods: list[MethodSpec], params: Mapping[str, Mapping[str
     rows = [MultitaskRow("individual", dict(individual), {t: 1.0 for t in tasks}, note="each task's own fine-tune")]
     rows.append(_multitask_row(pool, evaluator, individual))
     registered = set(list_operators())
+    full: list[Path] = []
     for spec in methods:
         if spec.operator not in registered:
             rows.append(MultitaskRow(spec.label, note=f"not available: no operator {spec.operator!r} is registered"))
             continue
         options = {**spec.params, **dict(params.get(spec.operator) or {})}
         out = work / f"merged-{spec.operator}.safetensors"
+        data = _data_method(spec.operator)
+        if data and not full:
+            full = _full_members(parts, evaluator, tasks, work)
         before = _reset_peak()
         started = time.perf_counter()
-        soup([str(f) for f in files], out=out, method=spec.operator, base=str(base_file) if spec.base else None,
-             params=options, device=dev, force=True)
+        base_arg = str(base_file) if get_operator(spec.operator).base != "none" else None
+        if data:
+            # Each member runs with its own head on its own task's batches; the heads (of different shapes) are
+            # skipped by the merge, and each task's own is put back for the evaluation.
+            data(full, out=out, method=spec.operator, base=base_arg, params=options, device=dev, force=True,
+                 on_mismatch="skip")
+        else:
+            soup([str(f) for f in files], out=out, method=spec.operator, base=base_arg, params=options, device=dev,
+                 force=True)
         seconds = time.perf_counter() - started
         peak = _rss("VmHWM")
         with open_checkpoint(out) as src:
-            merged = src.state_dict()
+            merged = _backbone(src.state_dict(), pool.head)
         acc = {t: evaluator.accuracy(t, merged) for t in tasks}
         rows.append(MultitaskRow(spec.label, acc, {t: acc[t] / individual[t] for t in tasks}, seconds,
                                  None if before is None or peak is None else max(0, peak - before),
                                  note=", ".join(f"{k}={v}" for k, v in options.items())))
     return MultitaskResult(tasks, rows, pool=str(pool.path) if pool.path else "", device=dev.type)
+
+
+def _data_method(operator: str):
+    """``merge.datamerge.merge_with_data`` when ``operator`` runs the members on data, else None."""
+    try:
+        from merge.datamerge import merge_with_data, needs_data
+    except ImportError:  # a tree without the merges that use data: their operators are not registered either
+        return None
+    return merge_with_data if needs_data(operator) else None
+
+
+def _full_members(parts: Sequence[tuple[dict, dict]], evaluator: _Evaluator, tasks: Sequence[str],
+                  work: Path) -> list[Path]:
+    """Each member whole (backbone and head) with the model and data it is evaluated with as its metadata, so the
+    merges that use data rebuild it and run it on its own task's split (a pool trained elsewhere records neither)."""
+    files = []
+    for i, (t, (body, head)) in enumerate(zip(tasks, parts)):
+        meta = {MODEL_KEY: json.dumps(evaluator.specs[t], sort_keys=True),
+                DATA_KEY: json.dumps(evaluator.splits[t].spec, sort_keys=True)}
+        files.append(write_state_dict({**body, **head}, work / f"member-{i}.safetensors", metadata=meta, force=True))
+    return files
 
 
 def _multitask_row(pool: Pool, evaluator: _Evaluator, individual: Mapping[str, float]) -> MultitaskRow:
