@@ -23,11 +23,16 @@ rows; every convolution feeds a BatchNorm, so its statistics fix is the BatchNor
 skips the small CNN, and ``--append`` adds the tables to the results file under their own heading instead of
 rewriting it.
 
+``--minilm`` adds MiniLM fine-tunes on tweets (``hf:all-minilm-l6-v2-pypi``, transformers' BertModel: its graph is
+recorded by running it, :mod:`merge.align.record`), each from the pretrained encoder with its own head
+initialisation; a LayerNorm encoder has no statistics to fix, so its rows have none.
+
 Every figure is per seed; the mean is beside them. Run from the repository root, alone on the machine:
 
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths 16 --seeds 0 --epochs 1
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths '' --resnet timm:resnet10t --append
+    flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths '' --minilm --seeds 0,1 --append
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ from merge.train import Recipe, TrainJob, run_method
 from benchlib import machine
 
 RESULTS = Path("benchmarks/results")
+MINILM_TEXT = ("MiniLM tweets: two fine-tunes per seed of all-MiniLM-L6-v2 (`hf:all-minilm-l6-v2-pypi`) on "
+               "{a.minilm_limit} tweets (3 classes, {a.max_length} tokens) for {a.minilm_epochs:g} epoch(s), AdamW lr 1e-4, "
+               "batch 32, each from the pretrained encoder with its own head initialisation (`--independent-init`: "
+               "seed + i) and the seed's data order; member 1 aligned onto member 0 (weight matching; activation "
+               "matching on {a.minilm_batches} training batches of 32); tested on a seeded sample of {a.minilm_test} "
+               "test tweets. A LayerNorm encoder has no statistics to fix.")
 ROWS = ("members (mean)", "ensemble", "plain average", "weight-matched average", "activation-matched average")
 
 
@@ -158,6 +169,50 @@ def mlp_run(width: int, seed: int, a) -> dict[str, dict[str, float]]:
     return rows
 
 
+def minilm_run(seed: int, a, work: Path) -> dict[str, dict[str, float]]:
+    """Two MiniLM fine-tunes on tweets, each from the pretrained encoder with its own head initialisation
+    (``independent_init``: seed + i; data order from the seed), member 1 aligned onto member 0 (the encoder's
+    residual stream, MLP units and heads, and the pooler, recorded by running the model)."""
+    import dataclasses
+
+    import numpy as np
+
+    from merge.data import SplitDataset, load_dataset
+    from merge.train import default_recipe
+
+    def sample(split, n: int, seed: int):  # evaluation, not training, is what costs on a CPU: a seeded subsample
+        rows = np.sort(np.random.default_rng(seed).choice(split.indices, size=min(n, len(split)), replace=False))
+        return SplitDataset(split.table, rows)
+
+    splits = load_dataset("tweets", seed=0, limit=a.minilm_limit)
+    splits.val, splits.test = sample(splits.val, 200, 1), sample(splits.test, a.minilm_test, 2)
+    arch = "hf:all-minilm-l6-v2-pypi"
+    spec = model_spec(arch, splits.num_classes, max_length=a.max_length)
+    base = dataclasses.replace(default_recipe(arch, epochs=a.minilm_epochs, batch_size=32), lr=1e-4, seed=seed,
+                               data_seed=seed)
+    job = TrainJob(model=spec, data=splits, out_dir=work / f"minilm-s{seed}", members=2, seed=seed,
+                   progress=False, base=base, eval_batch_size=128)
+    paths = run_method("independent", job, independent_init=True, final=False).paths
+    weight = align_checkpoints(paths, method="weight", data=splits, num_batches=a.minilm_batches, batch_size=32,
+                               seed=seed)
+    act = align_checkpoints(paths, method="activation", data=splits, num_batches=a.minilm_batches, batch_size=32)
+    ev = weight.evaluator
+    originals = [dict(sd) for sd in (weight.result.state_dicts[0], _load(paths[1]))]
+    members = [test_metrics(ev, sd, weight.batches, False) for sd in originals]
+    rows: dict[str, dict[str, float]] = {
+        "members (mean)": {k: statistics.fmean(m[0][k] for m in members) for k in ("acc", "nll")},
+        "ensemble": metrics_from_probs(ensemble_probs([m[1][0] for m in members]), members[0][1][1])}
+    for name, sds in (("plain average", originals), ("weight-matched average", weight.state_dicts),
+                      ("activation-matched average", act.state_dicts)):
+        m = test_metrics(ev, average(sds), weight.batches, False)[0]
+        m["barrier"] = m["nll"] - rows["members (mean)"]["nll"]
+        rows[f"{name}, no statistics fix"] = m
+    rows["_moved"] = {"weight": weight.result.record()["units_moved"][1],
+                      "activation": act.result.record()["units_moved"][1],
+                      "units": sum(weight.result.spec.sizes.values())}
+    return rows
+
+
 def _load(path: Path) -> dict[str, torch.Tensor]:
     from merge.io.sources import open_checkpoint
 
@@ -189,6 +244,13 @@ def main() -> None:
                                                            "the statistics fix")
     p.add_argument("--mlp", type=int, default=0, help="also the MLP setting at this width (0: off)")
     p.add_argument("--resnet", default="", help="also a timm ResNet, e.g. timm:resnet10t ('': off)")
+    p.add_argument("--minilm", action="store_true", help="also MiniLM fine-tunes on tweets with independently "
+                                                          "initialised heads")
+    p.add_argument("--minilm-limit", type=int, default=1000, help="tweets to fine-tune on")
+    p.add_argument("--minilm-epochs", type=float, default=1.0)
+    p.add_argument("--minilm-test", type=int, default=1000, help="test tweets (a seeded subsample)")
+    p.add_argument("--minilm-batches", type=int, default=4, help="training batches of 32 for activation matching")
+    p.add_argument("--max-length", type=int, default=64, help="MiniLM's tokens per tweet")
     p.add_argument("--append", action="store_true", help="append the tables to --out under their own heading")
     p.add_argument("--out", default=str(RESULTS / "bench_align.md"))
     a = p.parse_args()
@@ -210,6 +272,12 @@ def main() -> None:
                 t = time.time()
                 results[a.resnet][s] = one_run(a.resnet, s, a, Path(tmp))
                 print(f"{a.resnet} seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        if a.minilm:
+            results["MiniLM tweets"] = {}
+            for s in seeds:
+                t = time.time()
+                results["MiniLM tweets"][s] = minilm_run(s, a, Path(tmp))
+                print(f"minilm seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
     if a.mlp:
         results[f"MLP width {a.mlp}"] = {}
         for s in seeds:
@@ -223,13 +291,16 @@ def main() -> None:
     lines = [title, "", f"Machine: {machine()}", "",
              f"Command: `{shlex.join(['.venv/bin/python', *sys.argv])}` ({started:%Y-%m-%d}, {seconds:.0f}s, load "
              f"average {os.getloadavg()[0]:.2f} at the end)", "",
-             f"Two {' / '.join(n for n in results if not n.startswith('MLP'))} networks per seed trained on "
-             f"{a.limit} MNIST training images (28 px, 1 channel) for {a.epochs} epochs from "
-             "different initialisations (`papa-merge train --independent-init`, batch 128, SGD lr 0.05, cosine); "
-             f"member 1 aligned onto member 0; {a.batches} training batches of 128 for activation matching and "
-             "for the statistics fix. For these networks every convolution feeds a BatchNorm, so the fix is the "
-             "BatchNorm reset (`merge.repair.fix_statistics` reports `batchnorm`). Barrier: test NLL of the "
-             "average minus the members' mean test NLL.", ""]
+             *([MINILM_TEXT.format(a=a), ""] if a.minilm else [])]
+    images = [n for n in results if not n.startswith(("MLP", "MiniLM"))]
+    if images or a.mlp:
+        lines += [f"Two {' / '.join(images)} networks per seed trained on "
+                  f"{a.limit} MNIST training images (28 px, 1 channel) for {a.epochs} epochs from "
+                  "different initialisations (`papa-merge train --independent-init`, batch 128, SGD lr 0.05, cosine); "
+                  f"member 1 aligned onto member 0; {a.batches} training batches of 128 for activation matching and "
+                  "for the statistics fix. For these networks every convolution feeds a BatchNorm, so the fix is the "
+                  "BatchNorm reset (`merge.repair.fix_statistics` reports `batchnorm`).", ""]
+    lines += ["Barrier: test NLL of the average minus the members' mean test NLL.", ""]
     lines += table(results, seeds, "acc", 100.0, ".2f")
     lines += table(results, seeds, "nll", 1.0, ".4f")
     lines += table(results, seeds, "barrier", 1.0, ".4f")
