@@ -33,7 +33,7 @@ def tiny_base(folder: Path, arch: str = "llama", *, layers: int = 4, hidden: int
     return folder
 
 
-def tiny_finetune(base: Path, folder: Path, *, seed: int, scale: float = 0.05) -> Path:
+def tiny_finetune(base: Path, folder: Path, *, seed: int, scale: float = 0.005) -> Path:
     """``base`` plus seeded Gaussian noise in every floating tensor, with the base's config."""
     from safetensors.torch import load_file, save_file
 
