@@ -32,13 +32,17 @@ Every figure is per seed; the mean is beside them. Run from the repository root,
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths 16 --seeds 0 --epochs 1
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths '' --resnet timm:resnet10t --append
-    flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths '' --minilm --seeds 0,1 --append
+    for s in 0 1 2; do flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_align.py --widths '' --minilm \
+        --seeds $s --json /tmp/minilm-$s.json --out /tmp/minilm-$s.md; done
+    .venv/bin/python benchmarks/bench_align.py --widths '' --append \
+        --merge-json /tmp/minilm-0.json,/tmp/minilm-1.json,/tmp/minilm-2.json   (the tables only: runs nothing)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
 import statistics
@@ -247,10 +251,13 @@ def main() -> None:
     p.add_argument("--minilm", action="store_true", help="also MiniLM fine-tunes on tweets with independently "
                                                           "initialised heads")
     p.add_argument("--minilm-limit", type=int, default=1000, help="tweets to fine-tune on")
-    p.add_argument("--minilm-epochs", type=float, default=1.0)
+    p.add_argument("--minilm-epochs", type=float, default=2.0)
     p.add_argument("--minilm-test", type=int, default=1000, help="test tweets (a seeded subsample)")
     p.add_argument("--minilm-batches", type=int, default=4, help="training batches of 32 for activation matching")
     p.add_argument("--max-length", type=int, default=64, help="MiniLM's tokens per tweet")
+    p.add_argument("--json", default="", help="also write the rows (per setting and seed) to this JSON file")
+    p.add_argument("--merge-json", default="", help="comma-separated JSON files of earlier runs (--json) whose "
+                                                     "rows join this run's tables")
     p.add_argument("--append", action="store_true", help="append the tables to --out under their own heading")
     p.add_argument("--out", default=str(RESULTS / "bench_align.md"))
     a = p.parse_args()
@@ -272,7 +279,7 @@ def main() -> None:
                 t = time.time()
                 results[a.resnet][s] = one_run(a.resnet, s, a, Path(tmp))
                 print(f"{a.resnet} seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
-        if a.minilm:
+        if a.minilm and not a.merge_json:
             results["MiniLM tweets"] = {}
             for s in seeds:
                 t = time.time()
@@ -284,6 +291,13 @@ def main() -> None:
             t = time.time()
             results[f"MLP width {a.mlp}"][s] = mlp_run(a.mlp, s, a)
             print(f"mlp {a.mlp} seed {s}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+    if a.json:
+        # One run per seed fits the lock's time: each writes its rows, a last call (--merge-json) makes the tables.
+        Path(a.json).write_text(json.dumps({n: {str(s): r for s, r in by.items()} for n, by in results.items()}))
+    for f in [f for f in a.merge_json.split(",") if f]:
+        for n, by in json.loads(Path(f).read_text()).items():
+            results.setdefault(n, {}).update({int(s): r for s, r in by.items()})
+    seeds = sorted({s for by in results.values() for s in by}) if a.merge_json else seeds
     seconds = time.time() - t0
     title = "# Members from different initialisations: aligned averages (Git Re-Basin) and REPAIR"
     if a.append:
@@ -291,7 +305,7 @@ def main() -> None:
     lines = [title, "", f"Machine: {machine()}", "",
              f"Command: `{shlex.join(['.venv/bin/python', *sys.argv])}` ({started:%Y-%m-%d}, {seconds:.0f}s, load "
              f"average {os.getloadavg()[0]:.2f} at the end)", "",
-             *([MINILM_TEXT.format(a=a), ""] if a.minilm else [])]
+             *([MINILM_TEXT.format(a=a), ""] if "MiniLM tweets" in results else [])]
     images = [n for n in results if not n.startswith(("MLP", "MiniLM"))]
     if images or a.mlp:
         lines += [f"Two {' / '.join(images)} networks per seed trained on "
