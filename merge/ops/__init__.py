@@ -10,7 +10,9 @@ base policy, how the engine streams each operator) and the modules for the opera
 - :mod:`merge.ops.task`: ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``,
   ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``;
 - :mod:`merge.ops.sphere`: ``slerp``, ``multislerp``, ``karcher``, ``model_stock``;
-- :mod:`merge.ops.svd`: ``tsv``, ``iso_c``, ``iso_cts``.
+- :mod:`merge.ops.svd`: ``tsv``, ``iso_c``, ``iso_cts``;
+- :mod:`merge.ops.mergekit_methods`: ``passthrough``, ``nuslerp``, ``sce``, ``ram``, ``ramplus_tl``,
+  ``nearswap``, ``arcee_fusion``.
 
 Example:
     >>> import torch
@@ -39,6 +41,7 @@ from merge.ops.registry import (
 from merge.ops import linear as _linear  # noqa: F401 - registers uniform, weighted
 from merge.ops import task as _task  # noqa: F401 - registers the task-vector methods
 from merge.ops import sphere as _sphere  # noqa: F401 - registers slerp, multislerp, karcher, model_stock
+from merge.ops import mergekit_methods as _mergekit  # noqa: F401 - passthrough, nuslerp, sce, ram, nearswap, ...
 from merge.ops import svd as _svd  # noqa: F401 - registers tsv, iso_c, iso_cts (the tensor path)
 from merge.ops import data as _data  # noqa: F401 - registers regmean, fisher, adamerging (they need data)
 

@@ -138,11 +138,8 @@ def model_stock_coefficients(gram: torch.Tensor, resolved: Resolved, has_base: b
 
     ``cos`` is the mean over pairs of the cosine between the members' offsets from the base (each
     clamped to [-1, 1], norm products below 1e-6 taken as 1e-6); where ``|1 + (N-1) cos| < 1e-6``
-    the base is kept, as in mergekit.
+    the base is kept, as in mergekit. (``filter_wise``: one ``t`` per row, :class:`ModelStockRows`.)
     """
-    if resolved.shared.get("filter_wise"):
-        raise InvalidArgumentError("model_stock with filter_wise=true (one ratio per row) is not supported; "
-                                   "drop the parameter to use one ratio per tensor")  # no option: the fix is to drop it
     n = gram.shape[0]
     norms = _norms(gram)
     cos = []
@@ -154,6 +151,99 @@ def model_stock_coefficients(gram: torch.Tensor, resolved: Resolved, has_base: b
     den = 1 + (n - 1) * c
     t = 0.0 if abs(den) < 1e-6 else n * c / den
     return Combination([t / n] * n, base_coefficient=1 - t, note=f"t={t:.6g}")
+
+
+class ModelStockRowsSpec:
+    """The ``task``-path recipe of model stock with ``filter_wise`` (the engine asks :meth:`tensor`)."""
+
+    sparsify = None
+
+    def tensor(self, resolved: Resolved, shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
+               name: str = "", method: str = "") -> ModelStockRows:
+        return ModelStockRows(self, resolved, shape, dtype)
+
+
+class ModelStockRows:
+    """Model stock with one ratio per row (mergekit's ``filter_wise``): rows are the vectors along the last
+    dimension (a 1-d tensor is one row), each with ``t = N cos / (1 + (N-1) cos)`` from the mean cosine over
+    pairs of the members' offsets in that row; ``base + t * mean_i (x_i - base)``.
+
+    Flat in the member count: pass ``k`` holds member ``k``'s offsets (one whole tensor) and reads each later
+    member once for the row dot products with it, so the pairs take ``N (N - 1) / 2`` reads of a member
+    rather than all members in memory; chunks hold whole rows (``unit`` is the row length).
+    """
+
+    def __init__(self, spec: ModelStockRowsSpec, resolved: Resolved, shape: tuple[int, ...], dtype: torch.dtype):
+        self.spec, self.dtype = spec, dtype
+        self.numel = math.prod(tuple(shape))
+        self.row = max(1, shape[-1]) if len(shape) else 1
+        self.rows = self.numel // self.row
+        self.unit = self.row
+        self.n = len(resolved.members)
+        self.held: torch.Tensor | None = None
+        self._held_sq: torch.Tensor | None = None
+        self._dot: torch.Tensor | None = None
+        self._sq: torch.Tensor | None = None
+        self._cos: torch.Tensor | None = None
+        self.t: torch.Tensor | None = None
+        self.extra_bytes = self.numel * torch.empty(0, dtype=dtype).element_size() + self.rows * 8 * 6
+
+    def stat_passes(self) -> list[tuple[str, list[int]]]:
+        passes = []
+        for k in range(self.n - 1):
+            passes += [(f"hold{k}", [k]), (f"dot{k}", list(range(k + 1, self.n)))]
+        return passes
+
+    def stat_begin(self, kind: str, i: int) -> None:
+        pass
+
+    def _row_sums(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per row (of the chunk, whole rows) the float64 sum of ``a * b``."""
+        return (a * b).reshape(-1, self.row).sum(dim=1, dtype=torch.float64)
+
+    def stat_chunk(self, kind: str, i: int, d: torch.Tensor, start: int) -> bool:
+        end, r0, r1 = start + d.numel(), start // self.row, (start + d.numel()) // self.row
+        if self._cos is None:
+            z = lambda: torch.zeros(self.rows, dtype=torch.float64, device=d.device)  # noqa: E731
+            self._cos, self._held_sq, self._dot, self._sq = z(), z(), z(), z()
+            self.held = torch.empty(self.numel, dtype=self.dtype, device=d.device)
+        if kind.startswith("hold"):
+            self.held[start:end] = d
+            self._held_sq[r0:r1] = self._row_sums(d, d)
+        else:
+            self._dot[r0:r1] = self._row_sums(self.held[start:end], d)
+            self._sq[r0:r1] = self._row_sums(d, d)
+        return math.isfinite(float(d.sum()))
+
+    def stat_end(self, kind: str, i: int) -> None:
+        if not kind.startswith("dot"):
+            return
+        # as mergekit: dot / max(|a| |b|, 1e-6), clamped to [-1, 1]
+        prod = (self._held_sq.sqrt() * self._sq.sqrt()).clamp_(min=1e-6)
+        self._cos.add_((self._dot / prod).clamp_(-1, 1))
+        if int(kind[3:]) == self.n - 2:  # the last pair: one t per row
+            c = self._cos / (self.n * (self.n - 1) // 2)
+            den = 1 + (self.n - 1) * c
+            singular = den.abs() < 1e-6
+            self.t = torch.where(singular, torch.zeros_like(c), self.n * c / torch.where(singular, 1.0, den))
+            self.held = self._cos = self._dot = self._sq = self._held_sq = None
+
+    def begin_chunk(self, count: int, device: torch.device) -> dict:
+        return {"S": torch.zeros(count, dtype=self.dtype, device=device), "start": 0}
+
+    def add_member(self, state: dict, i: int, d: torch.Tensor, start: int) -> None:
+        state["S"].add_(d)
+        state["start"] = start
+
+    def finish_chunk(self, state: dict, base: torch.Tensor) -> torch.Tensor:
+        s = state["S"]
+        r0 = state["start"] // self.row
+        t = self.t[r0: r0 + s.numel() // self.row].to(device=s.device, dtype=self.dtype)
+        mean = s.div_(self.n).reshape(-1, self.row)
+        return mean.mul_(t.unsqueeze(1)).reshape(-1).add_(base)
+
+
+_MODEL_STOCK_ROWS = ModelStockRowsSpec()
 
 
 register(Operator(
@@ -181,6 +271,10 @@ register(Operator(
     "model_stock", "Jang et al. 2024, Model Stock: all we need is just a few fine-tuned models (ECCV); "
     "mergekit model_stock",
     "average of the members pulled toward the base by the angle between their offsets", "gram",
-    base="required", params=(Param("filter_wise", False, bool, help="one ratio per row (not supported)"),),
-    min_members=2, gram_of="delta", from_gram=model_stock_coefficients,
-    differences="cosines from a float64 Gram matrix; filter_wise is refused"))
+    base="required", params=(Param("filter_wise", False, bool, help="one ratio per row (vectors along the last "
+                                                                      "dimension) rather than per tensor"),),
+    min_members=2, gram_of="delta", from_gram=model_stock_coefficients, task=_MODEL_STOCK_ROWS,
+    path_for=lambda resolved: "task" if resolved.shared.get("filter_wise") else "gram",
+    differences="cosines from a float64 Gram matrix (per row with filter_wise: float64 row sums, the pairs "
+                "taken one held member at a time, N(N-1)/2 reads of a member); the result as base + t * mean "
+                "offset (mergekit: t * mean + (1 - t) * base), the same up to rounding"))
