@@ -323,3 +323,51 @@ def test_list_methods_marks_the_methods_that_need_data() -> None:
         marked = [line for line in _block(res.output, name) if "needs data:" in line]
         assert len(marked) == 1 and what in marked[0], _block(res.output, name)
     assert not any("needs data:" in line for line in _block(res.output, "ties"))
+
+
+@pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")  # random one-layer members
+def test_regmean_through_the_engine_equals_least_squares_on_files(tmp_path: Path) -> None:
+    """The streamed merge (the tensor path, each member's Gram matrix read from its own file) is the closed form."""
+    import merge
+
+    rng = np.random.default_rng(11)
+    weights, inputs = _one_layer_members(rng, 3, d_in=6, d_out=5, rows=30)
+    grams = _grams_through_hooks(weights, inputs)
+    paths = [write_state_dict({"fc.weight": torch.from_numpy(w), "fc.bias": torch.full((5,), float(i))},
+                              tmp_path / f"m{i}.safetensors") for i, w in enumerate(weights)]
+    aux = [write_state_dict({"fc.weight:gram": g}, tmp_path / f"aux{i}.safetensors") for i, g in enumerate(grams)]
+    with open_checkpoint(aux[0]) as a0, open_checkpoint(aux[1]) as a1, open_checkpoint(aux[2]) as a2:
+        res = merge.soup(paths, out=tmp_path / "rm.safetensors", method="regmean", aux=[a0, a1, a2],
+                         accumulate="float64", chunk_bytes=4096)
+    out = load_file(str(res.path))
+    x = np.concatenate(inputs)
+    y = np.concatenate([xi @ wi.T for xi, wi in zip(inputs, weights)])
+    np.testing.assert_allclose(out["fc.weight"].numpy(), np.linalg.lstsq(x, y, rcond=None)[0].T, rtol=1e-9,
+                               atol=1e-10)
+    np.testing.assert_allclose(out["fc.bias"].numpy(), np.ones(5))  # biases averaged, as the reference
+    with pytest.raises(InvalidArgumentError, match=r"merge_with_data"):
+        merge.soup(paths, out=tmp_path / "no-data.safetensors", method="regmean")
+
+
+@pytest.mark.filterwarnings("ignore::merge.errors.DifferentStartsWarning")  # a backbone file records no start
+def test_a_multitask_pool_runs_each_member_with_its_own_head_on_its_own_data(digits, tmp_path: Path) -> None:
+    """Members whose heads differ in shape (one per task): each runs with its own model; the heads are skipped."""
+    paths, base = digits
+    meta = read_safetensors_metadata(paths[1])
+    spec = json.loads(meta[MODEL_KEY])
+    spec["num_classes"] = 12  # another task's head
+    torch.manual_seed(1)
+    wide = build_model("small_cnn", num_classes=12, in_chans=1, width=WIDTH).state_dict()
+    sd = load_file(str(paths[1]))
+    wide.update({k: v for k, v in sd.items() if not k.startswith("head.")})
+    other = write_state_dict(wide, tmp_path / "task-b.safetensors",
+                             metadata={MODEL_KEY: json.dumps(spec), DATA_KEY: meta[DATA_KEY]})
+    backbone = write_state_dict({k: v for k, v in load_file(str(base)).items() if not k.startswith("head.")},
+                                tmp_path / "backbone.safetensors")
+    for method in ("fisher", "adamerging"):
+        res = merge_with_data([paths[0], other], out=tmp_path / f"{method}.safetensors", method=method,
+                              base=backbone if method == "adamerging" else None, batches=1, batch_size=32,
+                              on_mismatch="skip", params={"steps": 2} if method == "adamerging" else None)
+        out = load_file(str(res.path))
+        assert "head.weight" not in out and "features.0.weight" in out, method
+        assert sorted(res.skipped) == ["head.bias", "head.weight"]
