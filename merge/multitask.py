@@ -309,13 +309,14 @@ class _MultiHead(nn.Module):
 
     def __init__(self, nets: Sequence[nn.Module]):
         super().__init__()
-        self.features = nets[0].features
         self.heads = nn.ModuleList(n.head for n in nets)
+        self.body = nets[0]
+        self.body.head = nn.Identity()  # small_cnn and timm models: the network without its head gives features
         self.sizes = [h.out_features for h in self.heads]
         self.offsets = np.cumsum([0, *self.sizes]).tolist()
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
+        feats = self.body(x)
         out = feats.new_full((x.shape[0], self.offsets[-1]), -1e4)
         for t, head in enumerate(self.heads):
             rows = task == t
@@ -341,8 +342,9 @@ class _AllTasks(Dataset):
         return {"x": x, "task": t}, off + y
 
 
-def _recipe(seed: int, epochs: float, lr: float, batch_size: int) -> Recipe:
-    return Recipe(seed=seed, data_seed=seed, lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=0.0)
+def _recipe(seed: int, epochs: float, lr: float, batch_size: int, optimizer: str = "sgd") -> Recipe:
+    return Recipe(seed=seed, data_seed=seed, lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=0.0,
+                  optimizer=optimizer)
 
 
 def _build(spec: Mapping[str, Any], seed: int, device: torch.device) -> nn.Module:
@@ -371,12 +373,13 @@ def _backbone(tensors: Mapping[str, torch.Tensor], head: Sequence[str]) -> dict[
 def build_pool(out_dir: str | os.PathLike, *, tasks: Sequence[str] = POOL_A, pretrain: str = "mnist", seed: int = 0,
                limit: int = 2000, pretrain_limit: int = 10000, eval_limit: int | None = 1000, epochs: float = 4.0,
                lr: float = 0.03, pretrain_lr: float = 0.05, probe_epochs: float = 1.0, batch_size: int = 64,
-               width: int = 16,
+               arch: str = "small_cnn", model_kwargs: Mapping[str, Any] | None = None, optimizer: str = "sgd",
                multitask: bool = True, device: str | torch.device = "cpu", force: bool = False,
                progress: bool = False) -> Pool:
     """Train the offline pool A and write its pool file, ``out_dir/pool.json``.
 
-    1. Pretrain a small CNN (BatchNorm) on ``pretrain`` (``pretrain_limit`` rows drawn with another seed than
+    1. Pretrain ``arch`` (a small CNN with BatchNorm by default; ``timm:<name>`` with ``model_kwargs``, e.g. a
+       small ViT) on ``pretrain`` (``pretrain_limit`` rows drawn with another seed than
        the fine-tunes'); it is the base.
     2. Per task (``limit`` training rows each): fit a new head on the base's frozen features
        (``probe_epochs``, the pretraining learning rate), then fine-tune the backbone under that frozen head
@@ -398,15 +401,19 @@ def build_pool(out_dir: str | os.PathLike, *, tasks: Sequence[str] = POOL_A, pre
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     splits = [load_task(t, seed=seed, limit=limit, eval_limit=eval_limit) for t in tasks]
-    model = {"arch": "small_cnn", "in_chans": 1, "image_size": 28, "kwargs": {"width": width}}
+    kwargs = dict(model_kwargs if model_kwargs is not None else ({"width": 16} if arch == "small_cnn" else {}))
+    model = {"arch": arch, "in_chans": 1, "image_size": 28, "kwargs": kwargs}
     head = ("head.",)
 
     def spec_for(s: Splits) -> dict:
-        return model_spec("small_cnn", s.num_classes, in_chans=1, image_size=28, width=width)
+        return model_spec(arch, s.num_classes, in_chans=1, image_size=28, **kwargs)
+
+    def recipe_for(seed: int, epochs: float, lr: float) -> Recipe:
+        return _recipe(seed, epochs, lr, batch_size, optimizer)
 
     # 1. The base: pretrained on its own rows (seed offset by 500 from every task's).
     pre = load_task(pretrain, seed=seed + 500, limit=pretrain_limit, eval_limit=eval_limit)
-    pre_spec, pre_recipe = spec_for(pre), _recipe(seed, epochs, pretrain_lr, batch_size)
+    pre_spec, pre_recipe = spec_for(pre), recipe_for(seed, epochs, pretrain_lr)
     net = _build(pre_spec, seed, dev)
     state = fit([net], [train_loader(pre, pre_spec, pre_recipe)], [pre_recipe], num_classes=pre.num_classes,
                 device=dev, progress=progress, desc=f"pretrain {pretrain}")
@@ -417,11 +424,11 @@ def build_pool(out_dir: str | os.PathLike, *, tasks: Sequence[str] = POOL_A, pre
     # 2. Per task: the head fitted on the base's frozen features, then the backbone fine-tuned under it.
     members, heads = [], []
     for i, (task, s) in enumerate(zip(tasks, splits)):
-        spec, recipe = spec_for(s), _recipe(seed * 100 + i + 1, epochs, lr, batch_size)
+        spec, recipe = spec_for(s), recipe_for(seed * 100 + i + 1, epochs, lr)
         net = _build(spec, recipe.seed, dev)
         net.load_state_dict({**net.state_dict(), **base_backbone})
-        _train_part(net, head, True, s, spec, _recipe(recipe.seed, probe_epochs, pretrain_lr, batch_size), dev,
-                    progress, f"head of {task}")
+        _train_part(net, head, True, s, spec, recipe_for(recipe.seed, probe_epochs, pretrain_lr), dev, progress,
+                    f"head of {task}")
         heads.append({k: v.clone() for k, v in net.state_dict().items() if k.startswith(head)})
         state = _train_part(net, head, False, s, spec, recipe, dev, progress, f"fine-tune {task}")
         path = save_member(net, out / f"member-{task}.safetensors", spec, s,
@@ -431,7 +438,7 @@ def build_pool(out_dir: str | os.PathLike, *, tasks: Sequence[str] = POOL_A, pre
         members.append(PoolMember(task=task, checkpoint=path.name))
     if multitask:
         members = _train_multitask(out, tasks, splits, [spec_for(s) for s in splits], members, base_backbone, heads,
-                                   seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, force=force,
+                                   recipe=recipe_for(seed * 100, epochs, lr), device=dev, force=force,
                                    progress=progress)
     pool = Pool(model=model, base=base_path.name, head=head, members=tuple(members), seed=seed, limit=limit,
                 eval_limit=eval_limit, path=out / "pool.json")
@@ -441,27 +448,27 @@ def build_pool(out_dir: str | os.PathLike, *, tasks: Sequence[str] = POOL_A, pre
 
 def _train_multitask(out: Path, tasks: Sequence[str], splits: Sequence[Splits], specs: Sequence[dict],
                      members: list[PoolMember], base_backbone: Mapping[str, torch.Tensor],
-                     heads: Sequence[Mapping[str, torch.Tensor]], *, seed: int,
-                     epochs: float, lr: float, batch_size: int, device: torch.device, force: bool,
-                     progress: bool) -> list[PoolMember]:
+                     heads: Sequence[Mapping[str, torch.Tensor]], *, recipe: Recipe, device: torch.device,
+                     force: bool, progress: bool) -> list[PoolMember]:
     """Step 3 of :func:`build_pool`: one backbone trained on all tasks under their frozen heads."""
     nets = []
     for i, spec in enumerate(specs):
-        net = _build(spec, seed * 100 + i + 1, device)
+        net = _build(spec, recipe.seed + i + 1, device)
         net.load_state_dict({**net.state_dict(), **base_backbone, **heads[i]})  # the fine-tunes' own heads
         nets.append(net)
     joint = _MultiHead(nets)
     for p in joint.heads.parameters():
         p.requires_grad_(False)
     data = _AllTasks(splits, joint.offsets)
-    recipe = _recipe(seed * 100, epochs, lr, batch_size)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+    loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(recipe.data_seed))
     state = fit([joint], [loader], [recipe], num_classes=joint.offsets[-1], device=device,
                 progress=progress, desc="multi-task training")
     result = []
-    for i, (task, s, spec, net, m) in enumerate(zip(tasks, splits, specs, nets, members)):
-        net.features, net.head = joint.features, joint.heads[i]  # the joint model's backbone and this task's head
+    body = joint.body.state_dict()
+    for i, (task, s, spec, m) in enumerate(zip(tasks, splits, specs, members)):
+        net = _build(spec, 0, device)  # the joint model's backbone and this task's head
+        net.load_state_dict({**body, **{f"head.{k}": v for k, v in joint.heads[i].state_dict().items()}})
         path = save_member(net, out / f"multitask-{task}.safetensors", spec, s,
                            train_record(recipe, state, method="multitask", pretrained="base.safetensors",
                                         device=device, extra={"tasks": list(tasks)}),

@@ -39,7 +39,7 @@ TASKS = ("mnist-parity", "digits-28")
 def pool_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pool")
     build_pool(out, tasks=TASKS, seed=0, limit=64, pretrain_limit=128, eval_limit=40, epochs=1, probe_epochs=1,
-               batch_size=32, width=4)
+               batch_size=32, model_kwargs={"width": 4})
     return out
 
 
