@@ -35,10 +35,12 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
 
     Runs the recipe RECIPE into OUT, streaming in constant memory.
 
-    Reads mergekit's schema (merge_method, base_model, models with per-model parameters, global
-    parameters, dtype, out_dtype, tokenizer_source: base) for the methods of `papa-merge soup
-    --list-methods`; fields papa-merge does not implement (slices, gradient lists, tokenizer merging)
-    are refused by name. The output records the recipe file in its metadata.
+    Reads mergekit's schema (merge_method, base_model, models or slices with layer_range, per-model,
+    per-slice and global parameters with gradients and filters, dtype, out_dtype, tokenizer_source: base)
+    for the methods of `papa-merge soup --list-methods`, and multi-stage files (several YAML documents,
+    each stage named, as mergekit-multi). Fields papa-merge does not implement (modules, tokenizer
+    merging, LoRA inputs) are refused by name before any model is read. The output records the recipe
+    file in its metadata.
 
     \b
     Example:
@@ -68,6 +70,7 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
         return
     click.echo(f"wrote {result.path} ({result.tensors} tensors, {format_bytes(result.written_bytes)}) with "
                f"{parsed.method} of {len(parsed.members)} models{' and a base' if parsed.base else ''} "
-               f"in {result.seconds:.2f}s")
+               f"in {result.seconds:.2f}s"
+               + (f" (the last of {len(parsed.stages) + 1} stages)" if parsed.stages else ""))
     if result.verified is not None:
         click.echo(describe_verified(result.verified))

@@ -976,7 +976,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, **
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-", dir=out.parent))
     try:
         outputs: dict[str, str] = {}
-        stage_options = {k: v for k, v in options.items() if k not in ("force", "recipe_extra")}
+        stage_options = {k: v for k, v in options.items() if k not in ("force", "recipe_extra", "verify")}
         for i, stage in enumerate(recipe.stages):
             target = work / f"stage{i}"  # not the stage's name: a name is not a safe path
             _run_one(_with_stage_outputs(stage, outputs), target, {**stage_options, "shard_size": "1TB"})
