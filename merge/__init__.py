@@ -13,6 +13,8 @@ The public verbs::
     merge.midpoint([a, b], out="mid.safetensors", data="mnist")                # a subspace line's midpoint
     merge.collapse_checkpoint("late.safetensors", out="one.safetensors")       # late-phase weights -> one
     merge.run_recipe("recipe.yml", out="merged/")                             # a mergekit recipe
+    merge.window_soup(glob("run/checkpoint-*"), out="w/", schedule="ema:0.9", window=5)  # a run's last checkpoints
+    merge.check_members(["hf://org/a", "hf://org/b"], method="ties", base="hf://org/base")  # before downloading
 
 Training (``merge.train``), data (``merge.data``), models (``merge.models``) and the Hub
 (``merge.hub``) are submodules.
@@ -75,6 +77,8 @@ _EXPORTS: dict[str, str] = {
     "select_checkpoints": "merge.greedy",
     "collapse_checkpoint": "merge.collapse",
     "midpoint": "merge.interpolate",
+    "window_soup": "merge.windows",
+    "check_members": "merge.check",
 }
 
 
@@ -161,4 +165,6 @@ __all__ = [
     "select_checkpoints",
     "collapse_checkpoint",
     "midpoint",
+    "window_soup",
+    "check_members",
 ]
