@@ -46,7 +46,7 @@ POOLS = {
     "cnn": {"arch": "small_cnn", "model_kwargs": {"width": 16}, "optimizer": "sgd", "lr": 0.03, "pretrain_lr": 0.05},
     "vit": {"arch": "timm:vit_tiny_patch16_224", "model_kwargs": {"patch_size": 7, "embed_dim": 64, "depth": 4,
                                                                    "num_heads": 4},
-            "optimizer": "adamw", "lr": 1e-4, "pretrain_lr": 1e-3},
+            "optimizer": "adamw", "lr": 3e-4, "pretrain_lr": 1e-3},
 }
 
 
@@ -58,8 +58,8 @@ def run_seed(pool: str, seed: int, a: argparse.Namespace) -> dict:
                            epochs=a.epochs, **cfg)
         train_s = time.perf_counter() - started
         result = run_multitask(built, work_dir=Path(tmp) / "work")
-    return {"pool": pool, "seed": seed, "train_seconds": round(train_s, 1), "config": cfg, "limit": a.limit,
-            "eval_limit": a.eval_limit, "epochs": a.epochs, **result.to_dict()}
+    return {**result.to_dict(), "pool": pool, "seed": seed, "train_seconds": round(train_s, 1), "config": cfg,
+            "limit": a.limit, "eval_limit": a.eval_limit, "epochs": a.epochs}
 
 
 def _mean_sd(values: list[float]) -> str:
