@@ -57,8 +57,16 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def canonical(figures: dict[str, float]) -> dict[str, float]:
+    """Row labels without what differs by seed: ``best single fine-tune (ft-3, by val)`` -> ``best single fine-tune``."""
+    return {(label.split(" (")[0] if label.startswith(("best single", "greedy soup")) else label): v
+            for label, v in figures.items()}
+
+
 def report(runs: dict[str, dict], command: str) -> str:
     seeds = sorted(runs, key=int)
+    for s in seeds:
+        runs[s]["test_perplexity"] = canonical(runs[s]["test_perplexity"])
     labels = list(runs[seeds[0]]["test_perplexity"])
     lines = [
         "# bench_lm: checkpoint windows and greedy soups of a tiny causal LM, by test perplexity",
@@ -105,8 +113,10 @@ def report(runs: dict[str, dict], command: str) -> str:
             vals = [diff(label, best, s) for s in seeds]
             lines.append(f"| {label} - best single fine-tune | {fmt(vals)} | "
                          f"{' | '.join(f'{v:+.1f}' for v in vals)} |")
-    lines += ["", "Greedy soup's kept members per seed: " + "; ".join(
-        f"seed {s}: {', '.join(runs[s]['greedy_kept'])}" for s in seeds) + ".", ""]
+    lines += ["", "Best single fine-tune (by validation perplexity) and the greedy soup's kept members, in the order "
+              "added, per seed: " + "; ".join(
+                  f"seed {s}: best {runs[s]['greedy_kept'][0]}, kept {', '.join(runs[s]['greedy_kept'])}"
+                  for s in seeds) + ".", ""]
     return "\n".join(lines)
 
 

@@ -54,8 +54,9 @@ def select(checkpoints: tuple[str, ...], size: int, by: str, out: str, data: str
     from merge.greedy import select_checkpoints
 
     width = max(len(n) for n in names) + 2
-    if eval_text is not None and (data is not None or model is not None):
-        raise click.UsageError("--eval-text scores language models by perplexity on the text; drop --data and --model")
+    if eval_text is not None and (data is not None or model is not None or by != "nll"):
+        raise click.UsageError("--eval-text selects language models by the NLL of their mixture on the text; drop "
+                               "--data, --model and --by acc")
     split = "val" if eval_text is None else f"{Path(eval_text).name}"
     echo_line(f"pool: {len(names)} checkpoints, {split} metrics as stored")
 

@@ -372,3 +372,15 @@ def test_lm_soup_example_runs_quick(tmp_path: Path) -> None:
     assert any(k.startswith("best single fine-tune") for k in got) and any(k.startswith("greedy soup") for k in got)
     assert (tmp_path / "run" / "run" / "checkpoint-8" / "trainer_state.json").is_file()
     assert (tmp_path / "run" / "greedy" / "config.json").is_file()
+
+
+def test_cli_refuses_classifier_options_with_eval_text(lm_dir: Path, tmp_path: Path) -> None:
+    a, text = str(lm_dir / "a"), str(lm_dir / "text.jsonl")
+    runner = CliRunner()
+    for args, flag in ((["eval", a, "--eval-text", text, "--data", "digits"], "--data"),
+                       (["select", a, "-k", "1", "--by", "acc", "--eval-text", text, "-o", str(tmp_path / "s.json")],
+                        "--by acc"),
+                       (["soup", "--greedy", a, "--eval-text", text, "--recompute-bn", "2", "-o", str(tmp_path / "g")],
+                        "--recompute-bn")):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 2 and flag in res.output and "pool:" not in res.output, (args, res.output)
