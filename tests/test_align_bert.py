@@ -311,3 +311,27 @@ def test_a_recorded_model_keeps_in_place_what_it_writes_in_place_iterates_or_com
     model.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=0)
+
+
+class Hidden(torch.nn.Module):
+    """Reorders its hidden units where no torch function is seen (a custom op would do the same)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # not traceable by fx: recorded by running it
+            h = torch.relu(self.a(x))
+            with torch._C.DisableTorchFunction():
+                h = h[:, [1, 0, 2, 3, 4, 5]]
+            return self.b(h)
+        return x
+
+
+def test_a_tensor_made_where_nothing_is_recorded_leaves_every_unit_in_place():
+    torch.manual_seed(0)
+    model, x = Hidden().eval(), torch.randn(5, 4)
+    spec = permutation_spec(model, x)
+    assert not spec.sizes
+    assert spec.fixed["a"].startswith("the model makes a tensor outside torch's functions (input_")

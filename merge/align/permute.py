@@ -644,6 +644,10 @@ def permutation_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
     graph, runner = _trace(model, example_input)
     tr = _Tracer(dict(model.named_modules()), graph)
     tr.run(graph)
+    if isinstance(runner, Recording) and runner.unknown:
+        for g in list(tr.parent):
+            tr.fix(g, f"the model makes a tensor outside torch's functions ({runner.unknown[0]}), whose units are "
+                      "unknown")
     state = model.state_dict(keep_vars=True)
     # A weight read directly (get_attr) or shared by two names would be permuted for one use only.
     direct = {n.target for n in graph.nodes if n.op == "get_attr"}

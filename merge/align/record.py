@@ -79,11 +79,14 @@ def _tensors(value: Any) -> list[Tensor]:
 
 @dataclass
 class Recording:
-    """A recorded graph: ``graph`` (shape-annotated), ``keys`` (node name -> key stable across runs)."""
+    """A recorded graph: ``graph`` (shape-annotated), ``keys`` (node name -> key stable across runs), ``unknown``
+    (tensors that appeared without any recorded operation making them, nor being an input, a parameter, a buffer
+    or a module's tensor attribute: what they hold is unknown, so :mod:`merge.align.permute` permutes nothing)."""
 
     graph: fx.Graph
     keys: dict[str, str] = field(default_factory=dict)
     leaves: tuple[type, ...] = ()
+    unknown: list[str] = field(default_factory=list)  # placeholders of tensors made where nothing was recorded
 
     def replay(self, model: nn.Module, x: Any, wanted: Mapping[str, Any],
                sink: Callable[[str, Tensor], None]) -> None:
@@ -106,7 +109,7 @@ def record_graph(model: nn.Module, example_input: Any, *, leaves: tuple[type, ..
     """
     with _Recorder(model, leaves, build=True) as rec:
         rec.run(example_input)
-    return Recording(rec.graph, rec.keys, leaves)
+    return Recording(rec.graph, rec.keys, leaves, rec.unknown)
 
 
 class _Recorder(TorchFunctionMode):
@@ -124,6 +127,9 @@ class _Recorder(TorchFunctionMode):
         self.scope: list[str] = []
         self.counts: Counter[str] = Counter()
         self.inside = 0  # > 0 while a leaf runs: its own operations are not recorded
+        self.constants = {id(v) for m in model.modules() for v in vars(m).values() if isinstance(v, Tensor)}
+        self.started = False  # once the inputs are known, any other tensor nobody recorded is of unknown origin
+        self.unknown: list[str] = []
         self.handles: list[Any] = []
 
     # hooks: the module scope, and leaves as single nodes
@@ -208,6 +214,12 @@ class _Recorder(TorchFunctionMode):
         else:
             node = self.graph.placeholder(f"input_{len(self.nodes)}")
             node.meta["tensor_meta"] = SimpleNamespace(shape=tuple(t.shape))
+            if not self.started or id(t) in self.constants:
+                pass  # an input of the model, or a tensor a module holds as a plain attribute: a constant
+            else:
+                # Made by something no hook or torch function saw (a custom op, a copy through numpy): it may hold
+                # any permuted units, so nothing can be permuted soundly.
+                self.unknown.append(node.name)
         self.nodes[id(t)] = node
         return node
 
@@ -250,6 +262,7 @@ class _Recorder(TorchFunctionMode):
             inputs = _tensors(x)
             for t in inputs:
                 self.node_of(t)
+        self.started = True
         with torch.no_grad():
             out = call_model(self.model, x)
         if self.build:
