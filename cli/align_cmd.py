@@ -9,7 +9,8 @@ import click
 @click.argument("ref", type=click.Path(exists=True))
 @click.argument("others", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for the aligned members (one .safetensors each, the reference included).")
+              help="Folder for the aligned members (one .safetensors each, the reference included; a model folder "
+                   "member is written as a folder of its name, with its config and tokenizer files).")
 @click.option("--method", type=click.Choice(["weight", "activation"]), default="weight",
               help="weight: match the weights (no data); activation: match activations on training batches.")
 @click.option("--data", default=None, help="Dataset, for members that record none.")
@@ -31,6 +32,7 @@ def align(ref: str, others: tuple[str, ...], out: str, method: str, data: str | 
     \b
     Examples:
       papa-merge align run/member-00.safetensors run/member-01.safetensors -o aligned/
+      papa-merge align minilm-a/ minilm-b/ -o aligned/   (Hugging Face folders: weight matching, no data)
       papa-merge soup aligned/*.safetensors --recompute-bn 20 -o soup.safetensors
       papa-merge soup --align activation run/member-*.safetensors -o soup.safetensors   (in one step)
     """

@@ -172,7 +172,8 @@ def print_plan(plan, out: str, force: bool = False) -> None:
                    "on training batches, adamerging on unlabeled validation batches.")
 @click.option("--align", "align_method", default=None, type=click.Choice(["weight", "activation"]),
               help="Members trained from different initialisations: permute each member's hidden units onto "
-                   "--align-to's first (weight or activation matching), then merge. Needs papa_merge metadata.")
+                   "--align-to's first (weight or activation matching), then merge. Needs papa_merge metadata "
+                   "(weight matching of Hugging Face folders does not).")
 @click.option("--align-to", default=0, type=click.IntRange(min=0), metavar="I",
               help="With --align: the member (index) the others are aligned onto.")
 @click.option("--align-batches", default=8, type=click.IntRange(min=1), metavar="N",
