@@ -226,6 +226,8 @@ def main() -> None:
                 mk_cells = f"{m['wall']:.2f} | {m['rss_gb']:.2f}"
                 c = child(["compare", str(out_p), str(out_m), models["base"]])
                 diff = f"{c['max_diff']:.3g}"
+                if c["max_diff"] > 1e-5 and method not in RANDOM:
+                    note = f"{c['differ']:.2e} of elements differ"
                 if method in RANDOM:
                     note = (f"random: equal to base {c['a_same']:.3f} / {c['b_same']:.3f}, mean abs change "
                             f"{c['a_abs']:.4f} / {c['b_abs']:.4f} (papa / mergekit)")
