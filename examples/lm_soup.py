@@ -19,7 +19,7 @@ them the 30,522-token embedding and output layer):
 5. prints the test perplexity of everything (``merge.evaluate.evaluate_lm_checkpoints``, what
    ``papa-merge eval ... --eval-text test.jsonl`` prints). Validation and test articles are never trained on.
 
-``--quick`` is a seconds-long smoke run (the tests run it); the defaults take about 5 minutes on 2 busy cores.
+``--quick`` is a seconds-long smoke run (the tests run it); the defaults take about 6 minutes on 2 busy cores.
 """
 
 from __future__ import annotations

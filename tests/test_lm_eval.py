@@ -384,3 +384,13 @@ def test_cli_refuses_classifier_options_with_eval_text(lm_dir: Path, tmp_path: P
                         "--recompute-bn")):
         res = runner.invoke(cli, args)
         assert res.exit_code == 2 and flag in res.output and "pool:" not in res.output, (args, res.output)
+
+
+def test_a_hub_reference_is_scored_like_its_folder(lm_dir: Path, hub) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=False)
+    api.create_repo("org/tiny-lm", exist_ok=True)
+    api.upload_folder(folder_path=str(lm_dir / "a"), repo_id="org/tiny-lm")
+    rows = evaluate_lm_checkpoints(["hf://org/tiny-lm", lm_dir / "a"], eval_text=lm_dir / "text.jsonl", ensemble=False)
+    assert rows[0].metrics["text"]["nll"] == pytest.approx(rows[1].metrics["text"]["nll"], rel=1e-9)
