@@ -98,3 +98,19 @@ def test_a_failed_merge_warns_and_training_goes_on(tmp_path: Path) -> None:
         merger.submit([b], tmp_path / "out.unknown-suffix")
         merger.wait()
     assert len(merger.errors) == 1 and not (tmp_path / "w").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")  # huggingface_hub's upload, not ours
+def test_loop_callback_pushes_each_merge_to_the_hub(hub, tmp_path: Path) -> None:
+    from merge.train.loop import fit
+    from merge.train.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8)
+    cb = WindowMergeLoopCallback(tmp_path / "run", save_steps=2, push_to="org/run-window",
+                                 push_options={"token": False})
+    fit([model], [loader], [Recipe(epochs=2, batch_size=8, lr=0.1)], num_classes=3, callbacks=[cb])
+    assert len(cb.merger.pushed) == 2 and not cb.merger.errors
+    pushed = hub.read_file("org/run-window", "model.safetensors")
+    assert pushed == (tmp_path / "run" / "window-4" / "model.safetensors").read_bytes()

@@ -128,3 +128,12 @@ def test_cli_soup_and_run_print_what_was_verified(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "r.safetensors"), "--verify"])
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[-1] == "verified: 9 tensors read back with the sha256 written"
+
+
+def test_a_split_merge_is_reread_without_checksums(tmp_path: Path) -> None:
+    paths, _ = save_members(tmp_path, 2)
+    res = merge.soup(paths, out=tmp_path / "split.safetensors", jobs=2, verify=True)
+    assert res.verified == {"tensors": 9, "checksums": None}
+    assert CliRunner().invoke(cli, ["soup", *map(str, paths), "-o", str(tmp_path / "s2.safetensors"), "--jobs", "2",
+                                    "--verify"]).stdout.splitlines()[-1] == \
+        "verified: 9 tensors read back (a split merge records no checksums)"
