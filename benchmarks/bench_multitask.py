@@ -113,6 +113,11 @@ def write_report(all_runs: list[dict], command: str) -> None:
         "on their batches). Parameters are FusionBench's CLIP ViT-B/32 settings where one exists, else the "
         "operator's registered defaults; none is tuned on these pools.",
         "",
+        "On the `cnn` pool, TSV-M, Iso-C, Iso-CTS and RegMean come out equal to weight averaging: they act on "
+        "2-D weight matrices and average every other tensor (as their references do), and the small CNN's only "
+        "matrix is its head, which is never merged. The `vit` pool (a small ViT, mostly matrices, no BatchNorm) "
+        "is where they differ. The `cnn` pool's BatchNorm statistics are merged like every other tensor.",
+        "",
     ]
     for pool in sorted({r["pool"] for r in all_runs}):
         runs = sorted((r for r in all_runs if r["pool"] == pool), key=lambda r: r["seed"])
