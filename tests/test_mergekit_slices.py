@@ -189,3 +189,17 @@ parameters: {{t: 0.5}}
     with pytest.raises(InvalidArgumentError, match="runs in one process") as e:
         run_recipe(load_recipe(text=ok), out=tmp_path / "out", jobs=2)
     assert e.value.option == "jobs"
+
+
+def test_the_dry_run_of_a_slice_recipe_plans_the_stacked_output(tmp_path: Path, llama) -> None:
+    recipe = tmp_path / "franken.yml"
+    recipe.write_text(f"slices:\n  - sources: [{{model: {llama['m0']}, layer_range: [0, 4]}}]\n"
+                      f"  - sources: [{{model: {llama['m1']}, layer_range: [2, 4]}}]\nmerge_method: passthrough\n")
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "2 slices, 2 models" in res.output and not (tmp_path / "out").exists()
+    size = sum(v.numel() * 4 for k, v in _sd(llama["m0"]).items() if not k.startswith("model.layers.")) + 6 * sum(
+        v.numel() * 4 for k, v in _sd(llama["m0"]).items() if k.startswith("model.layers.0."))
+    from merge.mergekit_recipe import plan_recipe
+
+    assert plan_recipe(recipe).out_bytes == size
