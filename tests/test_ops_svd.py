@@ -272,3 +272,51 @@ def test_bad_inputs_are_one_line_errors(tmp_path) -> None:
         get_operator("iso_c")([members[0]["fc.weight"]])
     with pytest.raises(merge.InvalidArgumentError, match=r"common_fraction must be in \[0, 1\], got 1.5"):
         get_operator("iso_cts")([members[0]["fc.weight"]], base=base["fc.weight"], common_fraction=1.5)
+
+
+# VmHWM, not ru_maxrss: a process started by subprocess (vfork + exec) counts its parent's memory in ru_maxrss.
+# Writing 5 to clear_refs resets VmHWM to the current RSS, so the peak is measured from after the imports.
+_TSV_RSS = """
+import json, sys
+import torch
+import merge
+def status(field):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(field + ":"))
+paths, base, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.linalg.svd(torch.randn(64, 64), full_matrices=False)  # LAPACK loaded before the baseline
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+merge.soup(paths, base=base, method="tsv", out=out, force=True)
+print(json.dumps({"before": before, "peak": status("VmHWM")}))
+"""
+
+
+@pytest.mark.slow
+def test_tsv_peak_memory_for_8_members_is_that_of_2_plus_one_tensor_per_extra_member(tmp_path) -> None:
+    """Measured in fresh processes (peak RSS over the baseline after imports), as test_engine measures TIES: four
+    6 MB matrices per member; holding every member's whole model, as FusionBench does, would add 6 x 24 MB."""
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"layer{i}.weight" for i in range(4)]
+    base = {k: torch.randn(1536, 1024, generator=g) for k in names}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    paths = []
+    for i in range(8):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, paths[-1])
+    tensor = 1536 * 1024 * 4
+    grown = {}
+    for n in (2, 8):
+        res = subprocess.run([sys.executable, "-c", _TSV_RSS, json.dumps(paths[:n]), str(tmp_path / "base.safetensors"),
+                              str(tmp_path / f"tsv{n}.safetensors")], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], check=True)
+        rss = json.loads(res.stdout.strip().splitlines()[-1])
+        grown[n] = (rss["peak"] - rss["before"]) * 1024
+    assert grown[8] <= 1.2 * grown[2] + 6 * tensor, (
+        f"peak over the baseline: 2 members {grown[2] / 1e6:.0f} MB, 8 members {grown[8] / 1e6:.0f} MB, "
+        f"allowed {(1.2 * grown[2] + 6 * tensor) / 1e6:.0f} MB")
+    print(f"tsv peak over the baseline: 2 members {grown[2] / 1e6:.0f} MB, 8 members {grown[8] / 1e6:.0f} MB, "
+          f"one tensor {tensor / 1e6:.1f} MB")

@@ -70,17 +70,33 @@ def _nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
     return p @ qt
 
 
-def _recombine(us: list[torch.Tensor], ss: list[torch.Tensor], vs: list[torch.Tensor], *, isotropic: bool,
-               like: torch.Tensor) -> torch.Tensor:
-    """``U_perp diag(s) V_perp`` from the kept components (a zero matrix when none is kept)."""
-    s = torch.cat(ss)
-    if not s.numel():
-        return torch.zeros_like(like)
-    u = _nearest_orthogonal(torch.cat(us, dim=1))
-    vt = _nearest_orthogonal(torch.cat(vs, dim=0))
-    if isotropic:
-        s = torch.full_like(s, float(s.mean()))
-    return (u * s) @ vt
+class _Components:
+    """Kept singular components, concatenated into buffers allocated once: the per-member SVDs' large temporaries
+    then come and go without small long-lived pieces between them (which fragment the heap as members grow)."""
+
+    def __init__(self, like: torch.Tensor, width: int):
+        m, n = like.shape
+        self.u = torch.empty(m, width, dtype=like.dtype, device=like.device)
+        self.s = torch.empty(width, dtype=like.dtype, device=like.device)
+        self.vt = torch.empty(width, n, dtype=like.dtype, device=like.device)
+        self.used = 0
+
+    def add(self, u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, count: int) -> None:
+        a, b = self.used, self.used + count
+        self.u[:, a:b] = u[:, :count]
+        self.s[a:b] = s[:count]
+        self.vt[a:b] = vt[:count]
+        self.used = b
+
+    def recombine(self, *, isotropic: bool, like: torch.Tensor) -> torch.Tensor:
+        """``U_perp diag(s) V_perp`` from the kept components (a zero matrix when none is kept)."""
+        k = self.used
+        if not k:
+            return torch.zeros_like(like)
+        u = _nearest_orthogonal(self.u[:, :k])
+        vt = _nearest_orthogonal(self.vt[:k])
+        s = torch.full_like(self.s[:k], float(self.s[:k].mean())) if isotropic else self.s[:k]
+        return (u * s) @ vt
 
 
 def tsv_tensor(tensors: list[torch.Tensor], base: torch.Tensor, resolved: Resolved, *, name: str,
@@ -90,16 +106,13 @@ def tsv_tensor(tensors: list[torch.Tensor], base: torch.Tensor, resolved: Resolv
     if not is_matrix(base, name):
         return _mean_task(tensors, base, alpha)
     per_member = max(1, min(base.shape) // len(tensors))  # the reference's rank budget (at least 1: see differences)
-    us, ss, vs = [], [], []
+    kept = _Components(base, per_member * len(tensors))
     for x in tensors:
         delta = x.sub_(base)
         u, s, vt = _svd(delta)
-        keep = int((s[:per_member] > _tolerance(s, delta.shape)).sum())  # s is sorted: the kept ones come first
-        us.append(u[:, :keep].clone())
-        ss.append(s[:keep].clone())
-        vs.append(vt[:keep].clone())
+        kept.add(u, s, vt, int((s[:per_member] > _tolerance(s, delta.shape)).sum()))  # sorted: the kept come first
         del u, s, vt
-    merged = _recombine(us, ss, vs, isotropic=False, like=base)
+    merged = kept.recombine(isotropic=False, like=base)
     return merged.mul_(alpha).add_(base)
 
 
@@ -139,23 +152,22 @@ def iso_cts_tensor(tensors: list[torch.Tensor], base: torch.Tensor, resolved: Re
     total = deltas[0].clone()
     for delta in deltas[1:]:
         total.add_(delta)
+    kept = _Components(base, per_member * len(deltas) + common)
+    common_kept = _Components(base, common)
     u, s, vt = _svd(total)
-    keep = int((s[:common] > _tolerance(s, total.shape)).sum())
-    uc, sc, vc = u[:, :keep].clone(), s[:keep].clone(), vt[:keep].clone()
+    common_kept.add(u, s, vt, int((s[:common] > _tolerance(s, total.shape)).sum()))
+    uc = common_kept.u[:, :common_kept.used]
     del u, s, vt, total
-    us, ss, vs = [], [], []
     for delta in deltas:
         specific = delta - uc @ (uc.T @ delta)  # the task matrix with the common subspace projected out
         u, s, vt = _svd(specific)
         # zero is judged against the task matrix: what is left of one inside the common subspace is rounding
         scale = float(torch.linalg.matrix_norm(delta))
-        k = int((s[:per_member] > _tolerance(s, specific.shape, scale)).sum())
-        us.append(u[:, :k].clone())
-        ss.append(s[:k].clone())
-        vs.append(vt[:k].clone())
+        kept.add(u, s, vt, int((s[:per_member] > _tolerance(s, specific.shape, scale)).sum()))
         del u, s, vt, specific
     # the reference's order: the task-specific blocks, then the common one
-    merged = _recombine(us + [uc], ss + [sc], vs + [vc], isotropic=True, like=base)
+    kept.add(common_kept.u, common_kept.s, common_kept.vt, common_kept.used)
+    merged = kept.recombine(isotropic=True, like=base)
     return merged.mul_(alpha).add_(base)
 
 
