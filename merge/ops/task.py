@@ -244,8 +244,12 @@ class TaskTensor:
 
     # ---- masks -------------------------------------------------------------------------------------------
 
-    def keep_mask(self, i: int, a: torch.Tensor, start: int, counters: BandCounters) -> torch.Tensor | None:
-        """Which elements of member ``i``'s chunk of magnitudes ``a`` survive (None: all)."""
+    def keep_mask(self, i: int, a: torch.Tensor, start: int, counters: BandCounters,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Which elements of member ``i``'s chunk of magnitudes ``a`` survive (None: all).
+
+        A bool mask, or with ``out`` (two float buffers) a 1.0/0.0 mask in ``out[0]`` (see ``keep_band``).
+        """
         m = self.members[i]
         if not m.sparse:
             return None
@@ -254,13 +258,13 @@ class TaskTensor:
             if m.band is None:
                 r0, r1 = self._band_ranks(m)
                 m.band = Band(self.numel, r0, r1)
-            return keep_band(a, m.band, counters)
+            return keep_band(a, m.band, counters, out)
+        dst = None if out is None else out[0][: a.numel()]
         if m.density <= 0:
-            return torch.zeros_like(a, dtype=torch.bool)
+            return torch.zeros_like(a, dtype=torch.bool) if dst is None else dst.zero_()
         u = uniforms(m.key, start, a.numel(), device=a.device)
-        if kind == "random":
-            return u < m.density
-        return u < self._della_probs(m, a)
+        bound = m.density if kind == "random" else self._della_probs(m, a)
+        return torch.lt(u, bound) if dst is None else torch.lt(u, bound, out=dst)
 
     def _della_probs(self, m: _Member, a: torch.Tensor) -> torch.Tensor:
         """DELLA's keep probability of each element, from its magnitude rank within its row."""
@@ -282,10 +286,16 @@ class TaskTensor:
     # ---- the combination ---------------------------------------------------------------------------------
 
     def begin_chunk(self, count: int, device: torch.device) -> dict:
-        z = lambda: torch.zeros(count, dtype=self.dtype, device=device)  # noqa: E731
-        state = {"S": z()}
-        if self.spec.consensus:
-            state.update(P=z(), Q=z(), Dp=z(), Dn=z(), tmp=torch.empty(count, dtype=self.dtype, device=device))
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or buffers["S"].numel() < count or buffers["S"].device != device:
+            names = ("S", "abs", "m1", "m2", "tmp") + (("P", "Q", "Dp", "Dn") if self.spec.consensus else ())
+            buffers = self._buffers = {k: torch.empty(count, dtype=self.dtype, device=device) for k in names}
+            bits = torch.int64 if self.dtype == torch.float64 else torch.int32  # the float's bit pattern
+            buffers["up"] = torch.empty(count, dtype=bits, device=device)
+        state = {k: v[:count] for k, v in buffers.items()}
+        for k in ("S", "P", "Q", "Dp", "Dn"):
+            if k in state:
+                state[k].zero_()
         if not hasattr(self, "_merge_counters"):
             self._merge_counters = [BandCounters() for _ in self.members]
         return state
@@ -293,8 +303,10 @@ class TaskTensor:
     def add_member(self, state: dict, i: int, d: torch.Tensor, start: int) -> None:
         """Fold member ``i``'s task-vector chunk ``d`` (modified in place) into the running sums."""
         m = self.members[i]
+        tmp = state["tmp"]
         if m.sparse:
-            mask = self.keep_mask(i, d.abs(), start, self._merge_counters[i])
+            mask = self.keep_mask(i, torch.abs(d, out=state["abs"]), start, self._merge_counters[i],
+                                  out=(state["m1"], state["m2"]))
             if mask is not None:
                 d.mul_(mask)
             if m.scale != 1.0:
@@ -303,22 +315,21 @@ class TaskTensor:
             d.mul_(m.weight)
         state["S"].add_(d)
         if self.spec.consensus:
-            tmp = state["tmp"]
             torch.clamp(d, min=0, out=tmp)
             state["P"].add_(tmp)
             torch.clamp(d, max=0, out=tmp)
             state["Q"].add_(tmp)
-            state["Dp"].add_((d > 0).to(self.dtype), alpha=m.weight)
-            state["Dn"].add_((d < 0).to(self.dtype), alpha=m.weight)
+            state["Dp"].add_(torch.gt(d, 0, out=tmp), alpha=m.weight)
+            state["Dn"].add_(torch.lt(d, 0, out=tmp), alpha=m.weight)
 
     def finish_chunk(self, state: dict, base: torch.Tensor) -> torch.Tensor:
         """``base + lambda * merged`` for this chunk (in the compute dtype)."""
         if self.spec.consensus:
-            up = state["S"] >= 0
-            mixed = torch.where(up, state["P"], state["Q"])
+            up = torch.ge(state["S"], 0, out=state["up"]).neg_()  # all bits set where the elected sign is +
+            mixed = _where_bits(up, state["P"], state["Q"], out=state["S"])
             if self.normalize:
-                div = torch.where(up, state["Dp"], state["Dn"])
-                div.masked_fill_(div == 0, 1)
+                div = _where_bits(up, state["Dp"], state["Dn"], out=state["tmp"])
+                div.add_(torch.eq(div, 0, out=state["m1"]))  # 0 -> 1 (as masked_fill), others + 0.0
                 mixed.div_(div)
         else:
             mixed = state["S"]
@@ -327,6 +338,18 @@ class TaskTensor:
         if self.lam != 1.0:
             mixed.mul_(self.lam)
         return mixed.add_(base)
+
+
+def _where_bits(up: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """``torch.where(up, a, b)`` into ``out``, bit for bit, with ``up`` an integer mask of all ones or zeros.
+
+    Selects through the bit patterns (``b ^ ((a ^ b) & up)``): on the CPU several times faster than
+    ``torch.where`` on a bool mask. ``out`` may be ``a`` itself, never ``b``.
+    """
+    it = up.dtype
+    ai, bi, oi = a.view(it), b.view(it), out.view(it)
+    torch.bitwise_xor(ai, bi, out=oi)
+    return oi.bitwise_and_(up).bitwise_xor_(bi).view(a.dtype)
 
 
 @contextlib.contextmanager
