@@ -870,7 +870,8 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, reference: Mapp
 
     Both networks run on the same batches; for each permutation the Pearson correlation of every
     reference unit with every other unit is accumulated (summed over the points that share the
-    permutation), and one linear assignment maximises the total correlation.
+    permutation), and one linear assignment maximises the total correlation. Every position of a sequence
+    counts, padded ones included (both networks see the same padding).
 
     Args:
         spec: from :func:`permutation_spec` of ``model``.
