@@ -258,8 +258,6 @@ def three_members(tmp_path):
     (["--method", "slerp", "--base", "BASE"], "takes at most 1 member", "--members"),
     # An unknown parameter: the fix is to drop it, which the message says by listing the valid ones.
     (["--method", "ties", "--base", "BASE", "--param", "filter_wise=true"], "its parameters: density", "(pass"),
-    # A parameter whose fix is to drop it: no hint to pass it again.
-    (["--method", "model_stock", "--base", "BASE", "--param", "filter_wise=true"], "drop the parameter", "(pass"),
 ])
 def test_error_hints_name_only_flags_the_command_has(tmp_path, three_members, extra, told, not_told):
     extra = [three_members[0] if x == "BASE" else x for x in extra]

@@ -286,8 +286,7 @@ def test_model_stock() -> None:
     base, xs = _vecs(3, scale=0.3)
     xs = [x + 0.2 for x in xs]  # correlated offsets: a ratio away from 0 and 1
     np.testing.assert_allclose(_run("model_stock", xs, base), ref_model_stock(base, xs), rtol=1e-10, atol=1e-12)
-    with pytest.raises(InvalidArgumentError, match="filter_wise"):
-        _run("model_stock", xs, base, filter_wise=True)
+    # filter_wise (one ratio per row): tests/test_ops_mergekit_methods.py
 
 
 def test_linear_is_weighted_and_weights_are_normalised() -> None:
