@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import click
 
 from cli.help import SectionedCommand
 from cli.eval_cmd import echo_line, lm_options, model_options, one_line_warnings
 from cli.util import check_local_members, describe_merge, format_bytes, parse_floats, show_progress
+from merge.estimate import estimate_merge
 from merge.io.formats import SAFETENSORS_SUFFIX
 
 
@@ -125,6 +127,7 @@ def print_plan(plan, out: str, force: bool = False) -> None:
     click.echo(f"writes:         {format_bytes(plan.out_bytes)} to {out}{_existing(out, force)}")
     click.echo(f"peak memory:    {format_bytes(plan.buffer_bytes)} of working buffers for {op.name} "
                f"({plan.memory_note})")
+    click.echo(f"time:           {estimate_merge(plan).describe()}")
 
 
 @click.command(cls=SectionedCommand, context_settings={"show_default": True}, sections=SOUP_SECTIONS)
@@ -207,7 +210,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
 
     MEMBERS are .safetensors files, Hugging Face model folders (sharded or not), shard indexes,
     .bin/.pt/.pth pickles (read with weights-only loading), or hf://org/name[@revision]. A path
-    listed twice counts twice.
+    listed twice counts twice. BASE+ADAPTER (a checkpoint, then a local PEFT LoRA folder) is the base
+    with the adapter's delta added tensor by tensor as the merge streams.
 
     \b
     Examples:
@@ -223,7 +227,9 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --align weight scratch/member-*.safetensors -o aligned-soup.safetensors
       torchrun --nproc-per-node 8 --no-python papa-merge soup ft*/ -o soup/
     """
-    check_local_members([*members, *([base] if base else [])])
+    # base+adapter (a LoRA member): both parts must be there.
+    check_local_members([part for m in [*members, *([base] if base else [])]
+                         for part in (m.rsplit("+", 1) if "+" in m and not Path(m).exists() else [m])])
     # --eval-text, --block-size (lm_options) arrive with the method flags: they are --greedy's, not the method's.
     eval_text, block_size = method_params.pop("eval_text", None), method_params.pop("block_size", None)
     import merge

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge.errors import CheckpointFormatError, InvalidArgumentError, MismatchError
+from merge.estimate import estimate_merge, rate_key
 from merge.io import schemes
 from merge.io.dtypes import dtype_name, st_to_torch, unsupported_reason
 from merge.io.formats import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
@@ -40,8 +41,8 @@ __all__ = ["MemberCheck", "CheckReport", "check_members", "HeaderSource", "DOWNL
            "MERGE_BYTES_PER_S", "has_hub_members"]
 
 # The rates behind the time estimate (override with check_members' arguments). Download: a 1 Gbit/s link.
-# Merge: 1 GB/s, a cold read from an NVMe-class disk; a uniform soup of 4 x 134 MB files read from the page cache
-# runs at 8-9 GB/s on a 2-core CPU machine, so the estimate errs long when the files were just downloaded.
+# Merge: the rate measured for the method's streaming path (merge.estimate); where there is none (the tensor
+# path, a GPU) or when the caller gives its own, merge_bytes_per_s: 1 GB/s, a cold read from an NVMe-class disk.
 DOWNLOAD_BYTES_PER_S = 125e6
 MERGE_BYTES_PER_S = 1.0e9
 
@@ -299,9 +300,15 @@ def check_members(members: Sequence[str | os.PathLike], *, method: str = "unifor
                 downloads[c.ref] = c.download_bytes
         download = sum(downloads.values())
         read = plan.read_bytes if plan is not None else sum(c.tensor_bytes for c in checks)
-        seconds = download / download_bytes_per_s + read / merge_bytes_per_s
-        basis = (f"estimate: downloads at {download_bytes_per_s / 1e6:g} MB/s, merge reads at "
-                 f"{merge_bytes_per_s / 1e9:g} GB/s")
+        merging = estimate_merge(plan) if plan is not None and merge_bytes_per_s == MERGE_BYTES_PER_S else None
+        if merging is not None and merging.seconds is not None:  # the rate measured for this method's path
+            seconds = download / download_bytes_per_s + merging.seconds
+            basis = (f"estimate: downloads at {download_bytes_per_s / 1e6:g} MB/s, merge reads at "
+                     f"{read / merging.seconds / 1e9:.2g} GB/s as measured for {rate_key(plan)} merges on a 2-core CPU")
+        else:
+            seconds = download / download_bytes_per_s + read / merge_bytes_per_s
+            basis = (f"estimate: downloads at {download_bytes_per_s / 1e6:g} MB/s, merge reads at "
+                     f"{merge_bytes_per_s / 1e9:g} GB/s")
         uniq = list({id(c): c for c in checks}.values())
         return CheckReport(op.name, checks[:n], checks[n] if base is not None else None,
                            len(plan.tensors) if plan else max(c.tensors for c in checks),
