@@ -9,12 +9,22 @@ size and the device, and a rerun draws the same again. (mergekit draws with ``to
 torch's global generator, whose stream depends on the order tensors are processed; no other tool
 can reproduce it, so papa-merge matches its statistics, not its bits.)
 
-The floats are generated on the CPU with numpy and copied to the device, so a GPU merge draws the
-same numbers as a CPU merge.
+Two implementations produce the same bits. On the CPU the floats come from numpy
+(``Generator(PCG64(SeedSequence([*key, b]))).random(dtype=float32)``). On any other device they are
+computed there with torch integer ops (:func:`_torch_uniforms`), reproducing numpy's stream: numpy's
+PCG64 is PCG's XSL-RR 128/64 generator (``state = state * MULT + inc`` mod 2**128, then output
+``rotr64(hi ^ lo, state >> 122)``); a float32 is ``(next_uint32 >> 8) * 2**-24``, and ``next_uint32``
+takes the low 32 bits of a 64-bit output, then its high 32 bits. So element ``j`` of a block is half
+``j % 2`` of 64-bit output ``k = j // 2``, produced by the state after ``k + 1`` steps, which is reached
+by jump-ahead: ``A[k] * state0 + G[k] * inc`` mod 2**128 with ``A[k] = MULT**(k+1)`` and
+``G[k] = sum(MULT**i for i <= k)``. The tables are python ints computed once; the 128-bit products run
+on 16-bit limbs in int64 tensors (every partial product is below 2**32), so they are exact on every
+device. Only each block's seeded ``(state0, inc)`` is computed on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -26,6 +36,14 @@ __all__ = ["BLOCK", "rng_key", "uniforms"]
 
 BLOCK = 1 << 16
 
+#: Where the draws are computed: ``"auto"`` (numpy on the CPU, torch on any other device), ``"numpy"``
+#: or ``"torch"`` everywhere. Both give the same bits; the setting exists for tests and measurements.
+BACKEND = "auto"
+
+_MULT = 0x2360ED051FC65DA44385DF649FCCF645  # PCG_DEFAULT_MULTIPLIER_128, numpy/random/src/pcg64/pcg64.h
+_MASK = (1 << 128) - 1
+_LIMBS = 8  # 16-bit limbs of a 128-bit number, least significant first
+
 
 def rng_key(seed: int, name: str, member: int) -> tuple[int, ...]:
     """The words that key member ``member``'s draws for tensor ``name``."""
@@ -36,6 +54,15 @@ def rng_key(seed: int, name: str, member: int) -> tuple[int, ...]:
 
 def uniforms(key: tuple[int, ...], start: int, count: int, *, device: torch.device | None = None) -> torch.Tensor:
     """``count`` float32 uniforms in [0, 1) for flattened positions ``start .. start + count - 1``."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    backend = BACKEND if BACKEND != "auto" else ("numpy" if dev.type == "cpu" else "torch")
+    if backend == "torch":
+        return _torch_uniforms(key, start, count, dev)
+    t = torch.from_numpy(_numpy_uniforms(key, start, count))
+    return t if dev.type == "cpu" else t.to(dev, non_blocking=False)
+
+
+def _numpy_uniforms(key: tuple[int, ...], start: int, count: int) -> np.ndarray:
     out = np.empty(count, dtype=np.float32)
     if count:
         first, last = start // BLOCK, (start + count - 1) // BLOCK
@@ -46,5 +73,91 @@ def uniforms(key: tuple[int, ...], start: int, count: int, *, device: torch.devi
                 gen.random(hi - lo, dtype=np.float32, out=out[lo - start: hi - start])
             else:  # a chunk that starts inside a block: draw the block's prefix and keep its tail
                 out[lo - start: hi - start] = gen.random(hi - b * BLOCK, dtype=np.float32)[lo - b * BLOCK:]
-    t = torch.from_numpy(out)
-    return t if device is None or device.type == "cpu" else t.to(device, non_blocking=False)
+    return out
+
+
+def _limbs(values: list[int]) -> np.ndarray:
+    """128-bit python ints as an ``(n, 8)`` int64 array of 16-bit limbs, least significant first."""
+    raw = b"".join(v.to_bytes(16, "little") for v in values)
+    return np.frombuffer(raw, dtype="<u2").reshape(len(values), _LIMBS).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _jump_tables() -> np.ndarray:
+    """``(BLOCK // 2, 2, 8)`` limbs of ``A[k] = MULT**(k+1)`` and ``G[k] = sum(MULT**i, i <= k)``."""
+    a, g, avals, gvals = 1, 0, [], []
+    for _ in range(BLOCK // 2):
+        g = (g + a) & _MASK
+        a = (a * _MULT) & _MASK
+        avals.append(a)
+        gvals.append(g)
+    return np.stack([_limbs(avals), _limbs(gvals)], axis=1)
+
+
+_DEVICE_TABLES: dict[str, torch.Tensor] = {}
+
+
+def _device_tables(device: torch.device) -> torch.Tensor:
+    k = str(device)
+    if k not in _DEVICE_TABLES:
+        _DEVICE_TABLES[k] = torch.from_numpy(_jump_tables()).to(device)
+    return _DEVICE_TABLES[k]
+
+
+def _seeded(key: tuple[int, ...], block: int) -> tuple[int, int]:
+    """Block ``block``'s PCG64 ``(state, inc)`` after numpy's seeding."""
+    s = np.random.PCG64(np.random.SeedSequence([*key, block])).state["state"]
+    return int(s["state"]), int(s["inc"])
+
+
+def _torch_uniforms(key: tuple[int, ...], start: int, count: int, device: torch.device) -> torch.Tensor:
+    """The same floats as :func:`_numpy_uniforms`, computed on ``device`` with integer tensor ops."""
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    if not count:
+        return out
+    half = BLOCK // 2  # 64-bit outputs per block: output k of block b gives floats 2k and 2k + 1
+    p0, p1 = start // 2, (start + count - 1) // 2 + 1  # the outputs needed, [p0, p1)
+    pos = start  # the next flattened position to fill
+    b, last = p0 // half, (p1 - 1) // half
+    while b <= last:  # runs of at most _GROUP blocks that need the same outputs [k0, k1)
+        k0, k1 = max(p0 - b * half, 0), min(p1 - b * half, half)
+        n = 1
+        while n < _GROUP and b + n <= last and (b + n) * half >= p0 and (b + n + 1) * half <= p1 and k1 - k0 == half:
+            n += 1  # only whole blocks run together
+        floats = _block_floats(key, range(b, b + n), k0, k1, device).reshape(-1)  # positions b*BLOCK + 2*k0 ...
+        lo = pos - (b * BLOCK + 2 * k0)  # 1 where the run starts on the high half of an output
+        take = min(floats.numel() - lo, start + count - pos)
+        out[pos - start: pos - start + take] = floats[lo: lo + take]
+        pos += take
+        b += n
+    return out
+
+
+_GROUP = 8  # blocks computed together: temporaries of at most 8 * 32768 * 16 int64 (32 MiB)
+
+
+def _block_floats(key: tuple[int, ...], blocks: range, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+    """``(len(blocks), 2 * (k1 - k0))`` floats: outputs ``k0 .. k1 - 1`` of each block, low half first."""
+    seeds = _limbs([v for b in blocks for v in _seeded(key, b)]).reshape(len(blocks), 1, 2, _LIMBS)
+    seed = torch.from_numpy(seeds[..., ::-1].copy()).to(device)  # (n, 1, 2, 8): state0, inc, most significant first
+    jump = _device_tables(device)[k0:k1].unsqueeze(0)  # (1, m, 2, 8): A[k], G[k]
+    # state = A * state0 + G * inc mod 2**128, limb by limb; column r sums 2 * (r + 1) products < 2**32
+    limbs, carry = [], None
+    for r in range(_LIMBS):
+        col = (jump[..., : r + 1] * seed[..., _LIMBS - 1 - r:]).sum(dim=(-2, -1))  # A[i] * s[r - i]
+        if carry is not None:
+            col += carry
+        limbs.append(col & 0xFFFF)
+        carry = col >> 16
+    # XSL-RR: x = hi64 ^ lo64 (four 16-bit limbs), rotated right by the top 6 bits of the state
+    x = torch.stack([limbs[i] ^ limbs[i + 4] for i in range(4)], dim=-1)
+    rot = limbs[7] >> 10
+    q, s = (rot >> 4).unsqueeze(-1), (rot & 15).unsqueeze(-1)
+    idx = torch.arange(4, device=device)
+    x = x.gather(-1, (idx + q) % 4)  # rotated right by 16 * q
+    nxt = x.gather(-1, ((idx + 1) % 4).expand_as(x))
+    x = ((x >> s) | (nxt << (16 - s))) & 0xFFFF  # then by s < 16
+    # float32 = (uint32 >> 8) * 2**-24 (exact): the low half of the output first, then the high half
+    lo = (x[..., 0] >> 8) | (x[..., 1] << 8)
+    hi = (x[..., 2] >> 8) | (x[..., 3] << 8)
+    return torch.stack([lo, hi], dim=-1).reshape(len(blocks), -1).to(torch.float32) * (1.0 / 16777216.0)
