@@ -38,6 +38,7 @@ CASES = [
     ("task_arithmetic", 4, True, {"lambda": 1.0}),
     ("ties", 4, True, {"density": 0.5}),
     ("dare_ties", 4, True, {"density": 0.5}),
+    ("della", 4, True, {"density": 0.6, "epsilon": 0.1}),  # keyed draws on the device too (issue 22 part 3)
     ("slerp", 1, True, {"t": 0.3}),
     ("karcher", 4, False, {}),
     ("multislerp", 4, True, {}),
