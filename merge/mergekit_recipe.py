@@ -41,8 +41,9 @@ Model references are local paths when they exist, else Hub repositories (``hf://
 
 What papa-merge does not do is refused by name before any model is read, never ignored: ``modules``
 (multi-module models), ``tokenizer`` and ``tokenizer_source`` other than ``base`` (tokenizer merging),
-``chat_template``, LoRA references (``model+lora``), ``override_architecture``, and any key mergekit does not
-define. Deliberate differences from mergekit are listed in ``DIFFERENCES``.
+``chat_template``, ``override_architecture``, LoRA adapters on the Hub, and any key mergekit does not
+define. ``model+lora`` with a local PEFT adapter folder is applied per tensor as the merge streams
+(merge.lora). Deliberate differences from mergekit are listed in ``DIFFERENCES``.
 """
 
 from __future__ import annotations
@@ -304,13 +305,27 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _adapter_ref(raw: object, where: str, folder: Path) -> str:
+    """The local folder of a LoRA adapter reference (mergekit's ``lora``); Hub adapters are refused by name."""
+    if not isinstance(raw, str) or not raw or len(raw) > MAX_TEXT or "\0" in raw:
+        raise InvalidArgumentError(f"{where}: LoRA adapter reference must be a folder, got {preview(raw)}")
+    local = Path(raw).expanduser()
+    if not _exists(local) and not local.is_absolute() and _exists(folder / local):
+        local = folder / local
+    if _exists(local):
+        return str(local)
+    raise UnsupportedRecipeError(f"{where}: LoRA adapter {preview(raw)} is not a local folder; adapters on the Hub are "
+                                 "not supported: download it and name its folder", field="lora")
+
+
 def _model_ref(raw: object, where: str, folder: Path, stages: frozenset[str] = frozenset()) -> str:
     """A mergekit model reference as a papa-merge checkpoint reference (local path, hf://, or an earlier stage)."""
     revision = None
     if isinstance(raw, Mapping):
         if raw.get("lora") is not None:
-            raise UnsupportedRecipeError(f"{where}: LoRA adapters ('lora') are not supported; merge the adapter into "
-                                         "its model first", field="lora")
+            lora = raw["lora"].get("path") if isinstance(raw["lora"], Mapping) else raw["lora"]
+            base = _model_ref({k: v for k, v in raw.items() if k != "lora"}, where, folder, stages)
+            return f"{base}+{_adapter_ref(lora, where, folder)}"
         if raw.get("override_architecture") is not None:
             raise UnsupportedRecipeError(f"{where}: 'override_architecture' is not supported: papa-merge reads the "
                                          "layers from the tensor names; drop it", field="override_architecture")
@@ -325,9 +340,9 @@ def _model_ref(raw: object, where: str, folder: Path, stages: frozenset[str] = f
         raise InvalidArgumentError(f"{where}: revision must be a branch, tag or commit, got {preview(revision)}")
     if raw in stages and revision is None:
         return STAGE_PREFIX + raw
-    if "+" in raw and not _exists(Path(raw)):
-        raise UnsupportedRecipeError(f"{where}: {preview(raw)} names a LoRA adapter (model+lora), which is not "
-                                     "supported; merge the adapter into its model first", field="lora")
+    if "+" in raw and not _exists(Path(raw)):  # model+lora: the adapter is applied per tensor (merge.lora)
+        model, lora = raw.rsplit("+", 1)
+        return f"{_model_ref(model, where, folder, stages)}+{_adapter_ref(lora, where, folder)}"
     if raw.startswith(HF_PREFIX):
         return raw
     try:
@@ -739,7 +754,7 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
 
     Raises:
         UnsupportedRecipeError: a field papa-merge does not implement (``modules``, ``tokenizer``,
-            ``tokenizer_source`` other than ``base``, ``chat_template``, LoRA, ``override_architecture``);
+            ``tokenizer_source`` other than ``base``, ``chat_template``, Hub LoRA, ``override_architecture``);
             ``field`` names it.
         InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values,
             stages that do not chain).
@@ -838,13 +853,13 @@ def _slice_resolver(recipe: Recipe, op: Operator, places: Mapping, members_by_sl
 
 def _open_slices(recipe: Recipe, stack: contextlib.ExitStack):
     """Open every model of a layered recipe and plan its slices: ``(SlicePlan, resolve)``."""
-    from merge.io.sources import open_checkpoint
+    from merge.lora import open_member
     from merge.slices import SliceInput, plan_slices
 
     op = get_operator(recipe.method)
     opened: dict[str, object] = {}
     for ref in recipe.refs():
-        opened[ref] = stack.enter_context(open_checkpoint(ref))
+        opened[ref] = stack.enter_context(open_member(ref))
     specs = []
     members_by_slice = []
     for (models, base), sl in zip(_member_models(recipe, op), recipe.slices):

@@ -23,7 +23,8 @@ from merge.keys import MEMBER_ONLY_KEYS, MODEL_KEY, RECIPE_KEY, TRAIN_KEY, versi
 from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.lineage import warn_if_different_starts
-from merge.io.sources import Source, StateDictSource, open_checkpoint
+from merge.io.sources import Source, StateDictSource
+from merge.lora import open_member
 from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
@@ -204,7 +205,7 @@ def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.
         elif isinstance(m, Mapping):
             sources.append(StateDictSource(m, path=f"<state_dict {i}>"))
         else:
-            sources.append(stack.enter_context(open_checkpoint(m, key=key)))
+            sources.append(stack.enter_context(open_member(m, key=key)))  # base+adapter: LoRA applied
     return sources
 
 
