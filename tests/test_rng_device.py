@@ -45,6 +45,14 @@ def test_torch_draws_equal_numpys_bit_for_bit(key: tuple[int, ...], start: int, 
     assert np.array_equal(got.numpy().view(np.uint32), _reference(key, start, count).view(np.uint32))
 
 
+@pytest.mark.parametrize("group", [1, 3, 32])
+def test_the_draws_do_not_depend_on_how_many_blocks_run_together(group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rng, "_GROUP", group)  # the device's size (32) too, run on the CPU
+    start, count = 2 * BLOCK + 1, 9 * BLOCK + 3
+    got = rng._torch_uniforms(KEYS[1], start, count, CPU)
+    assert np.array_equal(got.numpy().view(np.uint32), _reference(KEYS[1], start, count).view(np.uint32))
+
+
 def test_the_entry_point_uses_the_backend_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     real_torch, real_numpy = rng._torch_uniforms, rng._numpy_uniforms

@@ -119,10 +119,11 @@ def _torch_uniforms(key: tuple[int, ...], start: int, count: int, device: torch.
     p0, p1 = start // 2, (start + count - 1) // 2 + 1  # the outputs needed, [p0, p1)
     pos = start  # the next flattened position to fill
     b, last = p0 // half, (p1 - 1) // half
-    while b <= last:  # runs of at most _GROUP blocks that need the same outputs [k0, k1)
+    group = _GROUP if device.type == "cpu" else _GROUP_DEVICE
+    while b <= last:  # runs of at most `group` blocks that need the same outputs [k0, k1)
         k0, k1 = max(p0 - b * half, 0), min(p1 - b * half, half)
         n = 1
-        while n < _GROUP and b + n <= last and (b + n) * half >= p0 and (b + n + 1) * half <= p1 and k1 - k0 == half:
+        while n < group and b + n <= last and (b + n) * half >= p0 and (b + n + 1) * half <= p1 and k1 - k0 == half:
             n += 1  # only whole blocks run together
         floats = _block_floats(key, range(b, b + n), k0, k1, device).reshape(-1)  # positions b*BLOCK + 2*k0 ...
         lo = pos - (b * BLOCK + 2 * k0)  # 1 where the run starts on the high half of an output
@@ -133,7 +134,9 @@ def _torch_uniforms(key: tuple[int, ...], start: int, count: int, device: torch.
     return out
 
 
-_GROUP = 8  # blocks computed together: temporaries of at most 8 * 32768 * 16 int64 (32 MiB)
+# Whole blocks computed together: the largest temporary is group * 32768 * 16 int64 (32 MiB on the CPU,
+# 128 MiB on a device, where fewer, larger kernels pay), whatever the size of the request.
+_GROUP, _GROUP_DEVICE = 8, 32
 
 
 def _block_floats(key: tuple[int, ...], blocks: range, k0: int, k1: int, device: torch.device) -> torch.Tensor:
