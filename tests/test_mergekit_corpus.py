@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from cli.main import cli
 from merge.ops import ALIASES, OPERATORS
 from tests.mergekit_models import family
+from tests.test_lora import write_adapter
 
 RECIPES = sorted((Path(__file__).parent / "recipes").glob("*.yml"))
-PLACEHOLDERS = {"MODEL_A": "m0", "MODEL_B": "m1", "MODEL_C": "m2", "BASE": "base"}
+PLACEHOLDERS = {"MODEL_A": "m0", "MODEL_B": "m1", "MODEL_C": "m2", "BASE": "base", "ADAPTER_A": "adapter"}
 
 
 def _header(text: str, key: str) -> str | None:
@@ -29,7 +30,10 @@ def _header(text: str, key: str) -> str | None:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("corpus")
-    return {arch: family(root / arch, arch, n=3, layers=8) for arch in ("llama", "mistral", "qwen2")}
+    families = {arch: family(root / arch, arch, n=3, layers=8) for arch in ("llama", "mistral", "qwen2")}
+    for arch, models in families.items():  # a PEFT LoRA folder for m0 (ADAPTER_A)
+        models["adapter"] = write_adapter(root / arch / "adapter", models["m0"], scale=0.02)
+    return families
 
 
 def test_the_corpus_covers_the_model_card_shapes() -> None:
