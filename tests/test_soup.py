@@ -270,7 +270,9 @@ def test_every_operator_streams_like_its_reference(tmp_path: Path, name: str) ->
     sds = [member_state(i, big=True) for i in range(n)]
     base_sd = member_state(99, big=True) if op.base == "required" else None
     weights = [0.2, 0.5, 0.3][:n] if any(p.name == "weight" for p in op.params) else None
-    params = {"t": 0.3} if name == "slerp" else {"density": 0.6} if op.path == "task" else {}
+    takes = {p.name for p in op.params}
+    params = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.04}, "sce": {"select_topk": 0.5}}.get(name) \
+        or ({"density": 0.6} if "density" in takes else {})
     srcs = [StateDictSource(sd) for sd in sds]
     base = StateDictSource(base_sd) if base_sd is not None else None
     plan = plan_merge(srcs, op, weights=weights, params=params, base=base, accumulate=torch.float64,

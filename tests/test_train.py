@@ -392,7 +392,9 @@ def test_cli_train_and_resume(tmp_path):
     helptext = CliRunner().invoke(cli, ["train", "--help"]).output
     assert "papa-merge train --model small_cnn --data digits --members 3 --out ckpts/" in helptext
     listed = CliRunner().invoke(cli, ["train", "--list-datasets"]).output.split()
-    assert listed == ["bbc", "digits", "mnist", "tweets", "imagefolder:<path>", "csv:<path>"]
+    # merge.multitask's built-in tasks are listed whatever was imported before (merge.data.DATASET_MODULES)
+    assert listed == ["bbc", "digits", "mnist", "multitask:digits-28", "multitask:mnist", "multitask:mnist-inverted",
+                      "multitask:mnist-parity", "multitask:mnist-rot90", "tweets", "imagefolder:<path>", "csv:<path>"]
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -471,10 +472,21 @@ _Loader = Callable[[int, float, "int | None", "int | None"], Splits]
 DATASETS: dict[str, _Loader] = {"mnist": _load_mnist, "digits": _load_digits, "tweets": _load_tweets,
                                 "bbc": _load_bbc}
 _USER_PREFIXES: dict[str, Callable[..., Splits]] = {"imagefolder": _load_imagefolder, "csv": _load_csv}
+# Modules of upper layers that add datasets to DATASETS under a prefix when imported (merge.multitask: its
+# built-in tasks). Named here, imported on demand, so a member recorded with such a dataset reloads in any
+# process and the listing is the same whatever was imported before.
+DATASET_MODULES: dict[str, str] = {"multitask": "merge.multitask"}
+
+
+def _import_dataset_modules(prefix: str | None = None) -> None:
+    for p, module in DATASET_MODULES.items():
+        if prefix is None or p == prefix:
+            importlib.import_module(module)
 
 
 def list_datasets() -> list[str]:
     """Names :func:`load_dataset` accepts: the built-in datasets, then the user-data forms."""
+    _import_dataset_modules()
     return sorted(DATASETS) + [f"{p}:<path>" for p in _USER_PREFIXES]
 
 
@@ -529,6 +541,8 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.1, limit: 
         raise UnknownNameError("dataset", str(name), list_datasets())
     if eval_limit is not None and (isinstance(eval_limit, bool) or int(eval_limit) != eval_limit or eval_limit <= 0):
         raise InvalidArgumentError(f"eval_limit must be a positive number of val/test examples, got {eval_limit!r}")
+    if name not in DATASETS and name.partition(":")[0] in DATASET_MODULES:
+        _import_dataset_modules(name.partition(":")[0])
     if name in DATASETS:
         splits = DATASETS[name](seed, val_fraction, limit, image_size)
     else:
