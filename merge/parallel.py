@@ -46,7 +46,8 @@ import torch
 from merge.engine import MergePlan, MergeStats, run_merge
 from merge.errors import InvalidArgumentError, MergeError, MergeWarning
 from merge.io.atomic import AtomicOutput
-from merge.io.sources import Source, open_checkpoint
+from merge.io.sources import Source
+from merge.lora import open_member
 from merge.io.writer import OffsetSink, OutputPlan, Place, presize_output
 
 __all__ = ["DEFAULT_JOBS", "WorkerFailedError", "SingleWriterWarning", "split_tensors", "balanced_cuts", "check_jobs",
@@ -249,8 +250,8 @@ def _named(e: BaseException, rank: int, world: int, what: str) -> BaseException:
 # --- local workers (--jobs) ---------------------------------------------------------------------------------
 def _open_sources(spec: Mapping[str, object]) -> tuple[list[Source], Source | None]:
     key = spec.get("key")
-    members = [open_checkpoint(m, key=key) for m in spec["members"]]
-    base = open_checkpoint(spec["base"], key=key) if spec.get("base") is not None else None
+    members = [open_member(m, key=key) for m in spec["members"]]  # base+adapter: merge.lora
+    base = open_member(spec["base"], key=key) if spec.get("base") is not None else None
     return members, base
 
 

@@ -122,6 +122,15 @@ def test_two_members_average_the_adapted_weights(tmp_path, base, peft_pair) -> N
     torch.testing.assert_close(out[name].double(), want, rtol=0, atol=1e-6)
 
 
+def test_two_jobs_give_the_same_bytes(tmp_path, base, peft_pair) -> None:
+    adapter, _ = peft_pair
+    members = [f"{base}+{adapter}", str(base)]
+    merge.soup(members, out=tmp_path / "j1.safetensors")
+    merge.soup(members, out=tmp_path / "j2.safetensors", jobs=2)  # each worker reopens base+adapter
+    one, two = load_file(str(tmp_path / "j1.safetensors")), load_file(str(tmp_path / "j2.safetensors"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_rslora_scaling(tmp_path, base) -> None:
     merged = _peft_adapter(base, tmp_path / "rs", use_rslora=True, seed=2)
     with LoraSource(base, tmp_path / "rs") as src:
