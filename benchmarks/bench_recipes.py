@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = ROOT / "tests" / "recipes"
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
-PLACEHOLDERS = {"BASE": "base", "MODEL_A": "m0", "MODEL_B": "m1", "MODEL_C": "m2"}
+PLACEHOLDERS = {"BASE": "base", "MODEL_A": "m0", "MODEL_B": "m1", "MODEL_C": "m2", "ADAPTER_A": "adapter"}
 
 
 def header(text: str, key: str) -> str | None:
@@ -59,6 +59,10 @@ def build(root: Path, hidden: int) -> None:
     for arch in ARCHS:
         if not (root / arch / f"{arch}-m2" / "model.safetensors").exists():
             family(root / arch, arch, n=3, layers=8, hidden=hidden)
+        if not (root / arch / f"{arch}-adapter" / "adapter_config.json").exists():  # a PEFT LoRA of m0 (ADAPTER_A)
+            from tests.test_lora import write_adapter
+
+            write_adapter(root / arch / f"{arch}-adapter", root / arch / f"{arch}-m0")
 
 
 def _tensors(folder: Path):
