@@ -7,6 +7,7 @@ import click
 from cli.eval_cmd import one_line_warnings
 from cli.soup_cmd import collect_params, method_options
 from cli.util import check_local_members, format_bytes, parse_floats
+from merge.estimate import format_seconds
 
 
 @click.command(context_settings={"show_default": True})
@@ -65,7 +66,7 @@ def describe_check(report) -> list[str]:
         f"disk:           {format_bytes(report.disk_bytes)} (downloads + {format_bytes(report.out_bytes)} of output)",
         f"reads:          {format_bytes(report.read_bytes)} (every pass counted)",
         f"peak memory:    {format_bytes(report.peak_memory_bytes)} of working buffers",
-        f"time:           about {report.seconds_estimate:.3g} s ({report.estimate_basis})",
+        f"time:           {format_seconds(report.seconds_estimate)} ({report.estimate_basis})",
         f"checked with:   {format_bytes(report.fetched_bytes)} fetched (configs, shard indexes, headers)",
     ]
     return lines

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the plan's type only: estimating imports nothing heavy
     from merge.engine import MergePlan
 
-__all__ = ["CPU_READ_BYTES_PER_S", "Estimate", "estimate_merge", "rate_key"]
+__all__ = ["CPU_READ_BYTES_PER_S", "Estimate", "estimate_merge", "rate_key", "format_seconds"]
 
 # Input bytes per second, by streaming path (and, on the task path, by how the elements are kept).
 CPU_READ_BYTES_PER_S: dict[str, float] = {
@@ -41,7 +41,7 @@ class Estimate:
         """One line for a report: ``about 12 s (estimate: ...)``, ``under 1 s (...)`` or ``no estimate (...)``."""
         if self.seconds is None:
             return f"no estimate ({self.basis})"
-        return f"{_seconds(self.seconds)} ({self.basis})"
+        return f"{format_seconds(self.seconds)} ({self.basis})"
 
 
 def rate_key(plan: MergePlan) -> str:
@@ -69,7 +69,8 @@ def estimate_merge(plan: MergePlan) -> Estimate:
                     f"estimate: reads at {rate / 1e9:g} GB/s, measured for {key} merges on a 2-core CPU")
 
 
-def _seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
+    """An estimated duration as a report shows it: ``under 1 s``, ``about 12 s``, ``about 3 min``."""
     if s < 1:
         return "under 1 s"
     if s < 120:
