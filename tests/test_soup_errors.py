@@ -140,7 +140,7 @@ def test_cuda_on_a_cpu_machine_fails_before_reading(tmp_path: Path, members: lis
         raise AssertionError("a member was opened before the device was checked")
 
     monkeypatch.setattr(sources, "open_checkpoint", boom)
-    monkeypatch.setattr("merge.soups.open_checkpoint", boom)
+    monkeypatch.setattr("merge.soups.open_member", boom)  # members (and base+adapter LoRA members) open here
     code, out = run(["soup", *map(str, members), "-o", str(tmp_path / "o.safetensors"), "--device", "cuda:1"])
     assert code == 1 and "CUDA is not available" in out and "--device cpu" in out
     _no_output(tmp_path, "o.safetensors")
