@@ -41,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from benchlib import safetensors_tensors  # noqa: E402 - benchmarks/ is on the path from here
+
 DETERMINISTIC = ["linear", "task_arithmetic", "slerp", "multislerp", "karcher", "model_stock", "ties", "breadcrumbs",
                  "breadcrumbs_ties"]
 RANDOM = ["dare_ties", "dare_linear", "della"]
@@ -153,25 +155,15 @@ def mergekit_cmd(venv: Path, cfg: Path, out: Path) -> list[str]:
             "--random-seed", "0"]
 
 
-def _tensors(folder: Path):
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                yield k, h.get_tensor(k)
-
-
 def compare(a: Path, b: Path, base: Path) -> dict:
     """Max |a - b| over all tensors, elements that differ, and each output's statistics against the base."""
     import torch
 
-    bt = dict(_tensors(base))
-    bb = dict(_tensors(b))
+    bt = dict(safetensors_tensors(base))
+    bb = dict(safetensors_tensors(b))
     worst, differ, total = 0.0, 0, 0
     stats = {"a_same": 0, "b_same": 0, "a_abs": 0.0, "b_abs": 0.0}
-    for k, x in _tensors(a):
+    for k, x in safetensors_tensors(a):
         y = bb[k]
         if not x.is_floating_point():
             continue

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import safetensors_tensors  # benchmarks/ is the script's folder, first on the path
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = ROOT / "tests" / "recipes"
@@ -65,23 +67,14 @@ def build(root: Path, hidden: int) -> None:
             write_adapter(root / arch / f"{arch}-adapter", root / arch / f"{arch}-m0")
 
 
-def _tensors(folder: Path):
-    from safetensors import safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                yield k, h.get_tensor(k)
-
-
 def compare(a: Path, b: Path, base: Path) -> dict:
     """Child: max |a - b| over the tensors of both, the names only one has, statistics against the base."""
-    bt = dict(_tensors(base))
-    bb = dict(_tensors(b))
+    bt = dict(safetensors_tensors(base))
+    bb = dict(safetensors_tensors(b))
     worst, n, total = 0.0, 0, 0
     stats = {"a_same": 0, "b_same": 0, "a_abs": 0.0, "b_abs": 0.0, "cmp": 0}
     only_a = []
-    for k, x in _tensors(a):
+    for k, x in safetensors_tensors(a):
         if k not in bb:
             only_a.append(k)
             continue

@@ -21,3 +21,13 @@ def machine() -> str:
         pass
     return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores visible, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def safetensors_tensors(folder: Path):
+    """Every tensor of the ``*.safetensors`` files in ``folder`` (shards in name order), as ``(name, tensor)``."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                yield k, h.get_tensor(k)
