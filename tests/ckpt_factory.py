@@ -73,3 +73,18 @@ def accumulation_bound(sds: list[dict[str, torch.Tensor]], key: str, weights: li
     w = w / w.sum()
     mag = sum(abs(wi) * np.abs(sd[key].double().numpy()) for wi, sd in zip(w, sds))
     return (n + 2) * eps * mag + math.ulp(0.0)
+
+
+def as_f64(a) -> torch.Tensor:
+    """An array-like as a float64 tensor."""
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+def whole_op(name: str, members, base=None, weights=None, **params) -> np.ndarray:
+    """Operator ``name`` on whole float64 tensors (its definition, no engine), as a numpy array."""
+    from merge.ops import get_operator
+
+    op = get_operator(name)
+    out = op([as_f64(m) for m in members], weights, base=None if base is None else as_f64(base), name="w", **params)
+    assert out.dtype == torch.float64
+    return out.numpy()

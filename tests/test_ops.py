@@ -10,10 +10,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from merge.errors import InvalidArgumentError, UnknownNameError
 from merge.ops import OPERATORS, get_operator
+
+from ckpt_factory import as_f64 as _t
+from ckpt_factory import whole_op as _run
 
 RNG = np.random.default_rng(0)
 
@@ -25,15 +27,6 @@ def _vecs(n: int, size: int = 4000, scale: float = 0.1, seed: int = 0):
     return base, members
 
 
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a, dtype=np.float64))
-
-
-def _run(name: str, members, base=None, weights=None, **params) -> np.ndarray:
-    op = get_operator(name)
-    out = op([_t(m) for m in members], weights, base=None if base is None else _t(base), name="w", **params)
-    assert out.dtype == torch.float64
-    return out.numpy()
 
 
 # ---- references ---------------------------------------------------------------------------------------

@@ -26,18 +26,11 @@ from merge.engine import MemorySink, plan_merge, run_merge
 from merge.io.sources import StateDictSource
 from merge.ops import get_operator
 
+from ckpt_factory import whole_op as _run
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _t(a) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a, dtype=np.float64))
-
-
-def _run(name: str, members, base=None, weights=None, **params) -> np.ndarray:
-    op = get_operator(name)
-    out = op([_t(m) for m in members], weights, base=None if base is None else _t(base), name="w", **params)
-    assert out.dtype == torch.float64
-    return out.numpy()
 
 
 def _models(n: int, shape=(24, 40), scale: float = 0.1, seed: int = 0):
