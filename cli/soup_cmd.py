@@ -12,6 +12,7 @@ from cli.eval_cmd import echo_line, lm_options, model_options, one_line_warnings
 from cli.util import check_local_members, describe_merge, format_bytes, parse_floats, show_progress
 from merge.estimate import estimate_merge
 from merge.io.formats import SAFETENSORS_SUFFIX
+from merge.params import Gradient
 
 
 def _floats_or_list(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
@@ -19,6 +20,24 @@ def _floats_or_list(ctx: click.Context, param: click.Parameter, value: str | Non
         return None
     vals = parse_floats(value, "--" + param.name.replace("_", "-").rstrip("-"))
     return vals[0] if len(vals) == 1 else vals
+
+
+def _number_or_gradient(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    """A shared parameter's flag: one number, or ``V0,V1,...``, a gradient over the layers."""
+    if value is None:
+        return None
+    vals = parse_floats(value, "--" + param.name.replace("_", "-").rstrip("-"))
+    if not vals:
+        raise click.BadParameter(f"expected a number or numbers like 0,0.5,1, got {value!r}",
+                                 param_hint="--" + param.name.rstrip("_"))
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _number_or_word(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def method_options(fn):
@@ -30,9 +49,12 @@ def method_options(fn):
         click.option("--density", default=None, callback=_floats_or_list, metavar="D[,D2,...]",
                      help="Fraction of each task vector kept (ties, dare_*, breadcrumbs*, della*); one value, or one "
                           "per member. [default: 1, keep all]"),
-        click.option("--lambda", "lambda_", default=None, type=float,
-                     help="Scale of the merged task vector (task methods). [default: 1]"),
-        click.option("--t", "t", default=None, type=float, help="slerp: 0 = base, 1 = member. [required by slerp]"),
+        click.option("--lambda", "lambda_", default=None, callback=_number_or_gradient, metavar="L[,L2,...]",
+                     help="Scale of the merged task vector (task methods); L0,L1,... a gradient over the layers. "
+                          "[default: 1]"),
+        click.option("--t", "t", default=None, callback=_number_or_gradient, metavar="T[,T2,...]",
+                     help="slerp: 0 = base, 1 = member; T0,T1,... a gradient over the layers (as --param). "
+                          "[required by slerp]"),
         click.option("--gamma", default=None, callback=_floats_or_list, metavar="G[,G2,...]",
                      help="breadcrumbs: fraction of the largest magnitudes dropped. [default: 0.01]"),
         click.option("--epsilon", default=None, callback=_floats_or_list, metavar="E[,E2,...]",
@@ -42,7 +64,9 @@ def method_options(fn):
         click.option("--rescale/--no-rescale", default=None,
                      help="Rescale kept task-vector elements to the L1 norm. [default: per method]"),
         click.option("--param", "param", multiple=True, metavar="NAME=VALUE",
-                     help="Any other method parameter (e.g. max_iter=20); repeatable."),
+                     help="Any other method parameter (e.g. max_iter=20); repeatable. NAME=V0,V1,... (e.g. t=0,0.5,1) "
+                          "is a gradient over the layers for every member, as a mergekit recipe's list: layer i of "
+                          "n takes the value at i/(n-1), interpolated; tensors outside the layers take V0."),
         click.option("--seed", default=0, type=int, help="Seed of the random methods (dare_*, della*)."),
         click.option("--strict", is_flag=True,
                      help="A NaN or infinity in a member is an error (default: a warning naming member and tensor)."),
@@ -63,7 +87,11 @@ def collect_params(given: dict) -> dict:
                     raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--param")
                 k, v = item.split("=", 1)
                 vals = [x.strip() for x in v.split(",")]
-                params[k.strip()] = vals[0] if len(vals) == 1 else vals
+                if len(vals) > 1 and not all(vals):
+                    raise click.BadParameter(f"a gradient lists one value between each comma, got {item!r}",
+                                             param_hint="--param")
+                # A list is a gradient over the layers, as in a recipe (per-member values have their own flags).
+                params[k.strip()] = vals[0] if len(vals) == 1 else Gradient(_number_or_word(x) for x in vals)
         elif value is not None:
             params[names.get(key, key)] = value
     return params
@@ -222,6 +250,7 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
       papa-merge soup --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup run/checkpoint-*/ --schedule ema:0.9 --window 5 -o run/window/
       papa-merge soup --method slerp --base a/ b/ --t 0.3 -o slerp/
+      papa-merge soup --method slerp --base a/ b/ --param t=0,0.5,0.3,0.7,1 -o slerp/
       papa-merge soup --method regmean ft1.safetensors ft2.safetensors --batches 8 -o regmean.safetensors
       papa-merge soup --jobs 4 --method ties --base base/ ft1/ ft2/ --density 0.5 -o ties/
       papa-merge soup --align weight scratch/member-*.safetensors -o aligned-soup.safetensors

@@ -65,6 +65,7 @@ from pathlib import Path
 from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 from merge.io.schemes import HF_PREFIX
 from merge.ops import Operator, get_operator
+from merge.params import gradient_value
 
 __all__ = ["Recipe", "RecipeSlice", "RecipeSource", "load_recipe", "run_recipe", "plan_recipe",
            "UnsupportedRecipeError", "SUPPORTED_KEYS", "preview", "evaluate_setting", "MAX_RECIPE_BYTES",
@@ -140,20 +141,8 @@ def evaluate_setting(setting: Setting, tensor: str, t: float = 0.0) -> object:
     for entry in setting:
         flt = entry.get("filter")
         if flt is None or flt == "*" or (tensor and flt in tensor):
-            return _gradient_value(entry["value"], t)
+            return gradient_value(entry["value"], t)
     return None
-
-
-def _gradient_value(value: object, t: float) -> object:
-    if not isinstance(value, list):
-        return value
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return value[int(t * (len(value) - 1))]
-    scaled = t * (len(value) - 1)
-    i0 = int(scaled)
-    i1 = min(len(value) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * value[i0] + frac * value[i1]
 
 
 def _is_gradient(setting: Setting) -> bool:

@@ -12,6 +12,8 @@ Example:
     0.5
     >>> Param("by", "nll", str, choices=("nll", "acc")).check("acc", method="hyper-deep")
     'acc'
+    >>> gradient_value([0.0, 0.5, 1.0], 0.75)  # a gradient over the layers, at 3/4 of the way
+    0.75
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from merge.errors import InvalidArgumentError
 
-__all__ = ["REQUIRED", "Param"]
+__all__ = ["REQUIRED", "Param", "Gradient", "gradient_value"]
 
 
 class _Required:
@@ -113,6 +115,44 @@ class Param:
         if isinstance(self.default, bool):
             return "on" if self.default else "off"
         return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+class Gradient(list):
+    """A parameter's values over the layers (mergekit's gradient list), for every member.
+
+    A plain list already means a gradient for a parameter shared by all members (``t``, ``lambda``); for a
+    per-member parameter a plain list gives one value per member, so a gradient that every member follows is
+    written ``Gradient([0.3, 0.7])`` (``papa-merge soup --param density=0.3,0.7``).
+
+    Example:
+        >>> Gradient([0.3, 0.7])
+        Gradient([0.3, 0.7])
+    """
+
+    def __repr__(self) -> str:
+        return f"Gradient({list(self)!r})"
+
+
+def gradient_value(value: object, t: float) -> object:
+    """A gradient's value at position ``t`` in [0, 1] over the layers, as mergekit 0.1.5 evaluates it
+    (``mergekit/config.py``: ``evaluate_setting``); anything but a list is returned as is.
+
+    Numbers are interpolated linearly between the anchors around ``t * (len - 1)``; a list holding words or
+    booleans picks ``value[int(t * (len - 1))]``.
+
+    Example:
+        >>> gradient_value([0.0, 0.5, 0.3, 0.7, 1.0], 0.5), gradient_value(["a", "b"], 0.9)
+        (0.3, 'a')
+    """
+    if not isinstance(value, list):
+        return value
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return value[int(t * (len(value) - 1))]
+    scaled = t * (len(value) - 1)
+    i0 = int(scaled)
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * value[i0] + frac * value[i1]
 
 
 def _shown(value: object, limit: int = 80) -> str:

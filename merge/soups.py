@@ -6,6 +6,7 @@ Greedy soup and the population methods build on these.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -34,11 +35,13 @@ from merge.verify import DigestSink
 from merge.io.atomic import check_output_free, check_output_name
 from merge.io.writer import AtomicOutput, FileSink, OutputPlan, parse_size, plan_output
 from merge.ops import check_weights, get_operator
+from merge.params import Gradient, gradient_value
+from merge.slices import layer_position, layout_of
 from merge.parallel import (DEFAULT_JOBS, MergeGroup, SingleWriterWarning, WorkerReport, check_jobs,
                             process_group_world, run_split)
 
 __all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind",
-           "resolve_method"]
+           "resolve_method", "LayerGradients", "layer_gradients"]
 
 OUTPUT_FORMS = ("NAME.safetensors (one file)", "NAME.pt, NAME.pth or NAME.bin (a torch state-dict file)",
                 "a path without a suffix or an existing folder (a Hugging Face model folder)")
@@ -220,6 +223,108 @@ def resolve_method(method: str | None, weights: Sequence[float] | None) -> str:
     return "weighted" if weights is not None and method == "uniform" else method
 
 
+@dataclass
+class LayerGradients:
+    """Parameters given as gradients over the layers (mergekit's lists), evaluated per tensor.
+
+    ``shared`` and ``members`` hold the parameters as given (per member: ``member_params`` with each member's
+    gradients added); ``keys`` names the shared ones that are gradients. A tensor of layer ``i`` of ``n`` sits at
+    ``t = i / (n - 1)`` and every tensor outside the layers at ``t = 0``, as a recipe's ``models:`` merge places
+    them (:func:`merge.slices.layer_position`, mergekit 0.1.5's ``plan_slice``); each gradient is evaluated there by
+    :func:`merge.params.gradient_value`, the recipes' own code.
+    """
+
+    shared: dict[str, object]
+    members: list[dict[str, object]]
+    keys: frozenset[str]
+    positions: Mapping[str, float] = field(default_factory=dict)
+
+    def at(self, t: float) -> tuple[dict[str, object], list[dict[str, object]]]:
+        """Every parameter's value at position ``t``."""
+        shared = {k: gradient_value(v, t) if k in self.keys else v for k, v in self.shared.items()}
+        return shared, [{k: gradient_value(v, t) for k, v in m.items()} for m in self.members]
+
+    def __call__(self, name: str) -> tuple[dict[str, object], list[dict[str, object]]]:
+        return self.at(self.positions.get(name, 0.0))
+
+    def record(self) -> dict[str, object]:
+        """The gradients as the recipe records them: shared ones by name, per-member ones per member."""
+        rec: dict[str, object] = {k: list(self.shared[k]) for k in sorted(self.keys)}
+        per_member = [{k: list(v) for k, v in m.items() if isinstance(v, list)} for m in self.members]
+        if any(per_member):
+            rec["per_member"] = per_member
+        return rec
+
+
+def layer_gradients(method: str, n: int, params: Mapping[str, object] | None,
+                    member_params: Sequence[Mapping[str, object] | None] | None) -> LayerGradients | None:
+    """The gradient parameters of a soup of ``n`` members, or None when every parameter is one value.
+
+    A gradient is a list for a parameter shared by all members (``t``, ``lambda``), a
+    :class:`merge.params.Gradient` for any parameter (every member follows it), a list among a per-member
+    parameter's per-member values, or a list in ``member_params``.
+
+    Raises:
+        InvalidArgumentError: an empty gradient, or one whose values are not numbers, booleans or words.
+    """
+    op = get_operator(method)
+    per_member = {p.name for p in op.params if p.per_member}
+    params = dict(params or {})
+    members = [dict(m or {}) for m in (member_params or ())] + [{} for _ in range(n - len(member_params or ()))]
+    keys, moved = set(), set()
+    for k, v in params.items():
+        if isinstance(v, Gradient) or (k not in per_member and isinstance(v, (list, tuple))):
+            _check_gradient(k, v, None)
+            if k in per_member:
+                moved.add(k)
+                for m in members:
+                    m.setdefault(k, list(v))
+            else:
+                keys.add(k)
+                params[k] = list(v)
+        elif k in per_member and isinstance(v, (list, tuple)) and len(v) == n and \
+                any(isinstance(x, (list, tuple)) for x in v):
+            moved.add(k)
+            for m, x in zip(members, v):
+                m.setdefault(k, x)
+    found = bool(keys)
+    for i, m in enumerate(members):
+        for k, v in m.items():
+            if isinstance(v, (list, tuple)):
+                _check_gradient(k, v, i)
+                m[k] = list(v)
+                found = True
+    if not found:
+        return None
+    return LayerGradients({k: v for k, v in params.items() if k not in moved}, members, frozenset(keys))
+
+
+def _check_gradient(key: str, value: Sequence[object], member: int | None) -> None:
+    who = f" of member {member}" if member is not None else ""
+    if not value:
+        raise InvalidArgumentError(f"parameter {key}{who}: an empty gradient list; give one value or at least one per "
+                                   "end", member=member, option=key)
+    bad = next((v for v in value if not isinstance(v, (bool, int, float, str))), None)
+    if bad is not None:
+        raise InvalidArgumentError(f"parameter {key}{who}: a gradient lists numbers (or words), got {bad!r} in it",
+                                   member=member, option=key)
+
+
+def _gradient_positions(gradients: LayerGradients, source: Source) -> LayerGradients:
+    """``gradients`` with the layer position of every tensor of ``source`` (the first member)."""
+    layout = layout_of(list(source.infos), where=str(source.path))
+    if not layout.num_layers:
+        shown = ", ".join(sorted({*gradients.keys, *(k for m in gradients.members for k, v in m.items()
+                                                     if isinstance(v, list))}))
+        raise InvalidArgumentError(f"{source.path}: parameter {shown} is a gradient over the layers, but the tensor "
+                                   "names hold no numbered layers (model.layers.N., transformer.h.N., blocks.N., ...); "
+                                   "give it one value", path=source.path, option=shown.split(", ")[0])
+    count = layout.num_layers
+    positions = {layout.name(i, rest): layer_position(i, count) for i, rests in enumerate(layout.layers)
+                 for rest in rests}
+    return dataclasses.replace(gradients, positions=positions)
+
+
 def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "uniform",
               weights: Sequence[float] | None = None, base: str | os.PathLike | Source | None = None,
               params: Mapping[str, object] | None = None,
@@ -244,6 +349,10 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
             if base is not None and base_source is None:
                 base_source = _open_all([base], stack, key)[0]
         w = check_weights(weights, len(sources)) if weights is not None else None
+        gradients = layer_gradients(op.name, len(sources), params, member_params) if resolve is None else None
+        if gradients is not None:
+            resolve = _gradient_positions(gradients, sources[0])
+            params, member_params = gradients.at(0.0)
         return plan_merge(sources, op, weights=w, params=params, member_params=member_params, base=base_source,
                           seed=seed, dtype=out_dtype, accumulate=acc_dtype, device=dev, on_mismatch=on_mismatch,
                           chunk_bytes=chunk_bytes, strict=strict, resolve=resolve, aux=aux)
@@ -407,8 +516,12 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
             them to sum to one, in float64, before any tensor sees them.
         base: the base model, for the methods that take one (task vectors are ``member - base``).
         params: the method's parameters, e.g. ``{"density": 0.5, "lambda": 1.0}`` (a per-member
-            parameter takes one value, or a list with one per member).
-        member_params: per-member overrides, one dict per member.
+            parameter takes one value, or a list with one per member). A gradient over the layers, as a
+            mergekit recipe's list: a list for a shared parameter (``{"t": [0, 0.5, 1]}``), or
+            :class:`merge.params.Gradient` for a per-member one that every member follows (``{"density":
+            Gradient([0.3, 0.7])}``); layer ``i`` of ``n`` takes the value at ``i / (n - 1)``, tensors outside
+            the layers the first (see :class:`LayerGradients`).
+        member_params: per-member overrides, one dict per member (a list there is that member's gradient).
         seed: seed of the random methods (DARE, DELLA); reruns with the same seed are bit-identical.
         dtype: output dtype for floating tensors (default: the inputs' own).
         accumulate: ``float32`` (default) or ``float64``; float64 members always accumulate in float64.
@@ -464,8 +577,10 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
     out = Path(out)
     jobs = check_jobs(jobs)
     _refuse_existing_output_early(out, [*members, *([base] if base is not None else [])], force=force)
-    _check_hub_members_first(members, method=method, base=base, weights=weights, params=params,
-                             member_params=member_params, resolve=resolve, dtype=dtype, on_mismatch=on_mismatch,
+    gradients = layer_gradients(method, len(members), params, member_params) if resolve is None else None
+    first_params, first_members = gradients.at(0.0) if gradients is not None else (params, member_params)
+    _check_hub_members_first(members, method=method, base=base, weights=weights, params=first_params,
+                             member_params=first_members, resolve=resolve, dtype=dtype, on_mismatch=on_mismatch,
                              key=key)
     with ExitStack() as stack:
         if ranks:  # under torchrun: the group set up if need be, a bare cuda made cuda:LOCAL_RANK
@@ -508,6 +623,9 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                             resolve=resolve) if jobs > 1 else {}
         recipe = recipe_of(plan, out_dtype=out_dtype,
                            extra={**(recipe_extra or {}), **({"processes": processes} if processes > 1 else {})})
+        if gradients is not None:  # the plan holds their values at t = 0; the recipe records them whole
+            recipe["parameters"] = {**recipe.get("parameters", {}), **{k: gradients.shared[k] for k in gradients.keys}}
+            recipe["gradients"] = gradients.record()
         recipe_json = json.dumps(recipe, sort_keys=True)
         bar = stack.enter_context(tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                                        desc=f"{plan.operator.name} merge of {len(sources)}", disable=not progress,

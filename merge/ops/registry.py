@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from merge.errors import InvalidArgumentError, UnknownNameError
-from merge.params import REQUIRED, Param
+from merge.params import REQUIRED, Gradient, Param
 
 __all__ = ["REQUIRED", "Param", "Combination", "Operator", "Resolved", "register", "get_operator", "path_of",
            "list_operators", "OPERATORS", "ALIASES", "resolve_params", "check_weights", "normalised_weights"]
@@ -278,6 +278,10 @@ def resolve_params(op: Operator, n_members: int, given: Mapping[str, object] | N
     members: list[dict[str, object]] = [{} for _ in range(n_members)]
     for p in op.params:
         value = given.get(p.name, p.default)
+        if isinstance(value, Gradient):  # evaluated per tensor by merge.soups (plan_soup); never one per member
+            raise InvalidArgumentError(f"method {op.name!r}: parameter {p.name} is a gradient over the layers "
+                                       f"{list(value)}, which a whole-model plan cannot take; give one value",
+                                       option=p.name)
         if not p.per_member:
             if isinstance(value, (list, tuple)):
                 raise InvalidArgumentError(f"method {op.name!r}: parameter {p.name} is shared by all members; "
