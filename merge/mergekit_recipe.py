@@ -33,7 +33,10 @@ Read as mergekit 0.1.5 reads it (``mergekit/config.py``, ``parameter_resolver.py
   ``config.json`` gets the new layer count and per-layer lists;
 - several YAML documents (``---``) are the stages of a mergekit-multi recipe: each has a ``name``, later ones
   use earlier ones as models by that name; the unnamed one (else the one no other uses) is written to the
-  output, the others to a temporary folder beside it, removed at the end.
+  output, the others to a temporary folder beside it, removed at the end;
+- ``tokenizer_source: base | union | MODEL``, the ``tokenizer:`` block (``source``, ``tokens``,
+  ``pad_to_multiple_of``) and ``chat_template`` build the output's tokenizer and each model's embedding and head
+  rows on it by mergekit's rules (:mod:`merge.vocab`); the folder output carries that tokenizer.
 
 Model references are local paths when they exist, else Hub repositories (``hf://``).
 ``dtype`` is mergekit's compute dtype: papa-merge always computes in float32 (float64 when
@@ -58,13 +61,18 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge.errors import CheckpointNotFoundError, InvalidArgumentError
 from merge.io.schemes import HF_PREFIX
 from merge.ops import Operator, get_operator
+
+if TYPE_CHECKING:
+    from merge.vocab import TokenizerSpec, TokenSource
 from merge.params import gradient_value
 
 __all__ = ["Recipe", "RecipeSlice", "RecipeSource", "load_recipe", "run_recipe", "plan_recipe",
@@ -82,12 +90,10 @@ PREVIEW_CHARS = 80  # of a value shown in an error message
 STAGE_PREFIX = "stage:"  # a model reference to an earlier stage's output, as Recipe.members shows it
 
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name")
+                  "tokenizer_source", "tokenizer", "chat_template", "name")
 _REFUSED = {
     "modules": "per-module definitions (multi-module models such as vision-language ones) are not supported; "
                "merge whole models with 'models:' or one layer stack with 'slices:'",
-    "tokenizer": "tokenizer merging is not supported; use 'tokenizer_source: base' (the base model's tokenizer)",
-    "chat_template": "chat templates are not written; the base model's tokenizer files are carried over as they are",
 }
 _KNOWN_MERGEKIT = {"name", "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                    "tokenizer_source", "tokenizer", "chat_template", "slices", "modules"}
@@ -197,6 +203,7 @@ class Recipe:
     name: str | None = None
     stages: list[Recipe] = field(default_factory=list)
     global_params: dict[str, Setting] = field(default_factory=dict)  # every global parameter, as written
+    tokenizer: TokenizerSpec | None = None  # tokenizer_source, the tokenizer block, chat_template (merge.vocab)
 
     def resolve(self, tensor: str) -> tuple[dict[str, object], list[dict[str, object]]]:
         """Parameters for one tensor of a whole-model merge (``{filter, value}`` lists evaluated on its name)."""
@@ -524,11 +531,9 @@ def _check_fields(raw: Mapping, where: str, path: str | os.PathLike | None) -> N
     if unknown:
         raise UnsupportedRecipeError(f"{where}: unknown field {preview(unknown[0])}; papa-merge reads "
                                      f"{', '.join(SUPPORTED_KEYS)}", field=_clip(str(unknown[0])), path=path)
-    tok = raw.get("tokenizer_source")
-    if tok is not None and tok != "base":
-        shown = _clip(tok) if isinstance(tok, str) else preview(tok)
-        raise UnsupportedRecipeError(f"{where}: 'tokenizer_source: {shown}' is not supported (tokenizer "
-                                     "merging); use 'tokenizer_source: base'", field="tokenizer_source", path=path)
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise InvalidArgumentError(f"{where}: give 'tokenizer_source' or a 'tokenizer' block, not both (as mergekit)",
+                                   path=path)
     if raw.get("slices") is not None and raw.get("models") is not None:
         raise InvalidArgumentError(f"{where}: give 'models' or 'slices', not both (as mergekit)", path=path)
 
@@ -587,6 +592,102 @@ def _read_slices(slices: object, where: str, folder: Path, path: str | os.PathLi
         base = _model_ref(raw["base_model"], f"{at}.base_model", folder, stages) if raw.get("base_model") else None
         out.append(RecipeSlice(sources, _params(raw.get("parameters"), at), base))
     return out
+
+
+def _token_source(raw: object, at: str, folder: Path, path: str | os.PathLike | None,
+                  stages: frozenset[str]) -> TokenSource:
+    """One ``tokens:`` entry: its source (a model, ``{kind: model_token, ...}``, ``{kind: zero}``) and ``force``."""
+    from merge.vocab import TokenSource
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise InvalidArgumentError(f"{at}: a token's entry is {{source: ..., force: ...}}, got {preview(raw)}",
+                                   path=path)
+    _entry_fields(raw, {"source", "force"}, at, path)
+    force = raw.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidArgumentError(f"{at}: 'force' is true or false, got {preview(force)}", path=path)
+    src = raw.get("source")
+    if src is None:
+        return TokenSource(None, force=force)
+    kind = src.get("kind") if isinstance(src, Mapping) else None
+    if kind == "zero":
+        _entry_fields(src, {"kind"}, f"{at}.source", path)
+        return TokenSource("zero", force=force)
+    if kind == "model_token":
+        _entry_fields(src, {"kind", "model", "token_id", "token"}, f"{at}.source", path)
+        tid, tok = src.get("token_id"), src.get("token")
+        if (tid is None) == (tok is None):
+            raise InvalidArgumentError(f"{at}.source: give one of 'token_id' or 'token' (as mergekit)", path=path)
+        if tid is not None and not (isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0):
+            raise InvalidArgumentError(f"{at}.source: token_id must be a row number, got {preview(tid)}", path=path)
+        if tok is not None and not (isinstance(tok, str) and len(tok) <= MAX_TEXT):
+            raise InvalidArgumentError(f"{at}.source: token must be a token's text, got {preview(tok)}", path=path)
+        return TokenSource("model_token", _model_ref(src.get("model"), f"{at}.source", folder, stages), tid, tok,
+                           force)
+    if kind is not None:
+        raise InvalidArgumentError(f"{at}.source: kind {preview(kind)} is not one of model_token, zero", path=path)
+    return TokenSource("model", _model_ref(src, f"{at}.source", folder, stages), force=force)
+
+
+def _read_tokenizer(raw: Mapping, where: str, folder: Path, path: str | os.PathLike | None,
+                    stages: frozenset[str]) -> TokenizerSpec | None:
+    """``tokenizer_source``, the ``tokenizer:`` block and ``chat_template`` as a :class:`merge.vocab.TokenizerSpec`."""
+    from merge.vocab import TokenizerSpec, chat_template_text
+
+    block, source = raw.get("tokenizer"), raw.get("tokenizer_source")
+    template = raw.get("chat_template")
+    if block is None and source is None and template is None:
+        return None
+    tokens: dict[str, object] = {}
+    pad = None
+    if block is not None:
+        if not isinstance(block, Mapping):
+            raise InvalidArgumentError(f"{where}: 'tokenizer' is a mapping (source, tokens, pad_to_multiple_of), got "
+                                       f"{preview(block)}", path=path)
+        _entry_fields(block, {"source", "tokens", "pad_to_multiple_of"}, f"{where}: tokenizer", path)
+        source = block.get("source", "union")  # mergekit's default
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and 0 < pad <= 1 << 20):
+            raise InvalidArgumentError(f"{where}: tokenizer.pad_to_multiple_of must be a positive whole number, got "
+                                       f"{preview(pad)}", path=path)
+        raw_tokens = block.get("tokens") or {}
+        if not isinstance(raw_tokens, Mapping):
+            raise InvalidArgumentError(f"{where}: tokenizer.tokens maps each token to its source, got "
+                                       f"{preview(raw_tokens)}", path=path)
+        for tok, entry in raw_tokens.items():
+            if not isinstance(tok, str) or not tok or len(tok) > MAX_TEXT:
+                raise InvalidArgumentError(f"{where}: tokenizer.tokens: {preview(tok)} is not a token's text "
+                                           "(quote it if it looks like a number)", path=path)
+            tokens[tok] = _token_source(entry, f"{where}: tokenizer.tokens[{_clip(repr(tok))}]", folder, path, stages)
+    field_name = "tokenizer" if block is not None else "tokenizer_source"
+    if source is not None and source not in ("base", "union"):
+        source = _model_ref(source, f"{where}: {field_name}", folder, stages)
+    if template is not None:
+        if not isinstance(template, str) or len(template) > MAX_RECIPE_BYTES:
+            raise InvalidArgumentError(f"{where}: 'chat_template' is a template name or a Jinja template, got "
+                                       f"{preview(template)}", path=path)
+        if template != "auto":
+            chat_template_text(template)  # an unknown name is refused here, before any model is read
+    base = _model_ref(raw["base_model"], f"{where}: base_model", folder, stages) if raw.get("base_model") else None
+    return TokenizerSpec(source, tokens, pad, template, base)  # type: ignore[arg-type]
+
+
+def _check_tokenizer_refs(spec: TokenizerSpec | None, refs: list[str], where: str,
+                          path: str | os.PathLike | None) -> None:
+    """Every model a token's row comes from is one of the recipe's models; a Hub tokenizer source is one too."""
+    if spec is None:
+        return
+    for tok, src in spec.tokens.items():
+        if src.model is not None and src.model not in refs:
+            raise InvalidArgumentError(f"{where}: tokenizer.tokens[{_clip(repr(tok))}]: takes its row from "
+                                       f"{src.model}, which is not one of the recipe's models", path=path)
+    if (spec.source not in (None, "base", "union") and spec.source not in refs
+            and str(spec.source).startswith(HF_PREFIX)):
+        raise UnsupportedRecipeError(f"{where}: a tokenizer source on the Hub that is not one of the recipe's models "
+                                     f"({spec.source}) is not supported; download it and name its folder",
+                                     field="tokenizer_source", path=path)
 
 
 def _check_shared_on_models(op: Operator, slices: list[RecipeSlice], from_models: bool, where: str) -> None:
@@ -683,9 +784,12 @@ def _parse_document(raw: Mapping, where: str, path: str | os.PathLike | None, te
         members = list(dict.fromkeys(s.model for sl in slices for s in sl.sources
                                      if op.base == "none" or s.model != (sl.base or base)))
         notes.append(f"{len(slices)} slices, {len(members)} model{'s' * (len(members) != 1)}")
-    return Recipe(method, members, shown_base, shared, member_params, out_dtype or dtype, accumulate,
-                  Path(path) if path is not None else None, text, conditional, notes, slices,
-                  given_slices or gradient, name, [], params)
+    tokenizer = _read_tokenizer(raw, where, folder, path, stages)
+    recipe = Recipe(method, members, shown_base, shared, member_params, out_dtype or dtype, accumulate,
+                    Path(path) if path is not None else None, text, conditional, notes, slices,
+                    given_slices or gradient, name, [], params, tokenizer)
+    _check_tokenizer_refs(tokenizer, recipe.refs(), where, path)
+    return recipe
 
 
 def _stage_order(recipes: list[Recipe], where: str, path: str | os.PathLike | None) -> list[Recipe]:
@@ -840,15 +944,54 @@ def _slice_resolver(recipe: Recipe, op: Operator, places: Mapping, members_by_sl
     return resolve
 
 
-def _open_slices(recipe: Recipe, stack: contextlib.ExitStack):
-    """Open every model of a layered recipe and plan its slices: ``(SlicePlan, resolve)``."""
-    from merge.lora import open_member
-    from merge.slices import SliceInput, plan_slices
+def _vocab_inputs(recipe: Recipe, raw: Mapping[str, object]):
+    """``tensor -> (models, base)``: the inputs of a vocabulary tensor's merge, as mergekit plans them (every model
+    of ``models:``; with ``slices:``, the first slice's sources for the embeddings, the last slice's for the rest)."""
+    from merge.slices import layout_of
 
-    op = get_operator(recipe.method)
+    spec = recipe.tokenizer
+    first, last = recipe.slices[0], recipe.slices[-1]
+    lead = raw[first.sources[0].model]
+    pre = set(layout_of(list(lead.infos)).pre) if recipe.layered else set()  # type: ignore[attr-defined]
+
+    def inputs(tensor: str) -> tuple[list[str], str | None]:
+        sl = first if tensor in pre or not recipe.layered else last
+        return [s.model for s in sl.sources], sl.base or spec.base
+
+    return inputs
+
+
+def _open_refs(recipe: Recipe, stack: contextlib.ExitStack):
+    """Open every model of ``recipe``: ``(ref -> Source, VocabPlan | None)``. With a tokenizer to merge, each source
+    presents its vocabulary tensors on the output vocabulary (:class:`merge.vocab.VocabSource`)."""
+    from merge.lora import open_member
+
     opened: dict[str, object] = {}
     for ref in recipe.refs():
         opened[ref] = stack.enter_context(open_member(ref))
+    spec = recipe.tokenizer
+    if spec is None or not spec.merges:
+        return opened, None
+    from merge.vocab import TOKENIZER_FILES, VocabGroup, build_vocab
+
+    folders = {ref: Path(src.path) for ref, src in opened.items()}  # type: ignore[attr-defined]
+    lead = folders[spec.base or recipe.refs()[0]]
+    if spec.source == "base" and not (lead.is_dir() and any((lead / f).is_file() for f in TOKENIZER_FILES)):
+        recipe.notes.append("tokenizer_source: base, and the base has no tokenizer files: rows merged as they are")
+        return opened, None
+    if spec.source not in ("base", "union") and spec.source not in folders:
+        folders[spec.source] = Path(spec.source)
+    plan = build_vocab(spec, recipe.refs(), folders)
+    group = VocabGroup(plan, opened, _vocab_inputs(recipe, opened))  # type: ignore[arg-type]
+    return {ref: group.wrap(ref) for ref in opened}, plan
+
+
+def _open_slices(recipe: Recipe, stack: contextlib.ExitStack):
+    """Open every model of a layered recipe and plan its slices: ``(SlicePlan, resolve, opened, VocabPlan)``."""
+    from merge.slices import SliceInput, plan_slices
+
+    op = get_operator(recipe.method)
+    opened, vocab = _open_refs(recipe, stack)
     specs = []
     members_by_slice = []
     for (models, base), sl in zip(_member_models(recipe, op), recipe.slices):
@@ -857,7 +1000,7 @@ def _open_slices(recipe: Recipe, stack: contextlib.ExitStack):
         specs.append((inputs, base_at))
         members_by_slice.append([m for i, m in enumerate(models) if i != base_at])
     plan = plan_slices(specs)
-    return plan, _slice_resolver(recipe, op, plan.places, members_by_slice), opened
+    return plan, _slice_resolver(recipe, op, plan.places, members_by_slice), opened, vocab
 
 
 def _rewrite_config(recipe: Recipe, plan, opened: Mapping[str, object], out: Path) -> None:
@@ -882,7 +1025,8 @@ def _rewrite_config(recipe: Recipe, plan, opened: Mapping[str, object], out: Pat
 
 def _check_one_process(recipe: Recipe, options: Mapping[str, object]) -> None:
     if options.get("jobs", 1) != 1 or options.get("ranks"):
-        raise InvalidArgumentError("a recipe with slices or gradient parameters runs in one process; leave jobs at 1 "
+        raise InvalidArgumentError("a recipe with slices, gradient parameters or a tokenizer runs in one process; "
+                                   "leave jobs at 1 "
                                    "and run it outside torchrun", option="jobs", choices=(1,))
 
 
@@ -895,8 +1039,13 @@ def _with_stage_outputs(recipe: Recipe, outputs: Mapping[str, str]) -> Recipe:
 
     slices = [RecipeSlice([dataclasses.replace(s, model=ref(s.model)) for s in sl.sources], sl.params, ref(sl.base))
               for sl in recipe.slices]
+    tokenizer = recipe.tokenizer
+    if tokenizer is not None:
+        tokens = {t: dataclasses.replace(src, model=ref(src.model)) for t, src in tokenizer.tokens.items()}
+        tokenizer = dataclasses.replace(tokenizer, source=ref(tokenizer.source), base=ref(tokenizer.base),
+                                        tokens=tokens)
     return dataclasses.replace(recipe, members=[ref(m) for m in recipe.members], base=ref(recipe.base),
-                               slices=slices, stages=[])
+                               slices=slices, stages=[], tokenizer=tokenizer)
 
 
 def plan_recipe(recipe: Recipe | str | os.PathLike, **options: object):
@@ -913,14 +1062,68 @@ def plan_recipe(recipe: Recipe | str | os.PathLike, **options: object):
         first = recipe.stages[0]
         recipe.notes.append(f"planned: stage {first.name} (the later stages read outputs not yet written)")
         recipe = first
-    if not recipe.layered:
+    if not recipe.layered and not _merges_vocab(recipe):
         return plan_soup(recipe.members, **_soup_args(recipe), **options)
     with contextlib.ExitStack() as stack:
-        plan, resolve, _ = _open_slices(recipe, stack)
+        if not recipe.layered:
+            opened, _ = _open_refs(recipe, stack)
+            members, base = _whole_model_inputs(recipe, opened)
+            return plan_soup(members, **{**_soup_args(recipe), "base": base}, sources=members, base_source=base,
+                             **options)
+        plan, resolve, _, _ = _open_slices(recipe, stack)
         shared, members = resolve("")
         return plan_soup(plan.members, method=recipe.method, base=plan.base, params=shared, member_params=members,
                          dtype=recipe.dtype, accumulate=recipe.accumulate, sources=list(plan.members),
                          base_source=plan.base, resolve=resolve, **options)
+
+
+def _merges_vocab(recipe: Recipe) -> bool:
+    return recipe.tokenizer is not None and recipe.tokenizer.merges
+
+
+def _whole_model_inputs(recipe: Recipe, opened: Mapping[str, object]) -> tuple[list, object]:
+    """The members and base of a recipe without layer structure, as opened sources."""
+    return [opened[m] for m in recipe.members], (opened[recipe.base] if recipe.base is not None else None)
+
+
+def _check_tokenizer_output(recipe: Recipe, out: str | os.PathLike) -> None:
+    """A merged tokenizer or a chat template needs a folder output to be written into (mergekit writes folders)."""
+    from merge.soups import output_kind
+
+    spec = recipe.tokenizer
+    if spec is None or output_kind(out) == "folder":
+        return
+    if spec.source not in (None, "base") or spec.tokens or spec.pad_to_multiple_of or spec.chat_template:
+        what = "chat_template" if spec.source is None else "tokenizer"
+        raise InvalidArgumentError(f"output {out}: the recipe's {what} is written into a model folder beside the "
+                                   "weights; write the output to a folder (a path without a suffix)", path=out,
+                                   option="out")
+
+
+def _finish_tokenizer(recipe: Recipe, vocab, opened: Mapping[str, object], out: Path) -> dict[str, object] | None:
+    """Write the output tokenizer (merged, or the donor's with the chat template) into folder ``out``; what the
+    recipe records about it."""
+    from merge.vocab import TokenizerWarning, chat_template_text, load_tokenizer, write_tokenizer
+
+    spec = recipe.tokenizer
+    if spec is None or not out.is_dir():
+        return None
+    folders = [Path(src.path) for src in opened.values()]  # type: ignore[attr-defined]
+    template = chat_template_text(spec.chat_template, folders) if spec.chat_template else None
+    if vocab is not None:
+        write_tokenizer(out, vocab.tokenizer, rows=vocab.rows, chat_template=template)
+        return {"source": spec.source, "tokens": len(vocab.vocab), "rows": vocab.rows}
+    if spec.chat_template is None:
+        return None
+    donor = Path(opened[spec.base or recipe.refs()[0]].path)  # type: ignore[attr-defined]
+    try:
+        tokenizer = load_tokenizer(donor)
+    except Exception as e:  # noqa: BLE001 - mergekit logs it and keeps the merge
+        warnings.warn(TokenizerWarning(f"{donor}: its tokenizer does not load ({type(e).__name__}); the chat "
+                                       "template is not written"), stacklevel=3)
+        return None
+    write_tokenizer(out, tokenizer, rows=None, chat_template=template)
+    return {"chat_template": spec.chat_template if len(spec.chat_template) < 80 else "literal"}
 
 
 def _run_one(recipe: Recipe, out: str | os.PathLike, options: dict[str, object]):
@@ -928,18 +1131,27 @@ def _run_one(recipe: Recipe, out: str | os.PathLike, options: dict[str, object])
 
     extra = dict(options.pop("recipe_extra", None) or {})
     extra["recipe_file"] = recipe.record()
-    if not recipe.layered:
+    _check_tokenizer_output(recipe, out)
+    if not recipe.layered and recipe.tokenizer is None:
         return soup(recipe.members, out=out, recipe_extra=extra, **_soup_args(recipe), **options)
     _check_one_process(recipe, options)
     with contextlib.ExitStack() as stack:
-        plan, resolve, opened = _open_slices(recipe, stack)
-        shared, members = resolve("")
-        extra["layers"] = plan.num_layers
-        result = soup(plan.members, out=out, method=recipe.method, base=plan.base, params=shared,
-                      member_params=members, dtype=recipe.dtype, accumulate=recipe.accumulate, resolve=resolve,
-                      recipe_extra=extra, **options)
-        if result.path.is_dir():
-            _rewrite_config(recipe, plan, opened, result.path)
+        if not recipe.layered:
+            opened, vocab = _open_refs(recipe, stack)
+            members, base = _whole_model_inputs(recipe, opened)
+            result = soup(members, out=out, recipe_extra=extra, **{**_soup_args(recipe), "base": base}, **options)
+        else:
+            plan, resolve, opened, vocab = _open_slices(recipe, stack)
+            shared, members = resolve("")
+            extra["layers"] = plan.num_layers
+            result = soup(plan.members, out=out, method=recipe.method, base=plan.base, params=shared,
+                          member_params=members, dtype=recipe.dtype, accumulate=recipe.accumulate, resolve=resolve,
+                          recipe_extra=extra, **options)
+            if result.path.is_dir():
+                _rewrite_config(recipe, plan, opened, result.path)
+        written = _finish_tokenizer(recipe, vocab, opened, result.path)
+        if written is not None:
+            result.recipe["tokenizer"] = written
         return result
 
 

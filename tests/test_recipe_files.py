@@ -102,9 +102,6 @@ def test_a_base_for_a_method_without_one_is_a_member(tmp_path: Path, models) -> 
 
 @pytest.mark.parametrize("snippet,field,message", [
     ("modules:\n  text: {}\n", "modules", "'modules' is not supported"),
-    ("tokenizer:\n  source: union\n", "tokenizer", "tokenizer merging is not supported"),
-    ("tokenizer_source: union\n", "tokenizer_source", "'tokenizer_source: union' is not supported"),
-    ("chat_template: chatml\n", "chat_template", "'chat_template' is not supported"),
     ("random_option: 3\n", "random_option", "unknown field 'random_option'"),
 ])
 def test_unsupported_fields_are_refused_by_name(tmp_path: Path, models, snippet: str, field: str, message: str) -> None:
