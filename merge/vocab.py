@@ -178,9 +178,16 @@ def _config_vocab_size(folder: Path) -> int | None:
 
 
 def load_tokenizer(folder: Path, **kwargs: object) -> Any:
+    """A model folder's tokenizer (``AutoTokenizer``), from its own files only: never a download.
+
+    Raises:
+        CheckpointNotFoundError: ``folder`` is not a folder (a single-file checkpoint has no tokenizer).
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    if not Path(folder).is_dir():
+        raise CheckpointNotFoundError(f"{folder}: not a model folder, so it has no tokenizer files", path=folder)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
 
 
 def _stripped_tokenizer(folder: Path) -> Any:

@@ -17,6 +17,7 @@ from cli.main import cli
 from merge.ops import ALIASES, OPERATORS
 from tests.mergekit_models import family
 from tests.test_lora import write_adapter
+from tests.test_vocab import add_tokenizers
 
 RECIPES = sorted((Path(__file__).parent / "recipes").glob("*.yml"))
 PLACEHOLDERS = {"MODEL_A": "m0", "MODEL_B": "m1", "MODEL_C": "m2", "BASE": "base", "ADAPTER_A": "adapter"}
@@ -33,6 +34,7 @@ def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
     families = {arch: family(root / arch, arch, n=3, layers=8) for arch in ("llama", "mistral", "qwen2")}
     for arch, models in families.items():  # a PEFT LoRA folder for m0 (ADAPTER_A)
         models["adapter"] = write_adapter(root / arch / "adapter", models["m0"], scale=0.02)
+        add_tokenizers(models)  # base and m0 share a tokenizer; m1 and m2 each lack some tokens and add others
     return families
 
 
@@ -76,5 +78,14 @@ def test_each_recipe_runs_unchanged(tmp_path: Path, families, path: Path) -> Non
     assert out.keys() == base.keys() - {k for k in base if k.startswith("model.layers.")} | {
         k for k in out if k.startswith("model.layers.")}
     if method != "passthrough":  # a merge moves away from the base, by about the fine-tunes' own distance
-        moved = [float((out[k].double() - base[k].double()).abs().mean()) for k in out if k in base]
+        moved = [float((out[k].double() - base[k].double()).abs().mean()) for k in out
+                 if k in base and out[k].shape == base[k].shape]
         assert 0 < max(moved) < 0.05
+    vocab = _header(text, "vocab")
+    if vocab:  # a recipe that builds the tokenizer: its rows, the config, and a tokenizer that loads
+        from transformers import AutoTokenizer
+
+        assert out["model.embed_tokens.weight"].shape[0] == out["lm_head.weight"].shape[0] == int(vocab)
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == int(vocab)
+        tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+        assert len(tok.get_vocab()) <= int(vocab) and ("chat_template:" not in text or tok.chat_template)
