@@ -238,8 +238,9 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
 
     MEMBERS are .safetensors files, Hugging Face model folders (sharded or not), shard indexes,
     .bin/.pt/.pth pickles (read with weights-only loading), or hf://org/name[@revision]. A path
-    listed twice counts twice. BASE+ADAPTER (a checkpoint, then a local PEFT LoRA folder) is the base
-    with the adapter's delta added tensor by tensor as the merge streams.
+    listed twice counts twice. BASE+ADAPTER (a checkpoint, then a PEFT LoRA folder or
+    hf://org/adapter[@revision], of which adapter_config.json and adapter_model.safetensors alone are
+    fetched) is the base with the adapter's delta added tensor by tensor as the merge streams.
 
     \b
     Examples:

@@ -6,6 +6,7 @@ Three verbs and one helper::
     merge.hub.push("soup/", "org/my-soup")                # -> PushResult: the URL, what it uploaded and deleted
     merge.hub.model_card("soup/", repo_id="org/my-soup")  # -> README.md text
     merge.hub.resolve_reference("hf://org/name@v2")       # what ``open_checkpoint("hf://...")`` calls
+    merge.hub.resolve_adapter("hf://org/lora@v1")         # a LoRA adapter's two files (``base+hf://org/lora``)
 
 Downloads go through huggingface_hub's cache and fetch only what a checkpoint needs: the shard index
 and the shards it lists (or ``model.safetensors``, or the legacy ``pytorch_model.bin``), plus the
@@ -47,7 +48,8 @@ from merge.errors import (
 )
 
 __all__ = ["HubReference", "PushResult", "parse_reference", "resolve_reference", "pull", "push", "model_card",
-           "hub_source_of", "HF_PREFIX", "RemoteCheckpoint", "plan_download", "read_range"]
+           "hub_source_of", "HF_PREFIX", "RemoteCheckpoint", "plan_download", "read_range", "resolve_adapter",
+           "ADAPTER_FILES"]
 
 # Small files beside the weights that from_pretrained needs (configs, tokenizers, chat templates).
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
@@ -476,6 +478,56 @@ def resolve_reference(ref: str, *, endpoint: str | None = None, token: str | boo
         names, target = _plan_checkpoint_files(api, r, sha, files, endpoint)
         folder = _download(api, r, sha, names, endpoint)
     return folder / target if target else folder
+
+
+# The files of a PEFT LoRA adapter that merge.lora applies: all that is fetched of an adapter repo.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def resolve_adapter(ref: str, *, endpoint: str | None = None, token: str | bool | None = None) -> Path:
+    """Download a PEFT LoRA adapter into huggingface_hub's cache and return its local folder.
+
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are fetched (an adapter repo's README,
+    tokenizer and training files are left on the Hub; a pickled ``adapter_model.bin`` is never fetched).
+    ``hf://org/name@rev/sub`` names an adapter in a sub-folder. With ``HF_HUB_OFFLINE=1`` the cached snapshot
+    is used without asking the Hub. ``merge.lora`` calls this for ``base+hf://org/adapter``.
+
+    Returns:
+        The local folder holding the two files.
+
+    Raises:
+        CheckpointNotFoundError: the repo, revision or one of the two files does not exist.
+        HubError: the Hub cannot be reached or refused the request.
+        InvalidArgumentError: ``ref`` is not a Hub reference.
+
+    Example:
+        >>> folder = resolve_adapter("hf://org/my-lora@v1")  # doctest: +SKIP
+        >>> sorted(p.name for p in folder.iterdir())          # doctest: +SKIP
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    r = _parse(ref)
+    endpoint = _endpoint(endpoint)
+    sub = (r.path or "").strip("/")
+    names = [f"{sub}/{n}" if sub else n for n in ADAPTER_FILES]
+    if _offline():
+        folder = _cached_snapshot(r)
+        if folder is None or not all((folder / n).is_file() for n in names):
+            raise HubError(f"{r}: HF_HUB_OFFLINE is set and this adapter is not in the local cache; unset "
+                           "HF_HUB_OFFLINE (or set it to 0) to download it")
+        return folder / sub if sub else folder
+    with _progress_bars(None):
+        api = _api(endpoint, token)
+        sha, files = _repo_files(api, r, endpoint)
+        missing = [n for n in names if n not in files]
+        if missing:
+            pickled = missing == [names[1]] and names[1].replace(".safetensors", ".bin") in files
+            why = (" (it holds adapter_model.bin, a pickle, which is never fetched: convert it to safetensors)"
+                   if pickled else "")
+            raise CheckpointNotFoundError(f"{r}: no {missing[0]} in {r.repo_id}@{r.revision or 'main'}{why}; a LoRA "
+                                          f"adapter is a PEFT folder with {' and '.join(ADAPTER_FILES)}; files: "
+                                          f"{_listing(files)}", path=str(r))
+        folder = _download(api, r, sha, names, endpoint)
+    return folder / sub if sub else folder
 
 
 @dataclass

@@ -23,8 +23,11 @@ twice; for float32 weights the two agree to float32 rounding, for bfloat16/float
 Refused by name (``adapter_config.json`` key): ``use_dora`` (DoRA rescales each column by the norm of the whole
 merged weight, which a chunk cannot see), ``alpha_pattern``, ``modules_to_save``, ``lora_bias``,
 ``layer_replication``, ``target_parameters``, LoRA on embeddings (``lora_embedding_A``), and any ``peft_type``
-other than ``LORA``. Hub adapters (``hf://``) are refused too: the Hub resolver fetches model weights, not
-adapter folders; download the adapter and pass its folder.
+other than ``LORA``.
+
+The adapter may be on the Hub: ``base+hf://org/adapter[@revision][/sub-folder]`` fetches its
+``adapter_config.json`` and ``adapter_model.safetensors`` only (:func:`merge.hub.resolve_adapter`, through
+huggingface_hub's cache), and the recipe records it as ``hf://org/adapter@sha``.
 
 Example:
     >>> split_reference("base/+adapter/")
@@ -43,10 +46,10 @@ from pathlib import Path
 import torch
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, MismatchError
-from merge.io.schemes import HF_PREFIX
+from merge.io.schemes import HF_PREFIX, describe
 from merge.io.sources import Source, open_checkpoint
 
-__all__ = ["LoraSource", "open_member", "split_reference", "is_lora_reference", "ADAPTER_CONFIG"]
+__all__ = ["LoraSource", "open_member", "split_reference", "is_lora_reference", "adapter_folder", "ADAPTER_CONFIG"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -84,10 +87,18 @@ def open_member(reference: str | os.PathLike, *, key: str | None = None) -> Sour
     return LoraSource(parts[0], parts[1], key=key)
 
 
+def adapter_folder(adapter: str | os.PathLike) -> Path:
+    """The local folder of an adapter reference: a path as it is; ``hf://org/adapter[@rev]`` fetched (its two files
+    only) into huggingface_hub's cache by :func:`merge.hub.resolve_adapter`."""
+    text = os.fspath(adapter)
+    if isinstance(text, str) and text.startswith(HF_PREFIX):
+        from merge.hub import resolve_adapter  # the network code stays in the hub layer
+
+        return resolve_adapter(text)
+    return Path(text)
+
+
 def _read_config(folder: Path) -> dict:
-    if str(folder).startswith(HF_PREFIX):
-        raise CheckpointNotFoundError(f"{folder}: LoRA adapters on the Hub are not supported; download the adapter "
-                                      "folder (huggingface-cli download REPO) and pass its path", path=folder)
     cfg_path = folder / ADAPTER_CONFIG
     if not cfg_path.is_file():
         what = "no such folder" if not folder.exists() else f"has no {ADAPTER_CONFIG}"
@@ -118,7 +129,7 @@ class LoraSource(Source):
 
     Args:
         base: the base checkpoint (any reference :func:`open_checkpoint` opens).
-        adapter: the PEFT adapter folder.
+        adapter: the PEFT adapter folder, or ``hf://org/adapter[@revision]`` (fetched by :func:`adapter_folder`).
         key: passed to :func:`open_checkpoint` for the base.
 
     Raises:
@@ -135,7 +146,7 @@ class LoraSource(Source):
     kind = "lora"
 
     def __init__(self, base: str | os.PathLike, adapter: str | os.PathLike, *, key: str | None = None):
-        self.adapter_path = Path(adapter)
+        self.adapter_path = adapter_folder(adapter)
         cfg = _read_config(self.adapter_path)
         self._fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
         self._rslora = bool(cfg.get("use_rslora", False))
@@ -249,7 +260,8 @@ class LoraSource(Source):
 
     def fingerprint(self) -> dict[str, object]:
         return {**self._base.fingerprint(), "format": "lora", "base_format": self._base.fingerprint().get("format"),
-                "adapter": str(self.adapter_path), "adapter_weights": self._adapter.fingerprint()}
+                "adapter": describe(self.adapter_path) or str(self.adapter_path),
+                "adapter_weights": self._adapter.fingerprint()}
 
     @property
     def files(self) -> list[Path]:

@@ -44,9 +44,10 @@ Model references are local paths when they exist, else Hub repositories (``hf://
 
 What papa-merge does not do is refused by name before any model is read, never ignored: ``modules``
 (multi-module models), ``tokenizer`` and ``tokenizer_source`` other than ``base`` (tokenizer merging),
-``chat_template``, ``override_architecture``, LoRA adapters on the Hub, and any key mergekit does not
-define. ``model+lora`` with a local PEFT adapter folder is applied per tensor as the merge streams
-(merge.lora). Deliberate differences from mergekit are listed in ``DIFFERENCES``.
+``chat_template``, ``override_architecture``, and any key mergekit does not define. ``model+lora`` (or
+``{model: ..., lora: ...}``) with a PEFT adapter, a local folder or a Hub repository (``org/name[@rev]``, whose
+two adapter files alone are fetched), is applied per tensor as the merge streams (merge.lora). Deliberate
+differences from mergekit are listed in ``DIFFERENCES``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge.errors import CheckpointNotFoundError, InvalidArgumentError
-from merge.io.schemes import HF_PREFIX
+from merge.io.schemes import HF_PREFIX, parse_hub_reference
 from merge.ops import Operator, get_operator
 
 if TYPE_CHECKING:
@@ -302,16 +303,30 @@ def _exists(path: Path) -> bool:
 
 
 def _adapter_ref(raw: object, where: str, folder: Path) -> str:
-    """The local folder of a LoRA adapter reference (mergekit's ``lora``); Hub adapters are refused by name."""
+    """A LoRA adapter reference (mergekit's ``lora``): a local folder, else a Hub repository (``hf://org/name``, or
+    ``org/name[@revision]`` and ``{path, revision}`` as mergekit writes them), as ``hf://org/name[@revision]``."""
+    revision = None
+    if isinstance(raw, Mapping):
+        revision, raw = raw.get("revision"), raw.get("path")
     if not isinstance(raw, str) or not raw or len(raw) > MAX_TEXT or "\0" in raw:
-        raise InvalidArgumentError(f"{where}: LoRA adapter reference must be a folder, got {preview(raw)}")
+        raise InvalidArgumentError(f"{where}: LoRA adapter reference must be a folder or a Hub repository, got "
+                                   f"{preview(raw)}")
+    if revision is not None and not (isinstance(revision, str) and revision and len(revision) <= MAX_TEXT):
+        raise InvalidArgumentError(f"{where}: LoRA adapter revision must be a branch, tag or commit, got "
+                                   f"{preview(revision)}")
     local = Path(raw).expanduser()
     if not _exists(local) and not local.is_absolute() and _exists(folder / local):
         local = folder / local
-    if _exists(local):
+    if _exists(local) and revision is None:
         return str(local)
-    raise UnsupportedRecipeError(f"{where}: LoRA adapter {preview(raw)} is not a local folder; adapters on the Hub are "
-                                 "not supported: download it and name its folder", field="lora")
+    try:
+        hub = parse_hub_reference(raw if raw.startswith(HF_PREFIX) else HF_PREFIX + raw)
+    except InvalidArgumentError:
+        hub = None
+    if hub is None or "/" not in hub.repo_id or raw.startswith((".", "/", "~")) or (revision and hub.revision):
+        raise CheckpointNotFoundError(f"{where}: LoRA adapter {preview(raw)} is neither a local folder nor a Hub "
+                                      "repository (org/name[@revision])", path=raw)
+    return str(dataclasses.replace(hub, revision=revision or hub.revision))
 
 
 def _model_ref(raw: object, where: str, folder: Path, stages: frozenset[str] = frozenset()) -> str:
@@ -319,9 +334,8 @@ def _model_ref(raw: object, where: str, folder: Path, stages: frozenset[str] = f
     revision = None
     if isinstance(raw, Mapping):
         if raw.get("lora") is not None:
-            lora = raw["lora"].get("path") if isinstance(raw["lora"], Mapping) else raw["lora"]
             base = _model_ref({k: v for k, v in raw.items() if k != "lora"}, where, folder, stages)
-            return f"{base}+{_adapter_ref(lora, where, folder)}"
+            return f"{base}+{_adapter_ref(raw['lora'], where, folder)}"
         if raw.get("override_architecture") is not None:
             raise UnsupportedRecipeError(f"{where}: 'override_architecture' is not supported: papa-merge reads the "
                                          "layers from the tensor names; drop it", field="override_architecture")
@@ -847,7 +861,7 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
 
     Raises:
         UnsupportedRecipeError: a field papa-merge does not implement (``modules``, ``tokenizer``,
-            ``tokenizer_source`` other than ``base``, ``chat_template``, Hub LoRA, ``override_architecture``);
+            ``tokenizer_source`` other than ``base``, ``chat_template``, ``override_architecture``);
             ``field`` names it.
         InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values,
             stages that do not chain).

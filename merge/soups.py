@@ -25,7 +25,7 @@ from merge.io import schemes
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.lineage import warn_if_different_starts
 from merge.io.sources import Source, StateDictSource
-from merge.lora import open_member
+from merge.lora import open_member, split_reference
 from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
@@ -117,7 +117,11 @@ def _check_hub_members_first(members: Sequence[object], *, base: object, **plan_
         return
     from merge.check import check_members
 
-    check_members(list(members), base=base, **plan_args)  # type: ignore[arg-type]
+    def headers(m: object) -> object:  # base+adapter: the base's headers (an adapter changes no name or shape)
+        parts = split_reference(m) if m is not None else None  # type: ignore[arg-type]
+        return parts[0] if parts else m
+
+    check_members([headers(m) for m in members], base=headers(base), **plan_args)  # type: ignore[arg-type]
 
 
 def _member_record(src: Source) -> dict:
@@ -463,6 +467,10 @@ def _worker_spec(members: Sequence[object], sources: Sequence[Source], base: obj
             raise InvalidArgumentError("merging with several jobs needs every member (and the base) given as a path: "
                                        "a worker process reopens it; merge state dicts or open sources with one job",
                                        option="jobs", choices=(1,))
+        # A Hub member (or either part of base+adapter) as its cached copy: a worker never asks the Hub again.
+        parts = split_reference(given)
+        if parts is not None and any(part.startswith(schemes.HF_PREFIX) for part in parts):
+            return f"{src.path}+{src.adapter_path}"  # type: ignore[attr-defined]  # a LoraSource
         return str(src.path) if str(given).startswith(schemes.HF_PREFIX) else os.fspath(given)
 
     paths = [path_of(m, s) for m, s in zip(members, sources)]

@@ -166,11 +166,15 @@ def test_recipe_with_model_plus_lora_runs(tmp_path, base, peft_pair) -> None:
             torch.testing.assert_close(out[name], t, rtol=0, atol=1e-6)
 
 
-def test_recipe_refuses_hub_adapters_by_name(tmp_path, base) -> None:
+def test_recipe_reads_a_hub_adapter_and_fetches_it_as_it_runs(tmp_path, base) -> None:
+    """``model+org/adapter`` names an adapter on the Hub (tests/test_lora_hub.py fetches them from a local Hub);
+    offline and not in the cache, the run stops in one line before writing."""
     recipe = tmp_path / "r.yml"
     recipe.write_text(json.dumps({"models": [{"model": f"{base}+org/some-lora"}], "merge_method": "linear"}))
+    assert merge.load_recipe(recipe).members == [f"{base}+hf://org/some-lora"]
     res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "lora" in res.output.lower() and "not supported" in res.output
+    assert res.exit_code == 1 and "hf://org/some-lora: HF_HUB_OFFLINE is set and this adapter is not in the local " \
+        "cache" in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
