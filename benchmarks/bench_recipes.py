@@ -65,12 +65,39 @@ def build(root: Path, hidden: int) -> None:
             from tests.test_lora import write_adapter
 
             write_adapter(root / arch / f"{arch}-adapter", root / arch / f"{arch}-m0")
+        if not (root / arch / f"{arch}-m2" / "tokenizer.json").exists():  # tiny tokenizers that differ
+            from tests.test_vocab import add_tokenizers
+
+            add_tokenizers({v: root / arch / f"{arch}-{v}" for v in ("base", "m0", "m1", "m2")})
+
+
+def token_order(a: Path, b: Path) -> list[int] | None:
+    """Where each token of ``a``'s tokenizer is in ``b``'s (``None``: same ids, or no tokenizers): mergekit's union
+    gives new tokens ids in a hash map's order, which changes from run to run."""
+    if not ((a / "tokenizer.json").exists() and (b / "tokenizer.json").exists()):
+        return None
+    from transformers import AutoTokenizer
+
+    va, vb = (AutoTokenizer.from_pretrained(str(p)).get_vocab() for p in (a, b))
+    if va == vb or va.keys() != vb.keys():
+        return None
+    return [vb[t] for t, _ in sorted(va.items(), key=lambda kv: kv[1])]
 
 
 def compare(a: Path, b: Path, base: Path) -> dict:
-    """Child: max |a - b| over the tensors of both, the names only one has, statistics against the base."""
+    """Child: max |a - b| over the tensors of both, the names only one has, statistics against the base; the rows
+    of vocabulary tensors matched by token when the two tokenizers number the same tokens differently."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from merge.vocab import VOCAB_SUFFIXES
+
     bt = dict(safetensors_tensors(base))
     bb = dict(safetensors_tensors(b))
+    order = token_order(a, b)
+    if order is not None:
+        for k in [k for k in bb if k.endswith(VOCAB_SUFFIXES)]:
+            bb[k] = torch.cat([bb[k][order], bb[k][len(order):]])
     worst, n, total = 0.0, 0, 0
     stats = {"a_same": 0, "b_same": 0, "a_abs": 0.0, "b_abs": 0.0, "cmp": 0}
     only_a = []

@@ -531,24 +531,22 @@ class VocabSource(Source):
         own = rules.own[self._ref]
         size = self._group.plan.size
         row_elems = out[0].numel() if r1 > r0 else 0
-        i = r0
-        while i < min(r1, size):
-            j = own[i]
-            if j >= 0:  # a run of the model's own consecutive rows: one read
-                k = i + 1
-                while k < min(r1, size) and own[k] == own[k - 1] + 1:
-                    k += 1
+        seg = own[r0:min(r1, size)]
+        # Runs: the model's own consecutive rows (one read each), and each built row alone.
+        starts = np.ones(len(seg), dtype=bool)
+        starts[1:] = (seg[1:] != seg[:-1] + 1) | (seg[:-1] < 0)
+        firsts = np.flatnonzero(starts)
+        for a, b in zip(firsts.tolist(), [*firsts[1:].tolist(), len(seg)]):
+            if seg[a] >= 0:
                 if row_elems:
-                    block = out[i - r0:k - r0].reshape(-1).view(torch.uint8)
-                    self._src.read_into(name, int(j) * row_elems * info.dtype.itemsize, memoryview(block.numpy()))
-                i = k
+                    block = out[a:b].reshape(-1).view(torch.uint8)
+                    self._src.read_into(name, int(seg[a]) * row_elems * info.dtype.itemsize, memoryview(block.numpy()))
                 continue
-            parts = rules.mixed.get(i, [])
+            parts = rules.mixed.get(r0 + a, [])
             acc = torch.zeros(info.shape[1:], dtype=torch.float64)
             for ref, row in parts:
                 acc += self._row(ref, name, row).to(torch.float64)
-            out[i - r0] = (acc / len(parts) if parts else acc).to(info.dtype)
-            i += 1
+            out[a] = (acc / len(parts) if parts else acc).to(info.dtype)
         if r1 > size:  # padding rows: the mean of this model's rows over the vocabulary
             out[max(r0, size) - r0:] = self._mean(name).to(info.dtype)
         return out

@@ -316,6 +316,32 @@ tokenizer_source: union
     np.testing.assert_allclose(got[HEAD].double().numpy(), want, atol=0)
 
 
+def test_reads_at_any_offset_equal_the_whole_tensor_and_unchanged_models_are_not_wrapped(models) -> None:
+    from merge.io.sources import open_checkpoint
+    from merge.vocab import TokenizerSpec, VocabGroup, build_vocab
+
+    refs = [str(models[k]) for k in ("m0", "m1", "m2", "base")]
+    for source, pad in (("union", 8), ("base", None)):
+        spec = TokenizerSpec(source, pad_to_multiple_of=pad, base=refs[-1])
+        plan = build_vocab(spec, refs, {r: Path(r) for r in refs})
+        srcs = {r: open_checkpoint(r) for r in refs}
+        group = VocabGroup(plan, srcs, lambda tensor: (refs, refs[-1]))
+        if source == "base":  # m0 has the base's tokenizer and rows: its source is used as it is
+            assert group.wrap(refs[0]) is srcs[refs[0]] and group.wrap(refs[1]) is not srcs[refs[1]]
+            continue
+        src = group.wrap(refs[1])
+        whole = src.read(EMBED)
+        assert whole.shape == (72, 16)
+        rows = _expected_rows(_tensors(models, EMBED), plan.vocab, ["m0", "m1", "m2", "base"], "base")["m1"]
+        np.testing.assert_allclose(whole[:67].double().numpy(), rows, atol=1e-7)
+        np.testing.assert_allclose(whole[67:].double().numpy(), np.tile(rows.mean(axis=0), (5, 1)), atol=1e-7)
+        flat = whole.reshape(-1).view(torch.uint8)
+        for off, n in ((0, 3), (5, 61), (62 * 64 - 3, 300), (flat.numel() - 7, 7), (0, flat.numel())):
+            buf = torch.empty(n, dtype=torch.uint8)
+            src.read_into(EMBED, off, memoryview(buf.numpy()))
+            assert torch.equal(buf, flat[off:off + n]), (off, n)
+
+
 @pytest.mark.slow
 def test_union_equals_mergekit_0_1_5(tmp_path: Path, models) -> None:
     """mergekit 0.1.5's own output on the same models, compared token by token (its new tokens' ids vary per run)."""
