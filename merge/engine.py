@@ -885,7 +885,7 @@ class _TaskKernel(_Kernel):
                 torch.abs(x.sub_(b), out=a[start: start + count])
             if not _finite(a):
                 self.suspect = True
-            self.task.select_whole(i, a, self.chunk)
+            self.task.select_whole(i, a)
         del a
 
 

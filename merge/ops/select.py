@@ -15,13 +15,14 @@ them mergekit keeps is unspecified.)
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from merge.ops._lazy import lazy_torch
 
 torch = lazy_torch(__name__)
 
-__all__ = ["RadixSelect", "Band", "keep_band", "BandCounters"]
+__all__ = ["RadixSelect", "Band", "keep_band", "BandCounters", "whole_band"]
 
 def _levels(dtype: torch.dtype) -> tuple[torch.dtype, int, tuple[int, ...]]:
     """(integer view, total bits, bit widths per pass) of a compute dtype."""
@@ -139,6 +140,11 @@ class Band:
     hi: float = 0.0
     hi_keep: int = 0
     hi_eq: int = 0
+    # Where known (:func:`whole_band`), the positions that split each boundary's ties: of the elements equal to
+    # ``lo``, those before ``lo_cut`` are dropped; of those equal to ``hi``, those before ``hi_cut`` are kept.
+    # A chunk then needs no running count of ties, only one comparison on each side of the cut.
+    lo_cut: int | None = None
+    hi_cut: int | None = None
 
     @property
     def keep_all(self) -> bool:
@@ -158,6 +164,61 @@ class Band:
         if r1 < n:
             hi, hi_keep, hi_eq = sel.value(r1 - 1), r1 - sel.less(r1 - 1), sel.equal(r1 - 1)
         return cls(n, r0, r1, lo, lo_skip, hi, hi_keep, hi_eq)
+
+
+def _top16(a: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each non-negative float of contiguous ``a`` as non-negative int16 (a view where it can)."""
+    words = a.element_size() // 2
+    if sys.byteorder == "little":
+        return a.reshape(-1).view(torch.int16)[words - 1:: words]
+    return torch.bitwise_right_shift(a.reshape(-1).view(_levels(a.dtype)[0]), 16 * (words - 1)).to(torch.int16)
+
+
+_PIECE = 1 << 20
+
+
+def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
+    """The :class:`Band` of ranks ``[r0, r1)`` of the non-negative floats ``a`` held whole in memory, with its cuts.
+
+    The same band as :class:`RadixSelect`'s passes (the values at given ranks are what they are), found with
+    two passes over ``a`` instead of one per radix level: a histogram of the top 16 bits of every element,
+    then the elements of each boundary's bucket only (about 1% of them) gathered by position and sorted.
+    Their positions also give the cuts, so that :func:`keep_band` needs no running count of ties.
+    """
+    n = a.numel()
+    if r0 <= 0 and r1 >= n or r1 <= r0:
+        return Band(n, max(r0, 0), min(r1, n))
+    top = _top16(a)
+    pieces = range(0, n, _PIECE)  # temporaries (bincount copies its input) stay small
+    cum = sum(torch.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces).cumsum(0)
+    int_dtype = _levels(a.dtype)[0]
+    bits = a.reshape(-1).view(int_dtype)
+    buckets: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def at(rank: int) -> tuple[float, int, torch.Tensor]:
+        """The value at ``rank``, how many are smaller, and the positions of the elements equal to it (ascending)."""
+        p = int(torch.searchsorted(cum, torch.tensor([rank]), right=True)[0])
+        if p not in buckets:
+            pos = torch.cat([torch.nonzero(top[s: s + _PIECE] == p).reshape(-1).add_(s) for s in pieces])
+            vals, order = torch.sort(bits[pos], stable=True)  # equal values stay in position order
+            buckets[p] = (int(cum[p - 1]) if p > 0 else 0, vals, pos[order])
+        below, vals, pos = buckets[p]
+        v = vals[rank - below: rank - below + 1]
+        first = int(torch.searchsorted(vals, v))
+        last = int(torch.searchsorted(vals, v, right=True))
+        return v.view(a.dtype).item(), below + first, pos[first:last]
+
+    lo = lo_skip = hi = hi_keep = hi_eq = 0
+    lo_cut, hi_cut = 0, n
+    if r0 > 0:
+        lo, less, eq_pos = at(r0)
+        lo_skip = r0 - less
+        lo_cut = int(eq_pos[lo_skip - 1]) + 1 if lo_skip > 0 else 0
+    if r1 < n:
+        hi, less, eq_pos = at(r1 - 1)
+        hi_keep, hi_eq = r1 - less, eq_pos.numel()
+        hi_cut = int(eq_pos[hi_keep - 1]) + 1 if hi_keep < hi_eq else n
+    return Band(n, r0, r1, lo, lo_skip, hi, hi_keep, hi_eq, lo_cut, hi_cut)
 
 
 @dataclass
@@ -185,13 +246,28 @@ def _first_ties(a: torch.Tensor, value: float, seen: int, first: int) -> tuple[s
     return eq & (idx + seen <= first), count
 
 
+def _split_cmp(a: torch.Tensor, cut: int, before, after, bound: float, dst: torch.Tensor | None) -> torch.Tensor:
+    """``before(a, bound)`` for the ``cut`` first elements of ``a``, ``after(a, bound)`` for the rest."""
+    if cut <= 0:
+        return after(a, bound) if dst is None else after(a, bound, out=dst)
+    if cut >= a.numel():
+        return before(a, bound) if dst is None else before(a, bound, out=dst)
+    if dst is None:
+        dst = torch.empty_like(a, dtype=torch.bool)
+    before(a[:cut], bound, out=dst[:cut])
+    after(a[cut:], bound, out=dst[cut:])
+    return dst
+
+
 def keep_band(a: torch.Tensor, band: Band, counters: BandCounters,
-              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+              out: tuple[torch.Tensor, torch.Tensor] | None = None, start: int | None = None) -> torch.Tensor | None:
     """The keep-mask of one chunk of magnitudes ``a`` (in tensor order), or None to keep every element.
 
     With ``out`` (two buffers of ``a``'s dtype and at least its size) the mask is 1.0/0.0 in ``out[0]``:
     comparisons written into a float tensor, and products with it, are several times faster on the CPU
-    than through a bool tensor, and multiplying by 1.0/0.0 is multiplying by True/False.
+    than through a bool tensor, and multiplying by 1.0/0.0 is multiplying by True/False. With ``start`` (the
+    chunk's position in the tensor) and a band that knows its cuts, ties are split by position without
+    ``counters``.
     """
     if band.keep_all:
         return None
@@ -199,6 +275,14 @@ def keep_band(a: torch.Tensor, band: Band, counters: BandCounters,
     if band.drop_all:
         return torch.zeros_like(a, dtype=torch.bool) if out is None else out[0][:n].zero_()
     f1, f2 = (None, None) if out is None else (out[0][:n], out[1][:n])
+    if start is not None and band.lo_cut is not None and band.hi_cut is not None:
+        m = None
+        if band.r0 > 0:  # equal to lo: dropped before the cut, kept from it
+            m = _split_cmp(a, band.lo_cut - start, torch.gt, torch.ge, band.lo, f1)
+        if band.r1 < band.n:  # equal to hi: kept before the cut, dropped from it
+            m2 = _split_cmp(a, band.hi_cut - start, torch.le, torch.lt, band.hi, f2 if m is not None else f1)
+            m = m2 if m is None else (m & m2 if out is None else m.mul_(m2))
+        return m
 
     def cmp(fn, bound: float, dst: torch.Tensor | None) -> torch.Tensor:
         return fn(a, bound) if dst is None else fn(a, bound, out=dst)

@@ -41,7 +41,7 @@ from merge.errors import InvalidArgumentError
 from merge.ops.apply import UNIT  # statistics per unit (a row slab for DELLA), added in order
 from merge.ops.registry import Operator, Param, Resolved, register, weight_param
 from merge.ops.rng import rng_key, uniforms
-from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_passes
+from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_passes, whole_band
 
 torch = lazy_torch(__name__)
 
@@ -184,18 +184,15 @@ class TaskTensor:
 
     # ---- statistics -------------------------------------------------------------------------------------
 
-    def select_whole(self, i: int, a: torch.Tensor, piece: int) -> None:
-        """Every radix level of member ``i``'s selection at once, from its whole magnitudes ``a`` in memory.
+    def select_whole(self, i: int, a: torch.Tensor) -> None:
+        """Member ``i``'s band from its whole magnitudes ``a`` in memory (:func:`merge.ops.select.whole_band`).
 
-        The same histograms as the chunked passes (so the same band), from one read of the member instead
-        of one per level; ``a`` is walked ``piece`` elements at a time so temporaries stay chunk-sized.
+        The same band as the chunked radix passes, from one read of the member instead of one per level, and
+        with the positions of its ties' cuts, which spare the combination a running count of ties.
         """
         m = self.members[i]
-        for level in range(m.select.passes):
-            m.select.begin(level)
-            for start in range(0, a.numel(), piece):
-                m.select.add(a[start: start + piece])
-            self.stat_end(f"radix{level}", i)
+        m.band = whole_band(a, *self._band_ranks(m))
+        m.select = None
 
     def stat_begin(self, kind: str, i: int) -> None:
         m = self.members[i]
@@ -258,7 +255,7 @@ class TaskTensor:
             if m.band is None:
                 r0, r1 = self._band_ranks(m)
                 m.band = Band(self.numel, r0, r1)
-            return keep_band(a, m.band, counters, out)
+            return keep_band(a, m.band, counters, out, start)
         dst = None if out is None else out[0][: a.numel()]
         if m.density <= 0:
             return torch.zeros_like(a, dtype=torch.bool) if dst is None else dst.zero_()
