@@ -43,8 +43,8 @@ Model references are local paths when they exist, else Hub repositories (``hf://
 ``dtype: float64``), never in bfloat16/float16; ``out_dtype`` (else ``dtype``) is the output's.
 
 What papa-merge does not do is refused by name before any model is read, never ignored: ``modules``
-(multi-module models), ``tokenizer`` and ``tokenizer_source`` other than ``base`` (tokenizer merging),
-``chat_template``, ``override_architecture``, and any key mergekit does not define. ``model+lora`` (or
+(multi-module models), ``override_architecture``, a tokenizer source on the Hub that is not one of the models,
+and any key mergekit does not define. ``model+lora`` (or
 ``{model: ..., lora: ...}``) with a PEFT adapter, a local folder or a Hub repository (``org/name[@rev]``, whose
 two adapter files alone are fetched), is applied per tensor as the merge streams (merge.lora). Deliberate
 differences from mergekit are listed in ``DIFFERENCES``.
@@ -860,9 +860,8 @@ def load_recipe(path: str | os.PathLike | None = None, *, text: str | None = Non
     the final stage, and its ``stages`` the others, in the order they run.
 
     Raises:
-        UnsupportedRecipeError: a field papa-merge does not implement (``modules``, ``tokenizer``,
-            ``tokenizer_source`` other than ``base``, ``chat_template``, ``override_architecture``);
-            ``field`` names it.
+        UnsupportedRecipeError: a field papa-merge does not implement (``modules``, ``override_architecture``,
+            a ``tokenizer_source`` on the Hub that is not one of the models); ``field`` names it.
         InvalidArgumentError: not a recipe (unknown keys, missing ``merge_method`` or ``models``, bad values,
             stages that do not chain).
         UnknownNameError: a method papa-merge does not have (the message lists those it has).
@@ -996,6 +995,8 @@ def _open_refs(recipe: Recipe, stack: contextlib.ExitStack):
     if spec.source not in ("base", "union") and spec.source not in folders:
         folders[spec.source] = Path(spec.source)
     plan = build_vocab(spec, recipe.refs(), folders)
+    recipe.notes.append(f"tokenizer ({'tokenizer block' if spec.tokens or spec.pad_to_multiple_of else 'source'} "
+                        f"{spec.source}): {plan.size} tokens, {plan.rows} embedding rows")
     group = VocabGroup(plan, opened, _vocab_inputs(recipe, opened))  # type: ignore[arg-type]
     return {ref: group.wrap(ref) for ref in opened}, plan
 

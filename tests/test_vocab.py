@@ -259,6 +259,18 @@ def test_bad_tokenizer_settings_are_refused_before_any_model_is_read(tmp_path: P
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_dry_run_plans_the_merged_rows_and_jobs_are_refused(tmp_path: Path, models) -> None:
+    recipe = _recipe(tmp_path, f"merge_method: linear\nbase_model: {models['base']}\nmodels:\n"
+                               f"  - model: {models['m1']}\n  - model: {models['m2']}\ntokenizer_source: union\n")
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "out").exists()
+    assert "note:           tokenizer (source union): 67 tokens, 67 embedding rows" in res.output
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out"), "--jobs", "2"])
+    assert res.exit_code == 2 and "a tokenizer runs in one process" in res.output and "--jobs" in res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_without_a_tokenizer_is_taken_to_have_the_bases(tmp_path: Path, models) -> None:
     import shutil
 
