@@ -398,3 +398,59 @@ dtype: float32
         if name in (EMBED, HEAD):
             y = torch.cat([y[order], y[len(order):]])  # mergekit's rows in our token order; padding rows after
         assert torch.allclose(x, y, rtol=0, atol=1e-6), (name, float((x - y).abs().max()))
+
+
+# VmHWM after clear_refs: the peak over the baseline taken once transformers is imported, glibc's mmap threshold
+# fixed so that it is the live memory's (as tests/test_lora.py's memory test).
+_RUN_RSS = """
+import json, sys
+import torch
+import transformers, tokenizers
+from transformers import AutoTokenizer
+from merge.mergekit_recipe import run_recipe
+def status(field):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(field + ":"))
+recipe, out = sys.argv[1], sys.argv[2]
+torch.randn(1000).sum()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+run_recipe(recipe, out=out, force=True)
+print(json.dumps({"before": before, "peak": status("VmHWM")}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_union_of_8_models_equals_2_within_20_percent(tmp_path: Path) -> None:
+    """8 MB embeddings and heads (4096 tokens x 512), each model with 16 tokens of its own: a model's presented rows
+    held whole would add 16 MB per member."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    root = Path(__file__).resolve().parents[1]
+    words = SPECIALS + [f"t{i}" for i in range(4093)]
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4096}))
+        save_file({EMBED: torch.randn(4096, 512, generator=g), HEAD: torch.randn(4096, 512, generator=g),
+                   "model.norm.weight": torch.ones(512)}, str(folder / "model.safetensors"))
+        save_tiny_tokenizer(folder, words if i == 0 else words[:-16] + [f"n{i}_{k}" for k in range(16)])
+        paths.append(folder)
+    grown = {}
+    for n in (2, 8):
+        recipe = _recipe(tmp_path, "merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n" for p in paths[:n])
+                         + f"base_model: {paths[0]}\nparameters: {{weight: 1.0}}\ntokenizer_source: union\n")
+        peaks = []
+        for _ in range(2):
+            res = subprocess.run([sys.executable, "-c", _RUN_RSS, str(recipe), str(tmp_path / f"o{n}")],
+                                 capture_output=True, text=True, cwd=root, check=True,
+                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+            rss = json.loads(res.stdout.strip().splitlines()[-1])
+            peaks.append(rss["peak"] - rss["before"])
+        grown[n] = min(peaks)
+        assert load_file(str(tmp_path / f"o{n}" / "model.safetensors"))[EMBED].shape[0] == 4096 + 16 * (n - 1)
+    assert grown[8] <= 1.2 * grown[2] + 2048, grown  # kB; 2 MB of slack for allocator noise
