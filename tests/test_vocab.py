@@ -271,6 +271,36 @@ def test_dry_run_plans_the_merged_rows_and_jobs_are_refused(tmp_path: Path, mode
     assert not (tmp_path / "out").exists()
 
 
+def test_a_later_stage_reads_an_earlier_stages_merged_tokenizer(tmp_path: Path, models) -> None:
+    recipe = _recipe(tmp_path, f"""name: widened
+merge_method: linear
+base_model: {models['base']}
+models:
+  - model: {models['m1']}
+  - model: {models['m2']}
+tokenizer_source: union
+---
+merge_method: linear
+models:
+  - model: widened
+  - model: {models['m0']}
+tokenizer_source: widened
+chat_template: llama3
+""")
+    out = run_recipe(recipe, out=tmp_path / "out").path
+    vocab = _out_vocab(out)
+    assert len(vocab) == 67 and vocab["γ"] == 66 and (out / "chat_template.jinja").read_text() == CHAT_TEMPLATES["llama3"]
+    stage = load_file(str(out / "model.safetensors"))[EMBED].double().numpy()
+    t = _tensors(models, EMBED)
+    rows1 = _expected_rows(t, vocab, ["m1", "m2", "base"], "base")
+    widened = np.mean([rows1[m] for m in ("m1", "m2", "base")], axis=0)
+    # stage 2: m0 lacks alpha, beta, gamma: the only other input (the first stage's output) gives them
+    m0 = np.stack([_row(t, "m0", w) if w in VOCABS["m0"] else widened[i] for w, i in sorted(vocab.items(),
+                                                                                           key=lambda kv: kv[1])])
+    np.testing.assert_allclose(stage, (widened + m0) / 2, atol=3e-7)
+    assert not list(tmp_path.glob(".out.stages-*"))
+
+
 def test_a_model_without_a_tokenizer_is_taken_to_have_the_bases(tmp_path: Path, models) -> None:
     import shutil
 
