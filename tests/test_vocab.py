@@ -228,6 +228,19 @@ def test_chat_template_is_written_with_the_tokenizer(tmp_path: Path, models, tem
         assert tok.apply_chat_template([{"role": "user", "content": "a b"}], tokenize=False) == "[a b]"
 
 
+def test_chat_template_auto_takes_the_template_most_models_carry(tmp_path: Path, models) -> None:
+    import shutil
+
+    copies = {}
+    for name, template in (("base", "{{ 'B' }}"), ("m0", "{{ 'A' }}\n"), ("m1", "{{ 'A' }}")):
+        copies[name] = Path(shutil.copytree(models[name], tmp_path / name))
+        (copies[name] / "chat_template.jinja").write_text(template)
+    recipe = _recipe(tmp_path, f"merge_method: linear\nbase_model: {copies['base']}\nmodels:\n"
+                               f"  - model: {copies['m0']}\n  - model: {copies['m1']}\nchat_template: auto\n")
+    out = run_recipe(recipe, out=tmp_path / "out").path
+    assert (out / "chat_template.jinja").read_text() == "{{ 'A' }}"  # stripped, as mergekit compares them
+
+
 def test_chat_template_names_are_mergekits() -> None:
     folder = next(MERGEKIT_VENV.glob("lib/python*/site-packages/mergekit/_data/chat_templates"), None)
     if folder is None:
