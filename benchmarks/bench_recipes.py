@@ -5,6 +5,7 @@ Run (from the repository root)::
     flock /tmp/papa-cpu.lock .venv/bin/python benchmarks/bench_recipes.py --install-mergekit   # side by side
     .venv/bin/python benchmarks/bench_recipes.py --recipes slerp_lazymergekit,two_stage       # a few
     .venv/bin/python benchmarks/bench_recipes.py --no-mergekit                                # papa-merge only
+    .venv/bin/python benchmarks/bench_recipes.py --hidden 768 --recipes lora,ties_gradient --append  # larger
 
 Each recipe runs on tiny Llama-, Mistral- or Qwen2-shaped models (its ``# arch:`` line) that this script
 builds with transformers: a base and three fine-tunes of it (the base plus seeded noise), 8 layers, hidden size
@@ -53,12 +54,12 @@ def substitute(text: str, models: dict[str, str]) -> str:
     return text
 
 
-def build(root: Path, hidden: int) -> None:
-    """Child: the three model families under ``root/<arch>/``."""
+def build(root: Path, hidden: int, archs: list[str] | None = None) -> None:
+    """Child: the model families under ``root/<arch>/`` (``archs``: those the chosen recipes use; default all three)."""
     sys.path.insert(0, str(ROOT))
     from tests.mergekit_models import ARCHS, family
 
-    for arch in ARCHS:
+    for arch in archs or ARCHS:
         if not (root / arch / f"{arch}-m2" / "model.safetensors").exists():
             family(root / arch, arch, n=3, layers=8, hidden=hidden)
         if not (root / arch / f"{arch}-adapter" / "adapter_config.json").exists():  # a PEFT LoRA of m0 (ADAPTER_A)
@@ -158,10 +159,12 @@ def papa_cmd(cfg: Path, out: Path) -> list[str]:
 
 
 def mergekit_cmd(venv: Path, cfg: Path, out: Path, multi: bool) -> list[str]:
+    # model+lora: mergekit writes each adapted model in full to this cache first (counted in its time)
+    lora = ["--lora-merge-cache", str(out.parent / (out.name + "-lora-cache"))]
     if multi:
         return [str(venv / "bin" / "mergekit-multi"), str(cfg), "--out-path", str(out), "--intermediate-dir",
-                str(out.parent / (out.name + "-intermediate")), "--no-lazy", "--random-seed", "0", "--quiet"]
-    return [str(venv / "bin" / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0", "--quiet"]
+                str(out.parent / (out.name + "-intermediate")), "--no-lazy", "--random-seed", "0", "--quiet", *lora]
+    return [str(venv / "bin" / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0", "--quiet", *lora]
 
 
 def main() -> None:
@@ -174,11 +177,13 @@ def main() -> None:
     ap.add_argument("--install-mergekit", action="store_true", help="create --mergekit-venv: pip install mergekit==0.1.5")
     ap.add_argument("--no-mergekit", action="store_true", help="papa-merge only")
     ap.add_argument("--results", default=str(HERE / "results" / "bench_recipes.md"))
+    ap.add_argument("--append", action="store_true",
+                    help="add the table to --results as a dated section (default: replace the file)")
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
         if kind == "build":
-            build(Path(rest[0]), int(rest[1]))
+            build(Path(rest[0]), int(rest[1]), rest[2].split(",") if len(rest) > 2 else None)
             print("{}")
         elif kind == "compare":
             print(json.dumps(compare(Path(rest[0]), Path(rest[1]), Path(rest[2]))))
@@ -193,11 +198,12 @@ def main() -> None:
     with_mk = not args.no_mergekit and (venv / "bin" / "mergekit-yaml").exists()
     work = Path(args.work)
     models_root = work / f"models-h{args.hidden}"
-    t0 = time.perf_counter()
-    child(["build", str(models_root), str(args.hidden)])
-    build_s = time.perf_counter() - t0
     wanted = [r for r in args.recipes.split(",") if r]
     files = sorted(p for p in RECIPES.glob("*.yml") if not wanted or p.stem in wanted)
+    archs = sorted({header(p.read_text(), "arch") or "llama" for p in files})  # larger --hidden: build only these
+    t0 = time.perf_counter()
+    child(["build", str(models_root), str(args.hidden), ",".join(archs)])
+    build_s = time.perf_counter() - t0
 
     lines = [f"# bench_recipes: {len(files)} recipes of tests/recipes/, papa-merge vs mergekit",
              f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}",
@@ -227,7 +233,7 @@ def main() -> None:
         multi = "\n---" in text
         out_p = work / "papa" / path.stem
         out_m = work / "mergekit" / path.stem
-        for o in (out_p, out_m, out_m.parent / (out_m.name + "-intermediate")):
+        for o in (out_p, out_m, out_m.parent / (out_m.name + "-intermediate"), out_m.parent / (out_m.name + "-lora-cache")):
             shutil.rmtree(o, ignore_errors=True)
         p = measured(papa_cmd(cfg, out_p))
         if refused:
@@ -271,7 +277,13 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text("\n".join(lines + rows) + "\n")
+    if args.append and Path(args.results).exists():
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        with open(args.results, "a") as f:
+            f.write("\n".join(["", f"## {stamp}: {', '.join(p.stem for p in files)} at hidden {args.hidden}", "",
+                               *lines, *rows]) + "\n")
+    else:
+        Path(args.results).write_text("\n".join(lines + rows) + "\n")
 
 
 if __name__ == "__main__":
