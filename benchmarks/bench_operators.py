@@ -45,9 +45,9 @@ from benchlib import safetensors_tensors  # noqa: E402 - benchmarks/ is on the p
 
 DETERMINISTIC = ["linear", "task_arithmetic", "slerp", "multislerp", "karcher", "model_stock", "ties", "breadcrumbs",
                  "breadcrumbs_ties"]
-RANDOM = ["dare_ties", "dare_linear", "della"]
+RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 # cheapest for mergekit first, so a time budget cuts the sorting methods last
-ALL = DETERMINISTIC[:7] + ["dare_ties"] + DETERMINISTIC[7:] + ["dare_linear", "della"]
+ALL = DETERMINISTIC[:7] + ["dare_ties"] + DETERMINISTIC[7:] + ["dare_linear", "della", "della_linear"]
 
 
 def recipe(method: str, base: Path, members: list[Path]) -> str:
@@ -62,7 +62,7 @@ def recipe(method: str, base: Path, members: list[Path]) -> str:
         per_member = "{weight: 0.5, density: 0.5}"
     elif method in ("breadcrumbs", "breadcrumbs_ties"):
         per_member = "{weight: 0.5, density: 0.8, gamma: 0.01}"
-    elif method == "della":
+    elif method in ("della", "della_linear"):
         per_member = "{weight: 0.5, density: 0.5, epsilon: 0.1}"
     elif method == "multislerp":
         per_member = "{weight: 1.0}"

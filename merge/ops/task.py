@@ -76,6 +76,9 @@ class _Member:
     key: tuple[int, ...] | None = None  # random: the keyed generator
     sparse: bool = False               # sparsification changes this member's task vector
     sums: list[tuple[float, float]] = field(default_factory=list)  # rescale pass: (sum|d|, sum|kept d|) per unit
+    # random masks drawn in the rescale pass, kept for the combination as bits (1/32 of the tensor in float32),
+    # by chunk start: DELLA's ranking (a sort of every row) and the draws then run once per element, not twice
+    drawn: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class TaskTensor:
@@ -123,6 +126,9 @@ class TaskTensor:
                     m.band = Band(n, r0, r1)
             self.members.append(m)
         self._check_range(method)
+        # the rescale pass's random masks, kept as bits until the combination (see _Member.drawn)
+        drawn = sum(1 for m in self.members if m.key is not None) if self.rescale else 0
+        self.extra_bytes = drawn * (self.numel + 7) // 8
         # as mergekit sums them: the weights in the compute dtype
         self._weight_sum = torch.tensor([m.weight for m in self.members], dtype=dtype).sum().item()
         # DELLA ranks magnitudes within each row (dim 1 of the tensor seen as [rows, row, rest]).
@@ -200,6 +206,7 @@ class TaskTensor:
             m.select.begin(int(kind[5:]))
         else:
             m.sums = []
+            m.drawn = {}
             self._counters = BandCounters()
 
     def stat_chunk(self, kind: str, i: int, d: torch.Tensor, start: int) -> bool:
@@ -213,6 +220,8 @@ class TaskTensor:
             m.select.add(a)
             return kind != "radix0" or math.isfinite(float(a.sum()))  # one check per member is enough
         mask = self.keep_mask(i, a, start, self._counters)
+        if mask is not None and m.key is not None and mask.device.type == "cpu":
+            m.drawn[start] = np.packbits(mask.numpy())
         finite = True
         with one_thread():  # a sum's rounding must not depend on how many threads split it
             for u in range(0, a.numel(), self.unit):
@@ -302,8 +311,12 @@ class TaskTensor:
         m = self.members[i]
         tmp = state["tmp"]
         if m.sparse:
-            mask = self.keep_mask(i, torch.abs(d, out=state["abs"]), start, self._merge_counters[i],
-                                  out=(state["m1"], state["m2"]))
+            drawn = m.drawn.pop(start, None)
+            if drawn is not None and drawn.size * 8 >= d.numel():  # the rescale pass's draws: 1.0/0.0
+                mask = state["m1"][: d.numel()].copy_(torch.from_numpy(np.unpackbits(drawn, count=d.numel())))
+            else:
+                mask = self.keep_mask(i, torch.abs(d, out=state["abs"]), start, self._merge_counters[i],
+                                      out=(state["m1"], state["m2"]))
             if mask is not None:
                 d.mul_(mask)
             if m.scale != 1.0:
