@@ -49,6 +49,7 @@ __all__ = ["TaskSpec", "TaskTensor", "UNIT"]
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 RESCALE_EPS = 1e-7
+DRAWN_MEMBERS = 4  # members whose random masks the rescale pass keeps for the combination (n / 8 bytes each)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class _Member:
     # random masks drawn in the rescale pass, kept for the combination as bits (1/32 of the tensor in float32),
     # by chunk start: DELLA's ranking (a sort of every row) and the draws then run once per element, not twice
     drawn: dict[int, np.ndarray] = field(default_factory=dict)
+    keep_drawn: bool = True
 
 
 class TaskTensor:
@@ -126,9 +128,12 @@ class TaskTensor:
                     m.band = Band(n, r0, r1)
             self.members.append(m)
         self._check_range(method)
-        # the rescale pass's random masks, kept as bits until the combination (see _Member.drawn)
-        drawn = sum(1 for m in self.members if m.key is not None) if self.rescale else 0
-        self.extra_bytes = drawn * (self.numel + 7) // 8
+        # the rescale pass's random masks, kept as bits until the combination (see _Member.drawn), for at most
+        # DRAWN_MEMBERS members: working memory stays the same whatever the number of members
+        drawn = [m for m in self.members if m.key is not None] if self.rescale else []
+        for m in drawn[DRAWN_MEMBERS:]:
+            m.keep_drawn = False
+        self.extra_bytes = DRAWN_MEMBERS * ((self.numel + 7) // 8) if drawn else 0
         # as mergekit sums them: the weights in the compute dtype
         self._weight_sum = torch.tensor([m.weight for m in self.members], dtype=dtype).sum().item()
         # DELLA ranks magnitudes within each row (dim 1 of the tensor seen as [rows, row, rest]).
@@ -220,7 +225,7 @@ class TaskTensor:
             m.select.add(a)
             return kind != "radix0" or math.isfinite(float(a.sum()))  # one check per member is enough
         mask = self.keep_mask(i, a, start, self._counters)
-        if mask is not None and m.key is not None and mask.device.type == "cpu":
+        if mask is not None and m.key is not None and m.keep_drawn and mask.device.type == "cpu":
             m.drawn[start] = np.packbits(mask.numpy())
         finite = True
         with one_thread():  # a sum's rounding must not depend on how many threads split it
