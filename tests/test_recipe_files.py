@@ -113,10 +113,9 @@ def test_unsupported_fields_are_refused_by_name(tmp_path: Path, models, snippet:
     assert res.exit_code == 2 and message.split("'")[0] in res.output and not (tmp_path / "out").exists()
 
 
-def test_lora_is_refused(tmp_path: Path, models) -> None:  # gradients: tests/test_mergekit_params.py
-    with pytest.raises(UnsupportedRecipeError, match="LoRA") as e:
-        load_recipe(_write(tmp_path, "merge_method: linear\nmodels:\n  - model: org/model+org/adapter\n"))
-    assert e.value.field == "lora"
+def test_a_hub_lora_is_read_as_a_hub_reference(tmp_path: Path, models) -> None:  # run: tests/test_lora_hub.py
+    recipe = load_recipe(_write(tmp_path, "merge_method: linear\nmodels:\n  - model: org/model+org/adapter\n"))
+    assert recipe.members == ["hf://org/model+hf://org/adapter"]
 
 
 def test_bad_recipes_get_one_line(tmp_path: Path, models) -> None:
