@@ -680,10 +680,10 @@ def _read_tokenizer(raw: Mapping, where: str, folder: Path, path: str | os.PathL
         source = _model_ref(source, f"{where}: {field_name}", folder, stages)
     if template is not None:
         if not isinstance(template, str) or len(template) > MAX_RECIPE_BYTES:
-            raise InvalidArgumentError(f"{where}: 'chat_template' is a template name or a Jinja template, got "
+            raise InvalidArgumentError(f"{where}: 'chat_template' is auto or a Jinja template, got "
                                        f"{preview(template)}", path=path)
         if template != "auto":
-            chat_template_text(template)  # an unknown name is refused here, before any model is read
+            chat_template_text(template)  # a name or a non-template is refused here, before any model is read
     base = _model_ref(raw["base_model"], f"{where}: base_model", folder, stages) if raw.get("base_model") else None
     return TokenizerSpec(source, tokens, pad, template, base)  # type: ignore[arg-type]
 

@@ -53,7 +53,7 @@ from merge.errors import CheckpointFormatError, CheckpointNotFoundError, Invalid
 from merge.io.sources import Source, TensorInfo
 
 __all__ = ["TokenSource", "TokenizerSpec", "VocabPlan", "VocabGroup", "VocabSource", "build_vocab",
-           "chat_template_text", "write_tokenizer", "load_tokenizer", "is_vocab_tensor", "CHAT_TEMPLATES",
+           "chat_template_text", "write_tokenizer", "load_tokenizer", "is_vocab_tensor", "MERGEKIT_TEMPLATE_NAMES",
            "VOCAB_SUFFIXES", "TOKENIZER_FILES", "DIFFERENCES", "TokenizerWarning"]
 
 # The tensors mergekit's architectures mark with a ``vocabulary_axis`` (always 0): names ending so.
@@ -68,41 +68,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 _BLOCK_ELEMS = 1 << 18  # elements per block of rows built at a time
 
-# mergekit 0.1.5's bundled chat templates (mergekit/_data/chat_templates/*.jinja), each the published template of
-# its model family.
-CHAT_TEMPLATES = {
-    "alpaca": "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if (messages|selectattr("
-              "'role', 'equalto', 'system')|list) else '' }}\n\n{% for message in messages %}\n{% if message['role'] "
-              "== 'user' %}\n### Instruction:\n{{ message['content']|trim -}}\n{% if not loop.last %}\n\n\n{% endif "
-              "%}\n{% elif message['role'] == 'assistant' %}\n### Response:\n{{ message['content']|trim -}}\n{% if not"
-              " loop.last %}\n\n\n{% endif %}\n{% elif message['role'] == 'user_context' %}\n### Input:\n{{ message["
-              "'content']|trim -}}\n{% if not loop.last %}\n\n\n{% endif %}\n{% endif %}\n{% endfor %}\n{% if "
-              "add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n### Response:\n{% endif %}\n",
-    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-              "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% "
-              "endif %}\n",
-    "exaone": "{% for message in messages %}\n    {% if loop.first and message['role'] != 'system' %}\n        {{ "
-              "'[|system|][|endofturn|]\\n' }}\n    {% endif %}\n    {{ '[|' + message['role'] + '|]' + message["
-              "'content'] }}\n    {% if message['role'] == 'user' %}\n        {{ '\\n' }}\n    {% else %}\n        "
-              "{{ '[|endofturn|]\\n' }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n    {{ "
-              "'[|assistant|]' }}\n{% endif %}\n",
-    "llama3": "{% set loop_messages = messages %}\n{% for message in loop_messages %}\n{% set content = "
-              "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
-              "'<|eot_id|>' %}\n{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n{{ "
-              "content }}\n{% endfor %}\n{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|"
-              ">\\n\\n' }}{% endif %}\n",
-    "mistral": "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n  "
-               "  {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%-"
-               " endif %}\n\n{{- bos_token }}\n{%- for message in loop_messages %}\n    {%- if (message['role'] == "
-               "'user') != (loop.index0 % 2 == 0) %}\n        {{- raise_exception('After the optional system message,"
-               " conversation roles must alternate user/assistant/user/assistant/...') }}\n    {%- endif %}\n    {%- "
-               "if message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n       "
-               "     {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- "
-               "else %}\n            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n   "
-               " {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n   "
-               " {%- else %}\n        {{- raise_exception('Only user and assistant roles are supported, with the "
-               "exception of an initial optional system message!') }}\n    {%- endif %}\n{%- endfor %}\n",
-}
+# The names of mergekit 0.1.5's bundled chat templates (mergekit/_data/chat_templates/*.jinja). Their texts are
+# mergekit's files and are not shipped here: a recipe naming one is refused with the fix (the text itself, or auto).
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 # What papa-merge does on purpose otherwise than mergekit 0.1.5.
 DIFFERENCES = (
@@ -117,6 +85,8 @@ DIFFERENCES = (
     "(NotImplementedError)",
     "tokenizer_source: base when the base has no tokenizer files merges the rows as they are (as before); mergekit "
     "fails",
+    "chat_template names one of mergekit's bundled templates (alpaca, chatml, exaone, llama3, mistral): refused, as "
+    "their texts are mergekit's files; the template's own Jinja text (or auto) is taken",
 )
 
 
@@ -601,7 +571,8 @@ def chat_template_text(value: str, folders: Sequence[Path] = ()) -> str | None:
     """The Jinja text of a recipe's ``chat_template`` (mergekit's ``_set_chat_template``).
 
     ``auto``: the template most of the models' tokenizers carry (``None`` if none has one); a name of
-    :data:`CHAT_TEMPLATES`; else a literal template (at least 20 characters, with ``{``).
+    else a literal template (at least 20 characters, with ``{``). mergekit's template names
+    (:data:`MERGEKIT_TEMPLATE_NAMES`) are refused: their texts are mergekit's files, not shipped here.
 
     Raises:
         InvalidArgumentError: neither a known name nor a template.
@@ -618,13 +589,14 @@ def chat_template_text(value: str, folders: Sequence[Path] = ()) -> str | None:
             if template:
                 found.append(template.strip())
         return Counter(found).most_common(1)[0][0] if found else None
-    if len(value) < 256 and "\n" not in value and "{" not in value and value in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[value]
+    if value in MERGEKIT_TEMPLATE_NAMES:
+        raise InvalidArgumentError(f"chat_template {value!r} names one of mergekit's bundled templates, which "
+                                   "papa-merge does not ship (their text is mergekit's); put the template's Jinja text "
+                                   "in the recipe, or use auto", option="chat_template")
     if len(value) < 20 or "{" not in value:
         shown = value if len(value) <= 80 else value[:80] + "..."
-        raise InvalidArgumentError(f"chat_template {shown!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}"
-                                   ", auto) nor a Jinja template", option="chat_template",
-                                   choices=(*CHAT_TEMPLATES, "auto"))
+        raise InvalidArgumentError(f"chat_template {shown!r} is neither auto nor a Jinja template; put the template's "
+                                   "text in the recipe", option="chat_template", choices=("auto",))
     return value
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from cli.main import cli
 from merge.errors import InvalidArgumentError
 from merge.mergekit_recipe import UnsupportedRecipeError, load_recipe, run_recipe
-from merge.vocab import CHAT_TEMPLATES, TokenizerWarning
+from merge.vocab import MERGEKIT_TEMPLATE_NAMES, TokenizerWarning
 from tests.mergekit_models import family
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -212,20 +212,31 @@ def test_a_token_entry_without_a_source_for_a_missing_token_is_refused_before_wr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("template", ["chatml", "literal"])
-def test_chat_template_is_written_with_the_tokenizer(tmp_path: Path, models, template: str) -> None:
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_template_is_written_with_the_tokenizer(tmp_path: Path, models) -> None:
     from transformers import AutoTokenizer
 
-    text = CHAT_TEMPLATES["chatml"] if template == "chatml" else "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
-    value = template if template == "chatml" else json.dumps(text)
+    text = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
     recipe = _recipe(tmp_path, f"merge_method: linear\nbase_model: {models['base']}\nmodels:\n"
-                               f"  - model: {models['m0']}\nchat_template: {value}\n")
+                               f"  - model: {models['m0']}\nchat_template: {json.dumps(text)}\n")
     out = run_recipe(recipe, out=tmp_path / "out").path
     assert (out / "chat_template.jinja").read_text() == text  # where transformers 5's save_pretrained puts it
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.chat_template == text and tok.get_vocab() == {w: i for i, w in enumerate(WORDS)}
-    if template == "literal":
-        assert tok.apply_chat_template([{"role": "user", "content": "a b"}], tokenize=False) == "[a b]"
+    assert tok.apply_chat_template([{"role": "user", "content": "a b"}], tokenize=False) == "[a b]"
+
+
+@pytest.mark.parametrize("name", MERGEKIT_TEMPLATE_NAMES)
+def test_mergekit_template_names_are_refused_before_anything_is_read(tmp_path: Path, models, name: str) -> None:
+    recipe = _recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['m1']}\n"
+                               f"  - model: {models['m0']}\nchat_template: {name}\n")
+    with pytest.raises(InvalidArgumentError, match=rf"chat_template '{name}' names one of mergekit's bundled templates"
+                                                   r".*put the template's Jinja text in the recipe, or use auto"):
+        run_recipe(recipe, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_chat_template_auto_takes_the_template_most_models_carry(tmp_path: Path, models) -> None:
@@ -241,16 +252,16 @@ def test_chat_template_auto_takes_the_template_most_models_carry(tmp_path: Path,
     assert (out / "chat_template.jinja").read_text() == "{{ 'A' }}"  # stripped, as mergekit compares them
 
 
-def test_chat_template_names_are_mergekits() -> None:
+def test_the_refused_template_names_are_mergekits() -> None:
     folder = next(MERGEKIT_VENV.glob("lib/python*/site-packages/mergekit/_data/chat_templates"), None)
     if folder is None:
         pytest.skip("mergekit 0.1.5 is not installed in benchmarks/out/mergekit-venv")
-    assert {p.stem: p.read_text() for p in folder.glob("*.jinja")} == CHAT_TEMPLATES
+    assert sorted(p.stem for p in folder.glob("*.jinja")) == sorted(MERGEKIT_TEMPLATE_NAMES)
 
 
 def test_bad_tokenizer_settings_are_refused_before_any_model_is_read(tmp_path: Path, models) -> None:
     head = f"merge_method: linear\nmodels:\n  - model: {models['m0']}\n"
-    with pytest.raises(InvalidArgumentError, match="neither a template name .* nor a Jinja template") as e:
+    with pytest.raises(InvalidArgumentError, match="is neither auto nor a Jinja template; put the template.s text in the recipe") as e:
         load_recipe(_recipe(tmp_path, head + "chat_template: vicuna\n"))
     assert e.value.option == "chat_template"
     with pytest.raises(InvalidArgumentError, match="not both"):
@@ -298,11 +309,11 @@ models:
   - model: widened
   - model: {models['m0']}
 tokenizer_source: widened
-chat_template: llama3
+chat_template: {json.dumps(CHATML)}
 """)
     out = run_recipe(recipe, out=tmp_path / "out").path
     vocab = _out_vocab(out)
-    assert len(vocab) == 67 and vocab["γ"] == 66 and (out / "chat_template.jinja").read_text() == CHAT_TEMPLATES["llama3"]
+    assert len(vocab) == 67 and vocab["γ"] == 66 and (out / "chat_template.jinja").read_text() == CHATML
     stage = load_file(str(out / "model.safetensors"))[EMBED].double().numpy()
     t = _tensors(models, EMBED)
     rows1 = _expected_rows(t, vocab, ["m1", "m2", "base"], "base")
@@ -334,7 +345,7 @@ def test_the_merged_output_loads_in_transformers(tmp_path: Path, models) -> None
     recipe = _recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n"
                                f"  - model: {models['m1']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
                                f"  - model: {models['m2']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
-                               "tokenizer: {source: union, pad_to_multiple_of: 8}\nchat_template: chatml\n")
+                               f"tokenizer: {{source: union, pad_to_multiple_of: 8}}\nchat_template: {json.dumps(CHATML)}\n")
     out = run_recipe(recipe, out=tmp_path / "out").path
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))
@@ -417,7 +428,7 @@ tokenizer:
     "k": {{source: {{kind: zero}}, force: true}}
     "α": {{source: {models['m2']}, force: true}}
     "<|im_end|>": {{source: {{kind: model_token, model: {models['m1']}, token_id: 5}}}}
-chat_template: chatml
+chat_template: {json.dumps(CHATML)}
 parameters: {{weight: 1.0}}
 dtype: float32
 """
