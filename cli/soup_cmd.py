@@ -136,8 +136,9 @@ def _existing(out: str, force: bool) -> str:
     return " (exists: a previous papa-merge output, replaced once the new one is complete)"
 
 
-def print_plan(plan, out: str, force: bool = False) -> None:
-    """``--dry-run``: what the merge will read, write and hold, before reading any tensor."""
+def print_plan(plan, out: str, force: bool = False, gradients=None) -> None:
+    """``--dry-run``: what the merge will read, write and hold, before reading any tensor (``gradients``: the
+    :class:`merge.soups.LayerGradients` of parameters given per layer; the plan shows their first values)."""
     op = plan.operator
     reduced = sum(t.action == "reduce" for t in plan.tensors)
     base = f", base {plan.base.path}" if plan.base is not None else ""
@@ -148,6 +149,10 @@ def print_plan(plan, out: str, force: bool = False) -> None:
         shown = {k: v for k, v in plan.params.items() if k != "weight"}
         extra = f"; parameters {shown}" if shown else ""
         click.echo(f"method:         {op.name} ({op.path} path{extra})")
+    if gradients is not None:
+        shown = ", ".join(f"{k} {v}" if k != "per_member" else f"per member {v}" for k, v in gradients.record().items())
+        click.echo(f"gradients:      {shown}: over the layers, layer i of n at i/(n-1), tensors outside the layers "
+                   "at the first value (the method line shows those)")
     verb = "merged"
     click.echo(f"tensors:        {len(plan.tensors)} ({reduced} {verb}, {len(plan.tensors) - reduced} copied"
                f" from {'the base' if plan.base is not None else 'member 0'}, {len(plan.skipped)} skipped)")
@@ -329,7 +334,8 @@ def soup(members: tuple[str, ...], out: str, method: str, weights: str | None, d
         plan = merge.plan_soup(list(members), method=method, weights=w, base=base, params=params, seed=seed,
                                dtype=dtype, accumulate=accumulate, device=device, on_mismatch=on_mismatch, key=key,
                                strict=strict)
-        print_plan(plan, out, force)
+        gradients = merge.soups.layer_gradients(plan.operator.name, len(members), params, None)
+        print_plan(plan, out, force, gradients)
         return
     show = show_progress(progress)
     write = merge.soup

@@ -170,6 +170,7 @@ def test_dry_run_plans_a_gradient(tmp_path: Path, family) -> None:
     res = CliRunner().invoke(cli, ["soup", "--method", "slerp", "--base", str(family["base"]), str(family["m0"]),
                                    "--t", "0,1", "--dry-run", "-o", str(tmp_path / "x.safetensors")])
     assert res.exit_code == 0, res.output
+    assert "gradients:      t [0.0, 1.0]: over the layers, layer i of n at i/(n-1)" in res.output
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -218,3 +219,11 @@ def test_a_gradient_is_never_taken_as_one_value_per_member(family) -> None:
             open_checkpoint(family["base"]) as base:
         with pytest.raises(InvalidArgumentError, match=r"parameter density is a gradient over the layers \[0.3, 0.7\]"):
             plan_merge([a, b], get_operator("ties"), base=base, params={"density": Gradient([0.3, 0.7])})
+
+
+def test_two_jobs_give_the_same_bytes_with_a_gradient(tmp_path: Path, family) -> None:
+    """Each worker plans the gradient itself (from the same parameters): the bits one process writes."""
+    one, two = tmp_path / "j1.safetensors", tmp_path / "j2.safetensors"
+    for out, jobs in ((one, 1), (two, 2)):
+        merge.soup([family["m0"]], base=family["base"], method="slerp", params={"t": [0, 0.5, 1]}, out=out, jobs=jobs)
+    _equal(one, two)
