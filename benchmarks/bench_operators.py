@@ -131,9 +131,9 @@ def warm(paths: list[Path]) -> None:
                     pass
 
 
-def run(cmd: list[str], env: dict | None = None, out: Path | None = None) -> dict:
+def run(cmd: list[str], env: dict | None = None, out: Path | None = None, cwd: Path | None = None) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     text = proc.stdout.read() + proc.stderr.read()
@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--dir", default=str(HERE / "out" / "operators"))
     ap.add_argument("--keep", action="store_true", help="keep the generated members")
     ap.add_argument("--results", default=str(HERE / "results" / "bench_operators.md"))
+    ap.add_argument("--baseline-root", help="another papa-merge tree (e.g. `git archive REV | tar -x -C DIR`): each "
+                    "method also runs from it, alternating with this tree, as a row 'METHOD @ baseline'")
     ap.add_argument("--child")
     args = ap.parse_args()
     folder = Path(args.dir)
@@ -274,19 +276,22 @@ def main() -> None:
     for method in methods:
         cfg = work / f"{method}.yml"
         cfg.write_text(recipe(method, base, members[: args.members]))
-        res: dict[str, list[dict]] = {"papa": [], "mk": []}
+        res: dict[str, list[dict]] = {"papa": [], "mk": [], "baseline": []}
         use_mk = with_mk and (time.perf_counter() - t_start) / 60 < args.mergekit_budget
         if with_mk and not use_mk:
             print(f"# {method}: mergekit skipped (its {args.mergekit_budget:g}-minute budget is spent)", flush=True)
         for _ in range(args.repeat):
-            for tool in (["papa", "mk"] if use_mk else ["papa"]):
+            for tool in (["papa", "mk"] if use_mk else ["papa"]) + (["baseline"] if args.baseline_root else []):
                 out = work / f"{method}-{tool}"
                 if out.exists():
                     shutil.rmtree(out)
                 warm([base, *members[: args.members]])
-                cmd = papa_cmd(cfg, out) if tool == "papa" else mergekit_cmd(venv, cfg, out)
+                cmd = mergekit_cmd(venv, cfg, out) if tool == "mk" else papa_cmd(cfg, out)
+                # `python -m` puts the working directory first on sys.path: run each tree from its own root
+                root = Path(args.baseline_root) if tool == "baseline" else ROOT
+                tool_env = None if tool == "mk" else {**os.environ, "PYTHONPATH": str(root)}
                 try:
-                    res[tool].append(run(cmd, env if tool == "papa" else None, out))
+                    res[tool].append(run(cmd, tool_env, out, cwd=root if tool != "mk" else None))
                 except RuntimeError as e:
                     print(f"# {method}: {tool} failed: {str(e)[-500:]}", flush=True)
         if not res["papa"] or (use_mk and not res["mk"]):
@@ -306,8 +311,13 @@ def main() -> None:
             row = f"| {method} | {p['wall']:.1f} | {p['rss_gb']:.2f} | {skipped} | - | - | - | - | - | - |"
         rows.append(row)
         print(row, flush=True)
+        if res["baseline"]:
+            bl = {k: statistics.median(r[k] for r in res["baseline"]) for k in ("wall", "rss_gb")}
+            row = f"| {method} @ baseline | {bl['wall']:.1f} | {bl['rss_gb']:.2f} | - | - | - | - | - | - | - |"
+            rows.append(row)
+            print(row, flush=True)
         save(mem_rows, rows)
-        for tool in ("papa", "mk"):
+        for tool in ("papa", "mk", "baseline"):
             shutil.rmtree(work / f"{method}-{tool}", ignore_errors=True)
     save(mem_rows, rows)
     if not args.keep:
