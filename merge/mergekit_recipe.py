@@ -1018,13 +1018,13 @@ def _open_slices(recipe: Recipe, stack: contextlib.ExitStack):
     return plan, _slice_resolver(recipe, op, plan.places, members_by_slice), opened, vocab
 
 
-def _rewrite_config(recipe: Recipe, plan, opened: Mapping[str, object], out: Path) -> None:
-    """A folder output's ``config.json`` with the stacked layer count and per-layer lists, replaced atomically."""
+def _rewrite_config(recipe: Recipe, plan, opened: Mapping[str, object], out: Path) -> list[Path]:
+    """A folder output's ``config.json`` with the stacked layer count and per-layer lists (the file, if rewritten)."""
     from merge.slices import read_config, rewrite_layer_config
 
     config = read_config(out)
     if config is None or not plan.layer_origin:
-        return
+        return []
     lead = []
     for sl in recipe.slices:
         base = sl.base or recipe.base
@@ -1032,10 +1032,11 @@ def _rewrite_config(recipe: Recipe, plan, opened: Mapping[str, object], out: Pat
         lead.append(read_config(opened[src.model].path))
     rewritten = rewrite_layer_config(config, plan.layer_origin, lead)
     if rewritten == config:
-        return
+        return []
     tmp = out / ".config.json.tmp"
     tmp.write_text(json.dumps(rewritten, indent=2) + "\n")
     os.replace(tmp, out / "config.json")
+    return [out / "config.json"]
 
 
 def _check_one_process(recipe: Recipe, options: Mapping[str, object]) -> None:
@@ -1115,9 +1116,10 @@ def _check_tokenizer_output(recipe: Recipe, out: str | os.PathLike) -> None:
                                    option="out")
 
 
-def _finish_tokenizer(recipe: Recipe, vocab, opened: Mapping[str, object], out: Path) -> dict[str, object] | None:
-    """Write the output tokenizer (merged, or the donor's with the chat template) into folder ``out``; what the
-    recipe records about it."""
+def _finish_tokenizer(recipe: Recipe, vocab, opened: Mapping[str, object], out: Path,
+                      files: list[Path]) -> dict[str, object] | None:
+    """Write the output tokenizer (merged, or the donor's with the chat template) into folder ``out`` (its files
+    appended to ``files``); what the recipe records about it."""
     from merge.vocab import TokenizerWarning, chat_template_text, load_tokenizer, write_tokenizer
 
     spec = recipe.tokenizer
@@ -1126,7 +1128,7 @@ def _finish_tokenizer(recipe: Recipe, vocab, opened: Mapping[str, object], out: 
     folders = [Path(src.path) for src in opened.values()]  # type: ignore[attr-defined]
     template = chat_template_text(spec.chat_template, folders) if spec.chat_template else None
     if vocab is not None:
-        write_tokenizer(out, vocab.tokenizer, rows=vocab.rows, chat_template=template)
+        files += write_tokenizer(out, vocab.tokenizer, rows=vocab.rows, chat_template=template)
         return {"source": spec.source, "tokens": len(vocab.vocab), "rows": vocab.rows}
     if spec.chat_template is None:
         return None
@@ -1137,7 +1139,7 @@ def _finish_tokenizer(recipe: Recipe, vocab, opened: Mapping[str, object], out: 
         warnings.warn(TokenizerWarning(f"{donor}: its tokenizer does not load ({type(e).__name__}); the chat "
                                        "template is not written"), stacklevel=3)
         return None
-    write_tokenizer(out, tokenizer, rows=None, chat_template=template)
+    files += write_tokenizer(out, tokenizer, rows=None, chat_template=template)
     return {"chat_template": spec.chat_template if len(spec.chat_template) < 80 else "literal"}
 
 
@@ -1150,23 +1152,31 @@ def _run_one(recipe: Recipe, out: str | os.PathLike, options: dict[str, object])
     if not recipe.layered and recipe.tokenizer is None:
         return soup(recipe.members, out=out, recipe_extra=extra, **_soup_args(recipe), **options)
     _check_one_process(recipe, options)
+    record: dict[str, object] = {}
+
+    def folder_files(folder: Path) -> list[Path]:
+        # Inside the unpublished output folder: published with the weights, or not at all.
+        files = _rewrite_config(recipe, plan, opened, folder) if recipe.layered else []
+        written = _finish_tokenizer(recipe, vocab, opened, folder, files)
+        if written is not None:
+            record["tokenizer"] = written
+        return files
+
     with contextlib.ExitStack() as stack:
+        plan = None
         if not recipe.layered:
             opened, vocab = _open_refs(recipe, stack)
             members, base = _whole_model_inputs(recipe, opened)
-            result = soup(members, out=out, recipe_extra=extra, **{**_soup_args(recipe), "base": base}, **options)
+            result = soup(members, out=out, recipe_extra=extra, folder_files=folder_files,
+                          **{**_soup_args(recipe), "base": base}, **options)
         else:
             plan, resolve, opened, vocab = _open_slices(recipe, stack)
             shared, members = resolve("")
             extra["layers"] = plan.num_layers
             result = soup(plan.members, out=out, method=recipe.method, base=plan.base, params=shared,
                           member_params=members, dtype=recipe.dtype, accumulate=recipe.accumulate, resolve=resolve,
-                          recipe_extra=extra, **options)
-            if result.path.is_dir():
-                _rewrite_config(recipe, plan, opened, result.path)
-        written = _finish_tokenizer(recipe, vocab, opened, result.path)
-        if written is not None:
-            result.recipe["tokenizer"] = written
+                          recipe_extra=extra, folder_files=folder_files, **options)
+        result.recipe.update(record)
         return result
 
 

@@ -387,6 +387,10 @@ def _write_torch_file(plan: MergePlan, out: Path, recipe_json: str, *, force: bo
     return final, [final], stats
 
 
+# Writes a caller's files into an output folder before it is published; returns their paths.
+FolderFiles = Callable[[Path], Sequence[Path]]
+
+
 def _write_index(atomic: AtomicOutput, out_plan: OutputPlan) -> None:
     """The shard index of a folder written in several shards."""
     index = {"metadata": {"total_size": out_plan.nbytes},
@@ -396,7 +400,8 @@ def _write_index(atomic: AtomicOutput, out_plan: OutputPlan) -> None:
 
 def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size: int | str,
                        out_dtype: torch.dtype | None, force: bool, progress: Callable[[int], None] | None,
-                       digests: dict[str, str] | None = None) -> tuple[Path, list[Path], MergeStats]:
+                       digests: dict[str, str] | None = None,
+                       folder_files: FolderFiles | None = None) -> tuple[Path, list[Path], MergeStats]:
     """Run the plan into one safetensors file, or a model folder (shards, index, config files, model card).
 
     Returns:
@@ -406,18 +411,21 @@ def _write_safetensors(plan: MergePlan, out: Path, meta: dict[str, str], *, shar
     with AtomicOutput(out, folder=out_plan.folder, force=force) as atomic:
         sink = FileSink(out_plan, atomic, meta)
         stats = run_merge(plan, DigestSink(sink, digests) if digests is not None else sink, progress=progress)
-        return (*_finish_output(plan, out, out_plan, atomic, meta, out_dtype), stats)
+        return (*_finish_output(plan, out, out_plan, atomic, meta, out_dtype, folder_files), stats)
 
 
 def _finish_output(plan: MergePlan, out: Path, out_plan: OutputPlan, atomic: AtomicOutput, meta: Mapping[str, str],
-                   out_dtype: torch.dtype | None) -> tuple[Path, list[Path]]:
-    """Once every tensor is written: a folder's config, tokenizer files, index and card; then the commit."""
+                   out_dtype: torch.dtype | None, folder_files: FolderFiles | None = None) -> tuple[Path, list[Path]]:
+    """Once every tensor is written: a folder's config, tokenizer files, the caller's files, index and card; then
+    the commit (so an interrupted merge publishes none of them)."""
     extra_files = []
     if out_plan.folder:
         extra_files = carry_folder_files((plan.base or plan.sources[0]).path, atomic,
                                          dtype=_float_dtype(plan, out_dtype))
         if not atomic.file("config.json").exists():
             extra_files += _describe_small_cnn(meta, atomic)
+        if folder_files is not None:
+            extra_files += [p for p in folder_files(atomic.file("")) if p not in extra_files]
         if len(out_plan.files) > 1:
             _write_index(atomic, out_plan)
         # The same model card push uploads, once the folder's checkpoint is complete.
@@ -432,7 +440,8 @@ def _finish_output(plan: MergePlan, out: Path, out_plan: OutputPlan, atomic: Ato
 
 def _write_split(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size: int | str,
                  out_dtype: torch.dtype | None, force: bool, progress: Callable[[int], None] | None, jobs: int,
-                 spec: dict) -> tuple[Path, list[Path], MergeStats, list[WorkerReport]]:
+                 spec: dict, folder_files: FolderFiles | None = None
+                 ) -> tuple[Path, list[Path], MergeStats, list[WorkerReport]]:
     """:func:`_write_safetensors` split over ``jobs`` local workers or the ranks of the process group
     (:mod:`merge.parallel`): the same files; rank 0 (or this process) finishes and commits the output."""
     import torch.distributed as dist
@@ -450,7 +459,7 @@ def _write_split(plan: MergePlan, out: Path, meta: dict[str, str], *, shard_size
             atomic = e  # rank 0's refusal (an existing output, no permission) goes to every rank, which waits for it
         stats, reports, (final, files) = run_split(
             plan, out_plan, atomic, meta, jobs=jobs, planner=plan_soup, spec=spec, progress=progress,
-            finish=lambda: _finish_output(plan, out, out_plan, atomic, meta, out_dtype))
+            finish=lambda: _finish_output(plan, out, out_plan, atomic, meta, out_dtype, folder_files))
     return final, files, stats, reports
 
 
@@ -505,7 +514,8 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
          recipe_extra: Mapping[str, object] | None = None, progress: bool = False,
          chunk_bytes: int | None = None, strict: bool = False, resolve=None, jobs: int = DEFAULT_JOBS,
          ranks: bool = False, verify: bool = False,
-         aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None) -> MergeResult:
+         aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None,
+         folder_files: FolderFiles | None = None) -> MergeResult:
     """Merge checkpoints on disk into one, streaming tensor by tensor.
 
     Args:
@@ -561,6 +571,10 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         aux: for operators that take auxiliary tensors (RegMean's Gram matrices, Fisher's diagonal): one source
             (or dict) per member holding ``NAME:KIND`` tensors; :func:`merge.datamerge.merge_with_data` computes
             them from data and passes them here.
+        folder_files: for a folder output, called with the folder before it is published (every tensor and the
+            carried config and tokenizer files written): writes more files into it (a recipe's rewritten
+            ``config.json``, a merged tokenizer) and returns their paths; they are published with the rest, or not
+            at all.
 
     Returns:
         A :class:`MergeResult` (path, files, sizes, time, the recorded recipe, and one report per process).
@@ -650,11 +664,11 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
             if processes > 1:
                 final, files, stats, reports = _write_split(plan, out, meta, shard_size=shard_size,
                                                             out_dtype=out_dtype, force=force, progress=update,
-                                                            jobs=jobs, spec=spec)
+                                                            jobs=jobs, spec=spec, folder_files=folder_files)
             else:
                 final, files, stats = _write_safetensors(plan, out, meta, shard_size=shard_size,
                                                          out_dtype=out_dtype, force=force, progress=update,
-                                                         digests=digests)
+                                                         digests=digests, folder_files=folder_files)
         # After publishing: the output as the disk returns it, against what the writer sent.
         speaker = ranks == 1 or torch.distributed.get_rank() == 0  # rank 0 checks for a group
         verified = verify_mod.verify_output(final, digests) if verify and speaker else None

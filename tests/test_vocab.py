@@ -508,3 +508,27 @@ def test_peak_memory_of_a_union_of_8_models_equals_2_within_20_percent(tmp_path:
         grown[n] = min(peaks)
         assert load_file(str(tmp_path / f"o{n}" / "model.safetensors"))[EMBED].shape[0] == 4096 + 16 * (n - 1)
     assert grown[8] <= 1.2 * grown[2] + 2048, grown  # kB; 2 MB of slack for allocator noise
+
+
+@pytest.mark.parametrize("fails", ["tokenizer", "config"])
+def test_a_failure_writing_the_tokenizer_or_config_publishes_nothing(tmp_path: Path, models, monkeypatch, fails) -> None:
+    # The merged tokenizer and a slice recipe's rewritten config.json go into the output folder before it is
+    # published: a failure there leaves no output (no weights without their tokenizer or layer count).
+    import merge.slices
+    import merge.vocab
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(merge.vocab if fails == "tokenizer" else merge.slices,
+                        "write_tokenizer" if fails == "tokenizer" else "rewrite_layer_config", boom)
+    recipe = _recipe(tmp_path, f"""merge_method: passthrough
+slices:
+  - sources: [{{model: {models['m0']}, layer_range: [0, 1]}}]
+  - sources: [{{model: {models['m2']}, layer_range: [0, 2]}}]
+tokenizer_source: union
+""")
+    with pytest.warns(TokenizerWarning), pytest.raises(OSError, match="disk full"):
+        run_recipe(recipe, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
