@@ -40,11 +40,13 @@ import math
 import os
 from pathlib import Path
 
-import torch
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, MismatchError
 from merge.io.schemes import HF_PREFIX
 from merge.io.sources import Source, open_checkpoint
+from merge.ops._lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["LoraSource", "open_member", "split_reference", "is_lora_reference", "ADAPTER_CONFIG"]
 
