@@ -98,6 +98,7 @@ class _Numpy:
         self.np = np
         self.float32, self.float64 = ST_DTYPES["F32"], ST_DTYPES["F64"]
         self.float16, self.bfloat16 = ST_DTYPES["F16"], ST_DTYPES["BF16"]
+        self._bufs: dict[str, object] = {}  # work arrays, reused (the engine computes on one thread)
 
     # -- dtypes
     def dtype(self, st: str) -> ArrayDType:
@@ -141,36 +142,50 @@ class _Numpy:
         pass
 
     # -- arithmetic (``dst`` and the operands are 1-D arrays of equal length)
+    def _scratch(self, key: str, n: int, dtype: str):
+        """A reused work array of ``n`` elements: fresh 2 MiB temporaries per chunk cost page faults (measured: most
+        of a bfloat16 soup's time went to the kernel), so each kind is allocated once and grown when needed."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < n:
+            buf = self._bufs[key] = self.np.empty(n, dtype=dtype)
+        return buf[:n]
+
+    def _has_nan(self, f32) -> bool:
+        """Whether a float32 array holds a NaN (a sum first: the mask only when it is not finite)."""
+        np = self.np
+        with np.errstate(all="ignore"):
+            if np.isfinite(f32.sum(dtype=np.float32)):
+                return False
+        return bool(np.isnan(f32).any())
+
     def convert_into(self, dst, src) -> None:
         """``dst[:] = src`` converted to dst's dtype bit for bit as torch converts on the CPU (bfloat16 held as its
         uint16 bit pattern; float16 <-> bfloat16 through float32, exactly as torch goes)."""
         np = self.np
         if dst.dtype == src.dtype:
             np.copyto(dst, src)
-        elif src.dtype == np.uint16:  # bfloat16 -> float32: exact
-            wide = (src.astype(np.uint32) << 16).view(np.float32)
-            if dst.dtype == np.float32:
-                np.copyto(dst, wide)
-            else:
+        elif src.dtype == np.uint16:  # bfloat16 -> float32: exact, the bits shifted into the high half
+            wide = dst if dst.dtype == np.float32 else self._scratch("wide", src.size, "float32")
+            np.left_shift(src, np.uint32(16), out=wide.view(np.uint32), dtype=np.uint32)
+            if wide is not dst:
                 self.convert_into(dst, wide)
         elif src.dtype == np.float16:  # -> float32: exact; torch (F16C) quiets signalling NaNs, numpy keeps them
-            wide = src.astype(np.float32)
-            nan = src != src
-            if nan.any():
-                wide.view(np.uint32)[nan] |= 0x400000
-            if dst.dtype == np.float32:
-                np.copyto(dst, wide)
-            else:
+            wide = dst if dst.dtype == np.float32 else self._scratch("wide", src.size, "float32")
+            np.copyto(wide, src)
+            nan = self._has_nan(wide)
+            if nan:
+                wide.view(np.uint32)[np.isnan(wide)] |= 0x400000
+            if wide is not dst:
                 self.convert_into(dst, wide)
-                if dst.dtype == np.uint16 and nan.any():
-                    dst[nan] = 0x7FC0  # torch's scalar float16 -> bfloat16 conversion (c10::BFloat16) gives 0x7FC0
+                if dst.dtype == np.uint16 and nan:
+                    dst[np.isnan(wide)] = 0x7FC0  # torch's scalar float16 -> bfloat16 (c10::BFloat16) gives 0x7FC0
         elif dst.dtype == np.uint16:
             self._to_bf16(dst, src)
         else:  # float32 -> float16: nearest even (inf beyond its range, as torch; checked after)
             with np.errstate(all="ignore"):
                 np.copyto(dst, src, casting="unsafe")
-            nan = src != src
-            if nan.any():  # torch (F16C) quiets NaNs keeping the payload's top bits; numpy may not
+            if self._has_nan(src):  # torch (F16C) quiets NaNs keeping the payload's top bits; numpy may not
+                nan = np.isnan(src)
                 u = src.view(np.uint32)[nan]
                 dst.view(np.uint16)[nan] = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF)
 
@@ -178,14 +193,15 @@ class _Numpy:
         """Round float32 to bfloat16, nearest even, as torch's vectorised CPU conversion does (NaN: 0xFFFF)."""
         np = self.np
         u = src.view(np.uint32)
-        r = (u >> 16) & 1
+        r = self._scratch("bits", src.size, "uint32")
+        np.right_shift(u, 16, out=r)
+        np.bitwise_and(r, 1, out=r)
         r += 0x7FFF
         r += u  # wraps modulo 2**32 as uint32 does in C
         r >>= 16
         np.copyto(dst, r, casting="unsafe")
-        nan = src != src
-        if nan.any():
-            dst[nan] = 0xFFFF
+        if self._has_nan(src):
+            dst[np.isnan(src)] = 0xFFFF
 
     def copy_into(self, dst, src) -> None:
         self.np.copyto(dst, src)
@@ -215,9 +231,10 @@ class _Numpy:
         if c32 != 0 and math.frexp(float(c32))[0] in (0.5, -0.5):
             # A power of two: the float32 product is exact unless it underflows or overflows (the flags say so),
             # and then one rounding of the sum is the fused result.
+            p = self._scratch("product", x.size, "float32")
             try:
                 with np.errstate(over="raise", under="raise", invalid="ignore", divide="ignore"):
-                    p = np.multiply(x, c32)
+                    np.multiply(x, c32, out=p)
             except FloatingPointError:
                 pass
             else:
@@ -229,15 +246,21 @@ class _Numpy:
     def _fma(self, acc, x, c: float) -> None:
         np = self.np
         with np.errstate(all="ignore"):
-            p = x.astype(np.float64)
+            p = self._scratch("f64a", x.size, "float64")
+            a64 = self._scratch("f64b", x.size, "float64")
+            np.copyto(p, x)
             p *= c  # exact: 24 x 24 bits
-            r = np.add(p, acc.astype(np.float64), out=p)  # the product first, as above
+            np.copyto(a64, acc)
+            r = np.add(p, a64, out=p)  # the product first, as above
             # Double rounding can only go wrong where the float64 sum sits exactly on a float32 rounding midpoint:
             # in the normal range, float64 mantissa bits 28..0 == 1 followed by zeros; below 2**-126, an odd
             # multiple of 2**-150. Those elements move one float64 step towards the exact sum.
-            u = r.view(np.uint64)
-            cand = (u & 0x1FFFFFFF) == 0x10000000
-            cand |= np.abs(r) < 2.0 ** -126
+            low = np.bitwise_and(r.view(np.uint64), 0x1FFFFFFF, out=a64.view(np.uint64))
+            cand = np.equal(low, 0x10000000, out=self._scratch("mask", x.size, "bool"))
+            # 0 < |r| < 2**-126 on the bits: |r| - 1 wraps around for zero (a zero sum is exact: nothing to move)
+            mag = np.bitwise_and(r.view(np.uint64), 0x7FFFFFFFFFFFFFFF, out=a64.view(np.uint64))
+            mag -= np.uint64(1)
+            cand |= np.less(mag, np.uint64(0x3810000000000000 - 1), out=self._scratch("mask2", x.size, "bool"))
             idx = np.flatnonzero(cand)
             if idx.size:
                 rs, a = r[idx], acc[idx].astype(np.float64)
@@ -263,7 +286,8 @@ class _Numpy:
     def all_finite(self, t) -> bool:
         np = self.np
         if t.dtype == np.uint16:  # bfloat16: the exponent bits all set is infinity or NaN
-            return not bool(((t & 0x7F80) == 0x7F80).any())
+            e = np.bitwise_and(t, 0x7F80, out=self._scratch("exp", t.size, "uint16"))
+            return not bool(np.equal(e, 0x7F80, out=self._scratch("mask", t.size, "bool")).any())
         return bool(np.isfinite(t).all())
 
     def abs_max(self, t) -> float:
