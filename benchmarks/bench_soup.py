@@ -14,7 +14,9 @@ number ``/usr/bin/time -v`` prints: touched pages of memory-mapped files count),
 Each method runs ``--repeat`` times, interleaved with the others; the table shows the best and the
 median work time (this machine's page cache and cores are shared, and single runs vary by up to 2x),
 the median wall time, and the largest peak RSS.
-- papa:   ``merge.soup`` (this project), writing a .safetensors;
+- papa:   ``merge.soup`` (this project), writing a .safetensors (on numpy, without importing torch, where it can:
+          merge.backend.arrays);
+- papa-torch: the same with ``PAPA_MERGE_TORCH_ONLY=1``: on torch, as before issue 22 part 2;
 - naive:  load every checkpoint fully (``safetensors.torch.load_file``), average in fp32, ``save_file``;
 - mergekit's linear merge, when ``mergekit-yaml`` is on PATH.
 
@@ -160,10 +162,12 @@ def run_child(kind: str, inputs: list[Path], out: Path, out_bytes: int, device: 
                                                    for p in inputs))
         cmd = [shutil.which("mergekit-yaml"), str(cfg), str(out.with_suffix("")), "--lazy-unpickle"]
     else:
-        cmd = [sys.executable, __file__, "--child", kind, "--out-bytes", str(out_bytes), "--child-out", str(out),
+        child = "papa" if kind == "papa-torch" else kind
+        cmd = [sys.executable, __file__, "--child", child, "--out-bytes", str(out_bytes), "--child-out", str(out),
                "--device", device, *map(str, inputs)]
+    env = {**os.environ, **({"PAPA_MERGE_TORCH_ONLY": "1"} if kind == "papa-torch" else {})}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     stdout, stderr = proc.stdout.read(), proc.stderr.read()
@@ -216,8 +220,8 @@ def main() -> None:
         print("# mergekit: not installed (mergekit-yaml not on PATH), skipped")
     print(f"# inputs warm in page cache before every run; output to {args.out_dir}; papa on {args.device}; "
           f"{args.repeat} interleaved runs each")
-    header = (f"{'dtype':5} {'N':>2} {'method':8} {'wall s':>7} {'work best':>9} {'work med':>8} {'peak RSS GB':>11} "
-              f"{'in GB/s':>7} {'x floor best':>12} {'x floor med':>11} {'wall/naive':>10}")
+    header = (f"{'dtype':5} {'N':>2} {'method':10} {'wall s':>7} {'work best':>9} {'work med':>8} {'peak RSS GB':>11} "
+              f"{'in GB/s':>7} {'x floor best':>12} {'x floor med':>11} {'wall/naive':>10} {'wall x floor':>12}")
     print(header)
     print("-" * len(header))
     out_dir = Path(args.out_dir)
@@ -242,9 +246,10 @@ def main() -> None:
                 floor_best = best[m] / best["floor"] if "floor" in best else float("nan")
                 floor_med = med[m]["work"] / med["floor"]["work"] if "floor" in med else float("nan")
                 vs_naive = med[m]["wall"] / med["naive"]["wall"] if "naive" in med else float("nan")
-                print(f"{dtype:5} {n:>2} {m:8} {med[m]['wall']:7.2f} {best[m]:9.2f} {med[m]['work']:8.2f} "
+                wall_floor = med[m]["wall"] / med["floor"]["wall"] if "floor" in med else float("nan")
+                print(f"{dtype:5} {n:>2} {m:10} {med[m]['wall']:7.2f} {best[m]:9.2f} {med[m]['work']:8.2f} "
                       f"{max(r['rss_gb'] for r in runs[m]):11.2f} {gbs:7.2f} {floor_best:12.2f} {floor_med:11.2f} "
-                      f"{vs_naive:10.2f}", flush=True)
+                      f"{vs_naive:10.2f} {wall_floor:12.2f}", flush=True)
             for m in methods:
                 p = out_dir / f"bench-soup-{m}.safetensors"
                 if p.exists():

@@ -95,9 +95,14 @@ def _looks_like_repo(name: object) -> bool:
 
 
 def _facts(path: Path, weights_name: str | None, name: str | None = None) -> _Facts:
+    from merge.backend.arrays import NeedsTorch
     from merge.io.sources import open_checkpoint
 
-    with open_checkpoint(path) as src:
+    try:  # the header is all a card needs: torch only for a pickle
+        src = open_checkpoint(path, numpy=True)
+    except NeedsTorch:
+        src = open_checkpoint(path)
+    with src:
         meta = dict(src.metadata)
         n_tensors, n_bytes = len(src.infos), src.nbytes
         files = [f.name for f in src.files]

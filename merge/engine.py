@@ -40,10 +40,9 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from merge.errors import (DeviceUnavailableError, InvalidArgumentError, MergeError, MismatchError, NonFiniteWarning,
                           PartialBufferWarning)
+from merge.backend.arrays import HOST, NUMPY, ArrayDType, arrays_for, arrays_of
 from merge.io.dtypes import dtype_name, is_float
 from merge.io.sources import Source, StateDictSource, TensorInfo
 from merge.io.writer import Sink
@@ -51,7 +50,12 @@ from merge.ops import Combination, Operator, Resolved, resolve_params
 from merge.ops.registry import path_of
 from merge.ops.apply import (UNIT, apply_tensor, check_combination, coefficient_option, combination_from_gram,
                              compute_dtype, fold_combination, gram_update, gram_vectors)
-from merge.reader import CPU, POOL_BUFFERS, ChunkReader, Read
+from merge.backend.lazy import lazy_torch
+from merge.reader import POOL_BUFFERS, ChunkReader, Read
+
+# The linear and copy kernels run on the array backend of the plan's dtypes (merge.backend.arrays): torch, or numpy for
+# merges that need no torch. The other kernels use torch, imported on first use.
+torch = lazy_torch(__name__)
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "run_merge", "resolve_device", "Sink", "MemorySink",
            "ON_MISMATCH", "NonFiniteWarning", "NonFiniteError", "MergeStats"]
@@ -426,7 +430,7 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
                params: Mapping[str, object] | None = None,
                member_params: Sequence[Mapping[str, object] | None] | None = None,
                base: Source | None = None, seed: int = 0, dtype: torch.dtype | None = None,
-               accumulate: torch.dtype = torch.float32, device: torch.device = CPU,
+               accumulate: torch.dtype | None = None, device: torch.device | None = None,
                on_mismatch: str = "error", chunk_bytes: int | None = None, strict: bool = False,
                resolve: Callable[[str], tuple[Mapping[str, object],
                                               Sequence[Mapping[str, object]] | None]] | None = None,
@@ -461,6 +465,10 @@ def plan_merge(sources: Sequence[Source], operator: Operator, *, weights: Sequen
             with every member's shape and dtype.
         InvalidArgumentError: a bad parameter, a missing base, or a member count the operator refuses.
     """
+    if accumulate is None:
+        accumulate = torch.float32
+    if device is None:  # the numpy backend's dtypes (merge.backend.arrays) run on the host, without torch
+        device = HOST if isinstance(accumulate, ArrayDType) else torch.device("cpu")
     op, n = operator, len(sources)
     _check_arguments(op, n, base, on_mismatch)
     aux_sources = _aux_sources(op, n, aux)
@@ -493,6 +501,7 @@ class _IO:
         self.plan, self.reader, self.sink = plan, reader, sink
         self.device = plan.device
         self.cuda = self.device.type == "cuda"
+        self.xp = arrays_for(plan.accumulate)
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self.written = 0
 
@@ -503,7 +512,7 @@ class _IO:
         """Read a chunk and convert it into ``out[:count]`` (the compute dtype)."""
         c = self.reader.take(source, name, start, count)
         dst = out[:count]
-        dst.copy_(c.tensor)  # converting into a reused buffer is ~3.5x faster than a mixed-dtype add_
+        self.xp.convert_into(dst, c.tensor)  # converting into a reused buffer is ~3.5x faster than a mixed-dtype add_
         c.release()
         return dst
 
@@ -515,9 +524,10 @@ class _IO:
                 hb = self._host[res.dtype] = torch.empty(res.numel(), dtype=res.dtype, pin_memory=True)
             hb[: res.numel()].copy_(res)  # synchronous: the bytes are on the host when this returns
             res = hb[: res.numel()]
-        if res.numel():
-            self.sink.write(name, memoryview(res.contiguous().view(torch.uint8).numpy()))
-        self.written += res.numel() * res.dtype.itemsize
+        data = self.xp.memoryview(res)
+        if len(data):
+            self.sink.write(name, data)
+        self.written += len(data)
 
 
 def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -526,19 +536,18 @@ def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """``torch.isfinite(t).all()``, also for the float8 dtypes torch has no isfinite of."""
-    if t.dtype.is_floating_point and t.dtype.itemsize == 1:
-        t = t.float()
-    return bool(torch.isfinite(t).all())
+    """``torch.isfinite(t).all()``, also for the float8 dtypes torch has no isfinite of (and numpy arrays)."""
+    return arrays_of(t).all_finite(t)
 
 
 def _finite(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is finite (a sum first: the exact check only when it is not)."""
-    if not t.numel():
+    xp = arrays_of(t)
+    if not xp.numel(t):
         return True
-    if t.dtype.itemsize > 1 and math.isfinite(float(t.sum())):
+    if t.dtype.itemsize > 1 and xp.sum_is_finite(t):
         return True
-    return _all_finite(t)
+    return xp.all_finite(t)
 
 
 class _Kernel:
@@ -578,19 +587,21 @@ class _Kernel:
         if not finite:
             self.suspect = self.overflow = True
         res = acc
-        if self.tp.out.dtype != acc.dtype:
+        xp = io.xp
+        if self.tp.out.dtype != (self.dtype if xp is NUMPY else acc.dtype):  # numpy holds bfloat16 as uint16
             ob = out_buf.get("out")
             if ob is None:
-                ob = out_buf["out"] = torch.empty(self.chunk, dtype=self.tp.out.dtype, device=acc.device)
-            res = ob[: acc.numel()]
-            res.copy_(acc)
+                ob = out_buf["out"] = xp.empty(self.chunk, self.tp.out.dtype, getattr(acc, "device", None))
+            res = ob[: xp.numel(acc)]
+            xp.convert_into(res, acc)
             if finite:
                 self._check_cast(acc, res)
         io.emit(self.name, res)
 
     def _check_cast(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """Note a finite chunk that the cast to the output dtype overflowed (float16 past 65504)."""
-        if not after.numel():
+        xp = arrays_of(after)
+        if not xp.numel(after):
             return
         if after.dtype.itemsize == 1:  # float8: torch saturates float8_e4m3fn at 448 instead of overflowing
             big = float(before.abs().max())
@@ -598,7 +609,7 @@ class _Kernel:
             bad = big >= fi.max + fi.eps * 2.0 ** math.floor(math.log2(fi.max)) / 2 or not _all_finite(after)
         else:
             bad = not _finite(after)  # a sum first (one pass, no mask); the exact check only when it is not finite
-            big = float(before.abs().max()) if bad else 0.0
+            big = xp.abs_max(before) if bad else 0.0
         if bad:
             self.suspect = True
             self.cast_overflow = max(self.cast_overflow or 0.0, big)
@@ -617,8 +628,8 @@ class _CopyKernel(_Kernel):
         for start, count in _chunks(self.numel, self.chunk):
             c = io.take(self.tp.copy_from, self.name, start, count)
             x = c.tensor
-            if self.tp.out.dtype != x.dtype:  # a mismatched float tensor taken from one source and cast to dtype
-                y = x.to(self.tp.out.dtype)
+            if self.tp.out.dtype != c.dtype:  # a mismatched float tensor taken from one source and cast to dtype
+                y = io.xp.convert(x, self.tp.out.dtype)
                 if _finite(x):
                     self._check_cast(x, y)
                 x = y
@@ -658,11 +669,11 @@ class _LinearKernel(_Kernel):
         comb = comb or self.comb
         members = self._members()
         needs_base = self._needs_base()
-        dev = io.device
-        acc = torch.empty(self.chunk, dtype=self.dtype, device=dev)
-        tmp = torch.empty(self.chunk, dtype=self.dtype, device=dev)
-        xbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
-        bbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev) if needs_base else None
+        dev, xp = io.device, io.xp
+        acc = xp.empty(self.chunk, self.dtype, dev)
+        tmp = xp.empty(self.chunk, self.dtype, dev)
+        xbuf = xp.empty(self.chunk, self.dtype, dev)
+        bbuf = xp.empty(self.chunk, self.dtype, dev) if needs_base else None
         out_buf: dict = {}
         held: list = []  # the chunk whose pool buffer the fold is reading (CPU: used in place)
 
@@ -677,10 +688,10 @@ class _LinearKernel(_Kernel):
                     c.release()
                     continue
                 x = c.tensor
-                if x.dtype != self.dtype:
+                if c.dtype != self.dtype:
                     # converting into a reused buffer is ~3.5x faster than a mixed-dtype add_
                     dst = xbuf[:count]
-                    dst.copy_(x)
+                    xp.convert_into(dst, x)
                     c.release()
                     return dst
                 held.append(c)
@@ -1001,13 +1012,14 @@ def _scan_nonfinite(plan: MergePlan, name: str) -> list[int]:
         info = src.infos.get(name)
         if info is None or not is_float(info.dtype):
             continue
+        xp = arrays_for(info.dtype)
         step = max(1, (4 << 20) // info.dtype.itemsize)
-        buf = torch.empty(min(step, max(1, info.numel)) * info.dtype.itemsize, dtype=torch.uint8)
+        buf = xp.bytes_buffer(min(step, max(1, info.numel)) * info.dtype.itemsize)
         for start in range(0, info.numel, step):
             count = min(step, info.numel - start)
             view = buf[: count * info.dtype.itemsize]
-            src.read_into(name, start * info.dtype.itemsize, memoryview(view.numpy()))
-            if not _all_finite(view.view(info.dtype)):
+            src.read_into(name, start * info.dtype.itemsize, xp.memoryview(view))
+            if not _all_finite(xp.view(view, info.dtype)):
                 bad.append(i)
                 break
     return bad
@@ -1033,10 +1045,11 @@ def _check_nonfinite(plan: MergePlan, kernel: _Kernel, found: list) -> None:
         warnings.warn(NonFiniteWarning(msg), stacklevel=3)
     if kernel.cast_overflow is not None:
         out = kernel.tp.out.dtype
-        wider = "float64" if out == torch.float32 else "float32"
         name = dtype_name(out)
+        wider = "float64" if name == "float32" else "float32"
+        top = arrays_for(out).finfo_max(out)
         raise NonFiniteError(f"tensor {kernel.name!r}: the result reaches {kernel.cast_overflow:.6g}, beyond the "
-                             f"largest {name} ({torch.finfo(out).max:.6g}), so writing it as {name} would give "
+                             f"largest {name} ({top:.6g}), so writing it as {name} would give "
                              "infinity (or its largest value) although every member is finite; write a wider dtype",
                              tensor=kernel.name, option="dtype", choices=(wider,))
     if not bad and kernel.whole:
@@ -1084,12 +1097,13 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
     # read-bound paths. The task path (TIES and kin) is compute-bound and keeps torch's threads (10 s
     # instead of 16 s for TIES of 4 x 0.5 GB on 2 cores); its results do not depend on the thread count:
     # its elementwise operations are exact per element and its sums run on one thread (merge.ops.task).
-    threads = torch.get_num_threads()
+    xp = arrays_for(plan.accumulate)
+    threads = xp.threads()
     if not cuda and plan.operator.path != "task":
-        torch.set_num_threads(1)
+        xp.set_threads(1)
     try:
         with ChunkReader(plan.read_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
-                         progress=count) as reader:
+                         progress=count, arrays=xp) as reader:
             io = _IO(plan, reader, sink)
             for i, k in enumerate(kernels):
                 k.run(io)
@@ -1099,5 +1113,5 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
             reader.finish()
         sink.finish()
     finally:
-        torch.set_num_threads(threads)
+        xp.set_threads(threads)
     return MergeStats(time.perf_counter() - t0, read_bytes, io.written, len(plan.tensors), found)

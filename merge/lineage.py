@@ -36,11 +36,14 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import torch
 
 from merge.errors import DifferentStartsWarning, InvalidArgumentError
 from merge.io.sources import Source, open_checkpoint
+from merge.backend.arrays import TORCH, arrays_for, arrays_of
 from merge.keys import TRAIN_KEY
+from merge.backend.lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["START_FIELD", "INDEPENDENT_DISTANCE", "DifferentStartsWarning", "StartCheck", "state_dict_sha256",
            "checkpoint_sha256", "start_record", "population_start", "start_of", "relative_distance", "check_starts",
@@ -149,10 +152,26 @@ def _sampled_names(src: Source) -> list[str]:
 
 
 def _sample(src: Source, name: str, n: int) -> torch.Tensor:
+    """The first ``n`` elements of a tensor in float64: a torch tensor, or a numpy array for a source opened for
+    the numpy backend (:mod:`merge.backend.arrays`)."""
     info = src.infos[name]
-    buf = torch.empty(n * info.dtype.itemsize, dtype=torch.uint8)
-    src.read_into(name, 0, memoryview(buf.numpy()))
-    return buf.view(info.dtype).to(torch.float64)
+    xp = arrays_for(info.dtype)
+    buf = xp.bytes_buffer(n * info.dtype.itemsize)
+    src.read_into(name, 0, xp.memoryview(buf))
+    x = xp.view(buf, info.dtype)
+    if xp is TORCH:
+        return x.to(torch.float64)
+    wide = xp.empty(n, xp.float32)
+    xp.convert_into(wide, x)
+    return wide.astype("float64")
+
+
+def _squares(x: object, y: object) -> tuple[float, float, float]:
+    """``sum((x - y)^2), sum(x^2), sum(y^2)`` of two float64 samples (torch tensors or numpy arrays)."""
+    if arrays_of(x) is TORCH:
+        return float((x - y).square().sum()), float(x.square().sum()), float(y.square().sum())
+    d = x - y
+    return float(d @ d), float(x @ x), float(y @ y)
 
 
 def relative_distance(a: Source, b: Source) -> float | None:
@@ -168,9 +187,10 @@ def relative_distance(a: Source, b: Source) -> float | None:
             continue
         n = min(ia.numel, _SAMPLE_ELEMENTS)
         x, y = _sample(a, name, n), _sample(b, name, n)
-        diff += float((x - y).square().sum())
-        sq_a += float(x.square().sum())
-        sq_b += float(y.square().sum())
+        d, sx, sy = _squares(x, y)
+        diff += d
+        sq_a += sx
+        sq_b += sy
     if sq_a + sq_b == 0:
         return None
     return math.sqrt(diff / ((sq_a + sq_b) / 2))

@@ -43,11 +43,13 @@ import math
 import os
 from pathlib import Path
 
-import torch
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, MismatchError
 from merge.io.schemes import HF_PREFIX, describe
 from merge.io.sources import Source, open_checkpoint
+from merge.backend.lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["LoraSource", "open_member", "split_reference", "is_lora_reference", "adapter_folder", "ADAPTER_CONFIG"]
 

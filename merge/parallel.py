@@ -41,7 +41,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 from merge.engine import MergePlan, MergeStats, run_merge
 from merge.errors import InvalidArgumentError, MergeError, MergeWarning
@@ -49,6 +48,9 @@ from merge.io.atomic import AtomicOutput
 from merge.io.sources import Source
 from merge.lora import open_member
 from merge.io.writer import OffsetSink, OutputPlan, Place, presize_output
+from merge.backend.lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["DEFAULT_JOBS", "WorkerFailedError", "SingleWriterWarning", "split_tensors", "balanced_cuts", "check_jobs",
            "process_group_world", "launched_world_size", "MergeGroup", "run_split", "WorkerReport", "plan_digest",

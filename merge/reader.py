@@ -17,16 +17,27 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from merge.backend.arrays import TORCH
 
+if TYPE_CHECKING:
+    import torch
 from merge.io.sources import Source
 
-__all__ = ["Read", "Chunk", "ChunkReader", "POOL_BUFFERS", "CPU"]
+__all__ = ["Read", "Chunk", "ChunkReader", "POOL_BUFFERS", "CPU"]  # noqa: F822 - CPU: module __getattr__
 
 POOL_BUFFERS = 4
-CPU = torch.device("cpu")  # the default device, made once (a call in a default argument is easy to misread)
 _DONE = object()
+
+
+def __getattr__(name: str) -> object:
+    if name == "CPU":  # torch's CPU device, made on first use (a plan of the numpy backend imports no torch)
+        import torch
+
+        globals()["CPU"] = cpu = torch.device("cpu")
+        return cpu
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,13 @@ class Read:
 
 
 class Chunk:
-    """A chunk handed to the consumer: ``tensor`` (on the merge device, in the source's dtype)."""
+    """A chunk handed to the consumer: ``tensor`` (on the merge device, in the source's dtype ``dtype``)."""
 
-    __slots__ = ("tensor", "nbytes", "_reader", "_slot")
+    __slots__ = ("tensor", "nbytes", "dtype", "_reader", "_slot")
 
-    def __init__(self, tensor: torch.Tensor, nbytes: int, reader: ChunkReader, slot: int):
+    def __init__(self, tensor: torch.Tensor, nbytes: int, reader: ChunkReader, slot: int, dtype: object = None):
         self.tensor, self.nbytes, self._reader, self._slot = tensor, nbytes, reader, slot
+        self.dtype = dtype
 
     def release(self) -> None:
         """Give the buffer back to the reader (after the last use of ``tensor``)."""
@@ -66,21 +78,22 @@ class ChunkReader:
         sources: the checkpoints, indexed by :attr:`Read.source`.
         reads: every chunk, in the order the consumer will :meth:`take` them.
         buffer_bytes: size of each pool buffer (at least the largest chunk).
-        device: where :meth:`take` puts the chunks (CPU, or CUDA via pinned buffers).
+        device: where :meth:`take` puts the chunks (None: the CPU; CUDA via pinned buffers).
         buffers: pool size; the consumer may hold at most ``buffers - 1`` chunks at once.
         progress: called with the bytes of each chunk taken.
+        arrays: the array backend (:mod:`merge.backend.arrays`) the chunks are handed out in: torch (default) or numpy.
 
     Use as a context manager; :meth:`take` must follow ``reads`` exactly (it checks).
     """
 
     def __init__(self, sources: Sequence[Source], reads: Iterable[Read], *, buffer_bytes: int,
-                 device: torch.device = CPU, buffers: int = POOL_BUFFERS,
-                 progress: Callable[[int], None] | None = None):
+                 device: torch.device | None = None, buffers: int = POOL_BUFFERS,
+                 progress: Callable[[int], None] | None = None, arrays=TORCH):
         self.sources, self.device, self.progress = list(sources), device, progress
-        self.cuda = device.type == "cuda"
+        self.cuda = device is not None and device.type == "cuda"
+        self.xp = arrays
         self._reads = reads
-        self._pool = [torch.empty(max(1, buffer_bytes), dtype=torch.uint8, pin_memory=self.cuda)
-                      for _ in range(buffers)]
+        self._pool = [arrays.bytes_buffer(max(1, buffer_bytes), pinned=self.cuda) for _ in range(buffers)]
         self._free: queue.Queue = queue.Queue()
         for i in range(buffers):
             self._free.put((i, None))
@@ -98,7 +111,7 @@ class ChunkReader:
                     event.synchronize()  # the GPU copy out of this pinned buffer has finished
                 if r.nbytes:
                     self.sources[r.source].read_into(r.name, r.start * r.dtype.itemsize,
-                                                     memoryview(self._pool[i].numpy())[: r.nbytes])
+                                                     self.xp.memoryview(self._pool[i])[: r.nbytes])
                 self._ready.put((r, i))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._ready.put(e)
@@ -125,11 +138,13 @@ class ChunkReader:
             raw = raw.to(self.device, non_blocking=True)
         if self.progress:
             self.progress(r.nbytes)
-        return Chunk(raw.view(r.dtype), r.nbytes, self, i)
+        return Chunk(self.xp.view(raw, r.dtype), r.nbytes, self, i, r.dtype)
 
     def _release(self, slot: int) -> None:
         event = None
         if self.cuda:
+            import torch
+
             event = torch.cuda.Event()
             event.record()
         self._free.put((slot, event))

@@ -15,21 +15,20 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from merge.engine import MemorySink, MergePlan, MergeStats, plan_merge, resolve_device, run_merge
 from merge.errors import InvalidArgumentError, SameInputOutputError
 from merge.keys import MEMBER_ONLY_KEYS, MODEL_KEY, RECIPE_KEY, TRAIN_KEY, version
 from merge.io import schemes
+from merge.backend.arrays import HOST, NeedsTorch
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
 from merge.lineage import warn_if_different_starts
-from merge.io.sources import Source, StateDictSource
-from merge.lora import open_member, split_reference
+from merge.io.sources import Source, StateDictSource, open_checkpoint
+from merge.lora import is_lora_reference, open_member, split_reference
 from merge.io.folder import carry_folder_files
 from merge.card import write_card
 from merge.io.formats import INDEX_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
-from merge.io.torch_writer import TorchFileSink
 from merge import verify as verify_mod
 from merge.verify import DigestSink
 from merge.io.atomic import check_output_free, check_output_name
@@ -39,9 +38,19 @@ from merge.params import Gradient, gradient_value
 from merge.slices import layer_position, layout_of
 from merge.parallel import (DEFAULT_JOBS, MergeGroup, SingleWriterWarning, WorkerReport, check_jobs,
                             process_group_world, run_split)
+from merge.backend.lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["MergeResult", "soup", "uniform_soup", "average", "plan_soup", "RECIPE_KEY", "recipe_of", "output_kind",
            "resolve_method", "LayerGradients", "layer_gradients"]
+
+# Set to 1: every soup runs on torch, also those the numpy backend could run (to compare the two, or to rule it out).
+TORCH_ONLY_ENV = "PAPA_MERGE_TORCH_ONLY"
+# What the numpy backend (merge.backend.arrays) reduces: float32, float16 and bfloat16 members, float32 accumulator.
+# float64 accumulates in float64, where torch's fused multiply-add has no cheap exact emulation.
+_NUMPY_FLOATS = ("F32", "F16", "BF16")
+_NUMPY_OUT_DTYPES = ("float32", "float16", "bfloat16")
 
 OUTPUT_FORMS = ("NAME.safetensors (one file)", "NAME.pt, NAME.pth or NAME.bin (a torch state-dict file)",
                 "a path without a suffix or an existing folder (a Hugging Face model folder)")
@@ -216,6 +225,54 @@ def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.
     return sources
 
 
+def _numpy_eligible(members: Sequence[object], *, method: str, base: object = None, member_params: object = None,
+                    resolve: object = None, aux: object = None, dtype: object = None, accumulate: object = "float32",
+                    device: object = "cpu", jobs: int = 1, ranks: bool = False, verify: bool = False,
+                    kind: str | None = None) -> bool:
+    """Whether a soup's options let it run on the numpy backend, without importing torch: a ``linear`` operator
+    (uniform, weighted) on the CPU, members given as local paths (no Hub reference, no LoRA adapter), a float32
+    accumulator, a float32/float16/bfloat16 or unchanged output dtype, a safetensors output, one process, no
+    ``verify``. The members' formats and dtypes are checked when they are opened (:func:`_open_numpy`)."""
+    from merge.errors import MergeError
+    from merge.io.dtypes import USER_DTYPE_NAMES
+
+    if os.environ.get(TORCH_ONLY_ENV, "") not in ("", "0"):
+        return False
+    if kind == "torch" or base is not None or member_params is not None or resolve is not None or aux is not None:
+        return False
+    if jobs != 1 or ranks or verify or device not in (None, "cpu"):
+        return False
+    if not isinstance(accumulate, str) or USER_DTYPE_NAMES.get(accumulate.lower()) != "float32":
+        return False
+    if dtype is not None and (not isinstance(dtype, str)
+                              or USER_DTYPE_NAMES.get(dtype.lower()) not in _NUMPY_OUT_DTYPES):
+        return False
+    try:
+        if get_operator(method).name not in ("uniform", "weighted"):
+            return False
+    except MergeError:
+        return False  # the torch path says what is wrong with it
+    return bool(members) and all(isinstance(m, (str, os.PathLike)) and not str(m).startswith(schemes.HF_PREFIX)
+                                 and not is_lora_reference(m) for m in members)
+
+
+def _open_numpy(members: Sequence[str | os.PathLike], stack: ExitStack, key: str | None) -> list[Source] | None:
+    """The members opened for the numpy backend, or None (nothing left open) when one needs torch: a pickle, or
+    a floating dtype the numpy backend does not reduce (float64, float8)."""
+    with ExitStack() as opened:
+        sources = []
+        for m in members:
+            try:
+                src = opened.enter_context(open_checkpoint(m, key=key, numpy=True))
+            except NeedsTorch:
+                return None
+            if any(i.dtype.is_floating_point and i.dtype.st not in _NUMPY_FLOATS for i in src.infos.values()):
+                return None
+            sources.append(src)
+        stack.enter_context(opened.pop_all())
+        return sources
+
+
 def resolve_method(method: str | None, weights: Sequence[float] | None) -> str:
     """The method a soup runs: weights given with the default (``uniform``, or None) make it ``weighted``.
 
@@ -337,17 +394,31 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
               device: str | torch.device | None = "cpu", on_mismatch: str = "error", chunk_bytes: int | None = None,
               strict: bool = False, key: str | None = None, sources: list[Source] | None = None,
               base_source: Source | None = None, resolve=None,
-              aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None) -> MergePlan:
+              aux: Sequence[Source | Mapping[str, torch.Tensor] | None] | None = None,
+              numpy: bool | None = None) -> MergePlan:
     """Validate a soup without writing anything (``papa-merge soup --dry-run``).
 
     The returned plan's ``out_bytes``, ``read_bytes`` and ``buffer_bytes`` say how much the soup will
     write, read (every pass counted) and allocate, before any tensor is read. Arguments as in :func:`soup`.
+
+    ``numpy``: plan for the numpy backend (``sources`` opened with ``numpy=True``); None: where the members and
+    options allow it (:func:`soup` runs such a plan without importing torch), as ``soup`` decides.
     """
-    op = get_operator(resolve_method(method, weights))
-    dev = resolve_device(device)  # before any file is opened: a missing GPU costs nothing
-    out_dtype = parse_dtype(dtype)
-    acc_dtype = parse_dtype(accumulate, allowed=ACCUMULATE_DTYPE_NAMES, what="accumulate dtype")
+    method = resolve_method(method, weights)
+    op = get_operator(method)
     with ExitStack() as stack:
+        if numpy is None:
+            numpy = sources is None and base is None and _numpy_eligible(
+                members, method=method, member_params=member_params, resolve=resolve, aux=aux, dtype=dtype,
+                accumulate=accumulate, device=device) and (sources := _open_numpy(members, stack, key)) is not None
+        if numpy:
+            dev = HOST
+            out_dtype = parse_dtype(dtype, numpy=True)
+            acc_dtype = parse_dtype(accumulate, allowed=ACCUMULATE_DTYPE_NAMES, what="accumulate dtype", numpy=True)
+        else:
+            dev = resolve_device(device)  # before any file is opened: a missing GPU costs nothing
+            out_dtype = parse_dtype(dtype)
+            acc_dtype = parse_dtype(accumulate, allowed=ACCUMULATE_DTYPE_NAMES, what="accumulate dtype")
         if sources is None:
             sources = _open_all(members, stack, key)
             if base is not None and base_source is None:
@@ -374,6 +445,8 @@ def _write_torch_file(plan: MergePlan, out: Path, recipe_json: str, *, force: bo
                       progress: Callable[[int], None] | None,
                       digests: dict[str, str] | None = None) -> tuple[Path, list[Path], MergeStats]:
     """Run the plan into a torch state-dict file (``x.pt``): the path, the files written, the statistics."""
+    from merge.io.torch_writer import TorchFileSink
+
     with AtomicOutput(out, folder=False, force=force) as atomic:
         sink = TorchFileSink(atomic.file(out.name), [t.out for t in plan.tensors], {RECIPE_KEY: recipe_json})
         if digests is not None:
@@ -615,7 +688,11 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
             raise InvalidArgumentError(f"output {out}: a torch state-dict file is one zip stream that one process "
                                        f"writes, so {ranks} ranks cannot share it; write NAME.safetensors or a folder",
                                        path=out, option="out")
-        resolve_device(device)
+        numpy = gradients is None and _numpy_eligible(
+            members, method=method, base=base, member_params=member_params, resolve=resolve, aux=aux, dtype=dtype,
+            accumulate=accumulate, device=device, jobs=jobs, ranks=ranks > 1, verify=verify, kind=kind)
+        if not numpy:
+            resolve_device(device)
         op = get_operator(method)
         if op.data and aux is None and resolve is None:
             raise InvalidArgumentError(f"method {op.name!r} runs the members' model on data ({op.data}) before it "
@@ -624,15 +701,20 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
         if aux is not None and jobs > 1:
             raise InvalidArgumentError("a merge with auxiliary tensors runs in one process (its workers could not "
                                        "reopen them); leave jobs at 1", option="jobs", choices=(1,))
-        sources = _open_all(members, stack, key)
+        # The numpy backend when the options allow it and every member is a safetensors checkpoint of float32,
+        # float16 or bfloat16 tensors: the same bytes, without importing torch (merge.backend.arrays).
+        sources = _open_numpy(members, stack, key) if numpy else None
+        numpy = sources is not None
+        if sources is None:
+            sources = _open_all(members, stack, key)
         base_source = _open_all([base], stack, key)[0] if base is not None else None
         plan = plan_soup(members, method=method, weights=weights, base=base, params=params,
                          member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
-                         base_source=base_source, resolve=resolve, aux=aux)
+                         base_source=base_source, resolve=resolve, aux=aux, numpy=numpy)
         _check_not_an_input(out, plan.all_sources, len(plan.sources))
         _warn_if_different_starts(sources, base_source)
-        out_dtype = parse_dtype(dtype)
+        out_dtype = parse_dtype(dtype, numpy=numpy)
         if jobs > 1 and kind == "torch":
             warnings.warn(SingleWriterWarning(f"output {out}: a torch state-dict file is one zip stream that one "
                                               f"process writes, so it is merged in one process, not {jobs}; write "

@@ -7,12 +7,14 @@ import shutil
 import warnings
 from pathlib import Path, PurePosixPath
 
-import torch
 
 from merge.errors import MergeWarning
 from merge.io.dtypes import dtype_name
 from merge.io.formats import CARD_FILE, INDEX_FILE, INDEX_SUFFIX, PICKLE_INDEX_FILE, WEIGHT_SUFFIXES
 from merge.io.writer import AtomicOutput
+from merge.backend.lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["carry_folder_files", "set_config_dtype", "module_folders", "NOT_CARRIED", "CONFIG_DTYPE_KEYS"]
 

@@ -26,11 +26,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError
 from merge.io import schemes
+from merge.backend.arrays import ST_DTYPES, NeedsTorch
 from merge.io.dtypes import can_store, st_to_torch, unsupported_reason
+from merge.backend.lazy import lazy_torch
 from merge.io.pickles import check_storages, pickle_error
 # Header parsing and name normalisation need no torch; they live where quick answers (inspect) reach them.
 from merge.io.header import strip_prefixes
@@ -38,6 +38,8 @@ from merge.io.safetensors_format import HeaderEntry, read_checked_header
 from merge.io.formats import (FOLDER_CANDIDATES, INDEX_SUFFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SHARD_RE,
                                WEIGHT_SUFFIXES)
 from merge.io.shards import check_shards_match, read_weight_map
+
+torch = lazy_torch(__name__)  # safetensors headers need none; pickles and whole-tensor reads do
 
 # The shards transformers writes: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
 _SHARDED_SUFFIXES = (SAFETENSORS_SUFFIX, ".bin")
@@ -134,12 +136,17 @@ class Source:
 
 
 class SafetensorsSource(Source):
-    """One ``.safetensors`` file, read lazily with ``pread``."""
+    """One ``.safetensors`` file, read lazily with ``pread``.
+
+    ``numpy=True``: tensor dtypes are the numpy backend's (:class:`merge.backend.arrays.ArrayDType`), so nothing
+    imports torch.
+    """
 
     kind = "safetensors"
 
-    def __init__(self, path: str | os.PathLike, *, normalise: bool = True):
+    def __init__(self, path: str | os.PathLike, *, normalise: bool = True, numpy: bool = False):
         self.path = self.file = Path(path)
+        self.numpy = numpy
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -171,7 +178,7 @@ class SafetensorsSource(Source):
 
     def _torch_dtype(self, e: HeaderEntry) -> torch.dtype:
         try:
-            return st_to_torch(e.dtype)
+            return ST_DTYPES[e.dtype] if self.numpy else st_to_torch(e.dtype)
         except KeyError:
             raise CheckpointFormatError(f"{self.path}: tensor {e.name!r} has dtype {unsupported_reason(e.dtype)}",
                                         path=self.path, tensor=e.name) from None
@@ -339,7 +346,8 @@ class ShardedSource(Source):
 
     kind = "sharded"
 
-    def __init__(self, index_path: str | os.PathLike, *, key: str | None = None, normalise: bool = True):
+    def __init__(self, index_path: str | os.PathLike, *, key: str | None = None, normalise: bool = True,
+                 numpy: bool = False):
         index_path = Path(index_path)
         self.path = index_path.parent
         self.index_path = index_path
@@ -354,7 +362,7 @@ class ShardedSource(Source):
                 if not shard_path.exists():
                     raise CheckpointNotFoundError(f"{index_path}: lists shard {shard_name!r}, which is missing "
                                                   f"from {self.path}", path=index_path)
-                shard = _open_file(shard_path, key=key, normalise=normalise)
+                shard = _open_file(shard_path, key=key, normalise=normalise, numpy=numpy)
                 self._shards[shard_name] = shard
                 if not self.metadata:
                     self.metadata = dict(shard.metadata)
@@ -389,22 +397,24 @@ class ShardedSource(Source):
             shard.close()
 
 
-def _open_file(path: Path, *, key: str | None, normalise: bool) -> Source:
+def _open_file(path: Path, *, key: str | None, normalise: bool, numpy: bool = False) -> Source:
     if path.name.endswith(INDEX_SUFFIX):
-        return ShardedSource(path, key=key, normalise=normalise)
+        return ShardedSource(path, key=key, normalise=normalise, numpy=numpy)
     if path.suffix == SAFETENSORS_SUFFIX:
-        return SafetensorsSource(path, normalise=normalise)
-    if path.suffix in PICKLE_SUFFIXES:
-        return _load_pickle(path, key=key, normalise=normalise)
-    # Unknown suffix: sniff. A safetensors header starts with an 8-byte length then '{'.
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        return SafetensorsSource(path, normalise=normalise)
+        return SafetensorsSource(path, normalise=normalise, numpy=numpy)
+    if path.suffix not in PICKLE_SUFFIXES:
+        # Unknown suffix: sniff. A safetensors header starts with an 8-byte length then '{'.
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":
+            return SafetensorsSource(path, normalise=normalise, numpy=numpy)
+    if numpy:
+        raise NeedsTorch(f"{path}: a pickled checkpoint, which only torch reads")
     return _load_pickle(path, key=key, normalise=normalise)
 
 
-def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalise: bool = True) -> Source:
+def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalise: bool = True,
+                    numpy: bool = False) -> Source:
     """Open a checkpoint lazily, whatever its format.
 
     Args:
@@ -414,6 +424,8 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
         key: for pickled training checkpoints, the wrapper key holding the state dict (default:
             the first of ``state_dict``, ``model``, ... that holds tensors; ``ema`` to take the EMA).
         normalise: strip ``module.`` and ``_orig_mod.`` prefixes from tensor names.
+        numpy: describe tensors with the numpy backend's dtypes, importing no torch
+            (:class:`merge.backend.arrays.NeedsTorch` for a pickle, which only torch reads).
 
     Returns:
         A :class:`Source`; close it (or use it as a context manager) when done.
@@ -432,12 +444,12 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
     if p.is_dir():
         for candidate in FOLDER_CANDIDATES:
             if (p / candidate).exists():
-                src = _open_file(p / candidate, key=key, normalise=normalise)
+                src = _open_file(p / candidate, key=key, normalise=normalise, numpy=numpy)
                 src.path = p
                 return src
         weights = sorted(f.name for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
         if len(weights) == 1:
-            return _open_file(p / weights[0], key=key, normalise=normalise)
+            return _open_file(p / weights[0], key=key, normalise=normalise, numpy=numpy)
         shards = [m for w in weights if (m := SHARD_RE.fullmatch(w)) and m.group("suffix") in _SHARDED_SUFFIXES]
         if shards:
             index = f"{shards[0].group('stem')}{shards[0].group('suffix')}{INDEX_SUFFIX}"
@@ -449,7 +461,7 @@ def open_checkpoint(path: str | os.PathLike, *, key: str | None = None, normalis
         listing = ", ".join(weights[:5]) if weights else "no weight files"
         raise CheckpointFormatError(f"{p}: is a folder without {' or '.join(FOLDER_CANDIDATES[:2])} ({listing}); "
                                     "pass the weight file itself")
-    return _open_file(p, key=key, normalise=normalise)
+    return _open_file(p, key=key, normalise=normalise, numpy=numpy)
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

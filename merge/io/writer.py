@@ -16,13 +16,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from merge.errors import InvalidArgumentError
 from merge.io.atomic import AtomicOutput, check_output_free, check_output_name
 from merge.io.dtypes import torch_to_st
 from merge.io.formats import SAFETENSORS_SUFFIX, SINGLE_FILE, shard_name
 from merge.io.sources import TensorInfo
+from merge.backend.lazy import lazy_torch
+
+torch = lazy_torch(__name__)
 
 __all__ = ["parse_size", "OutputPlan", "plan_output", "AtomicOutput", "SafetensorsWriter", "write_state_dict",
            "Sink", "FileSink", "check_output_free", "Place", "presize_output", "OffsetSink"]

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 from merge.errors import InvalidArgumentError, MismatchError
-from merge.ops._lazy import lazy_torch
+from merge.backend.arrays import arrays_for, arrays_of
+from merge.backend.lazy import lazy_torch
 from merge.ops.registry import Combination, Operator, Resolved, path_of, set_whole_tensor
 
 torch = lazy_torch(__name__)
@@ -37,8 +38,9 @@ def single_thread():
 
 def compute_dtype(*dtypes: torch.dtype, accumulate: torch.dtype | None = None) -> torch.dtype:
     """float64 when asked for (``accumulate``; default float32) or when any input is float64 (so 1e-300
-    stays 1e-300), else float32."""
-    return torch.float64 if accumulate == torch.float64 or torch.float64 in dtypes else torch.float32
+    stays 1e-300), else float32 (torch dtypes, or the numpy backend's: :mod:`merge.backend.arrays`)."""
+    xp = arrays_for(accumulate if accumulate is not None else dtypes[0] if dtypes else None)
+    return xp.float64 if accumulate == xp.float64 or xp.float64 in dtypes else xp.float32
 
 
 def coefficient_option(op: Operator) -> str | None:
@@ -51,35 +53,37 @@ def fold_combination(comb: Combination, member: Callable[[int], torch.Tensor], b
                      acc: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     """``acc`` <- the combination of one chunk; ``member(i)`` returns member i's chunk in acc's dtype.
 
-    Members are folded one at a time, in order; a member with coefficient 0 is not asked for.
+    Members are folded one at a time, in order; a member with coefficient 0 is not asked for. Torch tensors
+    or numpy arrays (:mod:`merge.backend.arrays`: the same bits as torch on the CPU).
     """
+    xp = arrays_of(acc)
     first = True
     for i, c in enumerate(comb.coefficients):
         if c == 0:
             continue
         x = member(i)
         if comb.delta:
-            torch.sub(x, base, out=tmp)
+            xp.sub_into(tmp, x, base)
             x = tmp
         if first:
             if c == 1:
-                acc.copy_(x)
+                xp.copy_into(acc, x)
             else:
-                torch.mul(x, c, out=acc)
+                xp.mul_into(acc, x, c)
             first = False
         elif c == 1:
-            acc.add_(x)
+            xp.add_(acc, x)
         else:
-            acc.add_(x, alpha=c)
+            xp.add_scaled_(acc, x, c)  # fused (one rounding) on the CPU
     if first:
-        acc.zero_()
+        xp.zero_(acc)
     if comb.delta:
-        acc.add_(base)
+        xp.add_(acc, base)
     elif comb.base_coefficient:
         if comb.base_coefficient == 1:
-            acc.add_(base)
+            xp.add_(acc, base)
         else:
-            acc.add_(base, alpha=comb.base_coefficient)
+            xp.add_scaled_(acc, base, comb.base_coefficient)
     return acc
 
 
@@ -92,7 +96,7 @@ def check_combination(comb: Combination, dtype: torch.dtype, *, method: str, opt
     Raises:
         InvalidArgumentError: a coefficient is infinite or beyond the largest finite value of ``dtype``.
     """
-    top = torch.finfo(dtype).max
+    top = arrays_for(dtype).finfo_max(dtype)
     for c in (*comb.coefficients, comb.base_coefficient):
         if math.isinf(c) or abs(c) > top:
             name = str(dtype).removeprefix("torch.")

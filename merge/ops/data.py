@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from merge.errors import InvalidArgumentError
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 from merge.ops.registry import Combination, Operator, Param, Resolved, normalised_weights, register, weight_param
 
 torch = lazy_torch(__name__)

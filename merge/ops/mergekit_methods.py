@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 from merge.ops.apply import UNIT
 from merge.ops.registry import REQUIRED, Combination, Operator, Param, Resolved, register
 

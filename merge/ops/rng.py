@@ -28,7 +28,7 @@ import functools
 import hashlib
 
 import numpy as np
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 
 torch = lazy_torch(__name__)
 

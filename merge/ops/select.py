@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 
 torch = lazy_torch(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 
 from merge.errors import InvalidArgumentError
 from merge.ops.registry import Combination, Operator, Param, REQUIRED, Resolved, register, weight_param

@@ -32,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 from merge.ops.registry import Operator, Param, Resolved, register
 
 torch = lazy_torch(__name__)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from merge.ops._lazy import lazy_torch
+from merge.backend.lazy import lazy_torch
 
 from merge.errors import InvalidArgumentError
 from merge.ops.apply import UNIT  # statistics per unit (a row slab for DELLA), added in order
