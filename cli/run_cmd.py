@@ -36,10 +36,11 @@ def run(recipe: str, out: str, device: str, seed: int, shard_size: str, on_misma
     Runs the recipe RECIPE into OUT, streaming in constant memory.
 
     Reads mergekit's schema (merge_method, base_model, models or slices with layer_range, per-model,
-    per-slice and global parameters with gradients and filters, dtype, out_dtype, tokenizer_source: base)
+    per-slice and global parameters with gradients and filters, dtype, out_dtype, tokenizer_source, the
+    tokenizer block and chat_template, model+lora with local or Hub adapters)
     for the methods of `papa-merge soup --list-methods`, and multi-stage files (several YAML documents,
-    each stage named, as mergekit-multi). Fields papa-merge does not implement (modules, tokenizer
-    merging, LoRA inputs) are refused by name before any model is read. The output records the recipe
+    each stage named, as mergekit-multi). Fields papa-merge does not implement (modules,
+    override_architecture) are refused by name before any model is read. The output records the recipe
     file in its metadata.
 
     \b
