@@ -29,8 +29,8 @@ row.
 Deliberate differences from mergekit 0.1.5 (also in :data:`DIFFERENCES`) are listed there.
 
 Example:
-    >>> chat_template_text("chatml").startswith("{% for message in messages %}")
-    True
+    >>> chat_template_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 """
 
 from __future__ import annotations
