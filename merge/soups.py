@@ -230,7 +230,8 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
                     device: object = "cpu", jobs: int = 1, ranks: bool = False, verify: bool = False,
                     kind: str | None = None) -> bool:
     """Whether a soup's options let it run on the numpy backend, without importing torch: a ``linear`` operator
-    (uniform, weighted) on the CPU, members given as local paths (no Hub reference, no LoRA adapter), a float32
+    (uniform, weighted; per-member parameters only plain-number weights, as a mergekit linear recipe gives them)
+    on the CPU, members given as local paths (no Hub reference, no LoRA adapter), a float32
     accumulator, a float32/float16/bfloat16 or unchanged output dtype, a safetensors output, one process, no
     ``verify``. The members' formats and dtypes are checked when they are opened (:func:`_open_numpy`)."""
     from merge.errors import MergeError
@@ -238,7 +239,12 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
 
     if os.environ.get(TORCH_ONLY_ENV, "") not in ("", "0"):
         return False
-    if kind == "torch" or base is not None or member_params is not None or resolve is not None or aux is not None:
+    if kind == "torch" or base is not None or resolve is not None or aux is not None:
+        return False
+    if member_params is not None and not all(  # a recipe's per-member weights, as plain numbers
+            isinstance(mp, Mapping) and set(mp) <= {"weight"} and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in mp.values())
+            for mp in member_params):
         return False
     if jobs != 1 or ranks or verify or device not in (None, "cpu"):
         return False

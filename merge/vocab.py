@@ -47,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from merge.backend.lazy import lazy_torch
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidArgumentError, MergeWarning
 from merge.io.sources import Source, TensorInfo
+
+torch = lazy_torch(__name__)  # a recipe without a tokenizer never needs it
 
 __all__ = ["TokenSource", "TokenizerSpec", "VocabPlan", "VocabGroup", "VocabSource", "build_vocab",
            "chat_template_text", "write_tokenizer", "load_tokenizer", "is_vocab_tensor", "MERGEKIT_TEMPLATE_NAMES",

@@ -157,6 +157,23 @@ def test_dry_run_without_torch(members):
     assert "peak memory" in out and not (members / "dry.safetensors").exists()
 
 
+@pytest.mark.parametrize("dry", [False, True])
+def test_linear_recipe_runs_without_torch(members, dry):
+    """``papa-merge run`` on a mergekit linear recipe takes the same lane (a recipe module imported torch once)."""
+    (members / "linear.yml").write_text("merge_method: linear\ndtype: bfloat16\nmodels:\n"
+                                        "  - model: f32-0.safetensors\n    parameters: {weight: 0.25}\n"
+                                        "  - model: f32-1.safetensors\n    parameters: {weight: 0.75}\n")
+    if dry:
+        args = ["run", "linear.yml", "--dry-run", "-o", "rdry"]
+        rc, out, err, imported = papa(args, members)
+        assert rc == 0 and not imported, err
+        assert (out, err) == papa(args, members, torch_only=True)[1:3]
+        assert not (members / "rdry").exists()
+        return
+    files, _, _ = both(["run", "linear.yml"], "recipe", members)
+    assert any(name.endswith(".safetensors") for name in files)
+
+
 def test_nonfinite_members_warn_and_fail_alike(members):
     _, _, err = both(["soup", "f32-0.safetensors", "nan-1.safetensors"], "nan.safetensors", members)
     assert "holds NaN or infinite values in tensor 'fc.weight'" in err and "'fc.bias'" in err
