@@ -232,8 +232,9 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
     """Whether a soup's options let it run on the numpy backend, without importing torch: a ``linear`` operator
     (uniform, weighted; per-member parameters only plain-number weights, as a mergekit linear recipe gives them)
     on the CPU, members given as local paths (no Hub reference, no LoRA adapter), a float32
-    accumulator, a float32/float16/bfloat16 or unchanged output dtype, a safetensors output, one process, no
-    ``verify``. The members' formats and dtypes are checked when they are opened (:func:`_open_numpy`)."""
+    accumulator, a float32/float16/bfloat16 or unchanged output dtype, a safetensors output, one process
+    (``verify`` reads the output back without torch; only a model folder's key check builds the model with it).
+    The members' formats and dtypes are checked when they are opened (:func:`_open_numpy`)."""
     from merge.errors import MergeError
     from merge.io.dtypes import USER_DTYPE_NAMES
 
@@ -246,7 +247,7 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in mp.values())
             for mp in member_params):
         return False
-    if jobs != 1 or ranks or verify or device not in (None, "cpu"):
+    if jobs != 1 or ranks or device not in (None, "cpu"):
         return False
     if not isinstance(accumulate, str) or USER_DTYPE_NAMES.get(accumulate.lower()) != "float32":
         return False
