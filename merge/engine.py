@@ -48,6 +48,7 @@ from merge.io.sources import Source, StateDictSource, TensorInfo
 from merge.io.writer import Sink
 from merge.ops import Combination, Operator, Resolved, resolve_params
 from merge.ops.registry import path_of
+from merge.ops.rng import torch_on_one_thread
 from merge.ops.apply import (UNIT, apply_tensor, check_combination, coefficient_option, combination_from_gram,
                              compute_dtype, fold_combination, gram_update, gram_vectors)
 from merge.backend.lazy import lazy_torch
@@ -870,6 +871,13 @@ class _TaskKernel(_Kernel):
                 yield self.read(i, start, count)
 
     def run(self, io: _IO) -> None:
+        if io.device.type == "cpu" and self.task.spec.sparsify in ("random", "della_magprune"):
+            with torch_on_one_thread():  # numpy's draws and sorts take the cores (merge.ops.rng)
+                self._run(io)
+        else:
+            self._run(io)
+
+    def _run(self, io: _IO) -> None:
         dev = io.device
         bbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
         xbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)

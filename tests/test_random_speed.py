@@ -130,3 +130,50 @@ def test_unit_sums_equal_one_sum_per_unit(unit: int) -> None:
     with one_thread():  # as the rescale pass summed them: one call per unit, on one thread
         expected = [float(a[u: u + unit].sum(dtype=torch.float64)) for u in range(0, n, unit)]
     assert _unit_sums(a, unit) == expected
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
+def test_random_task_merges_run_torch_on_one_thread_with_the_same_bits(method: str, monkeypatch) -> None:
+    """On the CPU a DARE/DELLA tensor runs with torch on one thread and the draws spread over the threads torch had
+    (merge.ops.rng.torch_on_one_thread): the merge equals one with the switch disabled, bit for bit, the pool
+    sees torch's thread count inside, and torch's count is restored after."""
+    import merge.engine as engine
+    import merge.ops.task as task_module
+    from merge.engine import MemorySink, plan_merge, run_merge
+    from merge.io.sources import StateDictSource
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(300, 700, generator=g), "b": torch.randn(700, generator=g)}
+    members = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+
+    seen: list[tuple[int, int | None]] = []
+    real_spread = rng.spread
+
+    def spy(fn, n, *, grain):
+        seen.append((torch.get_num_threads(), rng._POOL_THREADS))
+        return real_spread(fn, n, grain=grain)
+
+    monkeypatch.setattr(rng, "spread", spy)
+    monkeypatch.setattr(task_module, "spread", spy)
+
+    def merge_once() -> dict[str, torch.Tensor]:
+        plan = plan_merge([StateDictSource(m) for m in members], get_operator(method), base=StateDictSource(base),
+                          params={"density": 0.5}, seed=1)
+        sink = MemorySink()
+        run_merge(plan, sink)
+        return sink.tensors
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        switched = merge_once()
+        assert torch.get_num_threads() == 2
+        assert seen and all(t == 1 and pool == 2 for t, pool in seen), seen
+        with monkeypatch.context() as m:
+            m.setattr(engine, "torch_on_one_thread", lambda: __import__("contextlib").nullcontext())
+            seen.clear()
+            plain = merge_once()
+            assert seen and all(t == 2 and pool is None for t, pool in seen), seen
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(switched[k], plain[k]) for k in plain)

@@ -30,6 +30,7 @@ draws). A draw compared with a fixed bound (DARE's density) is a comparison of t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import sys
@@ -42,8 +43,8 @@ from merge.backend.lazy import lazy_torch
 
 torch = lazy_torch(__name__)
 
-__all__ = ["BLOCK", "below", "numpy_draws", "numpy_uniforms", "rng_key", "spread", "uniforms", "word_limits",
-           "words_within"]
+__all__ = ["BLOCK", "below", "numpy_draws", "numpy_uniforms", "rng_key", "spread", "torch_on_one_thread", "uniforms",
+           "word_limits", "words_within"]
 
 BLOCK = 1 << 16
 
@@ -171,6 +172,30 @@ def _word_runs(key: tuple[int, ...], start: int, count: int) -> Iterator[tuple[i
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _INSIDE = threading.local()  # set while a thread runs a part: parts never spread again (no pool deadlock)
+_POOL_THREADS: int | None = None  # while torch_on_one_thread runs: the threads torch had, for the pool
+
+
+@contextlib.contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """torch on one thread inside the block, :func:`spread` on the threads torch had.
+
+    DARE's and DELLA's CPU time goes to numpy (draws, row sorts) on the pool's threads, between short torch
+    ops; torch's OpenMP workers spin for a while after each op and take the second core from the pool and
+    from the chunk reader. Elementwise results do not depend on the thread count (and the sums already run
+    on one thread), so only the time changes.
+    """
+    global _POOL_THREADS
+    n = torch.get_num_threads()
+    if n == 1 or _POOL_THREADS is not None:
+        yield
+        return
+    _POOL_THREADS = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _POOL_THREADS = None
 
 
 def spread(fn: Callable[[int, int], None], n: int, *, grain: int) -> None:
@@ -180,7 +205,7 @@ def spread(fn: Callable[[int, int], None], n: int, *, grain: int) -> None:
     Each part must write only its own slice of the results, so they do not depend on the cut: numpy's
     draws, sorts, and fancy indexing release the GIL, which is what makes the threads pay.
     """
-    threads = 1 if getattr(_INSIDE, "on", False) else torch.get_num_threads()
+    threads = 1 if getattr(_INSIDE, "on", False) else (_POOL_THREADS or torch.get_num_threads())
     parts = max(1, min(threads, n // max(1, grain)))
     if parts == 1:
         fn(0, n)
