@@ -1,13 +1,14 @@
 """Array backends: the few array operations the shared merge kernels need, on numpy or on torch.
 
-The streaming engine's ``linear`` and ``copy`` kernels, :func:`merge.ops.apply.fold_combination`, the chunk
-reader and the safetensors sources and writer are written once, against the primitives below. Two
+The streaming engine's ``linear``, ``copy`` and task-vector kernels, :func:`merge.ops.apply.fold_combination`,
+the task-vector combination and magnitude selection (:class:`merge.ops.task.TaskTensor`, :mod:`merge.ops.select`),
+the chunk reader and the safetensors sources and writer are written once, against the primitives below. Two
 implementations carry them out:
 
 - :data:`TORCH`: the torch calls the engine has always made (CPU or CUDA), so its bytes are unchanged;
 - :data:`NUMPY`: numpy on the CPU, for merges of safetensors members that need no torch (importing torch
   costs about a second and 500 MB of resident memory). Every primitive produces the bits torch produces
-  on the CPU (``tests/test_numpy_lane.py`` checks them against torch):
+  on the CPU (``tests/test_numpy_lane.py`` and ``tests/test_numpy_lane_task.py`` check them against torch):
 
   - torch's ``acc.add_(x, alpha=c)`` on float32 is a fused multiply-add (one rounding): numpy computes
     ``acc + x * c`` exactly in float64 (a float32 product is exact there), then rounds to float32; the sum
@@ -16,7 +17,11 @@ implementations carry them out:
     power-of-two coefficient the product is exact in float32 unless it underflows or overflows, which the
     floating-point flags tell: then one float32 multiply and add are the fused result;
   - bfloat16 is held as its uint16 bit pattern: widening is a shift; narrowing rounds to nearest even as
-    torch does, NaN becoming torch's ``0x7FC0``.
+    torch does, NaN becoming torch's ``0x7FC0``;
+  - where both operands of ``x - y`` or ``x * y`` are NaN, torch's CPU kernels return the second one's (numpy
+    the first's): the numpy primitives put it back;
+  - a float32 sum of several weights (``weight_sum``) is torch's only where the additions cannot round before
+    the last (:func:`sum_is_exact`); the numpy backend refuses the others, and planning keeps them on torch.
 
 Dtypes of the numpy backend are :class:`ArrayDType` tokens named as safetensors names them, with the
 attributes the engine reads of a torch dtype (``itemsize``, ``is_floating_point``); planning, headers and
@@ -99,7 +104,7 @@ class _Numpy:
         self.float32, self.float64 = ST_DTYPES["F32"], ST_DTYPES["F64"]
         self.float16, self.bfloat16 = ST_DTYPES["F16"], ST_DTYPES["BF16"]
         self.int16, self.int32, self.int64 = ST_DTYPES["I16"], ST_DTYPES["I32"], ST_DTYPES["I64"]
-        self._bufs: dict[str, object] = {}  # work arrays, reused (the engine computes on one thread)
+        self._bufs: dict[object, object] = {}  # work arrays, reused (the engine computes on one thread)
 
     # -- dtypes
     def dtype(self, st: str) -> ArrayDType:
@@ -152,12 +157,9 @@ class _Numpy:
         return buf[:n]
 
     def _has_nan(self, f32) -> bool:
-        """Whether a float32 array holds a NaN (a sum first: the mask only when it is not finite)."""
+        """Whether a float array holds a NaN (its maximum is NaN if one is: a third of the time of a sum)."""
         np = self.np
-        with np.errstate(all="ignore"):
-            if np.isfinite(f32.sum(dtype=np.float32)):
-                return False
-        return bool(np.isnan(f32).any())
+        return f32.size > 0 and bool(np.isnan(np.max(f32)))
 
     def convert_into(self, dst, src) -> None:
         """``dst[:] = src`` converted to dst's dtype bit for bit as torch converts on the CPU (bfloat16 held as its
@@ -167,7 +169,9 @@ class _Numpy:
             np.copyto(dst, src)
         elif src.dtype == np.uint16:  # bfloat16 -> float32: exact, the bits shifted into the high half
             wide = dst if dst.dtype == np.float32 else self._scratch("wide", src.size, "float32")
-            np.left_shift(src, np.uint32(16), out=wide.view(np.uint32), dtype=np.uint32)
+            bits = wide.view(np.uint32)
+            np.copyto(bits, src)  # widened, then shifted in place: 1.4x faster than one shift that casts
+            np.left_shift(bits, 16, out=bits)
             if wide is not dst:
                 self.convert_into(dst, wide)
         elif src.dtype == np.float16:  # -> float32: exact; torch (F16C) quiets signalling NaNs, numpy keeps them
@@ -340,6 +344,11 @@ class _Numpy:
         self._second_nan(x, y)
         return x
 
+    def mul_mask_(self, x, mask):
+        """``x.mul_(mask)`` with ``mask`` holding 0.0/1.0 (never NaN: nothing to put back)."""
+        with self.np.errstate(all="ignore"):
+            return self.np.multiply(x, mask, out=x)
+
     def div_(self, x, y):
         with self.np.errstate(all="ignore"):
             self.np.divide(x, self._operand(x, y), out=x)
@@ -351,10 +360,14 @@ class _Numpy:
     def clamp_into(self, dst, x, *, min: float | None = None, max: float | None = None):
         """``torch.clamp(x, min=min, out=dst)`` or with ``max`` (one bound): NaN kept, ``-0.0`` kept as torch does."""
         np = self.np
+        v = min if min is not None else max
+        key = ("full", x.dtype.str, float(v))
+        bound = self._bufs.get(key)  # the bound as an array: numpy's maximum is 3x faster than with a scalar
+        if bound is None or bound.size < x.size:
+            bound = self._bufs[key] = np.full(x.size, v, dtype=x.dtype)
+        bound = bound[: x.size]
         with np.errstate(all="ignore"):
-            if min is not None:
-                return np.maximum(np.asarray(min, dtype=x.dtype), x, out=dst)
-            return np.minimum(np.asarray(max, dtype=x.dtype), x, out=dst)
+            return (np.maximum if min is not None else np.minimum)(bound, x, out=dst)
 
     _CMP = {"gt": "greater", "ge": "greater_equal", "lt": "less", "le": "less_equal", "eq": "equal"}
 
@@ -567,6 +580,9 @@ class _Torch:
 
     def mul_(self, x, y):
         return x.mul_(y)
+
+    def mul_mask_(self, x, mask):
+        return x.mul_(mask)
 
     def div_(self, x, y):
         return x.div_(y)

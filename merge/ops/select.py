@@ -11,6 +11,10 @@ Ties at a boundary value are broken by position, as a stable sort would: of the 
 the boundary, the ones earlier in the tensor come first in ascending order. (torch's default sort,
 which mergekit uses, is not stable; where several elements share the boundary magnitude, which of
 them mergekit keeps is unspecified.)
+
+Written once against :mod:`merge.backend.arrays`: the same functions select on torch tensors (CPU or CUDA)
+and on numpy arrays (the CPU merges that need no torch); every step is exact (integer counts, bit patterns,
+comparisons), so both give the same band and masks.
 """
 
 from __future__ import annotations
@@ -305,7 +309,7 @@ def keep_band(a: torch.Tensor, band: Band, counters: BandCounters,
             m = _split_cmp(a, band.lo_cut - start, "gt", "ge", band.lo, f1)
         if band.r1 < band.n:  # equal to hi: kept before the cut, dropped from it
             m2 = _split_cmp(a, band.hi_cut - start, "le", "lt", band.hi, f2 if m is not None else f1)
-            m = m2 if m is None else (m & m2 if out is None else xp.mul_(m, m2))
+            m = m2 if m is None else (m & m2 if out is None else xp.mul_mask_(m, m2))
         return m
 
     def as_out(mask: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
@@ -336,5 +340,5 @@ def keep_band(a: torch.Tensor, band: Band, counters: BandCounters,
                 m2 = _cmp(a, "le" if kept == "all" else "lt", band.hi, dst)
             else:
                 m2 = as_out((a < band.hi) | kept, dst)
-        m = m2 if m is None else (m & m2 if out is None else xp.mul_(m, m2))
+        m = m2 if m is None else (m & m2 if out is None else xp.mul_mask_(m, m2))
     return m

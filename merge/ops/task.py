@@ -24,6 +24,9 @@ L1 sums of the rescale); the combination is then one pass, chunk by chunk, that 
 sparsified, weighted task vector into five running sums (all, positive part, negative part, and the
 weights of the positive and negative contributions), from which the elected sign picks the result:
 peak memory is a fixed number of chunks, whatever the number of members.
+
+The combination and the magnitude masks run on torch tensors or on numpy arrays (a numpy compute dtype,
+:mod:`merge.backend.arrays`), through the same code; the random masks and the rescale's L1 sums are torch's.
 """
 
 from __future__ import annotations
@@ -328,7 +331,7 @@ class TaskTensor:
                 mask = self.keep_mask(i, xp.abs_into(state["abs"], d), start, self._merge_counters[i],
                                       out=(state["m1"], state["m2"]))
             if mask is not None:
-                xp.mul_(d, mask)
+                xp.mul_mask_(d, mask)
             if m.scale != 1.0:
                 xp.mul_(d, m.scale)
         if m.weight != 1.0:
