@@ -67,6 +67,7 @@ DEFAULT_CHUNK_BYTES = 2 << 20
 GPU_CHUNK_BYTES = 64 << 20
 # Members whose chunks the Gram pass holds at once; more members are taken in tiles (re-reading).
 GRAM_TILE = 8
+CPU_GRAM_UNITS = 8  # UNITs per read in the CPU's Gram pass
 # Elements per chunk of the Gram pass on a GPU (a tile of GRAM_TILE + 2 float64 rows: 320 MB of device memory).
 GPU_GRAM_CHUNK = 1 << 22
 # A task-vector merge's magnitude selection (TIES, breadcrumbs) holds one member's whole tensor of magnitudes,
@@ -727,8 +728,10 @@ class _GramKernel(_LinearKernel):
         # merge equals a whole-tensor one bit for bit. On a GPU, one dot per unit costs a kernel launch and a
         # device-to-host sync each: chunks of GPU_GRAM_CHUNK elements are multiplied as one tile matrix and
         # the Gram matrix stays on the device until the tensor is done.
+        # The CPU reads CPU_GRAM_UNITS units at a time and takes each unit's dot products on views of them: the
+        # same dots added in the same order, with a fraction of the reads, conversions and calls.
         self.on_gpu = self.device_gram(plan)
-        self.gchunk = min(GPU_GRAM_CHUNK if self.on_gpu else UNIT, max(1, self.numel))
+        self.gchunk = min(GPU_GRAM_CHUNK if self.on_gpu else UNIT * CPU_GRAM_UNITS, max(1, self.numel))
 
     @staticmethod
     def device_gram(plan: MergePlan) -> bool:
@@ -738,8 +741,11 @@ class _GramKernel(_LinearKernel):
     def max_read_bytes(self) -> int:
         return max(super().max_read_bytes(), self.gchunk * max(d.itemsize for d in self.tp.in_dtypes))
 
-    def work_bytes(self) -> int:
+    def work_bytes(self) -> int:  # the same for any member count: a full tile's rows
         return max(super().work_bytes(), (GRAM_TILE + 2) * self.gchunk * 8)
+
+    def _tile_rows(self) -> int:
+        return min(GRAM_TILE, len(self.vectors))
 
     def _tiles(self) -> list[list[int]]:
         m = len(self.vectors)
@@ -778,7 +784,8 @@ class _GramKernel(_LinearKernel):
         m = len(self.vectors)
         dev = io.device
         gram = torch.zeros(m, m, dtype=torch.float64, device=dev if self.on_gpu else "cpu")
-        tile_buf = torch.empty(GRAM_TILE + 1, self.gchunk, dtype=torch.float64, device=dev)
+        tile_buf = torch.empty(self._tile_rows() + 1, self.gchunk, dtype=torch.float64, device=dev)
+        slot_j = self._tile_rows()  # the row of a vector read against a tile
         base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
 
         def take(slot: int, vector: int, start: int, count: int, base: torch.Tensor | None) -> torch.Tensor:
@@ -795,15 +802,17 @@ class _GramKernel(_LinearKernel):
                     block = rows @ rows.T
                     gram[lo:hi, lo:hi] += block.triu() + block.triu(1).T  # symmetric by construction
                 else:
-                    gram_update(gram, held, t)
+                    for u in range(0, count, UNIT):
+                        gram_update(gram, [h[u: u + UNIT] for h in held], t)
                 for j in range(hi, m):
-                    v = take(GRAM_TILE, j, start, count, b)
+                    v = take(slot_j, j, start, count, b)
                     if self.on_gpu:
                         d = rows @ v
                         gram[lo:hi, j] += d
                         gram[j, lo:hi] += d
                     else:
-                        gram_update(gram, held + [v], t, [j])
+                        for u in range(0, count, UNIT):
+                            gram_update(gram, [h[u: u + UNIT] for h in held + [v]], t, [j])
         return gram.cpu()
 
 

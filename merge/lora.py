@@ -46,7 +46,7 @@ from pathlib import Path
 
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, MismatchError
 from merge.io.schemes import HF_PREFIX, describe
-from merge.io.sources import Source, open_checkpoint
+from merge.io.sources import Source, open_checkpoint, read_row_blocks
 from merge.backend.lazy import lazy_torch
 
 torch = lazy_torch(__name__)
@@ -234,19 +234,15 @@ class LoraSource(Source):
             self._base.read_into(name, byte_offset, out)
             return
         info = self.infos[name]
-        view = out.cast("B") if out.format != "B" else out
-        size, cols = info.dtype.itemsize, info.shape[1]
-        row_bytes = cols * size
+        cols = info.shape[1]
+        row_bytes = cols * info.dtype.itemsize
         a, b = self._factors(name)
         acc = torch.float64 if info.dtype == torch.float64 else torch.float32
         a = a.to(acc)
-        # Rows in small blocks: the temporaries stay a few hundred kB whatever the engine's chunk size.
-        step = max(1, _BLOCK_ELEMS // cols)
-        r, end = byte_offset // row_bytes, -(-(byte_offset + len(view)) // row_bytes)
-        while r < end:
-            r1 = min(r + step, end)
-            rows = torch.empty((r1 - r) * row_bytes, dtype=torch.uint8)
-            self._base.read_into(name, r * row_bytes, memoryview(rows.numpy()))
+
+        def rows(r: int, r1: int) -> memoryview:
+            base = torch.empty((r1 - r) * row_bytes, dtype=torch.uint8)
+            self._base.read_into(name, r * row_bytes, memoryview(base.numpy()))
             # B @ A as r rank-one updates, not a matmul: each element then sums in the same order whatever rows a
             # block holds (a BLAS matmul's blocking depends on the row count), so chunking does not change a bit.
             bb = b[r:r1].to(acc)
@@ -254,11 +250,11 @@ class LoraSource(Source):
             for k in range(a.shape[0]):
                 delta.addcmul_(bb[:, k:k + 1], a[k:k + 1])
             # Summed in float32 and rounded once to the stored dtype (PEFT rounds the delta first; module docstring).
-            merged = rows.view(info.dtype).reshape(r1 - r, cols).to(acc).add_(delta).to(info.dtype)
-            flat = merged.reshape(-1).view(torch.uint8)
-            lo, hi = max(byte_offset, r * row_bytes), min(byte_offset + len(view), r1 * row_bytes)
-            view[lo - byte_offset:hi - byte_offset] = memoryview(flat[lo - r * row_bytes:hi - r * row_bytes].numpy())
-            r = r1
+            merged = base.view(info.dtype).reshape(r1 - r, cols).to(acc).add_(delta).to(info.dtype)
+            return memoryview(merged.reshape(-1).view(torch.uint8).numpy())
+
+        # Rows in small blocks: the temporaries stay a few hundred kB whatever the engine's chunk size.
+        read_row_blocks(out, byte_offset, row_bytes, max(1, _BLOCK_ELEMS // cols), rows)
 
     def fingerprint(self) -> dict[str, object]:
         return {**self._base.fingerprint(), "format": "lora", "base_format": self._base.fingerprint().get("format"),

@@ -235,8 +235,9 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
     without a base, or a task-vector operator whose sparsification is an exact selection (task_arithmetic, ties,
     breadcrumbs, breadcrumbs_ties; see :func:`_numpy_task_params`) with one; on the CPU, members and base given
     as local paths (no Hub reference, no LoRA adapter), a float32 accumulator, a float32/float16/bfloat16 or
-    unchanged output dtype, a safetensors output, one process, no ``verify``. The members' formats and dtypes are
-    checked when they are opened (:func:`_open_numpy`)."""
+    unchanged output dtype, a safetensors output, one process (``verify`` reads the output back without torch;
+    only a model folder's key check builds the model with it). The members' formats and dtypes are checked when
+    they are opened (:func:`_open_numpy`)."""
     from merge.errors import MergeError
     from merge.io.dtypes import USER_DTYPE_NAMES
 
@@ -258,7 +259,7 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in mp.values())
             for mp in member_params):
         return False
-    if jobs != 1 or ranks or verify or device not in (None, "cpu"):
+    if jobs != 1 or ranks or device not in (None, "cpu"):
         return False
     if not isinstance(accumulate, str) or USER_DTYPE_NAMES.get(accumulate.lower()) != "float32":
         return False

@@ -18,8 +18,10 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
+from merge.backend.arrays import NeedsTorch
 from merge.errors import CheckpointFormatError, MismatchError
 from merge.io.sources import TensorInfo, open_checkpoint
 from merge.io.writer import Sink
@@ -63,14 +65,18 @@ class DigestSink(Sink):
 
 
 def tensor_digests(path: str | os.PathLike, *, chunk_bytes: int = CHUNK_BYTES) -> dict[str, str]:
-    """``name -> sha256`` of every tensor's bytes in a checkpoint on disk, read back in chunks of ``chunk_bytes``."""
-    import torch
+    """``name -> sha256`` of every tensor's bytes in a checkpoint on disk, read back in chunks of ``chunk_bytes``.
 
+    A safetensors output is read back without importing torch (a CPU soup on the numpy backend verifies without
+    it); a torch pickle through torch.
+    """
     out: dict[str, str] = {}
-    with open_checkpoint(path, normalise=False) as src:
-        buf = torch.empty(max(1, min(chunk_bytes, max((i.nbytes for i in src.infos.values()), default=1))),
-                          dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+    with ExitStack() as stack:
+        try:
+            src = stack.enter_context(open_checkpoint(path, normalise=False, numpy=True))
+        except NeedsTorch:
+            src = stack.enter_context(open_checkpoint(path, normalise=False))
+        view = memoryview(bytearray(max(1, min(chunk_bytes, max((i.nbytes for i in src.infos.values()), default=1)))))
         for name, info in src.infos.items():
             h = hashlib.sha256()
             at = 0

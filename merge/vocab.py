@@ -50,7 +50,7 @@ import numpy as np
 
 from merge.backend.lazy import lazy_torch
 from merge.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidArgumentError, MergeWarning
-from merge.io.sources import Source, TensorInfo
+from merge.io.sources import Source, TensorInfo, read_row_blocks
 
 torch = lazy_torch(__name__)  # a recipe without a tokenizer never needs it
 
@@ -539,18 +539,10 @@ class VocabSource(Source):
             self._src.read_into(name, byte_offset, out)
             return
         info = self.infos[name]
-        view = out.cast("B") if out.format != "B" else out
         row_bytes = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
-        if not len(view) or not row_bytes:
-            return
-        step = max(1, _BLOCK_ELEMS * info.dtype.itemsize // row_bytes)
-        r, end = byte_offset // row_bytes, -(-(byte_offset + len(view)) // row_bytes)
-        while r < end:
-            r1 = min(r + step, end)
-            flat = self._rows(name, r, r1).reshape(-1).view(torch.uint8)
-            lo, hi = max(byte_offset, r * row_bytes), min(byte_offset + len(view), r1 * row_bytes)
-            view[lo - byte_offset:hi - byte_offset] = memoryview(flat[lo - r * row_bytes:hi - r * row_bytes].numpy())
-            r = r1
+        step = max(1, _BLOCK_ELEMS * info.dtype.itemsize // max(1, row_bytes))
+        read_row_blocks(out, byte_offset, row_bytes, step,
+                        lambda r, r1: memoryview(self._rows(name, r, r1).reshape(-1).view(torch.uint8).numpy()))
 
     @property
     def files(self) -> list[Path]:

@@ -95,6 +95,29 @@ def test_working_memory_is_the_same_for_2_and_8_members(name: str) -> None:
     assert plans[1].read_bytes > plans[0].read_bytes
 
 
+@pytest.mark.parametrize("units", [3, 8])
+@pytest.mark.parametrize("name", sorted(n for n, op in OPERATORS.items() if op.path == "gram"))
+def test_cpu_gram_pass_reads_several_units_at_once(name: str, units: int, monkeypatch) -> None:
+    """The CPU Gram pass reads CPU_GRAM_UNITS units per chunk and dots each unit on views: the same float64
+    dot products, added in the same order, as the whole-tensor reference (a tensor of several such chunks and a
+    ragged last unit)."""
+    import merge.engine as engine
+
+    monkeypatch.setattr(engine, "CPU_GRAM_UNITS", units)
+    op = get_operator(name)
+    members, base, weights, params = _inputs(op)
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(1201, 700, generator=g)  # 840,700 elements: 12.8 units
+    for i, m in enumerate(members):
+        m["big"] = big + 0.05 * torch.randn(1201, 700, generator=g) * (i + 1)
+    if base is not None:
+        base["big"] = big
+    out, plan = _merge(op, members, base, weights, params)
+    k = "big"
+    whole = op([m[k] for m in members], weights, base=None if base is None else base[k], name=k, **params)
+    assert torch.equal(out[k], whole), f"{name}: chunked Gram pass differs from whole-tensor"
+
+
 def test_gram_tiles_beyond_the_tile_size() -> None:
     """More members than the Gram tile holds: taken in tiles, same result as the whole-tensor reference."""
     op = get_operator("karcher")

@@ -174,6 +174,16 @@ def test_linear_recipe_runs_without_torch(members, dry):
     assert any(name.endswith(".safetensors") for name in files)
 
 
+def test_verify_without_torch(members):
+    """``--verify`` reads the published file back and checks every tensor's sha256 without torch; a folder with a
+    transformers config also has its keys checked (which builds the model, with torch)."""
+    files, out, _ = both(["soup", "bf16-0.safetensors", "bf16-1.safetensors", "--verify"], "verified.safetensors",
+                         members)
+    assert "verified" in out, out
+    rc, out, err, imported = papa(["soup", "sharded-0", "sharded-1", "--verify", "-o", "verified-folder"], members)
+    assert rc == 0 and "verified" in out, err
+
+
 def test_nonfinite_members_warn_and_fail_alike(members):
     _, _, err = both(["soup", "f32-0.safetensors", "nan-1.safetensors"], "nan.safetensors", members)
     assert "holds NaN or infinite values in tensor 'fc.weight'" in err and "'fc.bias'" in err

@@ -151,7 +151,7 @@ def test_task_nonfinite_members_warn_alike(task_members):
     _task("f32", "ties", "--density", "0.5", "--rescale"),
     _task("f32", "task_arithmetic", "--normalize", "--weights", "0.3,0.7,0.2"),  # the sum rounds twice
     _task("f32", "ties", "--density", "0.5", "--accumulate", "float64"),
-    _task("f32", "ties", "--density", "0.5", "--verify"),
+    _task("f32", "ties", "--density", "0.5", "--dtype", "float64"),
     ["soup", "--method", "ties", "--base", "f64-base.safetensors", "f64-1.safetensors", "--density", "0.5"],
     ["soup", "--method", "ties", "--base", "base.bin", "f32-0.safetensors", "f32-1.safetensors"],
 ])

@@ -278,3 +278,27 @@ def test_shards_without_their_index_name_the_missing_index(tmp_path: Path, first
     assert f"not their index {index}" in str(err.value) and "pass the weight file itself" not in str(err.value)
     result = CliRunner().invoke(cli, ["soup", str(folder), str(folder), "-o", str(tmp_path / "s.safetensors")])
     assert result.exit_code == 1 and index in result.output
+
+
+def test_read_row_blocks_copies_exactly_the_requested_bytes_from_any_offset() -> None:
+    """A row-computing source's reads (LoRA, vocabulary) start and end anywhere: every (offset, length) of a
+    7-row x 5-byte tensor, with blocks of 1, 2 and 3 rows, gives the bytes of the whole tensor sliced there, and
+    asks only for rows the read touches."""
+    from merge.io.sources import read_row_blocks
+
+    data = bytes(range(35))
+    for step in (1, 2, 3):
+        for off in range(36):
+            for length in range(36 - off):
+                asked: list[tuple[int, int]] = []
+
+                def rows(r0: int, r1: int, asked=asked, step=step) -> memoryview:
+                    asked.append((r0, r1))
+                    assert r1 - r0 <= step
+                    return memoryview(data)[5 * r0: 5 * r1]
+
+                out = bytearray(length)
+                read_row_blocks(memoryview(out), off, 5, step, rows)
+                assert bytes(out) == data[off: off + length]
+                touched = set(range(off // 5, -(-(off + length) // 5))) if length else set()
+                assert {r for r0, r1 in asked for r in range(r0, r1)} == touched

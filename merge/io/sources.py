@@ -22,7 +22,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ __all__ = [
     "StateDictSource",
     "open_checkpoint",
     "read_safetensors_metadata",
+    "read_row_blocks",
     "strip_prefixes",
 ]
 
@@ -75,6 +76,34 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+def read_row_blocks(out: memoryview, byte_offset: int, row_bytes: int, step: int,
+                    rows: Callable[[int, int], memoryview]) -> None:
+    """Fill ``out`` with the bytes of a row-major tensor from ``byte_offset``, a block of whole rows at a time.
+
+    For sources that compute a tensor row by row (a LoRA delta added to the base's rows, a vocabulary's rows
+    gathered from several models): ``rows(r0, r1)`` returns the bytes of rows ``r0 .. r1 - 1`` (``r1 - r0 <=
+    step``), and only the requested bytes of the first and last block are copied, so a read may start and end
+    anywhere. The temporaries are one block, whatever the size of the read.
+
+    Example:
+        >>> data = bytes(range(12))  # 4 rows of 3 bytes
+        >>> out = bytearray(5)
+        >>> read_row_blocks(memoryview(out), 2, 3, 1, lambda r0, r1: memoryview(data)[3 * r0: 3 * r1])
+        >>> list(out)
+        [2, 3, 4, 5, 6]
+    """
+    view = out.cast("B") if out.format != "B" else out
+    if not len(view) or not row_bytes:
+        return
+    r, end = byte_offset // row_bytes, -(-(byte_offset + len(view)) // row_bytes)
+    while r < end:
+        r1 = min(r + max(1, step), end)
+        block = rows(r, r1)
+        lo, hi = max(byte_offset, r * row_bytes), min(byte_offset + len(view), r1 * row_bytes)
+        view[lo - byte_offset: hi - byte_offset] = block[lo - r * row_bytes: hi - r * row_bytes]
+        r = r1
 
 
 class Source:
