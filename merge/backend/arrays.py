@@ -383,8 +383,12 @@ class _Numpy:
         """``acc.add_(mask, alpha=c)`` with ``mask`` holding 0.0/1.0: the product is exact (``c`` or 0), so one
         rounded sum is torch's fused result."""
         np = self.np
-        p = self._scratch("product", mask.size, "float32" if acc.dtype == np.float32 else "float64")
-        np.multiply(mask, np.asarray(c, dtype=acc.dtype), out=p)
+        cc = np.asarray(c, dtype=acc.dtype)
+        if cc == 1:  # the product is the mask itself (the default weight): one pass fewer
+            p = mask
+        else:
+            p = self._scratch("product", mask.size, "float32" if acc.dtype == np.float32 else "float64")
+            np.multiply(mask, cc, out=p)
         with np.errstate(all="ignore"):
             np.add(p, acc, out=acc)
         return acc
