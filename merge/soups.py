@@ -23,7 +23,7 @@ from merge.keys import MEMBER_ONLY_KEYS, MODEL_KEY, RECIPE_KEY, TRAIN_KEY, versi
 from merge.io import schemes
 from merge.backend.arrays import HOST, NeedsTorch
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
-from merge.lineage import warn_if_different_starts
+from merge.lineage import start_of, warn_if_different_starts
 from merge.io.sources import Source, StateDictSource, open_checkpoint
 from merge.lora import is_lora_reference, open_member, split_reference
 from merge.io.folder import carry_folder_files
@@ -485,11 +485,18 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
                           chunk_bytes=chunk_bytes, strict=strict, resolve=resolve, aux=aux)
 
 
-def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) -> None:
+def _warn_if_different_starts(sources: Sequence[Source], base: Source | None, *, numpy: bool = False) -> None:
     """Members of different starts average to near chance; with a base (task vectors), the base is the
-    reference every member is measured against: fine-tunes of it share its start."""
+    reference every member is measured against: fine-tunes of it share its start.
+
+    ``numpy``: the sources were opened for the numpy backend; where the check hashes the base's weights (its
+    start record is not the members'), the base is given by its path, so that the check reopens it to read."""
     checked = sources if base is None else [base, *sources]
     labels = None if base is None else [f"{base.path} (base)", *(str(s.path) for s in sources)]
+    if base is not None and numpy:
+        others = {(start_of(s.metadata) or {}).get("sha256") for s in sources} - {None}
+        if others and (start_of(base.metadata) or {}).get("sha256") not in others:
+            checked = [base.path, *sources]
     warn_if_different_starts(checked, names=labels, stacklevel=3, base=base is not None)
 
 
@@ -769,7 +776,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
                          base_source=base_source, resolve=resolve, aux=aux, numpy=numpy)
         _check_not_an_input(out, plan.all_sources, len(plan.sources))
-        _warn_if_different_starts(sources, base_source)
+        _warn_if_different_starts(sources, base_source, numpy=numpy)
         out_dtype = parse_dtype(dtype, numpy=numpy)
         if jobs > 1 and kind == "torch":
             warnings.warn(SingleWriterWarning(f"output {out}: a torch state-dict file is one zip stream that one "
