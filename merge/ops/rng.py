@@ -20,19 +20,30 @@ by jump-ahead: ``A[k] * state0 + G[k] * inc`` mod 2**128 with ``A[k] = MULT**(k+
 ``G[k] = sum(MULT**i for i <= k)``. The tables are python ints computed once; the 128-bit products run
 on 16-bit limbs in int64 tensors (every partial product is below 2**32), so they are exact on every
 device. Only each block's seeded ``(state0, inc)`` is computed on the CPU.
+
+On the CPU the words come straight from each block's bit generator (``PCG64.random_raw``: two floats per
+64-bit output, the low half first, as ``Generator.random`` takes them; ``PCG64.advance`` skips a block's
+prefix), on up to ``torch.get_num_threads()`` threads over runs of blocks (numpy releases the GIL while it
+draws). A draw compared with a fixed bound (DARE's density) is a comparison of the words themselves
+(:func:`below`), without the floats.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from merge.backend.lazy import lazy_torch
 
 torch = lazy_torch(__name__)
 
-__all__ = ["BLOCK", "rng_key", "uniforms"]
+__all__ = ["BLOCK", "below", "numpy_draws", "numpy_uniforms", "rng_key", "spread", "uniforms", "word_limits",
+           "words_within"]
 
 BLOCK = 1 << 16
 
@@ -55,25 +66,146 @@ def rng_key(seed: int, name: str, member: int) -> tuple[int, ...]:
 def uniforms(key: tuple[int, ...], start: int, count: int, *, device: torch.device | None = None) -> torch.Tensor:
     """``count`` float32 uniforms in [0, 1) for flattened positions ``start .. start + count - 1``."""
     dev = torch.device("cpu") if device is None else torch.device(device)
-    backend = BACKEND if BACKEND != "auto" else ("numpy" if dev.type == "cpu" else "torch")
-    if backend == "torch":
+    if not numpy_draws(dev):
         return _torch_uniforms(key, start, count, dev)
     t = torch.from_numpy(_numpy_uniforms(key, start, count))
     return t if dev.type == "cpu" else t.to(dev, non_blocking=False)
 
 
+def numpy_draws(device: torch.device | str | None) -> bool:
+    """Whether the draws for tensors on ``device`` are computed with numpy (see :data:`BACKEND`)."""
+    if BACKEND != "auto":
+        return BACKEND == "numpy"
+    return device is None or torch.device(device).type == "cpu"
+
+
+def numpy_uniforms(key: tuple[int, ...], start: int, count: int) -> np.ndarray:
+    """:func:`uniforms` on the CPU as a numpy float32 array (numpy's draws, whatever :data:`BACKEND` says)."""
+    return _numpy_uniforms(key, start, count)
+
+
+def below(key: tuple[int, ...], start: int, count: int, bound: float) -> np.ndarray:
+    """``uniforms(key, start, count) < bound`` as a numpy bool array, compared as torch compares: in float32."""
+    limit = word_limits(np.array([bound], dtype=np.float32))
+    out = np.empty(count, dtype=bool)
+    if limit is None:  # a bound of 0 or below (or NaN): no float is below it
+        out.fill(False)
+        return out
+
+    def part(lo: int, hi: int) -> None:
+        for at, words in _word_runs(key, start + lo, hi - lo):
+            np.less_equal(words, limit[0], out=out[lo + at: lo + at + words.size])
+
+    spread(part, count, grain=BLOCK)
+    return out
+
+
+def word_limits(bounds: np.ndarray) -> np.ndarray | None:
+    """The largest word below each float32 bound: a draw's float is below ``b`` exactly when its word is at most
+    ``word_limits(b)``. None when a bound is 0 or below, or NaN (no word is below it).
+
+    A float ``(w >> 8) * 2**-24`` is below ``b`` exactly when the integer ``w >> 8 < ceil(b * 2**24)`` (``b * 2**24``
+    is exact), i.e. when ``w <= ceil(b * 2**24) * 256 - 1``, which is at most ``2**32 - 1`` for any ``b <= 1``.
+    """
+    scaled = np.ceil(np.minimum(bounds.astype(np.float64), 1.0) * float(1 << 24))
+    if not bool((scaled >= 1).all()):
+        return None
+    return (scaled.astype(np.uint64) * 256 - 1).astype(np.uint32)
+
+
+def words_within(key: tuple[int, ...], start: int, limits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[j] = word(start + j) <= limits[j]`` (see :func:`word_limits`), on the calling thread."""
+    for at, words in _word_runs(key, start, limits.size):
+        np.less_equal(words, limits[at: at + words.size], out=out[at: at + words.size])
+    return out
+
+
 def _numpy_uniforms(key: tuple[int, ...], start: int, count: int) -> np.ndarray:
     out = np.empty(count, dtype=np.float32)
-    if count:
-        first, last = start // BLOCK, (start + count - 1) // BLOCK
-        for b in range(first, last + 1):
-            lo, hi = max(start, b * BLOCK), min(start + count, (b + 1) * BLOCK)
-            gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*key, b])))
-            if lo == b * BLOCK:
-                gen.random(hi - lo, dtype=np.float32, out=out[lo - start: hi - start])
-            else:  # a chunk that starts inside a block: draw the block's prefix and keep its tail
-                out[lo - start: hi - start] = gen.random(hi - b * BLOCK, dtype=np.float32)[lo - b * BLOCK:]
+
+    def part(lo: int, hi: int) -> None:
+        pos, end = start + lo, start + hi
+        while pos < end:
+            b = pos // BLOCK
+            first, last = pos - b * BLOCK, min(end - b * BLOCK, BLOCK)  # the block's floats [first, last)
+            gen = np.random.PCG64(np.random.SeedSequence([*key, b]))
+            if first > 1:
+                gen.advance(first // 2)  # whole 64-bit outputs skipped: two floats each
+            dst = out[pos - start: pos - start + last - first]
+            if first % 2:  # the run starts on the high half of an output: draw its low half too, then drop it
+                dst[:] = np.random.Generator(gen).random(last - first + 1, dtype=np.float32)[1:]
+            else:
+                np.random.Generator(gen).random(last - first, dtype=np.float32, out=dst)
+            pos += last - first
+
+    spread(part, count, grain=BLOCK)
     return out
+
+
+_LOW_FIRST = sys.byteorder == "little"  # a 64-bit output viewed as two uint32: its low half first
+
+
+def _word_runs(key: tuple[int, ...], start: int, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The uint32 words behind positions ``start .. start + count - 1``, a block at a time, as ``(offset, words)``:
+    the float of a position is ``(word >> 8) * 2**-24``.
+
+    numpy's ``Generator.random(dtype=float32)`` takes ``next_uint32`` from PCG64: the low 32 bits of a 64-bit
+    output, then its high 32 bits; a fresh block's generator has no half-output buffered, so its words are
+    its raw outputs seen as uint32 pairs.
+    """
+    pos, end = start, start + count
+    while pos < end:
+        b = pos // BLOCK
+        first, last = pos - b * BLOCK, min(end - b * BLOCK, BLOCK)  # the block's floats [first, last)
+        k0, k1 = first // 2, (last + 1) // 2  # its 64-bit outputs [k0, k1)
+        gen = np.random.PCG64(np.random.SeedSequence([*key, b]))
+        if k0:
+            gen.advance(k0)
+        raw = gen.random_raw(k1 - k0)
+        words = raw.view(np.uint32) if _LOW_FIRST else raw.view(np.uint32).reshape(-1, 2)[:, ::-1].reshape(-1)
+        skip = first - 2 * k0
+        yield pos - start, words[skip: skip + last - first]
+        pos += last - first
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_INSIDE = threading.local()  # set while a thread runs a part: parts never spread again (no pool deadlock)
+
+
+def spread(fn: Callable[[int, int], None], n: int, *, grain: int) -> None:
+    """``fn(lo, hi)`` over ``[0, n)`` cut into parts of at least ``grain`` items, on up to
+    ``torch.get_num_threads()`` threads (the calling one included).
+
+    Each part must write only its own slice of the results, so they do not depend on the cut: numpy's
+    draws, sorts, and fancy indexing release the GIL, which is what makes the threads pay.
+    """
+    threads = 1 if getattr(_INSIDE, "on", False) else torch.get_num_threads()
+    parts = max(1, min(threads, n // max(1, grain)))
+    if parts == 1:
+        fn(0, n)
+        return
+    cuts = [n * k // parts for k in range(parts + 1)]
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < parts - 1:
+            _POOL = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="papa-merge-draws")
+        pool = _POOL
+    futures = [pool.submit(_part, fn, cuts[k], cuts[k + 1]) for k in range(1, parts)]
+    try:
+        _part(fn, cuts[0], cuts[1])
+    finally:
+        for f in futures:
+            f.result()
+
+
+def _part(fn: Callable[[int, int], None], lo: int, hi: int) -> None:
+    before = getattr(_INSIDE, "on", False)
+    _INSIDE.on = True
+    try:
+        fn(lo, hi)
+    finally:
+        _INSIDE.on = before
 
 
 def _limbs(values: list[int]) -> np.ndarray:

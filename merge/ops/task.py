@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,7 +45,8 @@ from merge.backend.lazy import lazy_torch
 from merge.errors import InvalidArgumentError
 from merge.ops.apply import UNIT  # statistics per unit (a row slab for DELLA), added in order
 from merge.ops.registry import Operator, Param, Resolved, register, weight_param
-from merge.ops.rng import rng_key, uniforms
+from merge.ops.rng import BLOCK, below, numpy_draws, numpy_uniforms, rng_key, spread, uniforms, word_limits, \
+    words_within
 from merge.ops.select import Band, BandCounters, RadixSelect, keep_band, radix_passes, whole_band
 
 torch = lazy_torch(__name__)
@@ -234,15 +236,10 @@ class TaskTensor:
         mask = self.keep_mask(i, a, start, self._counters)
         if mask is not None and m.key is not None and m.keep_drawn and mask.device.type == "cpu":
             m.drawn[start] = np.packbits(mask.numpy())
-        finite = True
-        with one_thread():  # a sum's rounding must not depend on how many threads split it
-            for u in range(0, a.numel(), self.unit):
-                part = a[u: u + self.unit]
-                total = float(part.sum(dtype=torch.float64))
-                kept = total if mask is None else float((part * mask[u: u + self.unit]).sum(dtype=torch.float64))
-                m.sums.append((total, kept))
-                finite = finite and math.isfinite(total)
-        return finite
+        kept = None if mask is None else a * mask
+        totals = _unit_sums(a, self.unit)
+        m.sums.extend(zip(totals, totals if kept is None else _unit_sums(kept, self.unit)))
+        return all(math.isfinite(t) for t in totals)
 
     def stat_end(self, kind: str, i: int) -> None:
         m = self.members[i]
@@ -280,26 +277,59 @@ class TaskTensor:
         dst = None if out is None else out[0][: a.numel()]
         if m.density <= 0:
             return torch.zeros_like(a, dtype=torch.bool) if dst is None else dst.zero_()
+        if a.device.type == "cpu" and numpy_draws(a.device) and (kind == "random" or a.dtype == torch.float32):
+            # numpy on the CPU: the same comparisons, on the draws' words and in rank order (see _della_rank_order)
+            keep = torch.from_numpy(below(m.key, start, a.numel(), m.density) if kind == "random"
+                                    else self._della_keep_cpu(m, a, start))
+            return keep if dst is None else dst.copy_(keep)
         u = uniforms(m.key, start, a.numel(), device=a.device)
         bound = m.density if kind == "random" else self._della_probs(m, a)
         return torch.lt(u, bound) if dst is None else torch.lt(u, bound, out=dst)
 
     def _della_probs(self, m: _Member, a: torch.Tensor) -> torch.Tensor:
-        """DELLA's keep probability of each element, from its magnitude rank within its row."""
+        """DELLA's keep probability of each element, from its magnitude rank within its row (torch, any device)."""
         rows = a.numel() // max(1, self.row_len * self.rest)
         v = a.reshape(rows, self.row_len, self.rest)
-        if a.device.type == "cpu" and a.dtype == torch.float32:
-            ranks = _row_ranks_cpu(v)
-        else:
-            order = torch.argsort(v, dim=1, stable=True)
-            ranks = torch.empty_like(order)
-            ar = torch.arange(self.row_len, device=a.device).view(1, -1, 1).expand_as(order)
-            ranks.scatter_(1, order, ar)
+        order = torch.argsort(v, dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ar = torch.arange(self.row_len, device=a.device).view(1, -1, 1).expand_as(order)
+        ranks.scatter_(1, order, ar)
+        # the probabilities of ranks 0 .. row_len - 1 computed on the CPU, gathered by rank: the same floats on
+        # every device (CUDA divides by a scalar through its reciprocal, which may differ in the last bit)
+        table = self._della_table(m).to(a.device)
+        return table[ranks.reshape(-1)]
+
+    def _della_table(self, m: _Member) -> torch.Tensor:
+        """DELLA's keep probability of each rank ``0 .. row_len - 1`` (float32, on the CPU).
+
+        ``(density - epsilon) + r / (row_len - 1) * 2 * epsilon`` in float32, in torch's order of operations; a
+        row of one element (mergekit divides 0 by 0) ranks as the lowest.
+        """
+        ranks = torch.arange(self.row_len)
         if self.row_len > 1:
             rank_norm = ranks.to(torch.float32) / (self.row_len - 1)
-        else:  # a row of one element: mergekit divides 0 by 0; here it ranks as the lowest
-            rank_norm = torch.zeros(ranks.shape, dtype=torch.float32, device=a.device)
-        return ((m.density - m.epsilon) + rank_norm * 2 * m.epsilon).reshape(-1)
+        else:
+            rank_norm = torch.zeros(ranks.shape, dtype=torch.float32)
+        return (m.density - m.epsilon) + rank_norm * 2 * m.epsilon
+
+    def _della_keep_cpu(self, m: _Member, a: torch.Tensor, start: int) -> np.ndarray:
+        """``uniforms < _della_probs`` of a float32 chunk on the CPU, with numpy, rows split across threads."""
+        limits = word_limits(self._della_table(m).numpy())
+        v = np.ascontiguousarray(a.numpy())
+        unit = self.row_len * self.rest
+        keep = np.empty(v.size, dtype=bool)
+
+        def part(r0: int, r1: int) -> None:
+            lo, hi = r0 * unit, r1 * unit
+            rows = v[lo:hi].reshape(r1 - r0, self.row_len, self.rest)
+            if limits is None:  # a probability of 0 (density - epsilon below float32's range): compare the floats
+                bound = _della_rank_order(rows, self._della_table(m).numpy())
+                np.less(numpy_uniforms(m.key, start + lo, hi - lo), bound, out=keep[lo:hi])
+            else:
+                words_within(m.key, start + lo, _della_rank_order(rows, limits), keep[lo:hi])
+
+        spread(part, v.size // max(1, unit), grain=max(1, BLOCK // max(1, unit)))
+        return keep
 
     # ---- the combination ---------------------------------------------------------------------------------
 
@@ -391,25 +421,51 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _row_ranks_cpu(v: torch.Tensor) -> torch.Tensor:
-    """Stable ranks of non-negative float32 ``v`` along dim 1, as ``argsort(argsort(v, stable=True))``.
+def _unit_sums(a: torch.Tensor, unit: int) -> list[float]:
+    """The float64 sum of each run of ``unit`` elements of ``a`` (the last run may be shorter), on one thread.
 
-    Each magnitude's bits and its position form one int64 key, so the keys are distinct and any sort
-    orders them as a stable sort orders the magnitudes; numpy sorts int64 with SIMD about 10x faster
-    than torch's stable argsort here (4.7 vs 48 ns per element on rows of 2048).
+    The whole runs are summed as the rows of one ``(runs, unit)`` view: torch reduces each row of a contiguous
+    inner reduction on its own, exactly as it sums the row as a 1-D tensor (``vectorized_inner_sum``: the same
+    cascade per row), so the floats are those of one ``sum`` call per run, without a call per run (DELLA's runs
+    are rows: hundreds of thousands per tensor).
+    """
+    n = a.numel()
+    whole = n - n % unit
+    with one_thread():  # a sum's rounding must not depend on how many threads split it
+        sums = a[:whole].view(-1, unit).sum(dim=1, dtype=torch.float64).tolist() if whole else []
+        if whole < n:
+            sums.append(float(a[whole:].sum(dtype=torch.float64)))
+    return sums
+
+
+_HIGH = 1 if sys.byteorder == "little" else 0  # the int32 half of an int64 that holds its high bits
+
+
+def _della_rank_order(v: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table[rank]`` for each element of non-negative float32 ``v`` (rows, row, rest), flattened in ``v``'s order,
+    with ``rank`` its stable rank along dim 1 (as ``argsort(argsort(v, stable=True))``).
+
+    Each magnitude's bits (high half) and its position (low half) form one int64 key, so the keys are distinct and
+    any sort orders them as a stable sort orders the magnitudes (numpy sorts int64 about 3x faster than torch's
+    stable argsort); the sorted keys' positions then take the table in rank order: ``out[row, pos[j]] = table[j]``,
+    one scatter instead of ranks, their float conversion and the arithmetic per element.
     """
     rows, width, rest = v.shape
-    flat = (v.permute(0, 2, 1) if rest > 1 else v).reshape(-1, width).contiguous()
-    keys = flat.view(torch.int32).numpy().astype(np.int64)
-    keys <<= 32
-    keys |= np.arange(width, dtype=np.int64)
+    bits = v.view(np.int32)
+    if rest > 1:
+        bits = bits.transpose(0, 2, 1)
+    n = rows * rest
+    keys = np.empty((n, width), dtype=np.int64)
+    halves = keys.view(np.int32).reshape(n, width, 2)
+    halves[..., _HIGH] = bits.reshape(n, width)
+    halves[..., 1 - _HIGH] = np.arange(width, dtype=np.int32)
     keys.sort(axis=1)
-    order = keys & 0xFFFFFFFF
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(width, dtype=np.int64), order.shape), axis=1)
-    out = torch.from_numpy(ranks).reshape(rows, rest, width) if rest > 1 else torch.from_numpy(ranks).reshape(
-        rows, width, 1)
-    return out.permute(0, 2, 1) if rest > 1 else out
+    where = halves[..., 1 - _HIGH] + np.arange(0, n * width, width, dtype=np.int64)[:, None]
+    out = np.empty(n * width, dtype=table.dtype)
+    out[where.reshape(-1)] = np.broadcast_to(table, (n, width)).reshape(-1)
+    if rest > 1:
+        out = out.reshape(rows, rest, width).transpose(0, 2, 1).reshape(-1)
+    return out
 
 
 def _task_params(spec: TaskSpec) -> tuple[Param, ...]:

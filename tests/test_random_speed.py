@@ -1,0 +1,132 @@
+"""The CPU fast paths of DARE and DELLA's keyed draws equal the formulas they replace, bit for bit (issue 22).
+
+- :func:`merge.ops.rng.below` and :func:`merge.ops.rng.words_within` compare the draws' uint32 words with
+  integer limits instead of floats with bounds: checked against numpy's own ``Generator.random`` floats
+  compared by torch (``torch.lt`` in float32), at starts inside blocks (even and odd), across blocks, on 1 and
+  2 threads.
+- DELLA's keep probabilities come from a table of ranks scattered in sorted order
+  (``_della_rank_order``): checked against ``argsort(argsort(v, stable=True))`` with the old per-element
+  formula, on rows with ties, rows of one element and 3-D tensors (rest > 1).
+- The rescale pass's L1 sums per unit come from one ``(units, unit)`` reduction (``_unit_sums``): checked
+  against one 1-D ``sum`` per unit, the calls they replace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import merge.ops.rng as rng
+from merge.ops.registry import get_operator, resolve_params
+from merge.ops.rng import BLOCK
+from merge.ops.task import _della_rank_order, _unit_sums, one_thread
+
+KEY = rng.rng_key(7, "model.layers.0.mlp.up_proj.weight", 2)
+SPANS = [(0, 1), (1, 1), (3, 1000), (BLOCK - 1, 2), (BLOCK - 2, 5), (5, 3 * BLOCK), (2 * BLOCK + 1, 3 * BLOCK + 3),
+         (17, 0)]
+
+
+def _reference(key: tuple[int, ...], start: int, count: int) -> np.ndarray:
+    """numpy's floats, each block drawn whole from its own generator (no shortcut)."""
+    blocks = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([*key, b]))).random(BLOCK, dtype=np.float32)
+              for b in range(start // BLOCK, (start + count) // BLOCK + 1)]
+    first = start - (start // BLOCK) * BLOCK
+    return np.concatenate(blocks)[first: first + count]
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("start", "count"), SPANS, ids=[f"{s}+{c}" for s, c in SPANS])
+def test_numpy_floats_equal_the_generators(start: int, count: int, threads: int) -> None:
+    got = rng.numpy_uniforms(KEY, start, count)
+    assert np.array_equal(got.view(np.uint32), _reference(KEY, start, count).view(np.uint32))
+
+
+@pytest.mark.parametrize("bound", [0.5, 0.3, 0.1 + 1e-9, 0.5 + 1e-12, 0.99999999, 1.0, 1.5, 1e-9, 2.0**-24, 0.0, -1.0,
+                                   float("nan")])
+@pytest.mark.parametrize(("start", "count"), SPANS, ids=[f"{s}+{c}" for s, c in SPANS])
+def test_below_is_torchs_float32_comparison(start: int, count: int, bound: float, threads: int) -> None:
+    expected = torch.lt(torch.from_numpy(_reference(KEY, start, count)), bound).numpy()
+    assert np.array_equal(rng.below(KEY, start, count, bound), expected)
+
+
+@pytest.mark.parametrize(("start", "count"), SPANS, ids=[f"{s}+{c}" for s, c in SPANS])
+def test_words_within_limits_is_the_float_comparison(start: int, count: int) -> None:
+    u = _reference(KEY, start, count)
+    gen = np.random.default_rng(start)
+    bounds = gen.random(count, dtype=np.float32)
+    bounds[: count // 3] = u[: count // 3]  # bounds equal to the draw: strictly below fails
+    bounds[count // 3: count // 2] = np.nextafter(u[count // 3: count // 2], np.float32(1))
+    limits = rng.word_limits(bounds)
+    assert limits is not None
+    assert np.array_equal(rng.words_within(KEY, start, limits, np.empty(count, dtype=bool)), u < bounds)
+    assert rng.word_limits(np.array([0.5, 0.0], dtype=np.float32)) is None  # no word is below 0
+
+
+def _old_ranks(v: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(v, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(v.shape[1]).view(1, -1, 1).expand_as(order))
+    return ranks
+
+
+def _old_probs(ranks: torch.Tensor, width: int, density: float, epsilon: float) -> torch.Tensor:
+    if width > 1:
+        rank_norm = ranks.to(torch.float32) / (width - 1)
+    else:
+        rank_norm = torch.zeros(ranks.shape, dtype=torch.float32)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(-1)
+
+
+@pytest.mark.parametrize("shape", [(7, 40, 1), (3, 5, 7), (9, 1, 1), (4, 1, 3), (2, 2048, 1), (1, 3, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_della_rank_order_is_the_stable_rank_formula(shape: tuple[int, int, int]) -> None:
+    gen = np.random.default_rng(sum(shape))
+    v = (np.abs(gen.integers(-3, 4, size=shape)) * 0.25).astype(np.float32)  # many ties, zeros
+    v.reshape(-1)[::5] = np.abs(gen.normal(size=v.size)[::5]).astype(np.float32)
+    width = shape[1]
+    expected = _old_probs(_old_ranks(torch.from_numpy(v)), width, 0.5, 0.1).numpy()
+    table = _old_probs(torch.arange(width), width, 0.5, 0.1).numpy()
+    got = _della_rank_order(v, table)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("shape", [(40, 33), (3, 5, 7), (70000,), (300, 260)], ids=lambda s: "x".join(map(str, s)))
+def test_numpy_masks_equal_the_torch_path_and_the_old_formula(method: str, shape: tuple[int, ...],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    op = get_operator(method)
+    gen = np.random.default_rng(3)
+    a = torch.from_numpy((np.abs(gen.integers(-4, 5, size=shape)) * 0.5).astype(np.float32)).reshape(-1)
+    resolved = resolve_params(op, 2, {"density": 0.45, "epsilon": 0.2} if "della" in method else {"density": 0.45})
+    task = op.task.tensor(resolved, shape, torch.float32, seed=11, name="w", method=method)
+    unit = task.unit
+    start = unit * 3 if len(shape) > 1 else 5  # a chunk that starts inside a block
+    got = task.keep_mask(1, a, start, None)
+    monkeypatch.setattr(rng, "BACKEND", "torch")
+    forced = task.keep_mask(1, a, start, None)
+    m = task.members[1]
+    u = torch.from_numpy(_reference(m.key, start, a.numel()))
+    if "della" in method:
+        rows = a.numel() // unit
+        bound = _old_probs(_old_ranks(a.reshape(rows, task.row_len, task.rest)), task.row_len, 0.45, 0.2)
+    else:
+        bound = 0.45
+    assert torch.equal(got, torch.lt(u, bound)) and torch.equal(forced, got)
+
+
+@pytest.mark.parametrize("unit", [1, 3, 7, 8, 16, 33, 100, 2048, 5632, 65536])
+def test_unit_sums_equal_one_sum_per_unit(unit: int) -> None:
+    gen = np.random.default_rng(unit)
+    n = unit * 5 + (unit // 2 if unit > 1 else 0)  # a shorter last unit where there is room
+    a = torch.from_numpy((np.abs(gen.normal(size=n)) * np.exp(gen.normal(scale=8, size=n))).astype(np.float32))
+    with one_thread():  # as the rescale pass summed them: one call per unit, on one thread
+        expected = [float(a[u: u + unit].sum(dtype=torch.float64)) for u in range(0, n, unit)]
+    assert _unit_sums(a, unit) == expected
