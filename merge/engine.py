@@ -856,7 +856,7 @@ class _TaskKernel(_Kernel):
             per += 3 * 8 + 2 * 4  # argsort order and ranks (int64), uniforms, probabilities
         elif self.task.spec.sparsify == "random":
             per += 4
-        hist = (1 << 20) * 8 if self.dtype == torch.float64 else (1 << 16) * 8
+        hist = (1 << 20) * 8 if self.dtype.itemsize == 8 else (1 << 16) * 8  # float64: 20-bit levels
         return self.chunk * per + hist + getattr(self.task, "extra_bytes", 0)  # whole-tensor state of some specs
 
     def reads(self) -> Iterator[Read]:
@@ -878,9 +878,9 @@ class _TaskKernel(_Kernel):
             self._run(io)
 
     def _run(self, io: _IO) -> None:
-        dev = io.device
-        bbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
-        xbuf = torch.empty(self.chunk, dtype=self.dtype, device=dev)
+        dev, xp = io.device, io.xp
+        bbuf = xp.empty(self.chunk, self.dtype, dev)
+        xbuf = xp.empty(self.chunk, self.dtype, dev)
         task = self.task
         for kind, members in self._stat_passes():
             if kind == "select":
@@ -891,7 +891,7 @@ class _TaskKernel(_Kernel):
                 for start, count in _chunks(self.numel, self.chunk):
                     b = io.take_as(bbuf, self.base_index, self.name, start, count)
                     x = io.take_as(xbuf, i, self.name, start, count)
-                    if not task.stat_chunk(kind, i, x.sub_(b), start):
+                    if not task.stat_chunk(kind, i, xp.sub_(x, b), start):
                         self.suspect = True
                 task.stat_end(kind, i)
         out_buf: dict = {}
@@ -900,17 +900,18 @@ class _TaskKernel(_Kernel):
             state = task.begin_chunk(count, dev)
             for i in range(self.n):
                 x = io.take_as(xbuf, i, self.name, start, count)
-                task.add_member(state, i, x.sub_(b), start)
+                task.add_member(state, i, xp.sub_(x, b), start)
             self._emit(io, task.finish_chunk(state, b), out_buf)
 
     def _select_whole(self, io: _IO, members: list[int], bbuf: torch.Tensor, xbuf: torch.Tensor) -> None:
         """Each member's magnitudes gathered chunk by chunk into one buffer, then every selection level."""
-        a = torch.empty(self.numel, dtype=self.dtype, device=io.device)
+        xp = io.xp
+        a = xp.empty(self.numel, self.dtype, io.device)
         for i in members:
             for start, count in _chunks(self.numel, self.chunk):
                 b = io.take_as(bbuf, self.base_index, self.name, start, count)
                 x = io.take_as(xbuf, i, self.name, start, count)
-                torch.abs(x.sub_(b), out=a[start: start + count])
+                xp.abs_into(a[start: start + count], xp.sub_(x, b))
             if not _finite(a):
                 self.suspect = True
             self.task.select_whole(i, a)

@@ -23,7 +23,7 @@ from merge.keys import MEMBER_ONLY_KEYS, MODEL_KEY, RECIPE_KEY, TRAIN_KEY, versi
 from merge.io import schemes
 from merge.backend.arrays import HOST, NeedsTorch
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
-from merge.lineage import warn_if_different_starts
+from merge.lineage import start_of, warn_if_different_starts
 from merge.io.sources import Source, StateDictSource, open_checkpoint
 from merge.lora import is_lora_reference, open_member, split_reference
 from merge.io.folder import carry_folder_files
@@ -228,21 +228,33 @@ def _open_all(members: Sequence[str | os.PathLike | Source | Mapping[str, torch.
 def _numpy_eligible(members: Sequence[object], *, method: str, base: object = None, member_params: object = None,
                     resolve: object = None, aux: object = None, dtype: object = None, accumulate: object = "float32",
                     device: object = "cpu", jobs: int = 1, ranks: bool = False, verify: bool = False,
-                    kind: str | None = None) -> bool:
+                    kind: str | None = None, weights: Sequence[float] | None = None,
+                    params: Mapping[str, object] | None = None) -> bool:
     """Whether a soup's options let it run on the numpy backend, without importing torch: a ``linear`` operator
     (uniform, weighted; per-member parameters only plain-number weights, as a mergekit linear recipe gives them)
-    on the CPU, members given as local paths (no Hub reference, no LoRA adapter), a float32
-    accumulator, a float32/float16/bfloat16 or unchanged output dtype, a safetensors output, one process
-    (``verify`` reads the output back without torch; only a model folder's key check builds the model with it).
-    The members' formats and dtypes are checked when they are opened (:func:`_open_numpy`)."""
+    without a base, or a task-vector operator whose sparsification is an exact selection (task_arithmetic, ties,
+    breadcrumbs, breadcrumbs_ties; see :func:`_numpy_task_params`) with one; on the CPU, members and base given
+    as local paths (no Hub reference, no LoRA adapter), a float32 accumulator, a float32/float16/bfloat16 or
+    unchanged output dtype, a safetensors output, one process (``verify`` reads the output back without torch;
+    only a model folder's key check builds the model with it). The members' formats and dtypes are checked when
+    they are opened (:func:`_open_numpy`)."""
     from merge.errors import MergeError
     from merge.io.dtypes import USER_DTYPE_NAMES
 
     if os.environ.get(TORCH_ONLY_ENV, "") not in ("", "0"):
         return False
-    if kind == "torch" or base is not None or resolve is not None or aux is not None:
+    if kind == "torch" or resolve is not None or aux is not None:
         return False
-    if member_params is not None and not all(  # a recipe's per-member weights, as plain numbers
+    try:
+        op = get_operator(method)
+    except MergeError:
+        return False  # the torch path says what is wrong with it
+    if op.name in _NUMPY_TASK_METHODS:
+        if base is None or not _numpy_task_params(op, len(members), weights, params, member_params):
+            return False
+    elif op.name not in ("uniform", "weighted") or base is not None:
+        return False
+    elif member_params is not None and not all(  # a recipe's per-member weights, as plain numbers
             isinstance(mp, Mapping) and set(mp) <= {"weight"} and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in mp.values())
             for mp in member_params):
@@ -254,13 +266,41 @@ def _numpy_eligible(members: Sequence[object], *, method: str, base: object = No
     if dtype is not None and (not isinstance(dtype, str)
                               or USER_DTYPE_NAMES.get(dtype.lower()) not in _NUMPY_OUT_DTYPES):
         return False
-    try:
-        if get_operator(method).name not in ("uniform", "weighted"):
-            return False
-    except MergeError:
-        return False  # the torch path says what is wrong with it
+    local = [*members, *([base] if base is not None else [])]
     return bool(members) and all(isinstance(m, (str, os.PathLike)) and not str(m).startswith(schemes.HF_PREFIX)
-                                 and not is_lora_reference(m) for m in members)
+                                 and not is_lora_reference(m) for m in local)
+
+
+# Task-vector methods the numpy backend runs: elementwise arithmetic and an exact selection of magnitudes.
+# DARE and DELLA draw masks and (like any rescale) take float64 L1 sums whose order of additions numpy does not
+# reproduce: they stay on torch.
+_NUMPY_TASK_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+
+
+def _numpy_task_params(op: object, n: int, weights: Sequence[float] | None, params: Mapping[str, object] | None,
+                       member_params: object) -> bool:
+    """Whether a task-vector merge's parameters resolve (one value each, no gradient) with ``rescale`` off, and,
+    where the task vectors are divided by the sum of the weights (``normalize`` without sign election), that sum
+    rounds as torch rounds it in any order (:func:`merge.backend.arrays.sum_is_exact`)."""
+    from merge.backend.arrays import sum_is_exact
+    from merge.errors import MergeError
+    from merge.ops import resolve_params
+
+    import numpy as np
+
+    given = dict(params or {})
+    if weights is not None:
+        given["weight"] = list(weights)
+    try:
+        resolved = resolve_params(op, n, given, member_params)
+    except (MergeError, TypeError, ValueError):
+        return False  # the torch path says what is wrong with it
+    if resolved.shared.get("rescale", op.task.rescale):
+        return False
+    if resolved.shared.get("normalize", op.task.normalize) and not op.task.consensus:
+        w32 = [float(np.float32(m["weight"])) for m in resolved.members]
+        return sum_is_exact(w32, 4)
+    return True
 
 
 def _open_numpy(members: Sequence[str | os.PathLike], stack: ExitStack, key: str | None) -> list[Source] | None:
@@ -415,9 +455,14 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
     op = get_operator(method)
     with ExitStack() as stack:
         if numpy is None:
-            numpy = sources is None and base is None and _numpy_eligible(
-                members, method=method, member_params=member_params, resolve=resolve, aux=aux, dtype=dtype,
-                accumulate=accumulate, device=device) and (sources := _open_numpy(members, stack, key)) is not None
+            numpy = False
+            if sources is None and base_source is None and _numpy_eligible(
+                    members, method=method, base=base, member_params=member_params, resolve=resolve, aux=aux,
+                    dtype=dtype, accumulate=accumulate, device=device, weights=weights, params=params):
+                opened = _open_numpy([*members, *([base] if base is not None else [])], stack, key)
+                if opened is not None:
+                    numpy, sources = True, opened[:len(members)]
+                    base_source = opened[len(members)] if base is not None else None
         if numpy:
             dev = HOST
             out_dtype = parse_dtype(dtype, numpy=True)
@@ -440,11 +485,18 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
                           chunk_bytes=chunk_bytes, strict=strict, resolve=resolve, aux=aux)
 
 
-def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) -> None:
+def _warn_if_different_starts(sources: Sequence[Source], base: Source | None, *, numpy: bool = False) -> None:
     """Members of different starts average to near chance; with a base (task vectors), the base is the
-    reference every member is measured against: fine-tunes of it share its start."""
+    reference every member is measured against: fine-tunes of it share its start.
+
+    ``numpy``: the sources were opened for the numpy backend; where the check hashes the base's weights (its
+    start record is not the members'), the base is given by its path, so that the check reopens it to read."""
     checked = sources if base is None else [base, *sources]
     labels = None if base is None else [f"{base.path} (base)", *(str(s.path) for s in sources)]
+    if base is not None and numpy:
+        others = {(start_of(s.metadata) or {}).get("sha256") for s in sources} - {None}
+        if others and (start_of(base.metadata) or {}).get("sha256") not in others:
+            checked = [base.path, *sources]
     warn_if_different_starts(checked, names=labels, stacklevel=3, base=base is not None)
 
 
@@ -697,7 +749,8 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                                        path=out, option="out")
         numpy = gradients is None and _numpy_eligible(
             members, method=method, base=base, member_params=member_params, resolve=resolve, aux=aux, dtype=dtype,
-            accumulate=accumulate, device=device, jobs=jobs, ranks=ranks > 1, verify=verify, kind=kind)
+            accumulate=accumulate, device=device, jobs=jobs, ranks=ranks > 1, verify=verify, kind=kind,
+            weights=weights, params=params)
         if not numpy:
             resolve_device(device)
         op = get_operator(method)
@@ -710,17 +763,20 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                                        "reopen them); leave jobs at 1", option="jobs", choices=(1,))
         # The numpy backend when the options allow it and every member is a safetensors checkpoint of float32,
         # float16 or bfloat16 tensors: the same bytes, without importing torch (merge.backend.arrays).
-        sources = _open_numpy(members, stack, key) if numpy else None
-        numpy = sources is not None
-        if sources is None:
+        opened = _open_numpy([*members, *([base] if base is not None else [])], stack, key) if numpy else None
+        numpy = opened is not None
+        if opened is not None:
+            sources = opened[:len(members)]
+            base_source = opened[len(members)] if base is not None else None
+        else:
             sources = _open_all(members, stack, key)
-        base_source = _open_all([base], stack, key)[0] if base is not None else None
+            base_source = _open_all([base], stack, key)[0] if base is not None else None
         plan = plan_soup(members, method=method, weights=weights, base=base, params=params,
                          member_params=member_params, seed=seed, dtype=dtype, accumulate=accumulate, device=device,
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
                          base_source=base_source, resolve=resolve, aux=aux, numpy=numpy)
         _check_not_an_input(out, plan.all_sources, len(plan.sources))
-        _warn_if_different_starts(sources, base_source)
+        _warn_if_different_starts(sources, base_source, numpy=numpy)
         out_dtype = parse_dtype(dtype, numpy=numpy)
         if jobs > 1 and kind == "torch":
             warnings.warn(SingleWriterWarning(f"output {out}: a torch state-dict file is one zip stream that one "

@@ -11,13 +11,19 @@ Ties at a boundary value are broken by position, as a stable sort would: of the 
 the boundary, the ones earlier in the tensor come first in ascending order. (torch's default sort,
 which mergekit uses, is not stable; where several elements share the boundary magnitude, which of
 them mergekit keeps is unspecified.)
+
+Written once against :mod:`merge.backend.arrays`: the same functions select on torch tensors (CPU or CUDA)
+and on numpy arrays (the CPU merges that need no torch); every step is exact (integer counts, bit patterns,
+comparisons), so both give the same band and masks.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from dataclasses import dataclass, field
 
+from merge.backend.arrays import arrays_for, arrays_of
 from merge.backend.lazy import lazy_torch
 
 torch = lazy_torch(__name__)
@@ -25,8 +31,9 @@ torch = lazy_torch(__name__)
 __all__ = ["RadixSelect", "Band", "keep_band", "BandCounters", "whole_band"]
 
 def _levels(dtype: torch.dtype) -> tuple[torch.dtype, int, tuple[int, ...]]:
-    """(integer view, total bits, bit widths per pass) of a compute dtype."""
-    return {torch.float32: (torch.int32, 32, (16, 16)), torch.float64: (torch.int64, 64, (20, 22, 22))}[dtype]
+    """(integer view, total bits, bit widths per pass) of a compute dtype (float32 or float64, torch's or numpy's)."""
+    bits, widths = {4: (32, (16, 16)), 8: (64, (20, 22, 22))}[dtype.itemsize]
+    return arrays_for(dtype).bits_dtype(dtype), bits, widths
 
 
 def radix_passes(dtype: torch.dtype) -> int:
@@ -76,30 +83,32 @@ class RadixSelect:
 
     def add(self, magnitudes: torch.Tensor) -> None:
         """Count one chunk of non-negative values (in the selector's dtype)."""
-        bits = magnitudes.reshape(-1).view(self.int_dtype)
+        xp = arrays_of(magnitudes)
+        bits = xp.bits(magnitudes.reshape(-1))
         pshift, fshift, width = self._shifts()
         mask_field = (1 << width) - 1
         for prefix in {t.prefix for t in self.targets}:
             if self._level == 0:
                 sel = bits
             else:
-                sel = bits[torch.bitwise_right_shift(bits, pshift) == prefix]
-            f = torch.bitwise_right_shift(sel, fshift)
+                sel = bits[xp.shr(bits, pshift) == prefix]
+            f = xp.shr(sel, fshift)
             if fshift + width < self.total_bits:
-                f = torch.bitwise_and(f, mask_field)
-            counts = torch.bincount(f.to(torch.int64) if f.device.type == "cuda" else f, minlength=1 << width)
+                f = xp.bitand(f, mask_field)
+            counts = xp.bincount(xp.to_int64(f) if xp.is_cuda(f) else f, minlength=1 << width)
             prev = self._hist.get(prefix)
-            self._hist[prefix] = counts.to(torch.int64) if prev is None else prev + counts
+            self._hist[prefix] = xp.to_int64(counts) if prev is None else prev + counts
 
     def end(self) -> None:
         _, _, width = self._shifts()
+        xp = arrays_for(self.dtype)
         for t in self.targets:
             counts = self._hist.get(t.prefix)
             if counts is None:
-                counts = torch.zeros(1 << width, dtype=torch.int64)
-            cum = torch.cumsum(counts.cpu(), 0)
+                counts = xp.zeros(1 << width, xp.int64)
+            cum = xp.cumsum(xp.cpu(counts))
             rem = t.rank - t.less
-            j = int(torch.searchsorted(cum, torch.tensor([rem]), right=True)[0])
+            j = xp.searchsorted(cum, rem, right=True)
             before = int(cum[j - 1]) if j > 0 else 0
             t.less += before
             t.prefix = (t.prefix << width) | j
@@ -113,8 +122,7 @@ class RadixSelect:
         return self.targets[self.ranks.index(rank)]
 
     def value(self, rank: int) -> float:
-        bits = self._target(rank).value_bits
-        return torch.tensor([bits], dtype=self.int_dtype).view(self.dtype).item()
+        return _float_of_bits(self._target(rank).value_bits, self.total_bits)
 
     def less(self, rank: int) -> int:
         return self._target(rank).less
@@ -166,12 +174,19 @@ class Band:
         return cls(n, r0, r1, lo, lo_skip, hi, hi_keep, hi_eq)
 
 
+def _float_of_bits(bits: int, total_bits: int) -> float:
+    """The float32 (or float64) whose bit pattern is the non-negative integer ``bits``."""
+    fmt = "f" if total_bits == 32 else "d"
+    return struct.unpack("<" + fmt, struct.pack("<" + fmt.replace("f", "I").replace("d", "Q"), bits))[0]
+
+
 def _top16(a: torch.Tensor) -> torch.Tensor:
     """The top 16 bits of each non-negative float of contiguous ``a`` as non-negative int16 (a view where it can)."""
-    words = a.element_size() // 2
+    xp = arrays_of(a)
+    words = a.itemsize // 2
     if sys.byteorder == "little":
-        return a.reshape(-1).view(torch.int16)[words - 1:: words]
-    return torch.bitwise_right_shift(a.reshape(-1).view(_levels(a.dtype)[0]), 16 * (words - 1)).to(torch.int16)
+        return xp.view(a.reshape(-1), xp.int16)[words - 1:: words]
+    return xp.convert(xp.shr(xp.bits(a.reshape(-1)), 16 * (words - 1)), xp.int16)
 
 
 _PIECE = 1 << 20
@@ -185,27 +200,27 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
     then the elements of each boundary's bucket only (about 1% of them) gathered by position and sorted.
     Their positions also give the cuts, so that :func:`keep_band` needs no running count of ties.
     """
-    n = a.numel()
+    xp = arrays_of(a)
+    n = xp.numel(a)
     if r0 <= 0 and r1 >= n or r1 <= r0:
         return Band(n, max(r0, 0), min(r1, n))
     top = _top16(a)
     pieces = range(0, n, _PIECE)  # temporaries (bincount copies its input) stay small
-    cum = sum(torch.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces).cumsum(0)
-    int_dtype = _levels(a.dtype)[0]
-    bits = a.reshape(-1).view(int_dtype)
+    cum = xp.cumsum(sum(xp.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces))
+    bits = xp.bits(a.reshape(-1))
     buckets: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def at(rank: int) -> tuple[float, int, torch.Tensor]:
         """The value at ``rank``, how many are smaller, and the positions of the elements equal to it (ascending)."""
-        p = int(torch.searchsorted(cum, torch.tensor([rank]), right=True)[0])
+        p = xp.searchsorted(cum, rank, right=True)
         if p not in buckets:
-            pos = torch.cat([torch.nonzero(top[s: s + _PIECE] == p).reshape(-1).add_(s) for s in pieces])
-            vals, order = torch.sort(bits[pos], stable=True)  # equal values stay in position order
+            pos = xp.cat([xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s) for s in pieces])
+            vals, order = xp.sort_stable(bits[pos])  # equal values stay in position order
             buckets[p] = (int(cum[p - 1]) if p > 0 else 0, vals, pos[order])
         below, vals, pos = buckets[p]
         v = vals[rank - below: rank - below + 1]
-        first = int(torch.searchsorted(vals, v))
-        last = int(torch.searchsorted(vals, v, right=True))
+        first = xp.searchsorted(vals, v)
+        last = xp.searchsorted(vals, v, right=True)
         return v.view(a.dtype).item(), below + first, pos[first:last]
 
     lo = lo_skip = hi = hi_keep = hi_eq = 0
@@ -216,7 +231,7 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
         lo_cut = int(eq_pos[lo_skip - 1]) + 1 if lo_skip > 0 else 0
     if r1 < n:
         hi, less, eq_pos = at(r1 - 1)
-        hi_keep, hi_eq = r1 - less, eq_pos.numel()
+        hi_keep, hi_eq = r1 - less, xp.numel(eq_pos)
         hi_cut = int(eq_pos[hi_keep - 1]) + 1 if hi_keep < hi_eq else n
     return Band(n, r0, r1, lo, lo_skip, hi, hi_keep, hi_eq, lo_cut, hi_cut)
 
@@ -242,20 +257,29 @@ def _first_ties(a: torch.Tensor, value: float, seen: int, first: int) -> tuple[s
         return "all", count
     if seen >= first:
         return "none", count
-    idx = torch.cumsum(eq, 0, dtype=torch.int64)
+    idx = arrays_of(a).cumsum(eq, int64=True)
     return eq & (idx + seen <= first), count
 
 
-def _split_cmp(a: torch.Tensor, cut: int, before, after, bound: float, dst: torch.Tensor | None) -> torch.Tensor:
-    """``before(a, bound)`` for the ``cut`` first elements of ``a``, ``after(a, bound)`` for the rest."""
+def _cmp(a: torch.Tensor, op: str, bound: float, dst: torch.Tensor | None) -> torch.Tensor:
+    """``torch.<op>(a, bound)`` (op: gt, ge, lt, le, eq), into ``dst`` where given."""
+    xp = arrays_of(a)
+    return xp.cmp(a, op, bound) if dst is None else xp.cmp_into(dst, a, op, bound)
+
+
+def _split_cmp(a: torch.Tensor, cut: int, before: str, after: str, bound: float,
+               dst: torch.Tensor | None) -> torch.Tensor:
+    """Comparison ``before`` (gt, ge, lt, le) with ``bound`` for the ``cut`` first elements of ``a``, ``after`` for
+    the rest."""
+    xp = arrays_of(a)
     if cut <= 0:
-        return after(a, bound) if dst is None else after(a, bound, out=dst)
-    if cut >= a.numel():
-        return before(a, bound) if dst is None else before(a, bound, out=dst)
+        return _cmp(a, after, bound, dst)
+    if cut >= xp.numel(a):
+        return _cmp(a, before, bound, dst)
     if dst is None:
-        dst = torch.empty_like(a, dtype=torch.bool)
-    before(a[:cut], bound, out=dst[:cut])
-    after(a[cut:], bound, out=dst[cut:])
+        dst = xp.empty_bool(a)
+    xp.cmp_into(dst[:cut], a[:cut], before, bound)
+    xp.cmp_into(dst[cut:], a[cut:], after, bound)
     return dst
 
 
@@ -271,46 +295,50 @@ def keep_band(a: torch.Tensor, band: Band, counters: BandCounters,
     """
     if band.keep_all:
         return None
-    n = a.numel()
+    xp = arrays_of(a)
+    n = xp.numel(a)
     if band.drop_all:
-        return torch.zeros_like(a, dtype=torch.bool) if out is None else out[0][:n].zero_()
+        if out is None:
+            return xp.zeros_bool(a)
+        xp.zero_(out[0][:n])
+        return out[0][:n]
     f1, f2 = (None, None) if out is None else (out[0][:n], out[1][:n])
     if start is not None and band.lo_cut is not None and band.hi_cut is not None:
         m = None
         if band.r0 > 0:  # equal to lo: dropped before the cut, kept from it
-            m = _split_cmp(a, band.lo_cut - start, torch.gt, torch.ge, band.lo, f1)
+            m = _split_cmp(a, band.lo_cut - start, "gt", "ge", band.lo, f1)
         if band.r1 < band.n:  # equal to hi: kept before the cut, dropped from it
-            m2 = _split_cmp(a, band.hi_cut - start, torch.le, torch.lt, band.hi, f2 if m is not None else f1)
-            m = m2 if m is None else (m & m2 if out is None else m.mul_(m2))
+            m2 = _split_cmp(a, band.hi_cut - start, "le", "lt", band.hi, f2 if m is not None else f1)
+            m = m2 if m is None else (m & m2 if out is None else xp.mul_mask_(m, m2))
         return m
 
-    def cmp(fn, bound: float, dst: torch.Tensor | None) -> torch.Tensor:
-        return fn(a, bound) if dst is None else fn(a, bound, out=dst)
-
     def as_out(mask: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
-        return mask if dst is None else dst.copy_(mask)
+        if dst is None:
+            return mask
+        xp.copy_into(dst, mask)
+        return dst
 
     m = None
     if band.r0 > 0:
         if band.lo_skip == 0:
-            m = cmp(torch.ge, band.lo, f1)
+            m = _cmp(a, "ge", band.lo, f1)
         else:  # of the elements equal to lo, the first lo_skip are dropped
             dropped, count = _first_ties(a, band.lo, counters.lo, band.lo_skip)
             counters.lo += count
             if isinstance(dropped, str):
-                m = cmp(torch.gt if dropped == "all" else torch.ge, band.lo, f1)
+                m = _cmp(a, "gt" if dropped == "all" else "ge", band.lo, f1)
             else:
                 m = as_out((a > band.lo) | ((a == band.lo) & ~dropped), f1)
     if band.r1 < band.n:
         dst = f2 if m is not None else f1
         if band.hi_keep >= band.hi_eq:
-            m2 = cmp(torch.le, band.hi, dst)
+            m2 = _cmp(a, "le", band.hi, dst)
         else:  # of the elements equal to hi, the first hi_keep are kept
             kept, count = _first_ties(a, band.hi, counters.hi, band.hi_keep)
             counters.hi += count
             if isinstance(kept, str):
-                m2 = cmp(torch.le if kept == "all" else torch.lt, band.hi, dst)
+                m2 = _cmp(a, "le" if kept == "all" else "lt", band.hi, dst)
             else:
                 m2 = as_out((a < band.hi) | kept, dst)
-        m = m2 if m is None else (m & m2 if out is None else m.mul_(m2))
+        m = m2 if m is None else (m & m2 if out is None else xp.mul_mask_(m, m2))
     return m

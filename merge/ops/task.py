@@ -24,6 +24,9 @@ L1 sums of the rescale); the combination is then one pass, chunk by chunk, that 
 sparsified, weighted task vector into five running sums (all, positive part, negative part, and the
 weights of the positive and negative contributions), from which the elected sign picks the result:
 peak memory is a fixed number of chunks, whatever the number of members.
+
+The combination and the magnitude masks run on torch tensors or on numpy arrays (a numpy compute dtype,
+:mod:`merge.backend.arrays`), through the same code; the random masks and the rescale's L1 sums are torch's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from merge.backend.arrays import arrays_for, arrays_of
 from merge.backend.lazy import lazy_torch
 
 from merge.errors import InvalidArgumentError
@@ -99,6 +103,8 @@ class TaskTensor:
     def __init__(self, spec: TaskSpec, resolved: Resolved, shape: tuple[int, ...], dtype: torch.dtype, *,
                  seed: int = 0, name: str = "", method: str = ""):
         self.spec, self.shape, self.dtype, self.name = spec, tuple(shape), dtype, name
+        # numpy arrays for a numpy dtype (merge.backend.arrays), torch tensors otherwise: the same kernels
+        self.xp = arrays_for(dtype)
         n = 1
         for s in self.shape:
             n *= s
@@ -136,8 +142,9 @@ class TaskTensor:
         for m in drawn[DRAWN_MEMBERS:]:
             m.keep_drawn = False
         self.extra_bytes = DRAWN_MEMBERS * ((self.numel + 7) // 8) if drawn else 0
-        # as mergekit sums them: the weights in the compute dtype
-        self._weight_sum = torch.tensor([m.weight for m in self.members], dtype=dtype).sum().item()
+        # as mergekit sums them: the weights in the compute dtype (read only to normalise without consensus)
+        self._weight_sum = self.xp.weight_sum([m.weight for m in self.members], dtype) \
+            if self.normalize and not spec.consensus else None
         # DELLA ranks magnitudes within each row (dim 1 of the tensor seen as [rows, row, rest]).
         if spec.sparsify == "della_magprune":
             dims = self.shape if len(self.shape) >= 2 else (1, self.numel)
@@ -154,7 +161,7 @@ class TaskTensor:
     def _check_range(self, method: str) -> None:
         """Refuse weights and lambda the compute dtype cannot hold: the weights (and the sums of them that
         normalise, in that dtype) multiply every chunk as they are given."""
-        top = torch.finfo(self.dtype).max
+        top = self.xp.finfo_max(self.dtype)
         name = str(self.dtype).removeprefix("torch.")
         total = sum(abs(m.weight) for m in self.members)  # float64: inf when it overflows, refused below
         if not total <= top:
@@ -222,10 +229,10 @@ class TaskTensor:
         Returns False when the chunk holds a NaN or an infinity.
         """
         m = self.members[i]
-        a = d.abs()
+        a = self.xp.abs(d)
         if kind.startswith("radix"):
             m.select.add(a)
-            return kind != "radix0" or math.isfinite(float(a.sum()))  # one check per member is enough
+            return kind != "radix0" or self.xp.sum_is_finite(a)  # one check per member is enough
         mask = self.keep_mask(i, a, start, self._counters)
         if mask is not None and m.key is not None and m.keep_drawn and mask.device.type == "cpu":
             m.drawn[start] = np.packbits(mask.numpy())
@@ -327,74 +334,77 @@ class TaskTensor:
     # ---- the combination ---------------------------------------------------------------------------------
 
     def begin_chunk(self, count: int, device: torch.device) -> dict:
+        xp = self.xp
         buffers = getattr(self, "_buffers", None)
-        if buffers is None or buffers["S"].numel() < count or buffers["S"].device != device:
+        if buffers is None or xp.numel(buffers["S"]) < count or self._device != device:
             names = ("S", "abs", "m1", "m2", "tmp") + (("P", "Q", "Dp", "Dn") if self.spec.consensus else ())
-            buffers = self._buffers = {k: torch.empty(count, dtype=self.dtype, device=device) for k in names}
-            bits = torch.int64 if self.dtype == torch.float64 else torch.int32  # the float's bit pattern
-            buffers["up"] = torch.empty(count, dtype=bits, device=device)
+            buffers = self._buffers = {k: xp.empty(count, self.dtype, device) for k in names}
+            buffers["up"] = xp.empty(count, xp.bits_dtype(self.dtype), device)  # the float's bit pattern
+            self._device = device
         state = {k: v[:count] for k, v in buffers.items()}
         for k in ("S", "P", "Q", "Dp", "Dn"):
             if k in state:
-                state[k].zero_()
+                xp.zero_(state[k])
         if not hasattr(self, "_merge_counters"):
             self._merge_counters = [BandCounters() for _ in self.members]
         return state
 
     def add_member(self, state: dict, i: int, d: torch.Tensor, start: int) -> None:
         """Fold member ``i``'s task-vector chunk ``d`` (modified in place) into the running sums."""
-        m = self.members[i]
+        m, xp = self.members[i], self.xp
         tmp = state["tmp"]
         if m.sparse:
-            drawn = m.drawn.pop(start, None)
+            drawn = m.drawn.pop(start, None)  # drawn only by the random methods, on torch
             if drawn is not None and drawn.size * 8 >= d.numel():  # the rescale pass's draws: 1.0/0.0
                 mask = state["m1"][: d.numel()].copy_(torch.from_numpy(np.unpackbits(drawn, count=d.numel())))
             else:
-                mask = self.keep_mask(i, torch.abs(d, out=state["abs"]), start, self._merge_counters[i],
+                mask = self.keep_mask(i, xp.abs_into(state["abs"], d), start, self._merge_counters[i],
                                       out=(state["m1"], state["m2"]))
             if mask is not None:
-                d.mul_(mask)
+                xp.mul_mask_(d, mask)
             if m.scale != 1.0:
-                d.mul_(m.scale)
+                xp.mul_(d, m.scale)
         if m.weight != 1.0:
-            d.mul_(m.weight)
-        state["S"].add_(d)
+            xp.mul_(d, m.weight)
+        xp.add_(state["S"], d)
         if self.spec.consensus:
-            torch.clamp(d, min=0, out=tmp)
-            state["P"].add_(tmp)
-            torch.clamp(d, max=0, out=tmp)
-            state["Q"].add_(tmp)
-            state["Dp"].add_(torch.gt(d, 0, out=tmp), alpha=m.weight)
-            state["Dn"].add_(torch.lt(d, 0, out=tmp), alpha=m.weight)
+            xp.clamp_into(tmp, d, min=0)
+            xp.add_(state["P"], tmp)
+            xp.clamp_into(tmp, d, max=0)
+            xp.add_(state["Q"], tmp)
+            xp.add_masked_(state["Dp"], xp.cmp_into(tmp, d, "gt", 0), m.weight)
+            xp.add_masked_(state["Dn"], xp.cmp_into(tmp, d, "lt", 0), m.weight)
 
     def finish_chunk(self, state: dict, base: torch.Tensor) -> torch.Tensor:
         """``base + lambda * merged`` for this chunk (in the compute dtype)."""
+        xp = self.xp
         if self.spec.consensus:
-            up = torch.ge(state["S"], 0, out=state["up"]).neg_()  # all bits set where the elected sign is +
+            up = xp.neg_(xp.cmp_into(state["up"], state["S"], "ge", 0))  # all bits set where the elected sign is +
             mixed = _where_bits(up, state["P"], state["Q"], out=state["S"])
             if self.normalize:
                 div = _where_bits(up, state["Dp"], state["Dn"], out=state["tmp"])
-                div.add_(torch.eq(div, 0, out=state["m1"]))  # 0 -> 1 (as masked_fill), others + 0.0
-                mixed.div_(div)
+                xp.add_(div, xp.cmp_into(state["m1"], div, "eq", 0))  # 0 -> 1 (as masked_fill), others + 0.0
+                xp.div_(mixed, div)
         else:
             mixed = state["S"]
             if self.normalize and abs(self._weight_sum) >= 1e-8:
-                mixed.div_(self._weight_sum)
+                xp.div_(mixed, self._weight_sum)
         if self.lam != 1.0:
-            mixed.mul_(self.lam)
-        return mixed.add_(base)
+            xp.mul_(mixed, self.lam)
+        xp.add_(mixed, base)
+        return mixed
 
 
 def _where_bits(up: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     """``torch.where(up, a, b)`` into ``out``, bit for bit, with ``up`` an integer mask of all ones or zeros.
 
     Selects through the bit patterns (``b ^ ((a ^ b) & up)``): on the CPU several times faster than
-    ``torch.where`` on a bool mask. ``out`` may be ``a`` itself, never ``b``.
+    ``torch.where`` on a bool mask. ``out`` may be ``a`` itself, never ``b``. Torch tensors or numpy arrays.
     """
-    it = up.dtype
-    ai, bi, oi = a.view(it), b.view(it), out.view(it)
-    torch.bitwise_xor(ai, bi, out=oi)
-    return oi.bitwise_and_(up).bitwise_xor_(bi).view(a.dtype)
+    xp = arrays_of(a)
+    ai, bi, oi = xp.bits(a), xp.bits(b), xp.bits(out)
+    xp.xor_into(oi, ai, bi)
+    return xp.xor_(xp.and_(oi, up), bi).view(a.dtype)
 
 
 @contextlib.contextmanager
