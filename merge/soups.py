@@ -23,7 +23,7 @@ from merge.keys import MEMBER_ONLY_KEYS, MODEL_KEY, RECIPE_KEY, TRAIN_KEY, versi
 from merge.io import schemes
 from merge.backend.arrays import HOST, NeedsTorch
 from merge.io.dtypes import ACCUMULATE_DTYPE_NAMES, dtype_name, parse_dtype
-from merge.lineage import start_of, warn_if_different_starts
+from merge.lineage import warn_if_different_starts
 from merge.io.sources import Source, StateDictSource, open_checkpoint
 from merge.lora import is_lora_reference, open_member, split_reference
 from merge.io.folder import carry_folder_files
@@ -303,12 +303,13 @@ def _numpy_task_params(op: object, n: int, weights: Sequence[float] | None, para
     return True
 
 
-def _open_numpy(members: Sequence[str | os.PathLike], stack: ExitStack, key: str | None) -> list[Source] | None:
-    """The members opened for the numpy backend, or None (nothing left open) when one needs torch: a pickle, or
-    a floating dtype the numpy backend does not reduce (float64, float8)."""
+def _open_numpy(members: Sequence[str | os.PathLike], base: str | os.PathLike | None, stack: ExitStack,
+                key: str | None) -> tuple[list[Source], Source | None] | None:
+    """The members (and the base, if any) opened for the numpy backend, or None (nothing left open) when one
+    needs torch: a pickle, or a floating dtype the numpy backend does not reduce (float64, float8)."""
     with ExitStack() as opened:
         sources = []
-        for m in members:
+        for m in [*members, *([base] if base is not None else [])]:
             try:
                 src = opened.enter_context(open_checkpoint(m, key=key, numpy=True))
             except NeedsTorch:
@@ -317,7 +318,7 @@ def _open_numpy(members: Sequence[str | os.PathLike], stack: ExitStack, key: str
                 return None
             sources.append(src)
         stack.enter_context(opened.pop_all())
-        return sources
+        return sources[:len(members)], (sources[-1] if base is not None else None)
 
 
 def resolve_method(method: str | None, weights: Sequence[float] | None) -> str:
@@ -459,10 +460,9 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
             if sources is None and base_source is None and _numpy_eligible(
                     members, method=method, base=base, member_params=member_params, resolve=resolve, aux=aux,
                     dtype=dtype, accumulate=accumulate, device=device, weights=weights, params=params):
-                opened = _open_numpy([*members, *([base] if base is not None else [])], stack, key)
+                opened = _open_numpy(members, base, stack, key)
                 if opened is not None:
-                    numpy, sources = True, opened[:len(members)]
-                    base_source = opened[len(members)] if base is not None else None
+                    numpy, (sources, base_source) = True, opened
         if numpy:
             dev = HOST
             out_dtype = parse_dtype(dtype, numpy=True)
@@ -485,18 +485,11 @@ def plan_soup(members: Sequence[str | os.PathLike | Source], *, method: str = "u
                           chunk_bytes=chunk_bytes, strict=strict, resolve=resolve, aux=aux)
 
 
-def _warn_if_different_starts(sources: Sequence[Source], base: Source | None, *, numpy: bool = False) -> None:
+def _warn_if_different_starts(sources: Sequence[Source], base: Source | None) -> None:
     """Members of different starts average to near chance; with a base (task vectors), the base is the
-    reference every member is measured against: fine-tunes of it share its start.
-
-    ``numpy``: the sources were opened for the numpy backend; where the check hashes the base's weights (its
-    start record is not the members'), the base is given by its path, so that the check reopens it to read."""
+    reference every member is measured against: fine-tunes of it share its start."""
     checked = sources if base is None else [base, *sources]
     labels = None if base is None else [f"{base.path} (base)", *(str(s.path) for s in sources)]
-    if base is not None and numpy:
-        others = {(start_of(s.metadata) or {}).get("sha256") for s in sources} - {None}
-        if others and (start_of(base.metadata) or {}).get("sha256") not in others:
-            checked = [base.path, *sources]
     warn_if_different_starts(checked, names=labels, stacklevel=3, base=base is not None)
 
 
@@ -763,11 +756,10 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                                        "reopen them); leave jobs at 1", option="jobs", choices=(1,))
         # The numpy backend when the options allow it and every member is a safetensors checkpoint of float32,
         # float16 or bfloat16 tensors: the same bytes, without importing torch (merge.backend.arrays).
-        opened = _open_numpy([*members, *([base] if base is not None else [])], stack, key) if numpy else None
+        opened = _open_numpy(members, base, stack, key) if numpy else None
         numpy = opened is not None
         if opened is not None:
-            sources = opened[:len(members)]
-            base_source = opened[len(members)] if base is not None else None
+            sources, base_source = opened
         else:
             sources = _open_all(members, stack, key)
             base_source = _open_all([base], stack, key)[0] if base is not None else None
@@ -776,7 +768,7 @@ def soup(members: Sequence[str | os.PathLike | Source], *, out: str | os.PathLik
                          on_mismatch=on_mismatch, chunk_bytes=chunk_bytes, strict=strict, sources=sources,
                          base_source=base_source, resolve=resolve, aux=aux, numpy=numpy)
         _check_not_an_input(out, plan.all_sources, len(plan.sources))
-        _warn_if_different_starts(sources, base_source, numpy=numpy)
+        _warn_if_different_starts(sources, base_source)
         out_dtype = parse_dtype(dtype, numpy=numpy)
         if jobs > 1 and kind == "torch":
             warnings.warn(SingleWriterWarning(f"output {out}: a torch state-dict file is one zip stream that one "

@@ -69,6 +69,20 @@ def test_checkpoint_sha256_equals_the_in_memory_hash(tmp_path):
     assert checkpoint_sha256(tmp_path / "m.pt") == state_dict_sha256(sd)
 
 
+@pytest.mark.parametrize("chunk_bytes", [7, 64 << 20])
+def test_source_sha256_of_a_numpy_source_equals_the_in_memory_hash(tmp_path, chunk_bytes):
+    """A checkpoint opened for the numpy backend (a CPU task merge's base) hashes as its tensors do in memory:
+    bfloat16, int64 and empty tensors, read in chunks that split tensors anywhere."""
+    from merge.lineage import source_sha256
+
+    sd = {**_net(1), "emb": torch.randn(5, 3).bfloat16(), "empty": torch.zeros(0, 4)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    with open_checkpoint(tmp_path / "m.safetensors", numpy=True) as src:
+        assert source_sha256(src, chunk_bytes=chunk_bytes) == state_dict_sha256(sd)
+    with open_checkpoint(tmp_path / "m.safetensors") as src:
+        assert source_sha256(src, chunk_bytes=chunk_bytes) == state_dict_sha256(sd)
+
+
 def test_start_records_and_population_start():
     rec = start_record("pretrained", "ab" * 32, seed=3)
     assert rec == {"kind": "pretrained", "sha256": "ab" * 32, "seed": 3}

@@ -342,3 +342,24 @@ def test_selection_matches_torch(ranks):
                     continue
                 _same(got, ref)
                 assert (got.astype(bool) == want[s: s + 128]).all()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_base_hashed_for_the_start_check_without_torch(task_members, shared):
+    """Members recording a start that is not the base's record make the start check hash the base's weights
+    (merge.lineage.source_sha256, from the numpy-opened base): that read needs no torch either, whether the hash
+    matches the members' record or not, and the messages are the torch path's."""
+    from safetensors.numpy import save_file
+
+    from merge.keys import TRAIN_KEY
+    from merge.lineage import start_record, state_dict_sha256
+
+    start = state_dict_sha256(_base()) if shared else "0" * 64
+    meta = {TRAIN_KEY: json.dumps({"seed": 0, "start": start_record("warm-start", start)})}
+    names = []
+    for i in range(2):
+        names.append(f"recorded-{shared}-{i}.safetensors")
+        save_file({k: v.numpy() for k, v in _member(i).items()}, str(task_members / names[-1]), metadata=meta)
+    _, out, _ = both(["soup", "--method", "ties", "--density", "0.5", "--base", "f32-base.safetensors", *names],
+                     f"recorded-{shared}.safetensors", task_members)
+    assert out.startswith("wrote ")

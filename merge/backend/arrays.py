@@ -535,7 +535,6 @@ class _Torch:
     def add_scaled_(self, acc, x, c: float) -> None:
         acc.add_(x, alpha=c)
 
-
     # -- task-vector kernels: the calls merge.ops.task and merge.ops.select have always made
     @property
     def int16(self):
