@@ -871,7 +871,7 @@ class _TaskKernel(_Kernel):
                 yield self.read(i, start, count)
 
     def run(self, io: _IO) -> None:
-        if io.device.type == "cpu" and self.task.spec.sparsify in ("random", "della_magprune"):
+        if io.device.type == "cpu" and self.plan.operator.random:
             with torch_on_one_thread():  # numpy's draws and sorts take the cores (merge.ops.rng)
                 self._run(io)
         else:
