@@ -11,6 +11,8 @@ magnitudes are equal and the densities put the selection's boundary inside runs 
 from __future__ import annotations
 
 import json
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -363,3 +365,186 @@ def test_base_hashed_for_the_start_check_without_torch(task_members, shared):
     _, out, _ = both(["soup", "--method", "ties", "--density", "0.5", "--base", "f32-base.safetensors", *names],
                      f"recorded-{shared}.safetensors", task_members)
     assert out.startswith("wrote ")
+
+
+# ---- the lane's task kernels on both cores: a chunk's elements split across threads -------------------------------
+
+SPLIT_N = 1 << 20  # one 4 MiB tensor: two default chunks of 2 MiB (float32), each cut into two parts of 1 MiB
+HALF = engine.SPLIT_GRAIN  # the second part of chunk 0 starts here
+TIED_DENSITY = 0.6  # TIES keeps the last 60% of the equal magnitudes: the cut falls inside chunk 0's second part
+
+
+def _split_base() -> dict[str, torch.Tensor]:
+    """Values on a 1/1024 grid: a base plus 1/64 is exact, so a task vector of +-1/64 has one magnitude throughout."""
+    g = torch.Generator().manual_seed(7)
+    return {"big.weight": torch.round(torch.randn(SPLIT_N, generator=g) * 64) / 1024,
+            "small.weight": torch.round(torch.randn(40, 30, generator=g) * 64) / 1024}
+
+
+def _split_member(i: int) -> dict[str, torch.Tensor]:
+    """Member 0: task vector +-1/64 everywhere (every magnitude tied); the others: multiples of 1/64."""
+    g = torch.Generator().manual_seed(20 + i)
+    out = {}
+    for k, v in _split_base().items():
+        if i == 0:
+            d = torch.where(torch.rand(v.shape, generator=g) < 0.5, -1.0, 1.0) / 64
+        else:
+            d = torch.round(torch.randn(v.shape, generator=g) * 4) / 64
+        out[k] = v + d
+    return out
+
+
+@pytest.fixture(scope="module")
+def split_members(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lane_split")
+    for dt, kind in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        write_state_dict(_cast(_split_base(), dt), d / f"{kind}-base.safetensors")
+        for i in range(MEMBERS):
+            write_state_dict(_cast(_split_member(i), dt), d / f"{kind}-{i}.safetensors")
+    nan = _split_member(1)
+    nan["big.weight"][HALF + 1234] = float("nan")  # in the second part of chunk 0
+    write_state_dict(nan, d / "nan-1.safetensors")
+    huge = _split_member(1)
+    huge["big.weight"][HALF + 4321] = 1e6  # finite in float32, beyond float16: the cast of that part overflows
+    write_state_dict(huge, d / "huge-1.safetensors")
+    return d
+
+
+def _record_threads(monkeypatch) -> list[tuple[int, int, int]]:
+    """(thread, chunk position, elements) of every TaskTensor.add_member call."""
+    from merge.ops.task import TaskTensor
+
+    seen: list[tuple[int, int, int]] = []
+    add = TaskTensor.add_member
+    monkeypatch.setattr(TaskTensor, "add_member", lambda self, state, i, d, start: (
+        seen.append((threading.get_ident(), start, d.size if isinstance(d, np.ndarray) else d.numel())),
+        add(self, state, i, d, start))[1])
+    return seen
+
+
+def _lane_and_torch(monkeypatch, tmp_path, members, out: str, **opts) -> tuple[bytes, list[str], bytes, list[str]]:
+    """merge.soup on the numpy lane, then with PAPA_MERGE_TORCH_ONLY=1: each output's bytes and warnings."""
+    results = []
+    for env in (None, "1"):
+        if env is None:
+            monkeypatch.delenv(TORCH_ONLY_ENV, raising=False)
+        else:
+            monkeypatch.setenv(TORCH_ONLY_ENV, env)
+        path = tmp_path / f"{out}-{'torch' if env else 'np'}.safetensors"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merge.soup(members, out=path, **opts)
+        results += [path.read_bytes(), [str(w.message).replace(str(path), "OUT") for w in caught]]
+    monkeypatch.delenv(TORCH_ONLY_ENV, raising=False)
+    return tuple(results)
+
+
+def test_tied_cut_falls_in_the_second_part():
+    """The fixture's premise, computed with a stable argsort: member 0's kept ranks start inside chunk 0's second
+    part, and whole_band puts the cut of the ties there."""
+    a = np.abs(_split_member(0)["big.weight"].numpy() - _split_base()["big.weight"].numpy())
+    assert (a == a[0]).all()
+    r0 = SPLIT_N - int(TIED_DENSITY * SPLIT_N)
+    keep = np.zeros(SPLIT_N, bool)
+    keep[np.argsort(a, kind="stable")[r0:]] = True
+    band = whole_band(a, r0, SPLIT_N)
+    assert HALF < band.lo_cut < 2 * HALF and band.lo_cut == np.flatnonzero(keep)[0]
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": [TIED_DENSITY, 0.5, 0.3], "weight": [0.7, 0.2, 0.1]}),
+    ("ties", {"density": [TIED_DENSITY, 1.0, 0.0]}),
+    ("breadcrumbs", {"density": [0.1, 0.4, 0.4], "gamma": [0.55, 0.05, 0.1]}),
+    ("breadcrumbs_ties", {"density": [0.1, 0.6, 0.3], "gamma": [0.55, 0.02, 0.1], "lambda": 1.3}),
+    ("task_arithmetic", {"weight": [0.7, 0.2, 1.1], "lambda": 0.8}),
+])
+@pytest.mark.parametrize("kind", ["f32", "bf16"])
+def test_split_chunks_same_bytes_as_torch(split_members, monkeypatch, tmp_path, method, params, kind):
+    """Chunks of 2 MiB are merged in two parts on two threads (member 0's tie cuts inside the second part), with the
+    torch path's bytes."""
+    monkeypatch.setattr(NUMPY, "_threads", 2)
+    seen = _record_threads(monkeypatch)
+    members = [split_members / f"{kind}-{i}.safetensors" for i in range(MEMBERS)]
+    a, wa, b, wb = _lane_and_torch(monkeypatch, tmp_path, members, f"{method}-{kind}", method=method,
+                                   base=split_members / f"{kind}-base.safetensors", params=params)
+    assert a == b and wa == wb
+    lane = [(t, start) for t, start, n in seen if n == HALF]  # the torch run adds whole chunks
+    assert {start for _, start in lane} == {0, HALF, 2 * HALF, 3 * HALF}
+    assert len({t for t, start in lane if start == HALF}) == 1  # each part on one thread: the second on the pool's
+    assert {t for t, start in lane if start == 0} != {t for t, start in lane if start == HALF}
+
+
+def test_split_chunks_nonfinite_alike(split_members, monkeypatch, tmp_path):
+    """A NaN member and a float16 cast overflow inside a chunk's second part: the numpy lane's parts find them, and
+    warn or fail with the torch path's words."""
+    monkeypatch.setattr(NUMPY, "_threads", 2)
+    seen = _record_threads(monkeypatch)
+    base = split_members / "f32-base.safetensors"
+    opts = dict(method="ties", base=base, params={"density": 0.5})
+    a, wa, b, wb = _lane_and_torch(monkeypatch, tmp_path, [split_members / "f32-0.safetensors",
+                                                          split_members / "nan-1.safetensors"], "nan", **opts)
+    assert a == b and wa == wb and any("'big.weight'" in w and "NaN" in w for w in wa)
+    assert len({t for t, _, n in seen if n == HALF}) == 2
+    errors = []
+    for env in (None, "1"):
+        if env:
+            monkeypatch.setenv(TORCH_ONLY_ENV, env)
+        with pytest.raises(merge.MergeError) as e:
+            merge.soup([split_members / "f32-0.safetensors", split_members / "huge-1.safetensors"],
+                       out=tmp_path / f"huge-{env}.safetensors", dtype="float16", **opts)
+        errors.append(str(e.value).replace(f"huge-{env}", "OUT"))
+    assert errors[0] == errors[1] and "big.weight" in errors[0]
+
+
+def test_counted_ties_stay_on_one_thread(split_members, monkeypatch, tmp_path):
+    """Bands from the chunked radix passes split their ties with running counts across chunks: such a tensor's
+    chunks are merged whole, on one thread, and give the torch path's bytes."""
+    monkeypatch.setattr(engine, "WHOLE_SELECT_BYTES", 0)
+    monkeypatch.setattr(NUMPY, "_threads", 2)
+    seen = _record_threads(monkeypatch)
+    members = [split_members / f"f32-{i}.safetensors" for i in range(MEMBERS)]
+    a, wa, b, wb = _lane_and_torch(monkeypatch, tmp_path, members, "counted", method="ties",
+                                   base=split_members / "f32-base.safetensors", params={"density": TIED_DENSITY})
+    assert a == b and wa == wb
+    assert {n for _, start, n in seen if start < SPLIT_N} == {2 * HALF, 1200}  # whole chunks (and the small tensor)
+    assert len({t for t, _, _ in seen}) == 1
+
+
+def test_band_counted():
+    """Band.counted: running counts only without cuts and with a boundary inside a run of ties."""
+    assert not Band(10, 0, 10).counted and not Band(10, 5, 5).counted
+    assert not Band(10, 3, 10, lo=1.0, lo_skip=0).counted
+    assert Band(10, 3, 10, lo=1.0, lo_skip=2).counted
+    assert not Band(10, 3, 10, lo=1.0, lo_skip=2, lo_cut=4, hi_cut=10).counted
+    assert not Band(10, 0, 7, hi=1.0, hi_keep=2, hi_eq=2).counted
+    assert Band(10, 0, 7, hi=1.0, hi_keep=1, hi_eq=2).counted
+
+
+def test_scratch_is_per_thread():
+    """Two threads working on parts of a chunk never share a work array."""
+    mine = NUMPY._scratch("product", 100, "float32")
+    assert NUMPY._scratch("product", 50, "float32").base is mine.base  # reused on this thread
+    other = []
+    t = threading.Thread(target=lambda: other.append(NUMPY._scratch("product", 100, "float32")))
+    t.start()
+    t.join()
+    assert not np.shares_memory(mine, other[0])
+
+
+def test_whole_band_on_threads_matches_torch(monkeypatch):
+    """whole_band's histogram and bucket gathering run over pieces on the lane's threads: the band and its cuts are
+    torch's (pieces of 1 Mi elements: four of them)."""
+    monkeypatch.setattr(NUMPY, "_threads", 2)
+    threads = set()
+    bincount = type(NUMPY).bincount
+    monkeypatch.setattr(type(NUMPY), "bincount",
+                        lambda self, x, minlength: threads.add(threading.get_ident()) or bincount(self, x, minlength))
+    a = _tied_magnitudes(4 << 20, 11)
+    order = np.argsort(a, kind="stable")
+    for r0, r1 in ((3_000_000, 4 << 20), (100, 3_500_000), (1_000_000, 1_000_001)):
+        band = whole_band(a, r0, r1)
+        assert band == whole_band(torch.from_numpy(a), r0, r1)
+        want = np.zeros(a.size, bool)
+        want[order[r0:r1]] = True  # the ranks kept, ties by position
+        assert (keep_band(a, band, BandCounters(), None, 0) == want).all()
+    assert len(threads) == 2

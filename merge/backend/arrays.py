@@ -31,7 +31,9 @@ the writer take either kind.
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
 from dataclasses import dataclass
 
 __all__ = ["ArrayDType", "HostDevice", "HOST", "NUMPY", "TORCH", "arrays_for", "arrays_of", "ST_DTYPES",
@@ -104,7 +106,9 @@ class _Numpy:
         self.float32, self.float64 = ST_DTYPES["F32"], ST_DTYPES["F64"]
         self.float16, self.bfloat16 = ST_DTYPES["F16"], ST_DTYPES["BF16"]
         self.int16, self.int32, self.int64 = ST_DTYPES["I16"], ST_DTYPES["I32"], ST_DTYPES["I64"]
-        self._bufs: dict[object, object] = {}  # work arrays, reused (the engine computes on one thread)
+        # work arrays, reused: one set per thread (a task kernel splits a chunk's elements across threads)
+        self._local = threading.local()
+        self._threads = _cores()
 
     # -- dtypes
     def dtype(self, st: str) -> ArrayDType:
@@ -142,18 +146,29 @@ class _Numpy:
         return raw.view(dtype.numpy)
 
     def threads(self) -> int:
-        return 1
+        """How many threads the numpy lane's task kernels may split a chunk across (the usable cores at first)."""
+        return self._threads
 
     def set_threads(self, n: int) -> None:
-        pass
+        self._threads = max(1, int(n))
 
     # -- arithmetic (``dst`` and the operands are 1-D arrays of equal length)
+    @property
+    def _bufs(self) -> dict[object, object]:
+        """This thread's work arrays (see :meth:`_scratch`)."""
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        return bufs
+
     def _scratch(self, key: str, n: int, dtype: str):
         """A reused work array of ``n`` elements: fresh 2 MiB temporaries per chunk cost page faults (measured: most
-        of a bfloat16 soup's time went to the kernel), so each kind is allocated once and grown when needed."""
-        buf = self._bufs.get(key)
+        of a bfloat16 soup's time went to the kernel), so each kind is allocated once and grown when needed. Each
+        thread has its own: two threads working on halves of a chunk never share one."""
+        bufs = self._bufs
+        buf = bufs.get(key)
         if buf is None or buf.size < n:
-            buf = self._bufs[key] = self.np.empty(n, dtype=dtype)
+            buf = bufs[key] = self.np.empty(n, dtype=dtype)
         return buf[:n]
 
     def _has_nan(self, f32) -> bool:
@@ -655,6 +670,14 @@ class _Torch:
 
     def abs_max(self, t) -> float:
         return float(t.abs().max())
+
+
+def _cores() -> int:
+    """The cores this process may run on (as torch counts its threads by default, without importing torch)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def sum_is_exact(values: list[float], itemsize: int) -> bool:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from merge.backend.arrays import arrays_for, arrays_of
+from merge.backend.arrays import NUMPY, arrays_for, arrays_of
 from merge.backend.lazy import lazy_torch
+from merge.ops.rng import spread
 
 torch = lazy_torch(__name__)
 
@@ -162,6 +164,14 @@ class Band:
     def drop_all(self) -> bool:
         return self.r1 <= self.r0
 
+    @property
+    def counted(self) -> bool:
+        """Whether :func:`keep_band` splits a boundary's run of ties with running counts (``BandCounters``): no cuts
+        known and a boundary inside a run of equal values. A chunk's mask then depends on the chunks before it."""
+        if self.keep_all or self.drop_all or (self.lo_cut is not None and self.hi_cut is not None):
+            return False
+        return (self.r0 > 0 and self.lo_skip > 0) or (self.r1 < self.n and self.hi_keep < self.hi_eq)
+
     @classmethod
     def from_select(cls, sel: RadixSelect | None, n: int, r0: int, r1: int) -> Band:
         if r0 <= 0 and r1 >= n or r1 <= r0:
@@ -192,6 +202,20 @@ def _top16(a: torch.Tensor) -> torch.Tensor:
 _PIECE = 1 << 20
 
 
+def _by_pieces(n: int, fn: Callable[[int], object]) -> list:
+    """``[fn(s) for s in range(0, n, _PIECE)]``, the pieces split into runs on the numpy lane's threads (numpy's
+    ufuncs, ``bincount`` and ``nonzero`` release the GIL for most of their work)."""
+    starts = range(0, n, _PIECE)
+    out: list = [None] * len(starts)
+
+    def run(lo: int, hi: int) -> None:
+        for j in range(lo, hi):
+            out[j] = fn(starts[j])
+
+    spread(run, len(starts), grain=1, threads=NUMPY.threads())
+    return out
+
+
 def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
     """The :class:`Band` of ranks ``[r0, r1)`` of the non-negative floats ``a`` held whole in memory, with its cuts.
 
@@ -206,7 +230,10 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
         return Band(n, max(r0, 0), min(r1, n))
     top = _top16(a)
     pieces = range(0, n, _PIECE)  # temporaries (bincount copies its input) stay small
-    cum = xp.cumsum(sum(xp.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces))
+    if xp is NUMPY:  # the pieces on the lane's threads (counts add up exactly, positions are concatenated in order)
+        cum = xp.cumsum(sum(_by_pieces(n, lambda s: xp.bincount(top[s: s + _PIECE], minlength=1 << 15))))
+    else:
+        cum = xp.cumsum(sum(xp.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces))
     bits = xp.bits(a.reshape(-1))
     buckets: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
@@ -214,7 +241,10 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
         """The value at ``rank``, how many are smaller, and the positions of the elements equal to it (ascending)."""
         p = xp.searchsorted(cum, rank, right=True)
         if p not in buckets:
-            pos = xp.cat([xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s) for s in pieces])
+            if xp is NUMPY:
+                pos = xp.cat(_by_pieces(n, lambda s: xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s)))
+            else:
+                pos = xp.cat([xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s) for s in pieces])
             vals, order = xp.sort_stable(bits[pos])  # equal values stay in position order
             buckets[p] = (int(cum[p - 1]) if p > 0 else 0, vals, pos[order])
         below, vals, pos = buckets[p]

@@ -333,7 +333,9 @@ class TaskTensor:
 
     # ---- the combination ---------------------------------------------------------------------------------
 
-    def begin_chunk(self, count: int, device: torch.device) -> dict:
+    def begin_chunk(self, count: int, device: torch.device, *, zero: bool = True) -> dict:
+        """The working state of a chunk of ``count`` elements, its running sums zeroed (with ``zero=False``, left
+        for :meth:`zero_sums` to clear, part by part)."""
         xp = self.xp
         buffers = getattr(self, "_buffers", None)
         if buffers is None or xp.numel(buffers["S"]) < count or self._device != device:
@@ -342,12 +344,32 @@ class TaskTensor:
             buffers["up"] = xp.empty(count, xp.bits_dtype(self.dtype), device)  # the float's bit pattern
             self._device = device
         state = {k: v[:count] for k, v in buffers.items()}
-        for k in ("S", "P", "Q", "Dp", "Dn"):
-            if k in state:
-                xp.zero_(state[k])
+        if zero:
+            self.zero_sums(state)
         if not hasattr(self, "_merge_counters"):
             self._merge_counters = [BandCounters() for _ in self.members]
         return state
+
+    def zero_sums(self, state: dict) -> None:
+        """Zero the running sums of a chunk's state (or of one part of it)."""
+        for k in ("S", "P", "Q", "Dp", "Dn"):
+            if k in state:
+                self.xp.zero_(state[k])
+
+    @staticmethod
+    def part(state: dict, lo: int, hi: int) -> dict:
+        """Elements ``[lo, hi)`` of a chunk's state, as views: :meth:`add_member` and :meth:`finish_chunk` on one part
+        write only its slice (and use its slice of the scratch), so parts can run on different threads."""
+        return {k: v[lo:hi] for k, v in state.items()}
+
+    def splits(self) -> bool:
+        """Whether an element's combination depends only on its own values and position, so that a chunk can be cut
+        into parts (:meth:`part`) merged on several threads with the same bits: not where a band splits a run of ties
+        with running counts (:attr:`merge.ops.select.Band.counted`), nor where masks are drawn (they are torch's).
+        Asked after the statistics passes (the bands are known then)."""
+        if self.spec.sparsify not in (None, "magnitude", "magnitude_outliers"):
+            return False
+        return not any(m.sparse and (m.band is None or m.band.counted) for m in self.members)
 
     def add_member(self, state: dict, i: int, d: torch.Tensor, start: int) -> None:
         """Fold member ``i``'s task-vector chunk ``d`` (modified in place) into the running sums."""
@@ -376,7 +398,8 @@ class TaskTensor:
             xp.add_masked_(state["Dn"], xp.cmp_into(tmp, d, "lt", 0), m.weight)
 
     def finish_chunk(self, state: dict, base: torch.Tensor) -> torch.Tensor:
-        """``base + lambda * merged`` for this chunk (in the compute dtype)."""
+        """``base + lambda * merged`` for this chunk (in the compute dtype), written into ``state["S"]`` and
+        returned."""
         xp = self.xp
         if self.spec.consensus:
             up = xp.neg_(xp.cmp_into(state["up"], state["S"], "ge", 0))  # all bits set where the elected sign is +
