@@ -456,18 +456,22 @@ def test_tied_cut_falls_in_the_second_part():
     ("ties", {"density": [TIED_DENSITY, 1.0, 0.0]}),
     ("breadcrumbs", {"density": [0.1, 0.4, 0.4], "gamma": [0.55, 0.05, 0.1]}),
     ("breadcrumbs_ties", {"density": [0.1, 0.6, 0.3], "gamma": [0.55, 0.02, 0.1], "lambda": 1.3}),
+    ("breadcrumbs", {"density": 1.0}),  # a plain sum of task vectors: merged whole (bound by the reads)
     ("task_arithmetic", {"weight": [0.7, 0.2, 1.1], "lambda": 0.8}),
 ])
 @pytest.mark.parametrize("kind", ["f32", "bf16"])
 def test_split_chunks_same_bytes_as_torch(split_members, monkeypatch, tmp_path, method, params, kind):
-    """Chunks of 2 MiB are merged in two parts on two threads (member 0's tie cuts inside the second part), with the
-    torch path's bytes."""
+    """Chunks of 2 MiB with masks or a sign election are merged in two parts on two threads (member 0's tie cuts
+    inside the second part), with the torch path's bytes; plain sums of task vectors in whole chunks."""
     monkeypatch.setattr(NUMPY, "_threads", 2)
     seen = _record_threads(monkeypatch)
     members = [split_members / f"{kind}-{i}.safetensors" for i in range(MEMBERS)]
     a, wa, b, wb = _lane_and_torch(monkeypatch, tmp_path, members, f"{method}-{kind}", method=method,
                                    base=split_members / f"{kind}-base.safetensors", params=params)
     assert a == b and wa == wb
+    if params.get("density", 0) == 1.0 or method == "task_arithmetic":
+        assert {n for _, start, n in seen if start < SPLIT_N} == {2 * HALF, 1200} and len({t for t, _, _ in seen}) == 1
+        return
     lane = [(t, start) for t, start, n in seen if n == HALF]  # the torch run adds whole chunks
     assert {start for _, start in lane} == {0, HALF, 2 * HALF, 3 * HALF}
     assert len({t for t, start in lane if start == HALF}) == 1  # each part on one thread: the second on the pool's

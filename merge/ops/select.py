@@ -202,18 +202,12 @@ def _top16(a: torch.Tensor) -> torch.Tensor:
 _PIECE = 1 << 20
 
 
-def _by_pieces(n: int, fn: Callable[[int], object]) -> list:
-    """``[fn(s) for s in range(0, n, _PIECE)]``, the pieces split into runs on the numpy lane's threads (numpy's
-    ufuncs, ``bincount`` and ``nonzero`` release the GIL for most of their work)."""
-    starts = range(0, n, _PIECE)
-    out: list = [None] * len(starts)
-
-    def run(lo: int, hi: int) -> None:
-        for j in range(lo, hi):
-            out[j] = fn(starts[j])
-
-    spread(run, len(starts), grain=1, threads=NUMPY.threads())
-    return out
+def _by_runs(n: int, fn: Callable[[int, int], object]) -> list:
+    """``fn(lo, hi)`` over runs of ``[0, n)`` on the numpy lane's threads (runs of at least ``_PIECE`` elements; numpy's
+    ufuncs, ``bincount`` and ``nonzero`` release the GIL for most of their work): the results in order of position."""
+    out: dict[int, object] = {}
+    spread(lambda lo, hi: out.__setitem__(lo, fn(lo, hi)), n, grain=_PIECE, threads=NUMPY.threads())
+    return [out[lo] for lo in sorted(out)]
 
 
 def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
@@ -230,8 +224,9 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
         return Band(n, max(r0, 0), min(r1, n))
     top = _top16(a)
     pieces = range(0, n, _PIECE)  # temporaries (bincount copies its input) stay small
-    if xp is NUMPY:  # the pieces on the lane's threads (counts add up exactly, positions are concatenated in order)
-        cum = xp.cumsum(sum(_by_pieces(n, lambda s: xp.bincount(top[s: s + _PIECE], minlength=1 << 15))))
+    if xp is NUMPY:  # runs of pieces on the lane's threads (counts add up exactly, positions are concatenated in order)
+        cum = xp.cumsum(sum(_by_runs(n, lambda lo, hi: sum(xp.bincount(top[s: min(s + _PIECE, hi)], minlength=1 << 15)
+                                                             for s in range(lo, hi, _PIECE)))))
     else:
         cum = xp.cumsum(sum(xp.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces))
     bits = xp.bits(a.reshape(-1))
@@ -242,7 +237,8 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
         p = xp.searchsorted(cum, rank, right=True)
         if p not in buckets:
             if xp is NUMPY:
-                pos = xp.cat(_by_pieces(n, lambda s: xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s)))
+                pos = xp.cat(_by_runs(n, lambda lo, hi: xp.cat([xp.add_(xp.nonzero(top[s: min(s + _PIECE, hi)] == p), s)
+                                                                  for s in range(lo, hi, _PIECE)])))
             else:
                 pos = xp.cat([xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s) for s in pieces])
             vals, order = xp.sort_stable(bits[pos])  # equal values stay in position order
