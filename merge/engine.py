@@ -48,9 +48,10 @@ from merge.io.sources import Source, StateDictSource, TensorInfo
 from merge.io.writer import Sink
 from merge.ops import Combination, Operator, Resolved, resolve_params
 from merge.ops.registry import path_of
-from merge.ops.rng import torch_on_one_thread
+from merge.ops.rng import spread, torch_on_one_thread
 from merge.ops.apply import (UNIT, apply_tensor, check_combination, coefficient_option, combination_from_gram,
-                             compute_dtype, fold_combination, gram_update, gram_vectors)
+                             compute_dtype, fold_combination, gram_pairs, gram_vectors, GramSums,
+                             single_thread, unit_dots)
 from merge.backend.lazy import lazy_torch
 from merge.reader import POOL_BUFFERS, ChunkReader, Read
 
@@ -506,6 +507,7 @@ class _IO:
         self.xp = arrays_for(plan.accumulate)
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self.written = 0
+        self.threads = 1  # the CPU threads the kernels may spread work over (set by the merge loop)
 
     def take(self, source: int, name: str, start: int, count: int):
         return self.reader.take(source, name, start, count)
@@ -784,7 +786,8 @@ class _GramKernel(_LinearKernel):
         """The float64 Gram matrix of the vectors, tile by tile over the chunks (see ``__init__`` for the two paths)."""
         m = len(self.vectors)
         dev = io.device
-        gram = torch.zeros(m, m, dtype=torch.float64, device=dev if self.on_gpu else "cpu")
+        gram = torch.zeros(m, m, dtype=torch.float64, device=dev) if self.on_gpu else None
+        sums = None if self.on_gpu else GramSums(m)
         tile_buf = torch.empty(self._tile_rows() + 1, self.gchunk, dtype=torch.float64, device=dev)
         slot_j = self._tile_rows()  # the row of a vector read against a tile
         base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
@@ -803,8 +806,7 @@ class _GramKernel(_LinearKernel):
                     block = rows @ rows.T
                     gram[lo:hi, lo:hi] += block.triu() + block.triu(1).T  # symmetric by construction
                 else:
-                    for u in range(0, count, UNIT):
-                        gram_update(gram, [h[u: u + UNIT] for h in held], t)
+                    _add_units(sums, held, count, gram_pairs(t), io.threads)
                 for j in range(hi, m):
                     v = take(slot_j, j, start, count, b)
                     if self.on_gpu:
@@ -812,9 +814,29 @@ class _GramKernel(_LinearKernel):
                         gram[lo:hi, j] += d
                         gram[j, lo:hi] += d
                     else:
-                        for u in range(0, count, UNIT):
-                            gram_update(gram, [h[u: u + UNIT] for h in held + [v]], t, [j])
-        return gram.cpu()
+                        _add_units(sums, held + [v], count, gram_pairs(t, [j]), io.threads)
+        return gram.cpu() if self.on_gpu else sums.tensor()
+
+
+def _add_units(sums: GramSums, vectors: list[torch.Tensor], count: int, pairs: list[tuple[int, int, int, int]],
+               threads: int) -> None:
+    """Each unit's dot products of one CPU chunk of ``vectors``, added to ``sums`` in unit order.
+
+    The units' dots run on up to ``threads`` threads, each holding torch to one thread (a ``ddot``'s rounding
+    depends on its split), and are added here in unit order: the floats of one unit after another.
+    """
+    units = range(0, count, UNIT)
+    values: list[list[float]] = [[] for _ in units]
+
+    def part(lo: int, hi: int) -> None:
+        with single_thread():
+            for k in range(lo, hi):
+                u = units[k]
+                values[k] = unit_dots([v[u: u + UNIT] for v in vectors], pairs)
+
+    spread(part, len(units), grain=1, threads=threads)
+    for v in values:
+        sums.add(pairs, v)
 
 
 class _TaskKernel(_Kernel):
@@ -1123,6 +1145,7 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
         with ChunkReader(plan.read_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
                          progress=count, arrays=xp) as reader:
             io = _IO(plan, reader, sink)
+            io.threads = threads
             for i, k in enumerate(kernels):
                 k.run(io)
                 if k.suspect:
