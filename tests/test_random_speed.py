@@ -132,6 +132,60 @@ def test_unit_sums_equal_one_sum_per_unit(unit: int) -> None:
     assert _unit_sums(a, unit) == expected
 
 
+@pytest.mark.parametrize("unit", [3, 2048, 65536])
+def test_unit_sums_cut_over_threads_equal_one_sum_per_unit(unit: int, monkeypatch) -> None:
+    """Enough runs to cut over the pool: the parts (each torch held to one thread, whatever the worker's own
+    count) give the floats of one 1-D ``sum`` per unit on one thread, with the caller's torch on 2 threads."""
+    import merge.ops.task as task_module
+
+    parts: list[tuple[int, int]] = []
+    real = task_module.spread
+
+    def spy(fn, n, *, grain, threads=None):
+        def record(lo: int, hi: int) -> None:
+            parts.append((lo, hi))
+            fn(lo, hi)
+        return real(record, n, grain=grain, threads=2)
+
+    monkeypatch.setattr(task_module, "spread", spy)
+    gen = np.random.default_rng(unit + 1)
+    n = max(3 * task_module.SUM_GRAIN, 6 * unit) + unit // 2
+    a = torch.from_numpy((np.abs(gen.normal(size=n)) * np.exp(gen.normal(scale=8, size=n))).astype(np.float32))
+    with one_thread():
+        expected = [float(a[u: u + unit].sum(dtype=torch.float64)) for u in range(0, n, unit)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _unit_sums(a, unit)
+    finally:
+        torch.set_num_threads(before)
+    assert len(parts) == 2 and parts[0][0] == 0 and parts[0][1] == parts[1][0]
+    assert got == expected
+
+
+def test_bool_masks_multiply_and_copy_through_their_bytes_as_torch_does_with_bools() -> None:
+    """``_Torch.mul_mask_`` and ``copy_into`` take a bool mask as its uint8 bytes (6-9x faster to convert): the
+    floats are torch's own ``x * mask`` and ``dst.copy_(mask)``, with NaN, infinities and -0.0 in ``x``."""
+    from merge.backend.arrays import TORCH
+
+    gen = np.random.default_rng(3)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.from_numpy(gen.normal(size=4099)).to(dtype)
+        x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5], dtype=dtype)
+        mask = torch.from_numpy(gen.random(4099) < 0.5)
+        mask[:6] = torch.tensor([False, False, True, False, True, False])
+        expected = x * mask
+        got = TORCH.mul_mask_(x.clone(), mask)
+        assert got.dtype == dtype
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bytes: NaN and -0.0 included
+        dst = torch.full((4099,), 7.0, dtype=dtype)
+        TORCH.copy_into(dst, mask)
+        assert torch.equal(dst, mask.to(dtype))
+        back = torch.zeros(4099, dtype=torch.bool)
+        TORCH.copy_into(back, mask)
+        assert torch.equal(back, mask)
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
 def test_random_task_merges_run_torch_on_one_thread_with_the_same_bits(method: str, monkeypatch) -> None:
     """On the CPU a DARE/DELLA tensor runs with torch on one thread and the draws spread over the threads torch had

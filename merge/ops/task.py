@@ -236,9 +236,9 @@ class TaskTensor:
         mask = self.keep_mask(i, a, start, self._counters)
         if mask is not None and m.key is not None and m.keep_drawn and mask.device.type == "cpu":
             m.drawn[start] = np.packbits(mask.numpy())
-        kept = None if mask is None else a * mask
         totals = _unit_sums(a, self.unit)
-        m.sums.extend(zip(totals, totals if kept is None else _unit_sums(kept, self.unit)))
+        # in place, after the totals: a fresh ``a * mask`` cost 4x the multiplication (a new buffer's page faults)
+        m.sums.extend(zip(totals, totals if mask is None else _unit_sums(self.xp.mul_mask_(a, mask), self.unit)))
         return all(math.isfinite(t) for t in totals)
 
     def stat_end(self, kind: str, i: int) -> None:
@@ -281,7 +281,9 @@ class TaskTensor:
             # numpy on the CPU: the same comparisons, on the draws' words and in rank order (see _della_rank_order)
             keep = torch.from_numpy(below(m.key, start, a.numel(), m.density) if kind == "random"
                                     else self._della_keep_cpu(m, a, start))
-            return keep if dst is None else dst.copy_(keep)
+            if dst is not None:
+                self.xp.copy_into(dst, keep)
+            return keep if dst is None else dst
         u = uniforms(m.key, start, a.numel(), device=a.device)
         bound = m.density if kind == "random" else self._della_probs(m, a)
         return torch.lt(u, bound) if dst is None else torch.lt(u, bound, out=dst)
@@ -421,6 +423,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+SUM_GRAIN = 1 << 17  # elements per thread, at least, in the rescale pass's unit sums
+
+
 def _unit_sums(a: torch.Tensor, unit: int) -> list[float]:
     """The float64 sum of each run of ``unit`` elements of ``a`` (the last run may be shorter), on one thread.
 
@@ -431,9 +436,23 @@ def _unit_sums(a: torch.Tensor, unit: int) -> list[float]:
     """
     n = a.numel()
     whole = n - n % unit
-    with one_thread():  # a sum's rounding must not depend on how many threads split it
-        sums = a[:whole].view(-1, unit).sum(dim=1, dtype=torch.float64).tolist() if whole else []
-        if whole < n:
+    runs = whole // unit
+    if a.device.type == "cpu" and runs > 1:
+        # the runs cut over the pool's threads (each row's sum is the same on any thread, and torch is held to
+        # one thread in each: a sum's rounding must not depend on how many threads split it)
+        out = torch.empty(runs, dtype=torch.float64)
+
+        def part(lo: int, hi: int) -> None:
+            with one_thread():
+                torch.sum(a[lo * unit: hi * unit].view(-1, unit), dim=1, dtype=torch.float64, out=out[lo:hi])
+
+        spread(part, runs, grain=max(1, SUM_GRAIN // unit))
+        sums = out.tolist()
+    else:
+        with one_thread():
+            sums = a[:whole].view(-1, unit).sum(dim=1, dtype=torch.float64).tolist() if whole else []
+    if whole < n:
+        with one_thread():
             sums.append(float(a[whole:].sum(dtype=torch.float64)))
     return sums
 
