@@ -85,12 +85,38 @@ def _old_probs(ranks: torch.Tensor, width: int, density: float, epsilon: float) 
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(-1)
 
 
-@pytest.mark.parametrize("shape", [(7, 40, 1), (3, 5, 7), (9, 1, 1), (4, 1, 3), (2, 2048, 1), (1, 3, 1)],
+@pytest.mark.parametrize("shape", [(7, 40, 1), (3, 5, 7), (9, 1, 1), (4, 1, 3), (2, 2048, 1), (1, 3, 1), (2, 1024, 3),
+                                   (3, 1500, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_della_rank_order_is_the_stable_rank_formula(shape: tuple[int, int, int]) -> None:
     gen = np.random.default_rng(sum(shape))
     v = (np.abs(gen.integers(-3, 4, size=shape)) * 0.25).astype(np.float32)  # many ties, zeros
     v.reshape(-1)[::5] = np.abs(gen.normal(size=v.size)[::5]).astype(np.float32)
+    width = shape[1]
+    expected = _old_probs(_old_ranks(torch.from_numpy(v)), width, 0.5, 0.1).numpy()
+    table = _old_probs(torch.arange(width), width, 0.5, 0.1).numpy()
+    got = _della_rank_order(v, table)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("radix_min_row", [1, 10 ** 9], ids=["radix", "int64-keys"])
+@pytest.mark.parametrize("shape", [(5, 7, 1), (3, 1100, 1), (2, 600, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_della_rank_order_both_sorts_rank_as_torchs_stable_argsort(shape: tuple[int, int, int], radix_min_row: int,
+                                                                     monkeypatch) -> None:
+    """Both ways of ordering a row (two 16-bit radix passes; one int64 key sort), forced on the same rows: the
+    ranks of torch's stable argsort, with infinities, NaN (above infinity, as torch sorts it), zeros, magnitudes
+    whose high or low 16 bits agree, and runs of ties."""
+    import merge.ops.task as task_module
+
+    monkeypatch.setattr(task_module, "RADIX_MIN_ROW", radix_min_row)
+    gen = np.random.default_rng(sum(shape) + radix_min_row % 7)
+    v = (np.abs(gen.integers(-3, 4, size=shape)) * 0.25).astype(np.float32)
+    flat = v.reshape(-1)
+    flat[::5] = np.abs(gen.normal(size=flat.size)[::5]).astype(np.float32)
+    flat[1::11] = (flat[1::11].view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # equal low halves
+    flat[2::13] = (flat[2::13].view(np.uint32) | np.uint32(0xFFFF)).view(np.float32)  # equal low halves, high differ
+    flat[3::17] = np.inf
+    flat[4::19] = np.nan
     width = shape[1]
     expected = _old_probs(_old_ranks(torch.from_numpy(v)), width, 0.5, 0.1).numpy()
     table = _old_probs(torch.arange(width), width, 0.5, 0.1).numpy()

@@ -460,26 +460,46 @@ def _unit_sums(a: torch.Tensor, unit: int) -> list[float]:
 _HIGH = 1 if sys.byteorder == "little" else 0  # the int32 half of an int64 that holds its high bits
 
 
+RADIX_MIN_ROW = 1024  # rows at least this long are ranked by two 16-bit radix passes instead of one int64 sort
+
+
 def _della_rank_order(v: np.ndarray, table: np.ndarray) -> np.ndarray:
     """``table[rank]`` for each element of non-negative float32 ``v`` (rows, row, rest), flattened in ``v``'s order,
     with ``rank`` its stable rank along dim 1 (as ``argsort(argsort(v, stable=True))``).
 
-    Each magnitude's bits (high half) and its position (low half) form one int64 key, so the keys are distinct and
-    any sort orders them as a stable sort orders the magnitudes (numpy sorts int64 about 3x faster than torch's
-    stable argsort); the sorted keys' positions then take the table in rank order: ``out[row, pos[j]] = table[j]``,
-    one scatter instead of ranks, their float conversion and the arithmetic per element.
+    Each row's positions in rank order come from its magnitudes' int32 bits (which order non-negative floats as
+    the floats): below :data:`RADIX_MIN_ROW`, one int64 key per element, the bits (high half) and the position
+    (low half), so the keys are distinct and any sort orders them as a stable sort orders the magnitudes; from
+    it, two stable passes of numpy's 16-bit radix sort (the low halves, then the signed high halves), whose
+    stability keeps equal magnitudes in position order (measured on this 2-core box: 11-15 ns an element against
+    19-31 for the key sort on rows of 2048-11008; 4-11 against 12-15 below 1024). The positions then take the
+    table in rank order: ``out[row, pos[j]] = table[j]``, one scatter instead of ranks, their float conversion
+    and the arithmetic per element.
     """
     rows, width, rest = v.shape
     bits = v.view(np.int32)
     if rest > 1:
         bits = bits.transpose(0, 2, 1)
     n = rows * rest
-    keys = np.empty((n, width), dtype=np.int64)
-    halves = keys.view(np.int32).reshape(n, width, 2)
-    halves[..., _HIGH] = bits.reshape(n, width)
-    halves[..., 1 - _HIGH] = np.arange(width, dtype=np.int32)
-    keys.sort(axis=1)
-    where = halves[..., 1 - _HIGH] + np.arange(0, n * width, width, dtype=np.int64)[:, None]
+    if width >= RADIX_MIN_ROW:
+        b = bits.reshape(n, width)
+        offsets = np.arange(0, n * width, width, dtype=np.intp)[:, None]
+        where = np.argsort((b & 0xFFFF).astype(np.uint16), axis=1, kind="stable")
+        where += offsets
+        high = (b >> 16).astype(np.int16).reshape(-1)[where]
+        second = np.argsort(high, axis=1, kind="stable")
+        del high
+        second += offsets
+        where = where.reshape(-1)[second]
+        del second
+    else:
+        keys = np.empty((n, width), dtype=np.int64)
+        halves = keys.view(np.int32).reshape(n, width, 2)
+        halves[..., _HIGH] = bits.reshape(n, width)
+        halves[..., 1 - _HIGH] = np.arange(width, dtype=np.int32)
+        keys.sort(axis=1)
+        where = halves[..., 1 - _HIGH] + np.arange(0, n * width, width, dtype=np.int64)[:, None]
+        del keys, halves
     out = np.empty(n * width, dtype=table.dtype)
     out[where.reshape(-1)] = np.broadcast_to(table, (n, width)).reshape(-1)
     if rest > 1:
