@@ -50,8 +50,10 @@ from merge.io.writer import Sink
 from merge.ops import Combination, Operator, Resolved, resolve_params
 from merge.ops.registry import path_of
 from merge.ops.rng import spread, torch_on_one_thread
+from merge.ops.task import TaskTensor
 from merge.ops.apply import (UNIT, apply_tensor, check_combination, coefficient_option, combination_from_gram,
-                             compute_dtype, fold_combination, gram_update, gram_vectors)
+                             compute_dtype, fold_combination, gram_pairs, gram_vectors, GramSums,
+                             single_thread, unit_dots)
 from merge.backend.lazy import lazy_torch
 from merge.reader import POOL_BUFFERS, ChunkReader, Read
 
@@ -510,6 +512,7 @@ class _IO:
         self.xp = arrays_for(plan.accumulate)
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self.written = 0
+        self.threads = 1  # the CPU threads the kernels may spread work over (set by the merge loop)
 
     def take(self, source: int, name: str, start: int, count: int):
         return self.reader.take(source, name, start, count)
@@ -823,7 +826,8 @@ class _GramKernel(_LinearKernel):
         """The float64 Gram matrix of the vectors, tile by tile over the chunks (see ``__init__`` for the two paths)."""
         m = len(self.vectors)
         dev = io.device
-        gram = torch.zeros(m, m, dtype=torch.float64, device=dev if self.on_gpu else "cpu")
+        gram = torch.zeros(m, m, dtype=torch.float64, device=dev) if self.on_gpu else None
+        sums = None if self.on_gpu else GramSums(m)
         tile_buf = torch.empty(self._tile_rows() + 1, self.gchunk, dtype=torch.float64, device=dev)
         slot_j = self._tile_rows()  # the row of a vector read against a tile
         base_buf = torch.empty(self.gchunk, dtype=torch.float64, device=dev)
@@ -842,8 +846,7 @@ class _GramKernel(_LinearKernel):
                     block = rows @ rows.T
                     gram[lo:hi, lo:hi] += block.triu() + block.triu(1).T  # symmetric by construction
                 else:
-                    for u in range(0, count, UNIT):
-                        gram_update(gram, [h[u: u + UNIT] for h in held], t)
+                    _add_units(sums, held, count, gram_pairs(t), io.threads)
                 for j in range(hi, m):
                     v = take(slot_j, j, start, count, b)
                     if self.on_gpu:
@@ -851,9 +854,29 @@ class _GramKernel(_LinearKernel):
                         gram[lo:hi, j] += d
                         gram[j, lo:hi] += d
                     else:
-                        for u in range(0, count, UNIT):
-                            gram_update(gram, [h[u: u + UNIT] for h in held + [v]], t, [j])
-        return gram.cpu()
+                        _add_units(sums, held + [v], count, gram_pairs(t, [j]), io.threads)
+        return gram.cpu() if self.on_gpu else sums.tensor()
+
+
+def _add_units(sums: GramSums, vectors: list[torch.Tensor], count: int, pairs: list[tuple[int, int, int, int]],
+               threads: int) -> None:
+    """Each unit's dot products of one CPU chunk of ``vectors``, added to ``sums`` in unit order.
+
+    The units' dots run on up to ``threads`` threads, each holding torch to one thread (a ``ddot``'s rounding
+    depends on its split), and are added here in unit order: the floats of one unit after another.
+    """
+    units = range(0, count, UNIT)
+    values: list[list[float]] = [[] for _ in units]
+
+    def part(lo: int, hi: int) -> None:
+        with single_thread():
+            for k in range(lo, hi):
+                u = units[k]
+                values[k] = unit_dots([v[u: u + UNIT] for v in vectors], pairs)
+
+    spread(part, len(units), grain=1, threads=threads)
+    for v in values:
+        sums.add(pairs, v)
 
 
 class _TaskKernel(_Kernel):
@@ -934,21 +957,37 @@ class _TaskKernel(_Kernel):
                         self.suspect = True
                 task.stat_end(kind, i)
         out_buf: dict = {}
+        if self._splits(io):
+            self._combine_parts(io, bbuf, xbuf)
+            return
+        for start, count in _chunks(self.numel, self.chunk):
+            b = io.take_as(bbuf, self.base_index, self.name, start, count)
+            state = task.begin_chunk(count, dev)
+            for i in range(self.n):
+                x = io.take_as(xbuf, i, self.name, start, count)
+                task.add_member(state, i, xp.sub_(x, b), start)
+            self._emit(io, task.finish_chunk(state, b), out_buf)
+
+    def _splits(self, io: _IO) -> bool:
+        """Whether the combination runs in parts on the numpy lane's threads (see _combine_parts)."""
+        task = self.task
+        if io.xp is not NUMPY or not isinstance(task, TaskTensor) or not task.splits():
+            return False
         # A plain sum of task vectors (task arithmetic) is bound by the reads: split, it measured slower (3.5 s instead
         # of 3.2 s for 4 x 1 GB on 2 cores), so only masks and sign elections take the lane's threads.
-        split = xp is NUMPY and task.splits() and (task.spec.consensus or any(m.sparse for m in task.members))
+        return task.spec.consensus or any(m.sparse for m in task.members)
+
+    def _combine_parts(self, io: _IO, bbuf: torch.Tensor, xbuf: torch.Tensor) -> None:
+        """The combination pass with each step over a chunk's elements in parts on the numpy lane's threads (see
+        _each): the base's and each member's conversion and fold, then the result, its checks and its cast."""
+        task, out_buf = self.task, {}
         for start, count in _chunks(self.numel, self.chunk):
-            # Each step over the chunk's elements, in parts on several threads on the numpy lane (see _take_each).
-            state = task.begin_chunk(count, dev, zero=False)
-            self._take_each(io, self.base_index, start, count, bbuf, split, partial(self._zero_part, state))
+            state = task.begin_chunk(count, io.device, zero=False)
+            self._take_each(io, self.base_index, start, count, bbuf, partial(self._zero_part, state))
             for i in range(self.n):
-                self._take_each(io, i, start, count, xbuf, split, partial(self._add_part, state, i, start, bbuf))
-            if split:
-                self._emit_parts(io, state["S"], out_buf, partial(self._each, count, split),
-                                 partial(self._finish_part, state, bbuf))
-            else:
-                self._each(count, split, partial(self._finish_part, state, bbuf))
-                self._emit(io, state["S"], out_buf)
+                self._take_each(io, i, start, count, xbuf, partial(self._add_part, state, i, start, bbuf))
+            self._emit_parts(io, state["S"], out_buf, partial(self._each, count),
+                             partial(self._finish_part, state, bbuf))
 
     # the combination's steps on elements [lo, hi) of a chunk (see _each)
     def _zero_part(self, state: dict, lo: int, hi: int, b: torch.Tensor) -> None:
@@ -960,17 +999,14 @@ class _TaskKernel(_Kernel):
     def _finish_part(self, state: dict, bbuf: torch.Tensor, lo: int, hi: int) -> None:
         self.task.finish_chunk(self.task.part(state, lo, hi), bbuf[lo:hi])
 
-    def _each(self, count: int, split: bool, fn: Callable[[int, int], None]) -> None:
-        """``fn(lo, hi)`` over a chunk's elements ``[0, count)``: with ``split`` (the numpy lane, whose ufuncs release
-        the GIL) cut into parts of at least SPLIT_GRAIN elements on the lane's threads, else at once. Every step is
-        per element (positions passed as ``start + lo``), so the bits do not depend on the cut; each part writes
-        only its own slices and uses its own thread's scratch (merge.backend.arrays)."""
-        if split:
-            spread(fn, count, grain=SPLIT_GRAIN, threads=NUMPY.threads())
-        else:
-            fn(0, count)
+    def _each(self, count: int, fn: Callable[[int, int], None]) -> None:
+        """``fn(lo, hi)`` over a chunk's elements ``[0, count)`` cut into parts of at least SPLIT_GRAIN elements on the
+        numpy lane's threads (numpy's ufuncs release the GIL). Every step is per element (positions passed as
+        ``start + lo``), so the bits do not depend on the cut; each part writes only its own slices and uses its own
+        thread's scratch (merge.backend.arrays)."""
+        spread(fn, count, grain=SPLIT_GRAIN, threads=NUMPY.threads())
 
-    def _take_each(self, io: _IO, source: int, start: int, count: int, buf: torch.Tensor, split: bool,
+    def _take_each(self, io: _IO, source: int, start: int, count: int, buf: torch.Tensor,
                    fn: Callable[[int, int, torch.Tensor], None]) -> None:
         """Read one chunk of ``source``, then for each part ``[lo, hi)`` (see _each) convert it into ``buf[lo:hi]``
         (the compute dtype) and call ``fn(lo, hi, buf[lo:hi])``."""
@@ -981,7 +1017,7 @@ class _TaskKernel(_Kernel):
             io.xp.convert_into(dst, c.tensor[lo:hi])
             fn(lo, hi, dst)
 
-        self._each(count, split, part)
+        self._each(count, part)
         c.release()
 
     def _select_whole(self, io: _IO, members: list[int], bbuf: torch.Tensor, xbuf: torch.Tensor) -> None:
@@ -1207,6 +1243,7 @@ def run_merge(plan: MergePlan, sink: Sink, *, progress: Callable[[int], None] | 
         with ChunkReader(plan.read_sources, schedule(), buffer_bytes=buffer_bytes, device=plan.device,
                          progress=count, arrays=xp) as reader:
             io = _IO(plan, reader, sink)
+            io.threads = threads
             for i, k in enumerate(kernels):
                 k.run(io)
                 if k.suspect:

@@ -2,9 +2,10 @@
 
 A merge's time is its input bytes (every pass counted, :attr:`merge.engine.MergePlan.read_bytes`) over
 the rate at which its streaming path gets through input on this class of machine. The rates were
-measured with ``merge.soup`` in one process on the 2-core development machine (x86-64, 24 GiB, no
-GPU), 4 x 0.5 GB bfloat16 Llama-shaped members and a base read from the page cache, bfloat16 output,
-torch 2.14.1 (2026-12-05; the command is in ``benchmarks/bench_operators.py``'s results note). A cold
+measured on the 2-core development machine (x86-64, 24 GiB, no GPU) as the reads ``--dry-run`` counts
+over the merge's own time that ``papa-merge run`` reports, on ``benchmarks/bench_operators.py``'s recipes
+(4 x 1 GB bfloat16 Llama-shaped members and a base, read from the page cache, bfloat16 output; torch
+2.14.1, numpy 2.4.6; 2026-12-05: the figures per method are in that benchmark's results note). A cold
 disk, another CPU or a GPU change them, so every figure built on them is shown as an estimate, with
 the rate it assumed. Paths whose time does not follow their input bytes (the per-matrix operators,
 whose SVDs dominate) and devices without measurements get no figure rather than a wrong one.
@@ -23,10 +24,10 @@ __all__ = ["CPU_READ_BYTES_PER_S", "Estimate", "estimate_merge", "rate_key", "fo
 # Input bytes per second, by streaming path (and, on the task path, by how the elements are kept).
 CPU_READ_BYTES_PER_S: dict[str, float] = {
     "linear": 2.5e9,        # uniform, weighted, passthrough: convert and add
-    "gram": 1.7e9,          # slerp, multislerp, karcher, model_stock: a Gram pass, then a linear one
+    "gram": 2.0e9,          # slerp, multislerp, karcher, model_stock: a Gram pass, then a linear one (1.6-2.9)
     "task": 0.85e9,         # task arithmetic, TIES, breadcrumbs, sce, ram: magnitude selection, sign election
-    "task:random": 0.36e9,  # DARE: keyed random draws per element (numpy, on the CPU)
-    "task:ranked": 0.09e9,  # DELLA: ranks of magnitudes within each row, then keyed draws
+    "task:random": 1.1e9,   # DARE: keyed random draws per element (numpy, on the CPU; dare_ties 0.97, dare_linear 1.29)
+    "task:ranked": 0.44e9,  # DELLA: ranks of magnitudes within each row, then keyed draws (0.41-0.47)
 }
 
 

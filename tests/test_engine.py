@@ -118,6 +118,53 @@ def test_cpu_gram_pass_reads_several_units_at_once(name: str, units: int, monkey
     assert torch.equal(out[k], whole), f"{name}: chunked Gram pass differs from whole-tensor"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_gram_units_on_threads_add_the_one_thread_dots_in_order(threads: int) -> None:
+    """The CPU Gram pass dots a chunk's units on ``threads`` threads, each holding torch to one thread, and adds
+    them in unit order as Python floats: the sums equal the old one-thread loop's (a float64 tensor entry per
+    pair, ``+=`` unit by unit), bit for bit, while the caller's torch runs on 2 threads, where a ``ddot`` of a
+    unit rounds otherwise (checked on this data where the machine has 2 cores)."""
+    import os
+
+    from merge.engine import _add_units
+    from merge.ops.apply import UNIT, GramSums, gram_pairs
+
+    g = torch.Generator().manual_seed(3)
+    count = 5 * UNIT + 1234  # five whole units and a ragged one
+    vectors = [torch.randn(count, dtype=torch.float64, generator=g) * 10.0 ** (3 * k) for k in range(3)]
+    vectors.append(torch.randn(count, dtype=torch.float64, generator=g))  # a vector read against the tile
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = torch.zeros(4, 4, dtype=torch.float64)
+        for u in range(0, count, UNIT):
+            part = [v[u: u + UNIT] for v in vectors]
+            for a in range(3):
+                for b in range(a, 3):
+                    d = float(torch.dot(part[a], part[b]))
+                    ref[a, b] += d
+                    if a != b:
+                        ref[b, a] += d
+                for_j = float(torch.dot(part[a], part[3]))
+                ref[a, 3] += for_j
+                ref[3, a] += for_j
+        one = [float(torch.dot(vectors[0][u: u + UNIT], vectors[1][u: u + UNIT])) for u in range(0, count, UNIT)]
+        if (os.cpu_count() or 1) >= 2:
+            torch.set_num_threads(2)
+            two = [float(torch.dot(vectors[0][u: u + UNIT], vectors[1][u: u + UNIT])) for u in range(0, count, UNIT)]
+            assert one != two, "a ddot split over 2 threads rounds as on 1 here: this data would not catch a split"
+        torch.set_num_threads(2)
+        sums = GramSums(4)
+        _add_units(sums, vectors[:3], count, gram_pairs([0, 1, 2]), threads)
+        _add_units(sums, vectors, count, gram_pairs([0, 1, 2], [3]), threads)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    got = sums.tensor()
+    assert got.dtype == torch.float64
+    assert got.view(torch.int64).tolist() == ref.view(torch.int64).tolist()
+
+
 def test_gram_tiles_beyond_the_tile_size() -> None:
     """More members than the Gram tile holds: taken in tiles, same result as the whole-tensor reference."""
     op = get_operator("karcher")

@@ -85,12 +85,38 @@ def _old_probs(ranks: torch.Tensor, width: int, density: float, epsilon: float) 
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(-1)
 
 
-@pytest.mark.parametrize("shape", [(7, 40, 1), (3, 5, 7), (9, 1, 1), (4, 1, 3), (2, 2048, 1), (1, 3, 1)],
+@pytest.mark.parametrize("shape", [(7, 40, 1), (3, 5, 7), (9, 1, 1), (4, 1, 3), (2, 2048, 1), (1, 3, 1), (2, 1024, 3),
+                                   (3, 1500, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_della_rank_order_is_the_stable_rank_formula(shape: tuple[int, int, int]) -> None:
     gen = np.random.default_rng(sum(shape))
     v = (np.abs(gen.integers(-3, 4, size=shape)) * 0.25).astype(np.float32)  # many ties, zeros
     v.reshape(-1)[::5] = np.abs(gen.normal(size=v.size)[::5]).astype(np.float32)
+    width = shape[1]
+    expected = _old_probs(_old_ranks(torch.from_numpy(v)), width, 0.5, 0.1).numpy()
+    table = _old_probs(torch.arange(width), width, 0.5, 0.1).numpy()
+    got = _della_rank_order(v, table)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("radix_min_row", [1, 10 ** 9], ids=["radix", "int64-keys"])
+@pytest.mark.parametrize("shape", [(5, 7, 1), (3, 1100, 1), (2, 600, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_della_rank_order_both_sorts_rank_as_torchs_stable_argsort(shape: tuple[int, int, int], radix_min_row: int,
+                                                                     monkeypatch) -> None:
+    """Both ways of ordering a row (two 16-bit radix passes; one int64 key sort), forced on the same rows: the
+    ranks of torch's stable argsort, with infinities, NaN (above infinity, as torch sorts it), zeros, magnitudes
+    whose high or low 16 bits agree, and runs of ties."""
+    import merge.ops.task as task_module
+
+    monkeypatch.setattr(task_module, "RADIX_MIN_ROW", radix_min_row)
+    gen = np.random.default_rng(sum(shape) + radix_min_row % 7)
+    v = (np.abs(gen.integers(-3, 4, size=shape)) * 0.25).astype(np.float32)
+    flat = v.reshape(-1)
+    flat[::5] = np.abs(gen.normal(size=flat.size)[::5]).astype(np.float32)
+    flat[1::11] = (flat[1::11].view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # equal low halves
+    flat[2::13] = (flat[2::13].view(np.uint32) | np.uint32(0xFFFF)).view(np.float32)  # equal low halves, high differ
+    flat[3::17] = np.inf
+    flat[4::19] = np.nan
     width = shape[1]
     expected = _old_probs(_old_ranks(torch.from_numpy(v)), width, 0.5, 0.1).numpy()
     table = _old_probs(torch.arange(width), width, 0.5, 0.1).numpy()
@@ -130,6 +156,60 @@ def test_unit_sums_equal_one_sum_per_unit(unit: int) -> None:
     with one_thread():  # as the rescale pass summed them: one call per unit, on one thread
         expected = [float(a[u: u + unit].sum(dtype=torch.float64)) for u in range(0, n, unit)]
     assert _unit_sums(a, unit) == expected
+
+
+@pytest.mark.parametrize("unit", [3, 2048, 65536])
+def test_unit_sums_cut_over_threads_equal_one_sum_per_unit(unit: int, monkeypatch) -> None:
+    """Enough runs to cut over the pool: the parts (each torch held to one thread, whatever the worker's own
+    count) give the floats of one 1-D ``sum`` per unit on one thread, with the caller's torch on 2 threads."""
+    import merge.ops.task as task_module
+
+    parts: list[tuple[int, int]] = []
+    real = task_module.spread
+
+    def spy(fn, n, *, grain, threads=None):
+        def record(lo: int, hi: int) -> None:
+            parts.append((lo, hi))
+            fn(lo, hi)
+        return real(record, n, grain=grain, threads=2)
+
+    monkeypatch.setattr(task_module, "spread", spy)
+    gen = np.random.default_rng(unit + 1)
+    n = max(3 * task_module.SUM_GRAIN, 6 * unit) + unit // 2
+    a = torch.from_numpy((np.abs(gen.normal(size=n)) * np.exp(gen.normal(scale=8, size=n))).astype(np.float32))
+    with one_thread():
+        expected = [float(a[u: u + unit].sum(dtype=torch.float64)) for u in range(0, n, unit)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _unit_sums(a, unit)
+    finally:
+        torch.set_num_threads(before)
+    assert len(parts) == 2 and parts[0][0] == 0 and parts[0][1] == parts[1][0]
+    assert got == expected
+
+
+def test_bool_masks_multiply_and_copy_through_their_bytes_as_torch_does_with_bools() -> None:
+    """``_Torch.mul_mask_`` and ``copy_into`` take a bool mask as its uint8 bytes (6-9x faster to convert): the
+    floats are torch's own ``x * mask`` and ``dst.copy_(mask)``, with NaN, infinities and -0.0 in ``x``."""
+    from merge.backend.arrays import TORCH
+
+    gen = np.random.default_rng(3)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.from_numpy(gen.normal(size=4099)).to(dtype)
+        x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5], dtype=dtype)
+        mask = torch.from_numpy(gen.random(4099) < 0.5)
+        mask[:6] = torch.tensor([False, False, True, False, True, False])
+        expected = x * mask
+        got = TORCH.mul_mask_(x.clone(), mask)
+        assert got.dtype == dtype
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bytes: NaN and -0.0 included
+        dst = torch.full((4099,), 7.0, dtype=dtype)
+        TORCH.copy_into(dst, mask)
+        assert torch.equal(dst, mask.to(dtype))
+        back = torch.zeros(4099, dtype=torch.bool)
+        TORCH.copy_into(back, mask)
+        assert torch.equal(back, mask)
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della_linear"])

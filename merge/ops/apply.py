@@ -18,8 +18,9 @@ from merge.ops.registry import Combination, Operator, Resolved, path_of, set_who
 
 torch = lazy_torch(__name__)
 
-__all__ = ["fold_combination", "gram_update", "gram_vectors", "apply_whole", "UNIT", "single_thread",
-           "compute_dtype", "combination_from_gram", "check_combination", "coefficient_option", "apply_tensor"]
+__all__ = ["fold_combination", "gram_pairs", "unit_dots", "GramSums", "gram_vectors", "apply_whole", "UNIT",
+           "single_thread", "compute_dtype", "combination_from_gram", "check_combination", "coefficient_option",
+           "apply_tensor"]
 
 # Statistics (Gram partial sums, L1 sums) are taken per unit of UNIT elements and added in order.
 UNIT = 1 << 16
@@ -124,43 +125,64 @@ def gram_vectors(op: Operator, has_base: bool) -> str:
     return "delta" if op.gram_of == "delta" and has_base else "raw"
 
 
-def gram_update(gram: torch.Tensor, vectors: Sequence[torch.Tensor], rows: Sequence[int],
-                cols: Sequence[int] | None = None) -> None:
-    """Add one unit's dot products (float64) of ``vectors[a]`` (index ``rows[a]``) to ``gram``.
+def gram_pairs(rows: Sequence[int], cols: Sequence[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """The dot products one unit adds to the Gram matrix, in the order they are added: ``(a, b, i, j)`` is
+    ``vectors[a] . vectors[b]``, added to entries ``(i, j)`` and ``(j, i)``.
 
-    With ``cols`` (indices of ``vectors[len(rows):]``), only the products between the two groups are
-    added (a tile of members against members read later).
+    ``vectors[a]`` is vector ``rows[a]``. With ``cols`` (the vectors after the ``len(rows)`` first), only the
+    products between the two groups (a tile of members against a member read later).
+
+    >>> gram_pairs([0, 1])
+    [(0, 0, 0, 0), (0, 1, 0, 1), (1, 1, 1, 1)]
+    >>> gram_pairs([0, 1], [2])
+    [(0, 2, 0, 2), (1, 2, 1, 2)]
     """
     if cols is None:
-        for a, i in enumerate(rows):
-            for b in range(a, len(rows)):
-                v = float(torch.dot(vectors[a], vectors[b]))
-                gram[i, rows[b]] += v
-                if b != a:
-                    gram[rows[b], i] += v
-        return
+        return [(a, b, i, rows[b]) for a, i in enumerate(rows) for b in range(a, len(rows))]
     k = len(rows)
-    for b, j in enumerate(cols):
-        for a, i in enumerate(rows):
-            v = float(torch.dot(vectors[a], vectors[k + b]))
-            gram[i, j] += v
-            gram[j, i] += v
+    return [(a, k + b, i, j) for b, j in enumerate(cols) for a, i in enumerate(rows)]
+
+
+def unit_dots(vectors: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int, int, int]]) -> list[float]:
+    """The float64 dot products of one unit's ``vectors`` for ``pairs`` (:func:`gram_pairs`).
+
+    Each is one ``torch.dot`` (MKL's ``ddot`` on the CPU), whose rounding depends on the threads it splits
+    over: callers hold torch to one thread (the engine's compute thread, :func:`single_thread`).
+    """
+    return [float(torch.dot(vectors[a], vectors[b])) for a, b, _, _ in pairs]
+
+
+class GramSums:
+    """The float64 Gram matrix, summed unit by unit, in order, as Python floats.
+
+    A Python float's ``+=`` is the same IEEE double addition as torch's on a float64 element, without an
+    indexing call per entry (it was a third of the CPU Gram pass).
+    """
+
+    def __init__(self, m: int):
+        self.g = [[0.0] * m for _ in range(m)]
+
+    def add(self, pairs: Sequence[tuple[int, int, int, int]], values: Sequence[float]) -> None:
+        """Add one unit's dot products ``values`` of ``pairs``, in order."""
+        g = self.g
+        for (_, _, i, j), v in zip(pairs, values):
+            g[i][j] += v
+            if i != j:
+                g[j][i] += v
+
+    def tensor(self) -> torch.Tensor:
+        return torch.tensor(self.g, dtype=torch.float64).reshape(len(self.g), len(self.g))
 
 
 def _gram_whole(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     m = len(vectors)
-    gram = torch.zeros(m, m, dtype=torch.float64)
+    sums = GramSums(m)
     flat = [v.reshape(-1).to(torch.float64) for v in vectors]
     n = flat[0].numel() if flat else 0
-    for u in range(0, n, UNIT):
-        part = [f[u: u + UNIT] for f in flat]
-        for a in range(m):  # one unit at a time, in order: as the engine adds its chunks
-            for b in range(a, m):
-                v = float(torch.dot(part[a], part[b]))
-                gram[a, b] += v
-                if b != a:
-                    gram[b, a] += v
-    return gram
+    pairs = gram_pairs(range(m))
+    for u in range(0, n, UNIT):  # one unit at a time, in order: as the engine adds its chunks
+        sums.add(pairs, unit_dots([f[u: u + UNIT] for f in flat], pairs))
+    return sums.tensor()
 
 
 def gram_of(op: Operator, tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:

@@ -200,16 +200,13 @@ def torch_on_one_thread() -> Iterator[None]:
 
 def spread(fn: Callable[[int, int], None], n: int, *, grain: int, threads: int | None = None) -> None:
     """``fn(lo, hi)`` over ``[0, n)`` cut into parts of at least ``grain`` items, on up to ``threads`` threads
-    (the calling one included; by default ``torch.get_num_threads()``: pass ``threads`` where torch is not
-    imported).
+    (default: ``torch.get_num_threads()``, or the count :func:`torch_on_one_thread` saved), the calling one included.
+    Pass ``threads`` where torch is not imported (the numpy lane).
 
     Each part must write only its own slice of the results, so they do not depend on the cut: numpy's
     draws, sorts, fancy indexing and ufuncs release the GIL, which is what makes the threads pay.
     """
-    if getattr(_INSIDE, "on", False):
-        threads = 1
-    elif threads is None:
-        threads = _POOL_THREADS or torch.get_num_threads()
+    threads = 1 if getattr(_INSIDE, "on", False) else (threads or _POOL_THREADS or torch.get_num_threads())
     parts = max(1, min(threads, n // max(1, grain)))
     if parts == 1:
         fn(0, n)
