@@ -25,7 +25,8 @@ __all__ = ["CPU_READ_BYTES_PER_S", "Estimate", "estimate_merge", "rate_key", "fo
 CPU_READ_BYTES_PER_S: dict[str, float] = {
     "linear": 2.5e9,        # uniform, weighted, passthrough: convert and add
     "gram": 2.0e9,          # slerp, multislerp, karcher, model_stock: a Gram pass, then a linear one (1.6-2.9)
-    "task": 0.85e9,         # task arithmetic, TIES, breadcrumbs, sce, ram: magnitude selection, sign election
+    "task:sum": 2.2e9,      # task arithmetic: a plain sum of task vectors, no selection
+    "task": 0.85e9,         # TIES, breadcrumbs, sce, ram: magnitude selection, sign election (0.83-1.11)
     "task:random": 1.1e9,   # DARE: keyed random draws per element (numpy, on the CPU; dare_ties 0.97, dare_linear 1.29)
     "task:ranked": 0.44e9,  # DELLA: ranks of magnitudes within each row, then keyed draws (0.41-0.47)
 }
@@ -55,6 +56,8 @@ def rate_key(plan: MergePlan) -> str:
             return "task:ranked"
         if op.random:
             return "task:random"
+        if sparsify is None and getattr(op.task, "consensus", None) is False:  # task arithmetic's TaskSpec
+            return "task:sum"
     return path
 
 

@@ -27,7 +27,8 @@ def members(tmp_path: Path) -> tuple[list[Path], Path]:
 
 
 @pytest.mark.parametrize(("method", "params", "key"), [
-    ("uniform", {}, "linear"), ("ties", {"density": 0.5}, "task"), ("dare_ties", {"density": 0.5}, "task:random"),
+    ("uniform", {}, "linear"), ("ties", {"density": 0.5}, "task"), ("task_arithmetic", {}, "task:sum"),
+    ("breadcrumbs", {"density": 0.5}, "task"), ("model_stock", {}, "gram"), ("dare_ties", {"density": 0.5}, "task:random"),
     ("della", {"density": 0.5}, "task:ranked"), ("multislerp", {}, "gram")])
 def test_the_time_is_the_input_bytes_over_the_rate_of_the_methods_path(members, method, params, key) -> None:
     ms, base = members
