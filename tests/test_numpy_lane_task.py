@@ -474,8 +474,11 @@ def test_split_chunks_same_bytes_as_torch(split_members, monkeypatch, tmp_path, 
         return
     lane = [(t, start) for t, start, n in seen if n == HALF]  # the torch run adds whole chunks
     assert {start for _, start in lane} == {0, HALF, 2 * HALF, 3 * HALF}
-    assert len({t for t, start in lane if start == HALF}) == 1  # each part on one thread: the second on the pool's
-    assert {t for t, start in lane if start == 0} != {t for t, start in lane if start == HALF}
+    # each chunk's first part on the calling thread, its second on a pool thread (which one of the pool's workers
+    # takes it is the pool's choice: a pool grown by an earlier merge has several)
+    firsts = {t for t, start in lane if start in (0, 2 * HALF)}
+    seconds = {t for t, start in lane if start in (HALF, 3 * HALF)}
+    assert firsts == {threading.get_ident()} and seconds and threading.get_ident() not in seconds
 
 
 def test_split_chunks_nonfinite_alike(split_members, monkeypatch, tmp_path):
@@ -488,7 +491,8 @@ def test_split_chunks_nonfinite_alike(split_members, monkeypatch, tmp_path):
     a, wa, b, wb = _lane_and_torch(monkeypatch, tmp_path, [split_members / "f32-0.safetensors",
                                                           split_members / "nan-1.safetensors"], "nan", **opts)
     assert a == b and wa == wb and any("'big.weight'" in w and "NaN" in w for w in wa)
-    assert len({t for t, _, n in seen if n == HALF}) == 2
+    parts = {t for t, _, n in seen if n == HALF}
+    assert threading.get_ident() in parts and len(parts) >= 2  # the caller's thread and the pool's
     errors = []
     for env in (None, "1"):
         if env:
@@ -551,4 +555,4 @@ def test_whole_band_on_threads_matches_torch(monkeypatch):
         want = np.zeros(a.size, bool)
         want[order[r0:r1]] = True  # the ranks kept, ties by position
         assert (keep_band(a, band, BandCounters(), None, 0) == want).all()
-    assert len(threads) == 2
+    assert threading.get_ident() in threads and len(threads) >= 2  # the caller's thread and the pool's
