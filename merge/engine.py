@@ -598,10 +598,7 @@ class _Kernel:
         res = acc
         xp = io.xp
         if self.tp.out.dtype != (self.dtype if xp is NUMPY else acc.dtype):  # numpy holds bfloat16 as uint16
-            ob = out_buf.get("out")
-            if ob is None:
-                ob = out_buf["out"] = xp.empty(self.chunk, self.tp.out.dtype, getattr(acc, "device", None))
-            res = ob[: xp.numel(acc)]
+            res = self._out_view(xp, acc, out_buf)
             xp.convert_into(res, acc)
             if finite:
                 self._check_cast(acc, res)
@@ -619,12 +616,7 @@ class _Kernel:
             self._emit(io, acc, out_buf)
             return
         convert = self.tp.out.dtype != self.dtype
-        res = acc
-        if convert:
-            ob = out_buf.get("out")
-            if ob is None:
-                ob = out_buf["out"] = xp.empty(self.chunk, self.tp.out.dtype, None)
-            res = ob[: xp.numel(acc)]
+        res = self._out_view(xp, acc, out_buf) if convert else acc
         finite: dict[int, bool] = {}
         cast: dict[int, bool] = {}
 
@@ -641,6 +633,13 @@ class _Kernel:
         elif not all(cast.values()):
             self._check_cast(acc, res)  # the overflow's largest magnitude, from the whole chunk as _emit takes it
         io.emit(self.name, res)
+
+    def _out_view(self, xp, acc: torch.Tensor, out_buf: dict) -> torch.Tensor:
+        """The first ``len(acc)`` elements of the kernel's output-dtype buffer (``out_buf["out"]``, made once)."""
+        ob = out_buf.get("out")
+        if ob is None:
+            ob = out_buf["out"] = xp.empty(self.chunk, self.tp.out.dtype, getattr(acc, "device", None))
+        return ob[: xp.numel(acc)]
 
     def _check_cast(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """Note a finite chunk that the cast to the output dtype overflowed (float16 past 65504)."""

@@ -202,11 +202,12 @@ def _top16(a: torch.Tensor) -> torch.Tensor:
 _PIECE = 1 << 20
 
 
-def _by_runs(n: int, fn: Callable[[int, int], object]) -> list:
-    """``fn(lo, hi)`` over runs of ``[0, n)`` on the numpy lane's threads (runs of at least ``_PIECE`` elements; numpy's
-    ufuncs, ``bincount`` and ``nonzero`` release the GIL for most of their work): the results in order of position."""
+def _by_runs(n: int, fn: Callable[[int, int], object], threads: int) -> list:
+    """``fn(lo, hi)`` over runs of ``[0, n)`` on up to ``threads`` threads (runs of at least ``_PIECE`` elements;
+    numpy's ufuncs, ``bincount`` and ``nonzero`` release the GIL for most of their work): the results in order of
+    position."""
     out: dict[int, object] = {}
-    spread(lambda lo, hi: out.__setitem__(lo, fn(lo, hi)), n, grain=_PIECE, threads=NUMPY.threads())
+    spread(lambda lo, hi: out.__setitem__(lo, fn(lo, hi)), n, grain=_PIECE, threads=threads)
     return [out[lo] for lo in sorted(out)]
 
 
@@ -223,12 +224,11 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
     if r0 <= 0 and r1 >= n or r1 <= r0:
         return Band(n, max(r0, 0), min(r1, n))
     top = _top16(a)
-    pieces = range(0, n, _PIECE)  # temporaries (bincount copies its input) stay small
-    if xp is NUMPY:  # runs of pieces on the lane's threads (counts add up exactly, positions are concatenated in order)
-        cum = xp.cumsum(sum(_by_runs(n, lambda lo, hi: sum(xp.bincount(top[s: min(s + _PIECE, hi)], minlength=1 << 15)
-                                                             for s in range(lo, hi, _PIECE)))))
-    else:
-        cum = xp.cumsum(sum(xp.bincount(top[s: s + _PIECE], minlength=1 << 15) for s in pieces))
+    # Pieces of _PIECE elements keep the temporaries small (bincount copies its input); runs of pieces go on the
+    # numpy lane's threads, torch's in one run (counts add up exactly, positions are concatenated in order).
+    threads = NUMPY.threads() if xp is NUMPY else 1
+    cum = xp.cumsum(sum(_by_runs(n, lambda lo, hi: sum(xp.bincount(top[s: min(s + _PIECE, hi)], minlength=1 << 15)
+                                                       for s in range(lo, hi, _PIECE)), threads)))
     bits = xp.bits(a.reshape(-1))
     buckets: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
@@ -236,11 +236,8 @@ def whole_band(a: torch.Tensor, r0: int, r1: int) -> Band:
         """The value at ``rank``, how many are smaller, and the positions of the elements equal to it (ascending)."""
         p = xp.searchsorted(cum, rank, right=True)
         if p not in buckets:
-            if xp is NUMPY:
-                pos = xp.cat(_by_runs(n, lambda lo, hi: xp.cat([xp.add_(xp.nonzero(top[s: min(s + _PIECE, hi)] == p), s)
-                                                                  for s in range(lo, hi, _PIECE)])))
-            else:
-                pos = xp.cat([xp.add_(xp.nonzero(top[s: s + _PIECE] == p), s) for s in pieces])
+            pos = xp.cat(_by_runs(n, lambda lo, hi: xp.cat([xp.add_(xp.nonzero(top[s: min(s + _PIECE, hi)] == p), s)
+                                                              for s in range(lo, hi, _PIECE)]), threads))
             vals, order = xp.sort_stable(bits[pos])  # equal values stay in position order
             buckets[p] = (int(cum[p - 1]) if p > 0 else 0, vals, pos[order])
         below, vals, pos = buckets[p]
